@@ -1,0 +1,59 @@
+"""Attention backend selection: FlexAttention (block-sparse) on CUDA, SDPA with a dense mask on CPU.
+
+Masks themselves live in `e2d2.masks`; this module only turns a mask definition into
+whatever the backend needs and runs the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from e2d2.masks import AttentionMask
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - torch < 2.5
+    BlockMask, flex_attention = None, None
+
+Mask = "torch.Tensor | BlockMask | None"
+
+
+def use_flex(device: torch.device) -> bool:
+    return device.type == "cuda" and flex_attention is not None
+
+
+def build_mask(
+    spec: AttentionMask,
+    seq_len: int,
+    block_size: int,
+    device: torch.device,
+    batch_size: int | None = None,
+    context: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None,
+):
+    """The mask in the form the backend on ``device`` wants: a BlockMask on CUDA, dense bool on CPU."""
+    if use_flex(device):
+        return spec.block_mask(seq_len, block_size, batch_size, context, padding, device=device)
+    return spec.dense(seq_len, block_size, context, padding, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Grouped-query attention.
+
+    q: ``[batch, heads, Lq, head_dim]``; k, v: ``[batch, groups, Lk, head_dim]``;
+    mask: ``bool[Lq, Lk]``, ``bool[batch, Lq, Lk]``, a FlexAttention BlockMask, or None (all visible).
+    Returns ``[batch, heads, Lq, head_dim]``.
+    """
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    if mask is not None and mask.dim() == 3:
+        mask = mask[:, None]  # broadcast over heads
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

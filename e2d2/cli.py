@@ -1,0 +1,42 @@
+"""The ``e2d2`` command line.
+
+Each subsystem owns its subcommands and registers them here through a
+``register(subparsers)`` function, so this file stays a thin router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from e2d2.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_tools.cli import register as register_data
+    from e2d2.demo import register as register_demo
+
+    parser = argparse.ArgumentParser(
+        prog="e2d2", description="E2D2 block-diffusion language models: data, training, sampling."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_demo(sub)
+    register_data(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as exc:  # one clear message, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

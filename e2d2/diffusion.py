@@ -1,0 +1,187 @@
+"""Per-block masked-diffusion noising, the SUBS parameterization and the loss (spec 2 and 4).
+
+The functions here are engine-independent tensor math: the reference model and the
+megatron-core engine both call them (noising on the first stage, the loss reduction on
+the last stage, where the engine computes the per-token NLL with vocab-parallel CE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from e2d2.config import DiffusionConfig, ModelConfig
+from e2d2.noise import Schedule, get_schedule
+
+
+@dataclass
+class NoisedBatch:
+    """A noised batch. All tensors ``[batch, L]``.
+
+    ``masked``: positions replaced by ``[MASK]``. ``loss_mask``: positions that count
+    (real, non-context). ``alpha``/``alpha_prime``: the schedule at each token's block time.
+    """
+
+    x0: torch.Tensor
+    xt: torch.Tensor
+    masked: torch.Tensor
+    loss_mask: torch.Tensor
+    t: torch.Tensor
+    alpha: torch.Tensor
+    alpha_prime: torch.Tensor
+
+
+def sample_block_times(
+    batch: int, n_blocks: int, antithetic: bool, sampling_eps: float, generator=None, device=None
+) -> torch.Tensor:
+    """One time per block, ``[batch, n_blocks]`` in ``[sampling_eps, 1]``.
+
+    Antithetic: the ``batch * n_blocks`` times are stratified (one shared uniform shifted by
+    ``i / n``), which lowers the variance of the batch loss.
+    """
+    n = batch * n_blocks
+    if antithetic:
+        u = torch.rand(1, generator=generator, device=device)
+        t = (u + torch.arange(n, device=device) / n) % 1.0
+    else:
+        t = torch.rand(n, generator=generator, device=device)
+    return ((1.0 - sampling_eps) * t + sampling_eps).view(batch, n_blocks)
+
+
+def loss_mask_of(x0: torch.Tensor, attention_mask=None, context_mask=None) -> torch.Tensor:
+    """Positions that are real and not context: the tokens that count, ``bool[batch, L]``."""
+    keep = torch.ones_like(x0, dtype=torch.bool)
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    if context_mask is not None:
+        keep &= ~context_mask.bool()
+    return keep
+
+
+def noise(
+    x0: torch.Tensor,
+    t_blocks: torch.Tensor,
+    schedule: Schedule,
+    block_size: int,
+    mask_token_id: int,
+    attention_mask: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    ensure_masked: bool = True,
+    generator=None,
+) -> NoisedBatch:
+    """Mask each eligible token of block ``b`` with probability ``1 - alpha(t_b)``.
+
+    x0 ``[batch, L]``, t_blocks ``[batch, L // block_size]``. With ``ensure_masked`` (training),
+    a block left with no masked eligible token gets ``m ~ U{1..eligible}`` random positions
+    masked, so every block carries signal.
+    """
+    S = block_size
+    eligible = loss_mask_of(x0, attention_mask, context_mask)
+    t = t_blocks.repeat_interleave(S, dim=1)
+    alpha, alpha_prime = schedule(t)
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    masked = (u < 1.0 - alpha) & eligible
+    if ensure_masked:
+        masked |= _remask_empty_blocks(masked, eligible, S, generator)
+    xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
+    return NoisedBatch(x0, xt, masked, eligible, t, alpha, alpha_prime)
+
+
+def _remask_empty_blocks(masked, eligible, S, generator) -> torch.Tensor:
+    """Extra positions to mask in blocks that have eligible tokens but none masked."""
+    batch, L = masked.shape
+    m3, e3 = masked.view(batch, -1, S), eligible.view(batch, -1, S)
+    n_eligible = e3.sum(-1)
+    empty = (m3.sum(-1) == 0) & (n_eligible > 0)
+    # Random order of eligible positions inside each block; mask the first m of them.
+    scores = torch.rand(e3.shape, generator=generator, device=masked.device).masked_fill(~e3, 2.0)
+    rank = scores.argsort(-1).argsort(-1)
+    frac = torch.rand(n_eligible.shape, generator=generator, device=masked.device)
+    m = (frac * n_eligible).long() + 1
+    extra = (rank < m[..., None]) & e3 & empty[..., None]
+    return extra.view(batch, L)
+
+
+def subs_logits(logits: torch.Tensor, xt: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """SUBS: ``[MASK]`` never predicted; unmasked positions copy their input (log-prob 0).
+
+    logits ``[batch, L, vocab]`` -> log-probs ``[batch, L, vocab]`` (float32).
+    """
+    logits = logits.float()
+    logits[..., mask_token_id] = float("-inf")
+    logp = logits.log_softmax(-1)
+    unmasked = xt != mask_token_id
+    copy = torch.full_like(logp, float("-inf"))
+    copy.scatter_(-1, xt.unsqueeze(-1), 0.0)
+    return torch.where(unmasked.unsqueeze(-1), copy, logp)
+
+
+def token_nll(logits: torch.Tensor, x0: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """``-log p(x0_i | xt)`` at every position with ``[MASK]`` excluded: ``[batch, L]`` float32.
+
+    Only masked positions enter the loss, where SUBS equals plain CE with the mask logit
+    removed; the engine computes the same thing with vocab-parallel cross-entropy.
+    """
+    logits = logits.float()
+    logits[..., mask_token_id] = float("-inf")
+    return F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+
+
+def elbo_weight(nb: NoisedBatch) -> torch.Tensor:
+    """``-alpha'(t) / (1 - alpha(t))`` per token, ``[batch, L]``."""
+    return -nb.alpha_prime / (1.0 - nb.alpha).clamp(min=1e-6)
+
+
+def per_sequence_loss(nll: torch.Tensor, nb: NoisedBatch, weighting: str) -> torch.Tensor:
+    """Sum of (weighted) NLL over masked counted positions / number of counted tokens: ``[batch]``."""
+    weight = elbo_weight(nb) if weighting == "elbo" else torch.ones_like(nll)
+    counted = (nb.masked & nb.loss_mask).float()
+    n_tokens = nb.loss_mask.float().sum(-1).clamp(min=1.0)
+    return (nll * weight * counted).sum(-1) / n_tokens
+
+
+def ar_nll(logits: torch.Tensor, x0: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL per sequence: ``[batch]`` (mean over counted target tokens)."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x0[:, 1:], reduction="none")
+    counted = loss_mask[:, 1:].float()
+    return (nll * counted).sum(-1) / counted.sum(-1).clamp(min=1.0)
+
+
+class DiffusionObjective:
+    """Ties a model config to its noising process and loss; used by training and evaluation."""
+
+    def __init__(self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, sampling_eps: float = 1e-3):
+        self.model_cfg, self.cfg = model_cfg, diffusion_cfg
+        self.schedule = get_schedule(diffusion_cfg.schedule, **diffusion_cfg.schedule_kwargs)
+        self.sampling_eps = sampling_eps
+
+    def noise(self, x0, attention_mask=None, context_mask=None, train=True, generator=None) -> NoisedBatch:
+        S = self.model_cfg.diffusion_block_size
+        t = sample_block_times(
+            x0.shape[0], x0.shape[1] // S, self.cfg.antithetic and train, self.sampling_eps, generator, x0.device
+        )
+        return noise(x0, t, self.schedule, S, self.model_cfg.mask_token_id, attention_mask, context_mask,
+                     ensure_masked=train, generator=generator)
+
+    def loss(self, model, x0, attention_mask=None, context_mask=None, generator=None) -> torch.Tensor:
+        """Training loss (scalar): the configured weighting, with the every-block-masked rule."""
+        if self.model_cfg.variant == "ar":
+            return ar_nll(model(x0), x0, loss_mask_of(x0, attention_mask, context_mask)).mean()
+        nb = self.noise(x0, attention_mask, context_mask, train=True, generator=generator)
+        logits = model(x0, nb.xt, attention_mask, context_mask)
+        nll = token_nll(logits, x0, self.model_cfg.mask_token_id)
+        return per_sequence_loss(nll, nb, self.cfg.loss_weighting).mean()
+
+    @torch.no_grad()
+    def nelbo(self, model, x0, attention_mask=None, context_mask=None, generator=None) -> torch.Tensor:
+        """One Monte-Carlo draw of the NELBO per token for each sequence: ``[batch]`` (nats).
+
+        AR models return their exact NLL per token, so all variants report a comparable bound.
+        """
+        if self.model_cfg.variant == "ar":
+            return ar_nll(model(x0), x0, loss_mask_of(x0, attention_mask, context_mask))
+        nb = self.noise(x0, attention_mask, context_mask, train=False, generator=generator)
+        nll = token_nll(model(x0, nb.xt, attention_mask, context_mask), x0, self.model_cfg.mask_token_id)
+        return per_sequence_loss(nll, nb, "elbo")

@@ -1,0 +1,9 @@
+"""Exceptions for bad user input. The CLI prints their message alone, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data file, CLI argument). The message names the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value, raised at dataclass construction."""

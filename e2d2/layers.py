@@ -1,0 +1,94 @@
+"""The one Transformer layer every variant uses (Qwen3-style).
+
+RMSNorm pre-norm, RoPE, grouped-query attention with optional QK-RMSNorm, SwiGLU MLP.
+A layer can attend to a *prefix* of keys/values computed elsewhere (the E2D2 decoder's
+clean stream, a matched encoder layer, or a KV cache), placed before its own keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e2d2.attention import attend
+from e2d2.config import ModelConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]  # ([batch, groups, len, head_dim], same)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[len, head_dim]`` for integer ``positions [len]`` (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: ``[batch, heads, len, head_dim]``."""
+    cos, sin = (r.to(x.dtype) for r in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h, g = cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
+        self.heads, self.groups, self.head_dim = h, g, d
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, g * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, g * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_layernorm else nn.Identity()
+        self.k_norm = nn.RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_layernorm else nn.Identity()
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, n, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor, rope) -> KV:
+        """Keys/values of already-normed hidden states ``x [batch, len, hidden]``."""
+        k = apply_rotary(self.k_norm(self._heads(self.k_proj(x), self.groups)), rope)
+        v = self._heads(self.v_proj(x), self.groups)
+        return k, v
+
+    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """x: normed ``[batch, len, hidden]``. Keys are ``[prefix ; own]``. Returns output and own K/V."""
+        q = apply_rotary(self.q_norm(self._heads(self.q_proj(x), self.heads)), rope)
+        own = self.project_kv(x, rope)
+        k, v = own if prefix is None else (torch.cat((prefix[0], own[0]), 2), torch.cat((prefix[1], own[1]), 2))
+        out = attend(q, k, v, mask)
+        b, _, s, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), own
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def kv(self, x: torch.Tensor, rope) -> KV:
+        """This layer's keys/values for another stream ``x [batch, len, hidden]`` (e.g. ``h_enc``)."""
+        return self.attn.project_kv(self.input_norm(x), rope)
+
+    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """x: ``[batch, len, hidden]`` -> (``[batch, len, hidden]``, own K/V for caches)."""
+        attn_out, own_kv = self.attn(self.input_norm(x), rope, mask, prefix)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), own_kv

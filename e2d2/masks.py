@@ -1,0 +1,198 @@
+"""Attention masks of every variant: the one place they are defined.
+
+Each mask is one rule over (query index, key index), written with elementwise
+tensor ops only, so the *same* function yields both
+
+* a dense boolean tensor for SDPA (``AttentionMask.dense``), and
+* a FlexAttention ``mask_mod`` (``AttentionMask.mask_mod``), which CUDA runs block-sparse.
+
+``True`` means "may attend". Index conventions (``L`` = sequence length, ``S`` = block size,
+block of position ``i`` is ``i // S``):
+
+* E2D2 encoder: queries and keys are the clean stream ``[0, L)``.
+* E2D2 decoder: queries are the noisy stream ``[0, L)``; keys are ``[clean ; noisy]``,
+  indices ``[0, L)`` clean then ``[L, 2L)`` noisy.
+* BD3-LM: queries and keys are ``[clean ; noisy]`` (length ``2L``).
+* MDLM, AR: one stream ``[0, L)``.
+
+Optional per-position tensors (``[L]`` or ``[batch, L]``, bool):
+
+* ``context``: prompt tokens. In the clean stream of the E2D2 encoder and BD3-LM they
+  attend each other bidirectionally (seq2seq prompts). They never change MDLM/AR masks.
+* ``padding``: ``True`` = real token. No real query attends a pad key; a pad query may
+  also attend its own position, so no softmax row is empty (empty rows give NaN in SDPA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Rule = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _e2d2_encoder_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+    return k // S <= q // S  # block-causal
+
+
+def _e2d2_decoder_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+    clean_key = k < L
+    qb, kb = q // S, (k % L) // S
+    # offset block-causal to the clean part, block-diagonal to the noisy part
+    return torch.where(clean_key, kb < qb, kb == qb)
+
+
+def _bd3lm_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+    noisy_q, noisy_k = q >= L, k >= L
+    qb, kb = (q % L) // S, (k % L) // S
+    clean_to_clean = ~noisy_q & ~noisy_k & (kb <= qb)
+    noisy_to_clean = noisy_q & ~noisy_k & (kb < qb)
+    noisy_to_noisy = noisy_q & noisy_k & (kb == qb)
+    return clean_to_clean | noisy_to_clean | noisy_to_noisy  # clean never sees noisy
+
+
+def _mdlm_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+    return (q >= 0) & (k >= 0)  # full bidirectional, shaped like the broadcast of q and k
+
+
+def _ar_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+    return k <= q
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """One mask definition, usable as a dense tensor and as a FlexAttention mask_mod.
+
+    ``query_streams``/``key_streams`` say how many length-``L`` streams the query and key
+    axes hold; key stream 0 is always clean, query index 0 lies in ``query_stream0``
+    (0 clean, 1 noisy). ``self_key_offset``
+    maps query index ``q`` to the key index ``q + offset * L`` of its own position, which a pad
+    query may always attend.
+    """
+
+    name: str
+    rule: Rule
+    query_streams: int
+    key_streams: int
+    query_stream0: int  # which stream query index 0 belongs to (0 clean, 1 noisy)
+    self_key_offset: int
+    bidirectional_context: bool
+
+    def mask_mod(
+        self,
+        seq_len: int,
+        block_size: int,
+        context: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+    ) -> MaskMod:
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``; context/padding are ``[B, L]``."""
+        L, S = seq_len, block_size
+        ctx = None if context is None or not self.bidirectional_context else _as_batch(context)
+        pad = None if padding is None else _as_batch(padding)
+
+        def mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            allowed = self.rule(q, k, L, S)
+            q_pos, k_pos = q % L, k % L
+            if ctx is not None:
+                q_clean = (q // L + self.query_stream0) == 0
+                k_clean = k < L
+                allowed = allowed | (q_clean & k_clean & ctx[b, q_pos] & ctx[b, k_pos])
+            if pad is not None:
+                own_key = k == q + self.self_key_offset * L
+                allowed = (allowed & pad[b, k_pos]) | (~pad[b, q_pos] & own_key)
+            return allowed
+
+        return mod
+
+    def shape(self, seq_len: int) -> tuple[int, int]:
+        return self.query_streams * seq_len, self.key_streams * seq_len
+
+    def dense(
+        self,
+        seq_len: int,
+        block_size: int,
+        context: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """``bool[Lq, Lk]``, or ``bool[B, Lq, Lk]`` when context/padding are given."""
+        lq, lk = self.shape(seq_len)
+        batched = context is not None or padding is not None
+        q = torch.arange(lq, device=device).view(1, lq, 1)
+        k = torch.arange(lk, device=device).view(1, 1, lk)
+        n_batch = _batch_size(context, padding)
+        b = torch.arange(n_batch, device=device).view(n_batch, 1, 1)
+        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device))
+        out = mod(b, torch.zeros((), dtype=torch.long, device=device), q, k)
+        out = out.expand(n_batch, lq, lk)
+        return out if batched else out[0]
+
+    def block_mask(
+        self,
+        seq_len: int,
+        block_size: int,
+        batch_size: int | None = None,
+        context: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        device: torch.device | str = "cuda",
+    ):
+        """A FlexAttention ``BlockMask`` (block-sparse: fully masked tiles are skipped)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        lq, lk = self.shape(seq_len)
+        batched = context is not None or padding is not None
+        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device))
+        return create_block_mask(
+            mod, B=batch_size if batched else None, H=None, Q_LEN=lq, KV_LEN=lk, device=device
+        )
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.bool().view(1, -1) if x.dim() == 1 else x.bool()
+
+
+def _batch_size(*xs: torch.Tensor | None) -> int:
+    sizes = {1 if x.dim() == 1 else x.shape[0] for x in xs if x is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"context and padding have different batch sizes: {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
+
+
+def _to(x: torch.Tensor | None, device: torch.device | str | None) -> torch.Tensor | None:
+    return x if x is None or device is None else x.to(device)
+
+
+E2D2_ENCODER = AttentionMask("e2d2_encoder", _e2d2_encoder_rule, 1, 1, 0, 0, True)
+E2D2_DECODER = AttentionMask("e2d2_decoder", _e2d2_decoder_rule, 1, 2, 1, 1, False)
+BD3LM = AttentionMask("bd3lm", _bd3lm_rule, 2, 2, 0, 0, True)
+MDLM = AttentionMask("mdlm", _mdlm_rule, 1, 1, 1, 0, False)
+AR = AttentionMask("ar", _ar_rule, 1, 1, 0, 0, False)
+
+
+def e2d2_encoder(L: int, S: int, *, context=None, padding=None, device=None) -> torch.Tensor:
+    """Block-causal mask of the E2D2 encoder: ``bool[L, L]`` (``[B, L, L]`` with context/padding)."""
+    return E2D2_ENCODER.dense(L, S, context, padding, device)
+
+
+def e2d2_decoder(L: int, S: int, *, context=None, padding=None, device=None) -> torch.Tensor:
+    """E2D2 decoder mask ``bool[L, 2L]``: keys are clean (offset block-causal) then noisy
+    (block-diagonal)."""
+    return E2D2_DECODER.dense(L, S, context, padding, device)
+
+
+def bd3lm(L: int, S: int, *, context=None, padding=None, device=None) -> torch.Tensor:
+    """BD3-LM mask over ``[x0 ; xt]``: ``bool[2L, 2L]``."""
+    return BD3LM.dense(L, S, context, padding, device)
+
+
+def mdlm(L: int, *, padding=None, device=None) -> torch.Tensor:
+    """MDLM: full bidirectional attention, ``bool[L, L]``."""
+    return MDLM.dense(L, L, None, padding, device)
+
+
+def ar(L: int, *, padding=None, device=None) -> torch.Tensor:
+    """Causal mask, ``bool[L, L]``."""
+    return AR.dense(L, 1, None, padding, device)

@@ -1,0 +1,95 @@
+"""Noise schedules. Each maps ``t in [0, 1]`` to ``(alpha(t), alpha'(t))``, in that order.
+
+``alpha`` is the probability that a token is still clean at time ``t``; it is
+monotone decreasing with ``alpha(0) ~ 1`` and ``alpha(1) ~ 0``. ``alpha'`` is the
+exact derivative with respect to ``t`` (tests compare it to finite differences).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from e2d2.errors import ConfigError
+
+Schedule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Linear:
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return 1.0 - t, -torch.ones_like(t)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    eps: float = 1e-3
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half_pi = math.pi / 2
+        return (1 - self.eps) * torch.cos(half_pi * t), -(1 - self.eps) * half_pi * torch.sin(half_pi * t)
+
+
+@dataclass(frozen=True)
+class Exponential:
+    """``1 - alpha = max(t^k, eps)``; below the clamp alpha is constant, so alpha' is 0 there."""
+
+    k: float = 2.0
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.k <= 0:
+            raise ConfigError(f"exp schedule needs k > 0, got k={self.k}")
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tk = t.pow(self.k)
+        alpha = 1.0 - tk.clamp(min=self.eps)
+        alpha_prime = torch.where(tk > self.eps, -self.k * t.pow(self.k - 1), torch.zeros_like(t))
+        return alpha, alpha_prime
+
+
+@dataclass(frozen=True)
+class Logarithmic:
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log2 = math.log(2.0)
+        return 1.0 - torch.log1p(t) / log2, -1.0 / (log2 * (1.0 + t))
+
+
+@dataclass(frozen=True)
+class ClippedLinear:
+    """BD3-LM's clipped schedule: ``t`` is mapped into ``[beta_min, beta_max]`` first."""
+
+    beta_min: float = 0.3
+    beta_max: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta_min < self.beta_max <= 1.0:
+            raise ConfigError(
+                f"clipped_linear needs 0 <= beta_min < beta_max <= 1, got [{self.beta_min}, {self.beta_max}]"
+            )
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.beta_max - self.beta_min
+        return 1.0 - (self.beta_min + width * t), torch.full_like(t, -width)
+
+
+_SCHEDULES: dict[str, type] = {
+    "linear": Linear,
+    "cosine": Cosine,
+    "exp": Exponential,
+    "log": Logarithmic,
+    "clipped_linear": ClippedLinear,
+}
+
+
+def get_schedule(name: str, **kwargs: float) -> Schedule:
+    """Build a schedule by name: linear, cosine, exp, log, clipped_linear."""
+    if name not in _SCHEDULES:
+        raise ConfigError(f"unknown noise schedule {name!r}; choose one of {sorted(_SCHEDULES)}")
+    try:
+        return _SCHEDULES[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad arguments for schedule {name!r}: {exc}") from None
