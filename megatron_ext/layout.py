@@ -1,0 +1,209 @@
+"""Parallel layout: how a world of ranks is split, and which layers each pipeline stage holds.
+
+Everything here is plain arithmetic on configs, so every invalid layout fails with
+one ``ConfigError`` before any process group is created.
+
+Placement (``PipelinePlan``): for E2D2 with ``P > 1`` pipeline stages, stages
+``0..k-1`` hold the encoder layers and stages ``k..P-1`` the decoder layers,
+``k = encoder_pipeline_stages``. Single-stack variants spread their layers over
+all ``P`` stages. Layers are split as evenly as possible, earlier stages taking
+the remainder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from e2d2.config import ModelConfig
+from e2d2.errors import ConfigError
+
+# megatron-core's TransformerConfig.fp8_recipe values.
+FP8_RECIPES: tuple[str, ...] = ("delayed", "tensorwise", "mxfp8", "blockwise")
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ``world_size`` ranks are split: ``world = TP x PP x DP`` (DP derived).
+
+    ``encoder_pipeline_stages`` (k) only applies to E2D2 with ``pipeline_parallel > 1``;
+    ``fp8`` names a megatron-core FP8 recipe and needs Transformer Engine.
+    """
+
+    world_size: int
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    encoder_pipeline_stages: int | None = None
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    fp8: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if self.world_size % model_parallel:
+            raise ConfigError(
+                f"world size {self.world_size} is not divisible by tensor_parallel x "
+                f"pipeline_parallel = {self.tensor_parallel} x {self.pipeline_parallel}; "
+                "use a world size that is a multiple of their product"
+            )
+        if self.encoder_pipeline_stages is not None and not (
+            1 <= self.encoder_pipeline_stages <= self.pipeline_parallel - 1
+        ):
+            raise ConfigError(
+                f"encoder_pipeline_stages={self.encoder_pipeline_stages} must be in "
+                f"1..{self.pipeline_parallel - 1} (pipeline_parallel={self.pipeline_parallel}): "
+                "the encoder and the decoder each need at least one stage"
+            )
+        if self.virtual_pipeline is not None and (
+            self.virtual_pipeline < 2 or self.pipeline_parallel < 2
+        ):
+            raise ConfigError(
+                f"virtual_pipeline={self.virtual_pipeline} needs pipeline_parallel > 1 and at "
+                "least 2 chunks per stage; leave it unset otherwise"
+            )
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("sequence_parallel needs tensor_parallel > 1")
+        if self.fp8 is not None:
+            if self.fp8 not in FP8_RECIPES:
+                raise ConfigError(f"unknown fp8 recipe {self.fp8!r}; choose one of {FP8_RECIPES}")
+            if not transformer_engine_available():
+                raise ConfigError(
+                    f"fp8={self.fp8!r} needs Transformer Engine, which is not importable here; "
+                    "install transformer-engine[pytorch] on a GPU machine or set fp8=None "
+                    "(this never falls back to bf16 silently)"
+                )
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+    @property
+    def name(self) -> str:
+        parts = [f"tp{self.tensor_parallel}", f"pp{self.pipeline_parallel}", f"dp{self.data_parallel}"]
+        if self.encoder_pipeline_stages is not None:
+            parts.append(f"enc{self.encoder_pipeline_stages}")
+        if self.virtual_pipeline is not None:
+            parts.append(f"vp{self.virtual_pipeline}")
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.use_distributed_optimizer:
+            parts.append("distopt")
+        return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class StageLayers:
+    """Layers one pipeline stage holds, as half-open ranges of reference-model layer indices."""
+
+    encoder: range
+    decoder: range
+    holds_embedding: bool  # input embedding of either stream (first stage, first decoder stage)
+    holds_head: bool  # final norm(s) and LM head (last stage)
+
+
+def _split(num_layers: int, num_stages: int) -> list[range]:
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for stage in range(num_stages):
+        stop = start + base + (1 if stage < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Per-stage layer placement for one model on one layout; validated at construction."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+
+    def __post_init__(self) -> None:
+        model, par = self.model, self.parallel
+        tp, pp = par.tensor_parallel, par.pipeline_parallel
+        if model.num_attention_heads % tp:
+            raise ConfigError(
+                f"tensor_parallel={tp} does not divide num_attention_heads="
+                f"{model.num_attention_heads}"
+            )
+        if model.num_query_groups % tp:
+            raise ConfigError(
+                f"tensor_parallel={tp} does not divide num_query_groups={model.num_query_groups} "
+                "(KV heads); every tensor-parallel rank needs whole KV heads"
+            )
+        if model.is_e2d2 and pp > 1:
+            if model.variant == "e2d2_shared_kv":
+                raise ConfigError(
+                    "e2d2_shared_kv reads each matched encoder layer's K/V inside the decoder, so "
+                    "its layers must sit on one stage: use pipeline_parallel=1"
+                )
+            if par.encoder_pipeline_stages is None:
+                raise ConfigError(
+                    f"E2D2 with pipeline_parallel={pp} needs encoder_pipeline_stages in 1..{pp - 1}"
+                )
+            k = par.encoder_pipeline_stages
+            if model.num_layers < k or model.num_decoder_layers < pp - k:
+                raise ConfigError(
+                    f"more pipeline stages than layers: {k} encoder stages for num_layers="
+                    f"{model.num_layers} and {pp - k} decoder stages for num_decoder_layers="
+                    f"{model.num_decoder_layers}; every stage needs at least one layer"
+                )
+        else:
+            if par.encoder_pipeline_stages is not None:
+                raise ConfigError(
+                    "encoder_pipeline_stages only applies to E2D2 (e2d2 variant) with "
+                    f"pipeline_parallel > 1; unset it for variant {model.variant!r}"
+                )
+            chunks = pp * (par.virtual_pipeline or 1)
+            if model.num_layers < chunks:
+                raise ConfigError(
+                    f"more pipeline stages than layers: {chunks} pipeline chunks for "
+                    f"num_layers={model.num_layers}"
+                )
+        if par.virtual_pipeline is not None and model.is_e2d2:
+            raise ConfigError("the interleaved (virtual_pipeline) schedule is supported for "
+                              "single-stack variants only; unset virtual_pipeline for E2D2")
+
+    def stages(self) -> list[StageLayers]:
+        model, pp = self.model, self.parallel.pipeline_parallel
+        if model.is_e2d2 and pp > 1:
+            k = self.parallel.encoder_pipeline_stages
+            enc = _split(model.num_layers, k) + [range(model.num_layers, model.num_layers)] * (pp - k)
+            dec = [range(0, 0)] * k + _split(model.num_decoder_layers, pp - k)
+            first_decoder = k
+        else:
+            enc = _split(model.num_layers, pp)
+            full_dec = range(model.num_decoder_layers)
+            dec = [full_dec if stage == pp - 1 else range(0, 0) for stage in range(pp)]
+            first_decoder = 0  # single-stack, or E2D2 on one stage
+        return [
+            StageLayers(
+                encoder=enc[s],
+                decoder=dec[s],
+                holds_embedding=s in (0, first_decoder),
+                holds_head=s == pp - 1,
+            )
+            for s in range(pp)
+        ]
+
+    def embedding_stages(self) -> list[int]:
+        """Stages with a copy of the word embedding; their gradients are all-reduced.
+
+        With tied embeddings the last stage's LM head is the same weight.
+        """
+        stages = [s for s, layers in enumerate(self.stages()) if layers.holds_embedding]
+        if self.model.tie_word_embeddings:
+            stages.append(self.parallel.pipeline_parallel - 1)
+        return sorted(set(stages))
+
+    def get_embedding_ranks(self, pp_ranks: list[int]) -> list[int]:
+        """megatron ``initialize_model_parallel(get_embedding_ranks=...)`` callback."""
+        return [pp_ranks[s] for s in self.embedding_stages()]

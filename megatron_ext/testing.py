@@ -1,0 +1,140 @@
+"""Multi-process gloo harness: run a function on N CPU ranks with megatron-core.
+
+Starting a process costs seconds on a 2-core machine (importing torch and
+megatron-core dominates), so the intended use is one ``spawn_gloo`` per world
+size, with the function looping over several layouts through ``megatron_layout``.
+
+    def body(rank):
+        out = {}
+        for layout in (ParallelConfig(2, tensor_parallel=2), ParallelConfig(2, pipeline_parallel=2)):
+            with megatron_layout(layout):
+                out[layout.name] = ...
+        return out
+
+    results = spawn_gloo(body, world_size=2)   # one entry per rank
+
+The function must be importable by name (module level), because workers are
+started with the ``spawn`` method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from megatron_ext import cpu_compat
+from megatron_ext.layout import ParallelConfig
+
+
+class WorkerError(RuntimeError):
+    """A rank raised; the message carries that rank's traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        # One thread per rank: ranks already oversubscribe the cores.
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    cpu_compat.install()
+    try:
+        torch.distributed.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        )
+        result = fn(rank, *args)
+        queue.put((rank, "ok", pickle.dumps(result)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def spawn_gloo(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600.0
+) -> list[Any]:
+    """Run ``fn(rank, *args)`` on ``world_size`` gloo ranks; return results in rank order.
+
+    Results must be picklable (move tensors to CPU, detach them). The first rank
+    that raises makes this raise ``WorkerError`` with its traceback.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout_s)
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break  # peers of a failed rank block in collectives; stop waiting for them
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if errors else timeout_s)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if errors:
+        raise WorkerError("\n".join(errors))
+    return [results[rank] for rank in range(world_size)]
+
+
+@contextlib.contextmanager
+def megatron_layout(
+    layout: ParallelConfig,
+    seed: int = 1234,
+    get_embedding_ranks: Callable[[list[int]], list[int]] | None = None,
+) -> Iterator[ParallelConfig]:
+    """Initialise megatron's parallel state for ``layout`` on the live gloo world, then tear down.
+
+    ``get_embedding_ranks`` chooses the pipeline ranks that hold a copy of the word
+    embedding (megatron's default: first and last stage).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if layout.world_size != torch.distributed.get_world_size():
+        raise ValueError(
+            f"layout is for world size {layout.world_size}, "
+            f"the process group has {torch.distributed.get_world_size()}"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        get_embedding_ranks=get_embedding_ranks,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    try:
+        yield layout
+    finally:
+        parallel_state.destroy_model_parallel()
