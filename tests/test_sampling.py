@@ -1,0 +1,326 @@
+"""Block-diffusion sampler: cache equivalence, EOS stopping, output reuse, strategy properties."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import e2d2.sampling as sampling
+from e2d2.config import ModelConfig
+from e2d2.errors import ConfigError
+from e2d2.model import DiffusionLM
+from e2d2.sampling import STRATEGIES, SamplerConfig, StepTimes, denoise_step, sample, sample_prompts
+
+V, MASK, S = 12, 11, 4  # small vocabulary, so a random model hits any given token often
+EOS = 3
+BLOCK_VARIANTS = ("e2d2", "e2d2_shared_kv", "e2d2_shared_kv_tied", "bd3lm")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: a second intra-op thread only adds sync overhead, and under
+    pytest-xdist it oversubscribes the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def tiny_model(name: str) -> DiffusionLM:
+    """A random float64 model: float64 makes cached and full forwards agree to ~1e-15."""
+    variant = name.removesuffix("_tied")
+    n_dec = 1 if variant.startswith("e2d2") else 0
+    cfg = ModelConfig(variant=variant, vocab_size=V, mask_token_id=MASK, hidden_size=32,
+                      ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, num_layers=2,
+                      num_decoder_layers=n_dec, seq_length=64, block_size=S,
+                      tie_decoder_to_encoder=name.endswith("_tied"))
+    torch.manual_seed(0)
+    model = DiffusionLM(cfg).double()
+    # Larger weights than the 0.02 init give peaked, prompt-dependent predictions, so
+    # confidence orderings and greedy choices are not decided by rounding noise.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(25.0)
+    return model
+
+
+def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, MASK, (batch, length), generator=g)
+
+
+def run(model, prompt, seed=1, **kw) -> sampling.SampleOutput:
+    return sample(model, prompt, SamplerConfig(**kw), torch.Generator().manual_seed(seed))
+
+
+def record(monkeypatch, obj, name: str) -> list:
+    """Replace ``obj.name`` by a wrapper that records its positional arguments."""
+    calls, fn = [], getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+# ------------------------------------------------------------ cache equivalence
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "stochastic"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS)
+def test_cached_equals_uncached(variant, strategy, batch, temperature):
+    model, prompt = tiny_model(variant), prompts(batch, 5)  # 5 = one whole block + a tail
+    kw = dict(strategy=strategy, steps=3, temperature=temperature, max_new_tokens=14,
+              eos_token_id=EOS)
+    cached = run(model, prompt, use_cache=True, **kw)
+    full = run(model, prompt, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, full.tokens)
+    assert torch.equal(cached.lengths, full.lengths)
+    assert cached.nfe_per_block == full.nfe_per_block
+    assert not (cached.tokens == MASK).any()
+    assert torch.equal(cached.tokens[:, :5], prompt)
+
+
+@pytest.mark.parametrize("prompt_len", [0, 2, 4, 9])
+def test_cached_equals_uncached_any_prompt_length(prompt_len):
+    model, prompt = tiny_model("e2d2"), prompts(2, prompt_len)
+    kw = dict(strategy="ancestral", steps=4, max_new_tokens=7)
+    cached = run(model, prompt, use_cache=True, **kw)
+    full = run(model, prompt, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, full.tokens)
+    assert cached.tokens.shape == (2, prompt_len + 7)
+    assert torch.equal(cached.tokens[:, :prompt_len], prompt)
+    # the prompt tail shares the first block, so the blocks cover tail + budget exactly
+    assert cached.num_blocks == -(-(prompt_len % S + 7) // S)
+
+
+def test_cache_is_really_used(monkeypatch):
+    """The cached path must run the decoder on the block only and encode each block once."""
+    model = tiny_model("e2d2")
+    denoised = record(monkeypatch, model, "denoise")
+    encoded = record(monkeypatch, model, "encode")
+    out = run(model, prompts(2, 5), strategy="topk", steps=4, max_new_tokens=11)
+    assert len(denoised) == out.nfe and all(args[0].shape == (2, S) for args in denoised)
+    # prompt block once, then every generated block except the last
+    assert [args[0].shape[1] for args in encoded] == [S] * out.num_blocks
+
+
+# ------------------------------------------------------------ EOS and batching
+def finish_block(out, prompt_len) -> list[float]:
+    """Index of the generated block in which each row finished (inf if it never did)."""
+    n_ctx = prompt_len - prompt_len % S
+    rows = zip(out.lengths.tolist(), out.finished.tolist(), strict=True)
+    return [(n - 1 - n_ctx) // S if f else float("inf") for n, f in rows]
+
+
+def test_eos_stops_rows_and_drops_them(monkeypatch):
+    model, prompt = tiny_model("bd3lm"), prompts(4, 4, seed=3)
+    calls = record(monkeypatch, model, "denoise")
+    # a high temperature makes every token, EOS included, likely at every position
+    out = run(model, prompt, seed=5, strategy="ancestral", steps=4, temperature=10.0,
+              max_new_tokens=48, eos_token_id=EOS)
+    done = finish_block(out, 4)
+    assert out.finished.all() and len(set(done)) > 1, "seed gives no staggered stop; pick another"
+    assert out.num_blocks == max(done) + 1 < 48 // S  # stopped before the budget
+    total = 4 + 48
+    for row in range(4):
+        n = int(out.lengths[row])
+        assert out.tokens[row, n - 1] == EOS
+        assert not (out.tokens[row, 4:n - 1] == EOS).any()
+        assert (out.tokens[row, n:] == EOS).all() and n < total
+    # the working batch in block b holds exactly the rows that had not finished before b
+    for args in calls:
+        xt, cache = args
+        b = (cache.length - 4) // S
+        assert xt.shape[0] == sum(d >= b for d in done)
+
+
+def test_eos_does_not_change_the_finished_prefix():
+    """Greedy top-k uses no randomness: stopping at EOS must not alter anything before it."""
+    model, prompt = tiny_model("e2d2"), prompts(4, 6, seed=1)
+    kw = dict(strategy="topk", steps=4, temperature=0.0, max_new_tokens=20)
+    free = run(model, prompt, **kw)
+    eos = int(free.tokens[0, 6 + S])  # row 0 finishes in its second generated block at the latest
+    out = run(model, prompt, eos_token_id=eos, **kw)
+    assert len(set(out.lengths.tolist())) > 1, "rows should stop at different blocks"
+    for row in range(4):
+        gen = free.tokens[row, 6:]
+        hits = (gen == eos).nonzero()
+        n = 6 + int(hits[0]) + 1 if len(hits) else 26
+        assert int(out.lengths[row]) == n
+        assert torch.equal(out.tokens[row, :n], free.tokens[row, :n])
+        assert bool(out.finished[row]) == bool(len(hits))
+
+
+# ------------------------------------------------------------ output reuse and NFE
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_unchanged_block_reuses_model_output(monkeypatch, use_cache):
+    model = tiny_model("e2d2_shared_kv")
+    forwards = record(monkeypatch, model, "denoise" if use_cache else "forward")
+    states = record(monkeypatch, sampling, "denoise_step")
+    steps = 64  # with 4 tokens per block, most steps reveal nothing
+    out = run(model, prompts(2, 4), strategy="ancestral", steps=steps, max_new_tokens=12,
+              use_cache=use_cache)
+    assert len(forwards) == out.nfe
+    assert all(0 < n < steps for n in out.nfe_per_block)
+    # per block, NFE equals the number of distinct states the sampler stepped from
+    blocks: list[set] = []
+    for args in states:
+        xt, times = args[1], args[3]
+        if times.alpha_t == times.alpha_start:  # the first step of a block
+            blocks.append(set())
+        blocks[-1].add(tuple(xt.flatten().tolist()))
+    assert [len(b) for b in blocks] == out.nfe_per_block
+    assert len(states) > out.nfe
+
+
+# ------------------------------------------------------------ strategies, end to end
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS + ("mdlm",))
+def test_blocks_end_unmasked_and_prompt_kept(variant, strategy):
+    model, prompt = tiny_model(variant), prompts(3, 6)
+    out = run(model, prompt, strategy=strategy, steps=2, max_new_tokens=9)
+    assert out.tokens.shape == (3, 15)
+    assert not (out.tokens == MASK).any()
+    assert torch.equal(out.tokens[:, :6], prompt)
+
+
+def test_mdlm_is_one_block_with_full_forwards():
+    model, prompt = tiny_model("mdlm"), prompts(2, 5)
+    out = run(model, prompt, strategy="first_hitting", max_new_tokens=7)
+    assert out.nfe_per_block == [7]  # one forward per masked token, one block
+    cached = run(model, prompt, strategy="first_hitting", max_new_tokens=7, use_cache=False)
+    assert torch.equal(out.tokens, cached.tokens)
+
+
+def test_first_hitting_reveals_one_token_per_forward():
+    # prompt tail of 2 tokens: the first block has 2 masks, the next ones S
+    out = run(tiny_model("e2d2"), prompts(2, 6), strategy="first_hitting", steps=1,
+              max_new_tokens=10)
+    assert out.nfe_per_block == [2, S, S]
+
+
+@pytest.mark.parametrize("threshold, nfe_per_block", [(0.999, S), (0.0, 1)])
+def test_threshold_reveals_at_least_one_per_step(threshold, nfe_per_block):
+    """Nothing clears 0.999, so exactly one token per step (NFE = S, not 1 stall + forced
+    reveal); everything clears 0, so one forward per block."""
+    # a high temperature flattens p, so no token comes near 0.999
+    out = run(tiny_model("bd3lm"), prompts(2, 4), strategy="threshold", threshold=threshold,
+              steps=3 * S, temperature=50.0, max_new_tokens=12)
+    assert out.nfe_per_block == [nfe_per_block] * 3
+
+
+# ------------------------------------------------------------ strategies, one step
+# StepTimes are alpha values; under the linear schedule alpha(t) = 1 - t, so alpha_start = 0.
+FULL_STEP = StepTimes(alpha_t=0.0, alpha_s=1.0, alpha_start=0.0, last=False)
+
+
+def _step(strategy, xt, probs, times=FULL_STEP, threshold=0.9, seed=0, greedy=True, n_start=None):
+    n_start = (xt == MASK).sum(-1) if n_start is None else n_start
+    return denoise_step(strategy, xt, probs.log(), times, n_start, MASK, greedy, threshold,
+                        torch.Generator().manual_seed(seed))
+
+
+def _probs(rows: list[list[list[float]]]) -> torch.Tensor:
+    """Distributions over the first few tokens, zero elsewhere: ``[batch, S, V]``."""
+    p = torch.zeros(len(rows), len(rows[0]), V)
+    dist = torch.tensor(rows)
+    p[..., : dist.shape[-1]] = dist
+    return p
+
+
+def test_threshold_step():
+    xt = torch.full((1, 3), MASK)
+    low = _probs([[[0.5, 0.3, 0.2], [0.6, 0.2, 0.2], [0.4, 0.3, 0.3]]])
+    assert (_step("threshold", xt, low) != MASK).tolist() == [[False, True, False]]
+    high = _probs([[[0.95, 0.05, 0.0], [0.6, 0.2, 0.2], [0.0, 0.92, 0.08]]])
+    assert _step("threshold", xt, high).tolist() == [[0, MASK, 1]]
+
+
+def test_topk_and_margin_order_differently():
+    # position 0: p1 = .50, p2 = .45 (margin .05); position 1: p1 = .40, p2 = .10 (margin .30)
+    xt = torch.full((1, 2), MASK)
+    probs = _probs([[[0.50, 0.45, 0.05, 0.0, 0.0, 0.0], [0.4, 0.1, 0.1, 0.1, 0.1, 0.2]]])
+    half = StepTimes(0.0, 0.5, 0.0, False)  # half the tokens stay masked
+    assert _step("topk", xt, probs, half).tolist() == [[0, MASK]]
+    assert _step("topk_margin", xt, probs, half).tolist() == [[MASK, 0]]
+
+
+def test_topk_follows_the_schedule():
+    xt = torch.full((2, 8), MASK)
+    logits = torch.randn(2, 8, V, generator=torch.Generator().manual_seed(0))
+    probs = torch.softmax(logits.index_fill(-1, torch.tensor([MASK]), -torch.inf), -1)  # as SUBS
+    n_start = torch.tensor([8, 8])
+    for j, tm in enumerate(sampling.step_times("linear", 4)):
+        xt = _step("topk", xt, probs, tm, n_start=n_start)
+        assert (xt == MASK).sum(-1).tolist() == [8 - 2 * (j + 1)] * 2
+
+
+def test_first_hitting_step_is_one_uniform_masked_token():
+    xt = torch.tensor([[MASK, 5, MASK, MASK]])
+    probs = _probs([[[0.0, 1.0]] * 4])
+    counts = torch.zeros(4)
+    for seed in range(600):
+        xs = _step("first_hitting", xt, probs, None, seed=seed)
+        assert (xs != xt).sum() == 1 and xs[0, 1] == 5
+        counts += (xs != xt)[0]
+    assert counts[1] == 0 and (counts[[0, 2, 3]] - 200).abs().max() < 60  # ~4 sigma
+
+
+def test_ancestral_step_unmask_rate_and_values():
+    n = 4000
+    xt = torch.full((1, n), MASK)
+    probs = _probs([[[0.2, 0.8]] * n])
+    times = StepTimes(0.5, 0.75, 0.0, False)  # unmask probability (0.75 - 0.5) / (1 - 0.5)
+    xs = _step("ancestral", xt, probs, times, greedy=False)
+    revealed = xs != MASK
+    assert abs(revealed.float().mean() - 0.5) < 4 * (0.25 / n) ** 0.5
+    assert abs((xs[revealed] == 1).float().mean() - 0.8) < 4 * (0.16 / revealed.sum()) ** 0.5
+    assert set(xs[revealed].tolist()) <= {0, 1}  # zero-probability tokens are never drawn
+
+
+@pytest.mark.parametrize("strategy", ["ancestral", "topk", "topk_margin", "threshold"])
+def test_last_step_reveals_everything_and_keeps_revealed(strategy):
+    xt = torch.tensor([[MASK, 7, MASK, MASK]])
+    probs = _probs([[[0.3, 0.3, 0.4]] * 4])
+    last = StepTimes(0.1, 0.1, 0.0, True)  # no schedule progress: only `last` can reveal
+    xs = _step(strategy, xt, probs, last, threshold=0.99)
+    assert xs.tolist() == [[2, 7, 2, 2]]
+
+
+# ------------------------------------------------------------ API and validation
+def test_sample_prompts_groups_by_length():
+    model = tiny_model("e2d2")
+    cfg = SamplerConfig(strategy="topk", steps=4, temperature=0.0, max_new_tokens=6)
+    lists = [[1, 2, 3], [4], [5, 6, 7], []]
+    got = sample_prompts(model, lists, cfg)
+    for p, completion in zip(lists, got, strict=True):
+        alone = sample(model, torch.tensor([p], dtype=torch.long).view(1, len(p)), cfg)
+        assert completion == alone.tokens[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("bad", [
+    dict(strategy="beam"), dict(steps=0), dict(schedule="square"), dict(temperature=-1.0),
+    dict(threshold=1.0), dict(max_new_tokens=0), dict(eos_token_id=-2),
+])
+def test_config_is_validated(bad):
+    with pytest.raises(ConfigError):
+        SamplerConfig(**bad)
+
+
+def test_bad_inputs_raise():
+    model = tiny_model("e2d2")
+    with pytest.raises(ConfigError, match="eos_token_id"):
+        sample(model, prompts(1, 3), SamplerConfig(eos_token_id=MASK))
+    with pytest.raises(ValueError, match="mask token"):
+        sample(model, torch.full((1, 3), MASK), SamplerConfig())
+    ar = DiffusionLM(ModelConfig(variant="ar", vocab_size=V, mask_token_id=MASK, hidden_size=32,
+                                 ffn_hidden_size=64, num_layers=1, num_decoder_layers=0))
+    with pytest.raises(ConfigError, match="autoregressive"):
+        sample(ar, prompts(1, 3), SamplerConfig())
