@@ -1,0 +1,193 @@
+"""Join tokenized shards, in order, into ``train`` and ``valid`` indexed datasets + manifest.
+
+The validation split is the last documents of the whole corpus (the paper holds out the last
+100k documents of OpenWebText), so it is cut here, where the total is known. Whole shards are
+appended with ``IndexedDatasetBuilder.add_index`` (a file copy); only the shard that straddles
+the split point is copied document by document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_tools.atomic import atomic_path, remove, temp_name
+from data_tools.sources import SKIP_REASONS
+from data_tools.tokenizer import load_tokenizer
+from e2d2.errors import UserError
+
+SPLITS = ("train", "valid")
+OUTPUTS = ("train.bin", "train.idx", "valid.bin", "valid.idx", "manifest.json", "tokenizer")
+SHARDS_DIR = "shards"
+_SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.json")
+
+
+def check_output_free(output: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier result unless ``--overwrite`` was given."""
+    existing = [name for name in OUTPUTS if (Path(output) / name).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{output} already holds {', '.join(existing)}; pass --overwrite to replace it "
+            "or choose another --output"
+        )
+
+
+def read_shards(shards_dir: Path) -> list[tuple[Path, dict]]:
+    """The complete shard records of ``shards_dir``, in order, checked to belong together."""
+    found = {}
+    for path in Path(shards_dir).glob("shard-*-of-*.json"):
+        match = _SHARD_NAME.fullmatch(path.name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = path
+    if not found:
+        raise UserError(f"no shards in {shards_dir}; run `e2d2 data preprocess` first")
+    counts = {count for _, count in found}
+    if len(counts) != 1:
+        raise UserError(f"{shards_dir} mixes shard counts {sorted(counts)}; remove stale shards")
+    count = counts.pop()
+    missing = [i for i in range(count) if (i, count) not in found]
+    if missing:
+        raise UserError(
+            f"{shards_dir}: shards {missing} of {count} are missing or incomplete; run "
+            f"`e2d2 data preprocess ... --num-shards {count} --shard-index I` for each"
+        )
+    shards = []
+    for index in range(count):
+        path = found[(index, count)]
+        shards.append((path.with_suffix(""), json.loads(path.read_text())))
+    first = shards[0][1]
+    for prefix, record in shards[1:]:
+        for key in ("tokenizer", "dtype", "split"):
+            if record[key] != first[key]:
+                raise UserError(
+                    f"{prefix}: its {key} differs from shard 0's; re-run preprocess for all "
+                    "shards with the same options"
+                )
+    return shards
+
+
+def valid_count(split: dict, documents: int) -> int:
+    """How many of the last documents are held out for validation."""
+    if "valid_docs" in split:
+        n_valid = split["valid_docs"]
+    else:
+        fraction = split["valid_fraction"]
+        n_valid = max(1, round(fraction * documents)) if fraction > 0 else 0
+    if n_valid >= documents:
+        raise UserError(
+            f"the corpus has {documents} documents, too few to hold out {n_valid} for "
+            "validation and keep some for training; lower --valid-docs / --valid-fraction"
+        )
+    return n_valid
+
+
+def _split_of_events(shards, n_train: int) -> dict[str, dict[str, Counter]]:
+    """Count skip/repair events per split: an event at position k is in valid iff k >= n_train."""
+    counts = {split: Counter() for split in SPLITS}
+    offset = 0
+    for _, record in shards:
+        for reason, positions in record["events"].items():
+            in_valid = int(np.count_nonzero(np.asarray(positions) + offset >= n_train))
+            counts["valid"][reason] += in_valid
+            counts["train"][reason] += len(positions) - in_valid
+        offset += record["documents"]
+    return counts
+
+
+def _copy_documents(shards, n_train: int, prefixes: dict[str, Path], dtype) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    builders = {s: IndexedDatasetBuilder(f"{prefixes[s]}.bin", dtype=dtype) for s in SPLITS}
+    offset = 0
+    for prefix, record in tqdm(shards, desc="merge", unit="shard"):
+        dataset = IndexedDataset(str(prefix))
+        if len(dataset) != record["documents"]:
+            raise UserError(f"{prefix}.idx disagrees with {prefix}.json; re-run that shard")
+        start, stop = offset, offset + len(dataset)
+        if stop <= n_train or start >= n_train:
+            builders["train" if stop <= n_train else "valid"].add_index(str(prefix))
+        else:  # the shard straddling the split point
+            for i in range(len(dataset)):
+                tokens = dataset[i]
+                builders["train" if start + i < n_train else "valid"].add_document(
+                    tokens, [len(tokens)]
+                )
+        offset = stop
+    for split in SPLITS:
+        builders[split].finalize(f"{prefixes[split]}.idx")
+
+
+def _split_stats(prefix: Path, events: dict[str, Counter]) -> dict:
+    """Counts read back from the written files, so the manifest describes what is there."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return {
+        "documents": len(dataset.document_indices) - 1,
+        "tokens": int(dataset.sequence_lengths.sum(dtype=np.int64)),
+        "skipped": {reason: events.get(reason, 0) for reason in SKIP_REASONS},
+        "utf8_replaced": events.get("utf8_replaced", 0),
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("e2d2")
+    except metadata.PackageNotFoundError:  # run from a source checkout without pip install
+        return "unknown (not installed)"
+
+
+def merge(output: Path, overwrite: bool = False, shards_dir: Path | None = None) -> dict:
+    """Merge ``output/shards`` (or ``shards_dir``) into ``output``; return the manifest."""
+    import megatron.core
+
+    output = Path(output)
+    shards_dir = Path(shards_dir) if shards_dir else output / SHARDS_DIR
+    check_output_free(output, overwrite)
+    shards = read_shards(shards_dir)
+    first = shards[0][1]
+    tokenizer = load_tokenizer(shards_dir / "tokenizer")
+    if tokenizer.identity != first["tokenizer"]:
+        raise UserError(f"{shards_dir}/tokenizer is not the tokenizer the shards were made with")
+    documents = sum(record["documents"] for _, record in shards)
+    n_valid = valid_count(first["split"], documents)
+    n_train = documents - n_valid
+
+    for name in OUTPUTS:  # invalidate the old result before writing the new one
+        remove(output / name)
+    staged = {split: temp_name(output / split) for split in SPLITS}
+    try:
+        _copy_documents(shards, n_train, staged, np.dtype(first["dtype"]).type)
+        for split in SPLITS:
+            for suffix in (".bin", ".idx"):  # .idx last: a lone .bin is visibly incomplete
+                os.replace(f"{staged[split]}{suffix}", output / f"{split}{suffix}")
+    finally:
+        for split in SPLITS:
+            for suffix in (".bin", ".idx"):
+                Path(f"{staged[split]}{suffix}").unlink(missing_ok=True)
+    with atomic_path(output / "tokenizer") as tmp:
+        tokenizer.save(tmp)
+
+    events = _split_of_events(shards, n_train)
+    manifest = {
+        "format": "e2d2-indexed/1",
+        "e2d2_version": _version(),
+        "megatron_core_version": megatron.core.__version__,
+        **{split: _split_stats(output / split, events[split]) for split in SPLITS},
+        "split": first["split"],
+        "dtype": first["dtype"],
+        "tokenizer": first["tokenizer"],
+        "sources": [source for _, record in shards for source in record["sources"]],
+        "commands": sorted({" ".join(record["command"]) for _, record in shards}),
+        "shards": len(shards),
+    }
+    with atomic_path(output / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
