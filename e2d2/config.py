@@ -6,17 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from e2d2.errors import ConfigError
+from e2d2.errors import require
 
 Variant = Literal["e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar"]
 VARIANTS: tuple[str, ...] = ("e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar")
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "exp", "log", "clipped_linear")
 LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "elbo")
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -48,33 +43,33 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _require(self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
+        require(self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "num_layers", "seq_length", "block_size"):
-            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        _require(0 <= self.mask_token_id < self.vocab_size,
+            require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        require(0 <= self.mask_token_id < self.vocab_size,
                  f"mask_token_id={self.mask_token_id} must be a vocabulary id in [0, {self.vocab_size})")
-        _require(self.num_attention_heads % self.num_query_groups == 0,
+        require(self.num_attention_heads % self.num_query_groups == 0,
                  f"num_attention_heads={self.num_attention_heads} is not divisible by "
                  f"num_query_groups={self.num_query_groups} (KV heads); pick a divisor")
-        _require(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+        require(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
                  f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                  f"{self.num_attention_heads}; set head_dim explicitly")
-        _require(self.kv_channels % 2 == 0, f"head_dim={self.kv_channels} must be even for RoPE")
-        _require(self.seq_length % self.block_size == 0,
+        require(self.kv_channels % 2 == 0, f"head_dim={self.kv_channels} must be even for RoPE")
+        require(self.seq_length % self.block_size == 0,
                  f"seq_length={self.seq_length} is not a multiple of block_size={self.block_size}")
         is_e2d2 = self.variant in ("e2d2", "e2d2_shared_kv")
         if is_e2d2:
-            _require(self.num_decoder_layers > 0, f"{self.variant} needs num_decoder_layers >= 1")
+            require(self.num_decoder_layers > 0, f"{self.variant} needs num_decoder_layers >= 1")
         else:
-            _require(self.num_decoder_layers == 0,
+            require(self.num_decoder_layers == 0,
                      f"variant {self.variant!r} has a single stack: set num_decoder_layers=0 "
                      f"(got {self.num_decoder_layers}) and put all layers in num_layers")
         if self.tie_decoder_to_encoder:
-            _require(self.variant == "e2d2_shared_kv",
+            require(self.variant == "e2d2_shared_kv",
                      "tie_decoder_to_encoder needs variant='e2d2_shared_kv'")
         if self.variant == "e2d2_shared_kv":
-            _require(self.num_decoder_layers <= self.num_layers,
+            require(self.num_decoder_layers <= self.num_layers,
                      f"shared-KV decoder layers attend to matched encoder layers: num_decoder_layers="
                      f"{self.num_decoder_layers} must be <= num_layers={self.num_layers}")
 
@@ -113,8 +108,8 @@ class DiffusionConfig:
     antithetic: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        _require(self.loss_weighting in LOSS_WEIGHTINGS,
+        require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        require(self.loss_weighting in LOSS_WEIGHTINGS,
                  f"unknown loss_weighting {self.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
         from e2d2.noise import get_schedule
 

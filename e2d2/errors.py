@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration value, raised at dataclass construction."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `ConfigError(message)` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)

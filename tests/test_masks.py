@@ -1,0 +1,121 @@
+"""Every mask equals a brute-force, per-element reading of the spec, and FlexAttention's
+mask_mod built from the same rule agrees with the dense tensor."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from e2d2 import masks
+
+
+def _brute(kind: str, L: int, S: int, ctx: list[bool], pad: list[bool]) -> torch.Tensor:
+    """Spec section 3 written as nested loops over (query, key)."""
+    two = kind in ("bd3lm",)
+    lq = 2 * L if two else L
+    lk = 2 * L if kind in ("bd3lm", "e2d2_decoder") else L
+    out = torch.zeros(lq, lk, dtype=torch.bool)
+    for qi in range(lq):
+        for ki in range(lk):
+            if kind == "e2d2_encoder":
+                q, k, q_clean, k_clean = qi, ki, True, True
+                ok = k // S <= q // S
+            elif kind == "e2d2_decoder":
+                q, q_clean = qi, False
+                k_clean, k = ki < L, ki % L
+                ok = (k // S < q // S) if k_clean else (k // S == q // S)
+            elif kind == "bd3lm":
+                q_clean, k_clean, q, k = qi < L, ki < L, qi % L, ki % L
+                if q_clean and k_clean:
+                    ok = k // S <= q // S
+                elif q_clean and not k_clean:
+                    ok = False
+                elif k_clean:
+                    ok = k // S < q // S
+                else:
+                    ok = k // S == q // S
+            elif kind == "mdlm":
+                q, k, q_clean, k_clean, ok = qi, ki, False, False, True
+            else:  # ar
+                q, k, q_clean, k_clean, ok = qi, ki, False, False, ki <= qi
+            if kind in ("e2d2_encoder", "bd3lm") and q_clean and k_clean and ctx[q] and ctx[k]:
+                ok = True
+            if not pad[k]:
+                ok = False
+            same_token = q == k and (q_clean == k_clean or kind == "e2d2_decoder" and not k_clean)
+            if not pad[q] and same_token:
+                ok = True
+            out[qi, ki] = ok
+    return out
+
+
+def _dense(kind: str, L: int, S: int, ctx: torch.Tensor | None, pad: torch.Tensor | None) -> torch.Tensor:
+    if kind == "mdlm":
+        return masks.mdlm(L, padding=pad)
+    if kind == "ar":
+        return masks.ar(L, padding=pad)
+    fn = {"e2d2_encoder": masks.e2d2_encoder, "e2d2_decoder": masks.e2d2_decoder, "bd3lm": masks.bd3lm}[kind]
+    return fn(L, S, context=ctx, padding=pad)
+
+
+KINDS = ["e2d2_encoder", "e2d2_decoder", "bd3lm", "mdlm", "ar"]
+CASES = [
+    # (L, S, n_context, n_pad)
+    (4, 1, 0, 0), (4, 4, 0, 0), (8, 2, 0, 0), (8, 4, 3, 0), (12, 3, 0, 2), (12, 4, 5, 3),
+    (16, 4, 4, 4), (16, 8, 9, 1), (10, 5, 2, 7), (6, 2, 6, 0),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("L,S,n_ctx,n_pad", CASES)
+def test_mask_matches_brute_force(kind, L, S, n_ctx, n_pad):
+    ctx = [i < n_ctx for i in range(L)]
+    pad = [i < L - n_pad for i in range(L)]
+    expected = _brute(kind, L, S, ctx, pad)
+    got = _dense(kind, L, S, torch.tensor([ctx]) if n_ctx else None, torch.tensor([pad]) if n_pad else None)
+    got = got[0] if got.dim() == 3 else got
+    assert got.dtype == torch.bool
+    assert torch.equal(got, expected), f"{kind} differs at {(got != expected).nonzero().tolist()[:5]}"
+
+
+def test_unbatched_shapes_follow_the_interface():
+    assert masks.e2d2_encoder(8, 4).shape == (8, 8)
+    assert masks.e2d2_decoder(8, 4).shape == (8, 16)
+    assert masks.bd3lm(8, 4).shape == (16, 16)
+
+
+def test_batched_context_and_padding_are_per_sequence():
+    ctx = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [0] * 8]).bool()
+    pad = torch.tensor([[1] * 8, [1] * 6 + [0] * 2]).bool()
+    m = masks.e2d2_encoder(8, 2, context=ctx, padding=pad)
+    for b in range(2):
+        expected = _brute("e2d2_encoder", 8, 2, ctx[b].tolist(), pad[b].tolist())
+        assert torch.equal(m[b], expected)
+
+
+def test_no_softmax_row_is_empty():
+    for kind, (L, S) in itertools.product(KINDS, [(8, 2), (12, 4)]):
+        pad = torch.tensor([[True] * (L - 3) + [False] * 3])
+        m = _dense(kind, L, S, None, pad)
+        assert m.any(-1).all(), kind
+
+
+@pytest.mark.parametrize("spec", [masks.E2D2_ENCODER, masks.E2D2_DECODER, masks.BD3LM, masks.MDLM, masks.AR])
+def test_flex_block_mask_equals_dense(spec):
+    """The FlexAttention BlockMask (built from the same mask_mod) marks exactly the dense mask."""
+    L, S = 256, 4  # FlexAttention tiles are 128 wide: use several tiles
+    pad = torch.ones(2, L, dtype=torch.bool)
+    pad[1, -37:] = False
+    ctx = torch.zeros(2, L, dtype=torch.bool)
+    ctx[0, :10] = True
+    block_mask = spec.block_mask(L, S, batch_size=2, context=ctx, padding=pad, device="cpu")
+    dense = spec.dense(L, S, ctx, pad)
+    assert torch.equal(block_mask.to_dense().bool().squeeze(1), _tiles(dense, 128).bool())
+
+
+def _tiles(dense: torch.Tensor, tile: int) -> torch.Tensor:
+    """Which ``tile x tile`` tiles of ``dense [B, Lq, Lk]`` contain any allowed entry."""
+    b, lq, lk = dense.shape
+    return dense.view(b, lq // tile, tile, lk // tile, tile).any(4).any(2)
