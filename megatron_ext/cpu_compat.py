@@ -195,11 +195,13 @@ def _patch_device_queries() -> None:
 
 
 def _filter_warnings() -> None:
-    """Patch 8: megatron warns at import of every optimizer/norm module that the CUDA-only
-    fused kernels (TE, Apex) are missing; on CPU that is always true and buries real
-    warnings."""
+    """Patch 8: warnings that are always true on CPU and bury real ones: the CUDA-only fused
+    kernels (TE, Apex) are missing, and CUDA_DEVICE_MAX_CONNECTIONS is unset."""
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="Apex is not installed")
+    # Advice about a CUDA scheduling variable, issued by every tensor-parallel linear.
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended "
+                            "to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS")
 
 
 def install() -> bool:

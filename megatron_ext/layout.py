@@ -139,6 +139,17 @@ class PipelinePlan:
                 f"tensor_parallel={tp} does not divide num_query_groups={model.num_query_groups} "
                 "(KV heads); every tensor-parallel rank needs whole KV heads"
             )
+        if model.vocab_size % tp:
+            raise ConfigError(
+                f"tensor_parallel={tp} does not divide vocab_size={model.vocab_size}; the "
+                "vocab-parallel embedding needs equal slices (pad the vocabulary)"
+            )
+        if par.virtual_pipeline is not None:
+            raise ConfigError("the interleaved schedule (virtual_pipeline) is not supported by "
+                              "the parallel model yet; leave virtual_pipeline unset")
+        if par.sequence_parallel:
+            raise ConfigError("sequence_parallel is not supported by the parallel model yet; "
+                              "set sequence_parallel=False")
         if model.is_e2d2 and pp > 1:
             if model.variant == "e2d2_shared_kv":
                 raise ConfigError(
@@ -162,15 +173,11 @@ class PipelinePlan:
                     "encoder_pipeline_stages only applies to E2D2 (e2d2 variant) with "
                     f"pipeline_parallel > 1; unset it for variant {model.variant!r}"
                 )
-            chunks = pp * (par.virtual_pipeline or 1)
-            if model.num_layers < chunks:
+            if model.num_layers < pp:
                 raise ConfigError(
-                    f"more pipeline stages than layers: {chunks} pipeline chunks for "
+                    f"more pipeline stages than layers: pipeline_parallel={pp} for "
                     f"num_layers={model.num_layers}"
                 )
-        if par.virtual_pipeline is not None and model.is_e2d2:
-            raise ConfigError("the interleaved (virtual_pipeline) schedule is supported for "
-                              "single-stack variants only; unset virtual_pipeline for E2D2")
 
     def stages(self) -> list[StageLayers]:
         model, pp = self.model, self.parallel.pipeline_parallel

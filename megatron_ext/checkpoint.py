@@ -1,0 +1,49 @@
+"""Sharded checkpoints with megatron-core's dist_checkpointing, keyed by reference names.
+
+Every tensor is saved under its reference-model name with its tensor-parallel slice as
+the shard, so a checkpoint written under one TP/PP layout loads under any other, and a
+TP1/PP1 load is the reference state dict. Replicas (data-parallel copies, norms repeated
+over TP ranks, word-embedding copies on several pipeline stages) get distinct
+``replica_id``s with exactly one main copy, which dist_checkpointing writes once.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedTensor
+
+from megatron_ext.mapping import param_maps
+
+
+def sharded_state_dict(stage: torch.nn.Module) -> dict[str, ShardedTensor]:
+    """This rank's parameters as ShardedTensors keyed by reference name."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    embedding_stages = stage.plan.embedding_stages()
+    out = {}
+    for m in param_maps(stage):
+        # Only the word embedding lives on several stages; the first holder is the main copy.
+        pp_copy = embedding_stages.index(stage.stage) if m.reference_name == "embed.weight" else 0
+        if m.tp_axis is None:
+            out[m.reference_name] = ShardedTensor.from_rank_offsets(
+                m.reference_name, m.param, replica_id=(pp_copy, tp_rank, dp_rank))
+        else:
+            out[m.reference_name] = ShardedTensor.from_rank_offsets(
+                m.reference_name, m.param, (m.tp_axis, tp_rank, tp),
+                replica_id=(pp_copy, 0, dp_rank))
+    return out
+
+
+def save(stage: torch.nn.Module, directory: str) -> None:
+    """Collective over all ranks: write this layout's shards to an empty ``directory``."""
+    dist_checkpointing.save(sharded_state_dict(stage), directory)
+
+
+def load(stage: torch.nn.Module, directory: str) -> None:
+    """Collective over all ranks: fill ``stage`` from a checkpoint of any layout."""
+    loaded = dist_checkpointing.load(sharded_state_dict(stage), directory)
+    with torch.no_grad():
+        for m in param_maps(stage):
+            m.param.copy_(loaded[m.reference_name])

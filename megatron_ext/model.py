@@ -1,0 +1,291 @@
+"""The parallel model: the reference model's layers and forward, built from megatron-core layers.
+
+Each pipeline stage holds one ``ParallelDiffusionLM`` with the layers ``PipelinePlan``
+gives it. The layer math is the reference's own (``e2d2.layers``): the parallel classes
+subclass the reference ones and only swap their linears for megatron-core's
+column/row-parallel linears with per-rank head counts, so both engines run one forward.
+
+Inter-stage tensor (what megatron's schedules send between stages), ``[T, batch, hidden]``:
+
+* E2D2: ``T = 2L``, ``[encoder stream ; decoder stream]``. Encoder stages update the first
+  half and pass the second through (zeros until the first decoder stage embeds ``xt``);
+  decoder stages read the first half (``h_enc``, already through the encoder norm) and
+  update only the second.
+* BD3-LM: ``T = 2L``, the ``[x0 ; xt]`` stack. MDLM, AR: ``T = L``.
+
+Inside a stage hidden states are ``[batch, T, hidden]`` like the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from e2d2 import masks
+from e2d2.attention import build_mask
+from e2d2.config import ModelConfig
+from e2d2.layers import MLP, Attention, TransformerLayer, rotary
+from megatron_ext.layout import ParallelConfig, PipelinePlan, StageLayers
+from megatron_ext.mapping import param_maps
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """megatron's TransformerConfig for the parallel linears, DDP and the schedules (fp32, CPU init)."""
+    fp8 = {} if parallel.fp8 is None else {"fp8": "hybrid", "fp8_recipe": parallel.fp8}
+    return TransformerConfig(
+        num_layers=model.num_layers + model.num_decoder_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        # finalize_model_grads sums q/k-norm gradients over TP ranks (each rank sees some heads).
+        qk_layernorm=model.qk_layernorm,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        pipeline_dtype=torch.float32,
+        # Weights come from full reference tensors (see megatron_ext.mapping); megatron's own
+        # per-shard init would depend on the layout.
+        perform_initialization=False,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **fp8,
+    )
+
+
+class _Column(ColumnParallelLinear):
+    """Column-parallel linear that returns only its output, like ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, config: TransformerConfig, **kwargs):
+        super().__init__(in_features, out_features, config=config, init_method=None, bias=False,
+                         gather_output=False, **kwargs)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, weight=weight)[0]
+
+
+class _Row(RowParallelLinear):
+    """Row-parallel linear (input split over TP ranks) that returns only its output."""
+
+    def __init__(self, in_features: int, out_features: int, config: TransformerConfig):
+        super().__init__(in_features, out_features, config=config, init_method=None, bias=False,
+                         input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class ParallelAttention(Attention):
+    """The reference attention with this rank's ``heads / TP`` query heads and ``groups / TP``
+    KV heads. Q/K norms are named ``q_layernorm``/``k_layernorm`` because that is how
+    megatron's ``finalize_model_grads`` finds the replicated weights whose gradients it
+    must sum over TP ranks."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig):
+        nn.Module.__init__(self)
+        tp, d = config.tensor_model_parallel_size, cfg.kv_channels
+        h, g = cfg.num_attention_heads, cfg.num_query_groups
+        self.heads, self.groups, self.head_dim = h // tp, g // tp, d
+        self.q_proj = _Column(cfg.hidden_size, h * d, config)
+        self.k_proj = _Column(cfg.hidden_size, g * d, config)
+        self.v_proj = _Column(cfg.hidden_size, g * d, config)
+        self.o_proj = _Row(h * d, cfg.hidden_size, config)
+        norm = (lambda: nn.RMSNorm(d, eps=cfg.norm_eps)) if cfg.qk_layernorm else nn.Identity
+        self.q_layernorm, self.k_layernorm = norm(), norm()
+
+    @property
+    def q_norm(self) -> nn.Module:
+        return self.q_layernorm
+
+    @property
+    def k_norm(self) -> nn.Module:
+        return self.k_layernorm
+
+
+class ParallelMLP(MLP):
+    """The reference SwiGLU with column-parallel gate/up and a row-parallel down projection."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig):
+        nn.Module.__init__(self)
+        self.gate_proj = _Column(cfg.hidden_size, cfg.ffn_hidden_size, config)
+        self.up_proj = _Column(cfg.hidden_size, cfg.ffn_hidden_size, config)
+        self.down_proj = _Row(cfg.ffn_hidden_size, cfg.hidden_size, config)
+
+
+class ParallelTransformerLayer(TransformerLayer):
+    """The reference layer (same ``forward`` and ``kv``) over tensor-parallel attention and MLP."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig):
+        nn.Module.__init__(self)
+        self.input_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = ParallelAttention(cfg, config)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = ParallelMLP(cfg, config)
+
+
+class ParallelDiffusionLM(MegatronModule):
+    """One pipeline stage of any variant. Parameter names follow the reference model's
+    (``megatron_ext.mapping`` adds the stage's layer offsets).
+
+    ``forward`` takes the micro-batch (``x0``, ``xt`` ``[batch, L]`` and optional
+    ``attention_mask``/``context_mask``); on the last stage it returns vocab-parallel logits
+    ``[batch, L, vocab / TP]`` of the predicted stream, elsewhere the inter-stage tensor.
+    """
+
+    def __init__(self, cfg: ModelConfig, plan: PipelinePlan, stage: int, config: TransformerConfig):
+        super().__init__(config)
+        self.cfg, self.plan, self.stage = cfg, plan, stage
+        # Both streams travel in one tensor, so to megatron's schedules this is a plain
+        # single-stack model (upstream's own encoder-decoder pipeline support was removed).
+        self.model_type = ModelType.encoder_or_decoder
+        layers: StageLayers = plan.stages()[stage]
+        self.layers_here = layers
+        self.pre_process = stage == 0  # megatron's name for "the stage that feeds the pipeline"
+        self.post_process = layers.holds_head
+        # finalize_model_grads all-reduces shared_embedding_or_output_weight() over the
+        # embedding group only when this is set: true whenever the embedding has copies on
+        # several stages (tied head, or an E2D2 decoder that starts on a later stage).
+        self.share_embeddings_and_output_weights = len(plan.embedding_stages()) > 1
+        self.input_tensor: torch.Tensor | None = None
+
+        if layers.holds_embedding or (layers.holds_head and cfg.tie_word_embeddings):
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
+                                                init_method=None, config=config)
+        self.layers = nn.ModuleList(ParallelTransformerLayer(cfg, config) for _ in layers.encoder)
+        self.ends_encoder = cfg.is_e2d2 and len(layers.encoder) > 0 and (
+            layers.encoder.stop == cfg.num_layers
+        )
+        if cfg.variant == "e2d2" and self.ends_encoder:
+            self.encoder_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        if cfg.is_e2d2 and not cfg.tie_decoder_to_encoder:
+            self.decoder_layers = nn.ModuleList(
+                ParallelTransformerLayer(cfg, config) for _ in layers.decoder
+            )
+        if layers.holds_head:
+            self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            self.lm_head = _Column(cfg.hidden_size, cfg.vocab_size, config,
+                                   skip_weight_param_allocation=cfg.tie_word_embeddings)
+
+    # -- hooks megatron's schedules and finalize_model_grads call -------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The word embedding copy this stage holds; its gradient is all-reduced over the
+        embedding group (``PipelinePlan.embedding_stages``)."""
+        return self.embed.weight if hasattr(self, "embed") else None
+
+    # -- forward ---------------------------------------------------------------------------
+    def stream_length(self) -> int:
+        """Length ``T`` of the inter-stage tensor (megatron's ``seq_length``)."""
+        L = self.cfg.seq_length
+        return 2 * L if self.cfg.variant in ("e2d2", "e2d2_shared_kv", "bd3lm") else L
+
+    def _mask(self, spec: masks.AttentionMask, batch: dict[str, torch.Tensor]):
+        x0 = batch["x0"]
+        return build_mask(spec, x0.shape[1], self.cfg.diffusion_block_size, x0.device,
+                          x0.shape[0], batch.get("context_mask"), batch.get("attention_mask"))
+
+    def _rope(self, positions: torch.Tensor):
+        return rotary(positions, self.cfg.kv_channels, self.cfg.rope_theta)
+
+    def _run(self, layers, h, rope, mask, prefixes=None):
+        own = []
+        for i, layer in enumerate(layers):
+            h, kv = layer(h, rope, mask, None if prefixes is None else prefixes[i])
+            own.append(kv)
+        return h, own
+
+    def _incoming(self) -> torch.Tensor:
+        """Previous stage's tensor ``[T, b, hidden]`` as ``[b, T, hidden]``."""
+        return self.input_tensor.transpose(0, 1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        x0 = batch["x0"]
+        L = x0.shape[1]
+        pos = torch.arange(L, device=x0.device)
+        if cfg.variant in ("ar", "mdlm"):
+            spec, tokens, rope = (masks.AR, x0, self._rope(pos)) if cfg.variant == "ar" else (
+                masks.MDLM, batch["xt"], self._rope(pos))
+            h = self.embed(tokens) if self.pre_process else self._incoming()
+            h, _ = self._run(self.layers, h, rope, self._mask(spec, batch))
+            return self._out(h)
+        if cfg.variant == "bd3lm":
+            h = self.embed(torch.cat((x0, batch["xt"]), 1)) if self.pre_process else self._incoming()
+            h, _ = self._run(self.layers, h, self._rope(torch.cat((pos, pos))),
+                             self._mask(masks.BD3LM, batch))
+            return self._out(h, predicted=slice(L, None))
+        return self._forward_e2d2(batch, self._rope(pos))
+
+    def _forward_e2d2(self, batch: dict[str, torch.Tensor], rope) -> torch.Tensor:
+        cfg, x0 = self.cfg, batch["x0"]
+        L = x0.shape[1]
+        if self.pre_process:
+            h_enc = self.embed(x0)
+            h_dec = torch.zeros_like(h_enc)  # placeholder until the first decoder stage
+        else:
+            h_enc, h_dec = self._incoming().split(L, dim=1)
+        h_enc, enc_kv = self._run(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
+        if cfg.variant == "e2d2" and self.ends_encoder:
+            h_enc = self.encoder_norm(h_enc)
+        decoder = self._decoder_layers()
+        if decoder:
+            if self.layers_here.decoder.start == 0:
+                h_dec = self.embed(batch["xt"])
+            if cfg.variant == "e2d2":
+                prefixes = [layer.kv(h_enc, rope) for layer in decoder]
+            else:  # shared-KV: PipelinePlan keeps the whole model on one stage
+                prefixes = [enc_kv[cfg.matched_encoder_layer(k)] for k in self.layers_here.decoder]
+            h_dec, _ = self._run(decoder, h_dec, rope, self._mask(masks.E2D2_DECODER, batch),
+                                 prefixes)
+        if self.post_process:
+            return self._logits(h_dec)
+        return torch.cat((h_enc, h_dec), 1).transpose(0, 1).contiguous()
+
+    def _decoder_layers(self) -> list[nn.Module]:
+        if self.cfg.tie_decoder_to_encoder:
+            return [self.layers[self.cfg.matched_encoder_layer(k)] for k in self.layers_here.decoder]
+        return list(self.decoder_layers) if self.cfg.is_e2d2 else []
+
+    def _out(self, h: torch.Tensor, predicted: slice = slice(None)) -> torch.Tensor:
+        if self.post_process:
+            return self._logits(h[:, predicted])
+        return h.transpose(0, 1).contiguous()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and (tied) LM head: ``[b, L, hidden] -> [b, L, vocab / TP]``."""
+        weight = self.embed.weight if self.cfg.tie_word_embeddings else None
+        return self.lm_head(self.norm(h), weight=weight)
+
+
+def build_stage(model: ModelConfig, parallel: ParallelConfig) -> ParallelDiffusionLM:
+    """This rank's stage (after ``megatron_layout``/``initialize_model_parallel``). Weights are
+    uninitialised: load them with ``megatron_ext.mapping.load_reference_state``."""
+    plan = PipelinePlan(model, parallel)
+    stage = ParallelDiffusionLM(model, plan, parallel_state.get_pipeline_model_parallel_rank(),
+                                transformer_config(model, parallel))
+    # megatron's parallel layers tag their weights as tensor-parallel only inside their own
+    # initialisation, which perform_initialization=False skips. Untagged, gradient clipping
+    # counts a split weight as a TP duplicate (norm from rank 0's shard only) and the
+    # optimizer treats it as replicated.
+    for m in param_maps(stage):
+        if m.tp_axis is not None:
+            set_tensor_model_parallel_attributes(m.param, is_parallel=True, dim=m.tp_axis, stride=1)
+    # Word-embedding copies after the first are megatron "shared" parameters: counted once in
+    # the gradient norm, exactly as megatron marks a tied output layer on the last stage.
+    if hasattr(stage, "embed") and stage.stage != plan.embedding_stages()[0]:
+        stage.embed.weight.shared = True
+    return stage

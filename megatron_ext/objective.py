@@ -1,0 +1,99 @@
+"""The forward step megatron-core's schedules call, and the loss on vocab-parallel logits.
+
+Noising happens before the schedule (``noised_batch``), identically on every stage of a
+pipeline, so each stage reads the fields it needs from the same micro-batch. The loss
+math is ``e2d2.diffusion``'s: only the per-token NLL is computed here, with megatron's
+vocab-parallel cross-entropy, because no rank holds the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from e2d2.diffusion import DiffusionObjective, NoisedBatch, loss_mask_of, per_sequence_loss
+
+Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/context masks
+
+
+def noised_batch(objective: DiffusionObjective, x0: torch.Tensor, attention_mask=None,
+                 context_mask=None, generator: torch.Generator | None = None) -> Batch:
+    """Noise ``x0 [batch, L]`` with the reference objective (training mode) into a schedule
+    micro-batch source. AR gets only ``x0`` and its loss mask."""
+    if objective.model_cfg.variant == "ar":
+        batch = {"x0": x0, "loss_mask": loss_mask_of(x0, attention_mask, context_mask)}
+    else:
+        nb = objective.noise(x0, attention_mask, context_mask, train=True, generator=generator)
+        batch = dataclasses.asdict(nb)
+    for name, value in (("attention_mask", attention_mask), ("context_mask", context_mask)):
+        if value is not None:
+            batch[name] = value
+    return batch
+
+
+def micro_batches(batch: Batch, micro_batch_size: int) -> list[Batch]:
+    """Split every ``[batch, ...]`` field into micro-batches of ``micro_batch_size`` rows."""
+    n = next(iter(batch.values())).shape[0]
+    if n % micro_batch_size:
+        raise ValueError(f"batch of {n} rows is not a multiple of micro_batch_size={micro_batch_size}")
+    return [{k: v[i : i + micro_batch_size] for k, v in batch.items()}
+            for i in range(0, n, micro_batch_size)]
+
+
+def vocab_parallel_token_nll(logits: torch.Tensor, target: torch.Tensor,
+                             exclude_token: int | None = None) -> torch.Tensor:
+    """``-log softmax(logits)[target]`` for logits split over TP ranks on the vocab dim.
+
+    logits ``[batch, L, vocab / TP]``, target ``[batch, L]`` -> ``[batch, L]`` float32.
+    ``exclude_token`` gets logit ``-inf`` first (SUBS: ``[MASK]`` is never predicted), on
+    the one rank whose vocab slice holds it, like ``e2d2.diffusion.token_nll``.
+    """
+    logits = logits.float()
+    if exclude_token is not None:
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        if start <= exclude_token < start + local:
+            index = torch.tensor([exclude_token - start], device=logits.device)
+            logits = logits.index_fill(-1, index, float("-inf"))
+    else:
+        logits = logits.clone()  # megatron's CE works in place on its input
+    return vocab_parallel_cross_entropy(logits, target)
+
+
+def diffusion_loss(batch: Batch, logits: torch.Tensor, *, mask_token_id: int,
+                   weighting: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Micro-batch mean of ``e2d2.diffusion.per_sequence_loss`` (the reference's reduction)."""
+    nll = vocab_parallel_token_nll(logits, batch["x0"], mask_token_id)
+    fields = {f.name: batch[f.name] for f in dataclasses.fields(NoisedBatch)}
+    loss = per_sequence_loss(nll, NoisedBatch(**fields), weighting).mean()
+    return loss, {"loss": loss.detach().clone()}
+
+
+def ar_loss(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token loss; the reduction is ``e2d2.diffusion.ar_nll``'s (mean over counted
+    targets per sequence, then over the batch)."""
+    x0, counted = batch["x0"], batch["loss_mask"][:, 1:].float()
+    nll = vocab_parallel_token_nll(logits[:, :-1], x0[:, 1:])
+    loss = ((nll * counted).sum(-1) / counted.sum(-1).clamp(min=1.0)).mean()
+    return loss, {"loss": loss.detach().clone()}
+
+
+def make_forward_step(objective: DiffusionObjective) -> Callable:
+    """``forward_step(data_iterator, model) -> (output, loss_func)`` for megatron's schedules."""
+    cfg = objective.model_cfg
+    if cfg.variant == "ar":
+        loss_of = ar_loss
+    else:
+        loss_of = partial(diffusion_loss, mask_token_id=cfg.mask_token_id,
+                          weighting=objective.cfg.loss_weighting)
+
+    def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        return model(batch), partial(loss_of, batch)
+
+    return forward_step
