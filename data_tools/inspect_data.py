@@ -33,7 +33,7 @@ def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
     top = int(np.ceil(np.log2(lengths.max() + 1)))
     edges = 2 ** np.arange(top + 1)
     counts, _ = np.histogram(lengths, bins=edges)
-    return [(int(lo), int(hi), int(n)) for lo, hi, n in zip(edges[:-1], edges[1:], counts) if n]
+    return [(int(lo), int(hi), int(n)) for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True) if n]
 
 
 def inspect_dataset(prefix: Path, tokenizer, sample_chars: int = 400) -> dict:

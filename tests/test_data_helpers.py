@@ -1,0 +1,45 @@
+"""Helpers (no tests) shared by the data pipeline tests: small real corpora and the real CLI."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+from data_tools.corpus import iter_documents
+from e2d2.cli import main
+
+
+def pydoc_texts(count: int = 30) -> list[str]:
+    """The first ``count`` topics of Python's own help text: small, real, varied text."""
+    return list(islice(iter_documents("pydoc"), count))
+
+
+def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
+    path.write_text("".join(json.dumps({key: t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def e2d2(*args: str) -> int:
+    """Run the real ``e2d2`` command line in-process; return its exit status."""
+    return main([str(a) for a in args])
+
+
+def read_documents(prefix: Path) -> list[list[int]]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def output_files(directory: Path) -> dict[str, bytes]:
+    """Every output byte of a preprocess run, keyed by path (manifest minus run details)."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            files[str(path.relative_to(directory))] = path.read_bytes()
+    manifest = json.loads(files.pop("manifest.json"))
+    for key in ("commands", "sources", "shards"):  # differ legitimately between runs
+        manifest.pop(key)
+    files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return files

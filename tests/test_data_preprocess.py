@@ -1,0 +1,278 @@
+"""`e2d2 data preprocess / merge / inspect` on real text, read back with megatron-core."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from test_data_helpers import e2d2, output_files, pydoc_texts, read_documents, write_jsonl
+
+from data_tools.tokenizer import load_tokenizer
+
+
+@pytest.fixture
+def data_corpus(tmp_path):
+    texts = pydoc_texts(30)
+    return texts, write_jsonl(tmp_path / "corpus.jsonl", texts)
+
+
+def _manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "bytes"])
+def test_round_trip_per_document(tmp_path, data_corpus, spec):
+    texts, corpus = data_corpus
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", spec,
+                "--output", out, "--valid-docs", 4) == 0
+    tok = load_tokenizer(out / "tokenizer")
+    docs = read_documents(out / "train") + read_documents(out / "valid")
+    assert all(doc[-1] == tok.eod and tok.eod not in doc[:-1] for doc in docs)
+    assert [tok.decode(doc[:-1]) for doc in docs] == texts
+    assert (out / "train.bin").stat().st_size == 2 * sum(map(len, docs[:-4]))  # uint16
+
+
+def test_manifest_counts_equal_the_files(tmp_path, data_corpus):
+    _, corpus = data_corpus
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
+                "--output", out, "--valid-docs", 5) == 0
+    manifest = _manifest(out)
+    for split in ("train", "valid"):
+        docs = read_documents(out / split)
+        assert manifest[split]["documents"] == len(docs)
+        assert manifest[split]["tokens"] == sum(map(len, docs))
+        assert sum(manifest[split]["skipped"].values()) == 0
+    assert manifest["dtype"] == "uint16"
+    assert manifest["tokenizer"]["sha256"] == load_tokenizer("bytes").sha256
+    [source] = manifest["sources"]
+    assert source["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert source["size"] == corpus.stat().st_size
+    assert "preprocess" in manifest["commands"][0]
+
+
+@pytest.mark.slow  # spawns worker processes
+def test_byte_identical_at_1_and_2_workers(tmp_path, data_corpus, monkeypatch):
+    _, corpus = data_corpus
+    monkeypatch.setattr("data_tools.shard.CHUNK_DOCS", 3)  # 10 chunks: both workers get work
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        # gpt2: the tokenizer whose encode_batch is multi-threaded, the likelier to reorder
+        assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "gpt2",
+                    "--output", out, "--workers", workers, "--valid-docs", 3) == 0
+        outs.append(output_files(out))
+    assert outs[0] == outs[1]
+
+
+def test_split_holds_out_the_last_documents(tmp_path, data_corpus):
+    texts, corpus = data_corpus
+    tok = load_tokenizer("bytes")
+    for flag, value, n_valid in (("--valid-docs", 7, 7), ("--valid-fraction", 0.1, 3)):
+        out = tmp_path / flag
+        assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
+                    "--output", out, flag, value) == 0
+        train, valid = (
+            [tok.decode(d[:-1]) for d in read_documents(out / s)] for s in ("train", "valid")
+        )
+        assert train == texts[:-n_valid] and valid == texts[-n_valid:]
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
+                "--output", tmp_path / "x", "--valid-docs", 30) == 2
+
+
+def test_inputs_txt_json_parquet_dir_and_glob(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = pydoc_texts(8)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text(texts[0])
+    (src / "b.json").write_text(json.dumps([{"body": t} for t in texts[1:3]]))
+    write_jsonl(src / "sub" / "c.jsonl", texts[3:5], key="body")
+    pq.write_table(pa.table({"body": texts[5:8]}), src / "sub" / "d.parquet")
+    tok = load_tokenizer("bytes")
+    for inputs in ([src], [str(src / "*.*"), str(src / "sub" / "*")]):
+        out = tmp_path / f"out{len(inputs)}"
+        assert e2d2("data", "preprocess", "--input", *inputs, "--tokenizer", "bytes",
+                    "--output", out, "--text-key", "body", "--valid-docs", 1) == 0
+        docs = read_documents(out / "train") + read_documents(out / "valid")
+        assert [tok.decode(d[:-1]) for d in docs] == texts  # sorted path order
+
+
+def test_datasets_directory_is_streamed(tmp_path):
+    import datasets
+
+    texts = pydoc_texts(6)
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", tmp_path / "ds", "--tokenizer", "bytes",
+                "--output", out, "--valid-docs", 1) == 0
+    assert _manifest(out)["train"]["documents"] == 5
+
+
+# ---- bad input: one clear error, or counted with --skip-bad-records ----
+
+
+def _bad_corpus(tmp_path, texts):
+    lines = [json.dumps({"text": texts[0]}), '{"text": "unterminated', json.dumps({"text": " \n"}),
+             json.dumps({"text": texts[1]})]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_malformed_json_names_file_and_line(tmp_path, capsys):
+    path = _bad_corpus(tmp_path, pydoc_texts(2))
+    assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes",
+                "--output", tmp_path / "out", "--valid-docs", 0) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}:2: malformed JSON" in err and "--skip-bad-records" in err
+    assert not list((tmp_path / "out").glob("*.idx"))
+
+
+def test_skip_bad_records_counts_them(tmp_path):
+    texts = pydoc_texts(2)
+    path = _bad_corpus(tmp_path, texts)
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes", "--output", out,
+                "--valid-docs", 1, "--skip-bad-records") == 0
+    manifest = _manifest(out)
+    # record order: doc0, bad json, empty, doc1; the skipped records lie after the last
+    # training document, among the held-out records, so they count for valid
+    assert manifest["train"]["documents"] == 1 and manifest["valid"]["documents"] == 1
+    assert manifest["valid"]["skipped"]["bad_json"] == 1
+    assert manifest["valid"]["skipped"]["empty"] == 1
+    assert sum(manifest["train"]["skipped"].values()) == 0
+    assert sum(manifest["valid"]["skipped"].values()) == 2
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path):
+    texts = pydoc_texts(3)
+    path = write_jsonl(tmp_path / "c.jsonl", [texts[0], "", texts[1], "  \n\t", texts[2]])
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes", "--output", out,
+                "--valid-docs", 1) == 0
+    manifest = _manifest(out)
+    # the second empty record follows the last training document: it counts for valid
+    assert manifest["train"]["documents"] == 2 and manifest["train"]["skipped"]["empty"] == 1
+    assert manifest["valid"]["documents"] == 1 and manifest["valid"]["skipped"]["empty"] == 1
+
+
+def test_missing_text_key_is_an_error(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", pydoc_texts(2), key="content")
+    assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes",
+                "--output", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{path}:1: no key 'text' (keys: content)" in err and "--text-key" in err
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "good"}\n{"text": "caf\xe9 \xff"}\n{"text": "lone \\ud800"}\n')
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes", "--output", out,
+                "--valid-docs", 1) == 0
+    manifest = _manifest(out)
+    assert manifest["train"]["utf8_replaced"] == 1 and manifest["valid"]["utf8_replaced"] == 1
+    tok = load_tokenizer("bytes")
+    assert [tok.decode(d[:-1]) for d in read_documents(out / "train")] == [
+        "good", "caf\ufffd \ufffd"
+    ]
+
+
+def test_vocabulary_too_large_for_dtype_is_an_error(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(70_000)} | {"<eos>": 70_000}
+    tok_dir = tmp_path / "big"
+    tok_dir.mkdir()
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["w1 w69999", "w2"])
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", tok_dir, "--valid-docs", 1]
+    assert e2d2(*args, "--output", tmp_path / "o1", "--dtype", "uint16") == 2
+    assert "--dtype uint16 holds ids below 65536, but the tokenizer has" in capsys.readouterr().err
+    assert e2d2(*args, "--output", tmp_path / "o2") == 0  # auto picks int32
+    assert _manifest(tmp_path / "o2")["dtype"] == "int32"
+
+
+def test_existing_output_needs_overwrite(tmp_path, data_corpus, capsys):
+    texts, corpus = data_corpus
+    out = tmp_path / "out"
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--output", out]
+    assert e2d2(*args, "--valid-docs", 2) == 0
+    before = output_files(out)
+    assert e2d2(*args, "--valid-docs", 5) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert output_files(out) == before
+    assert e2d2(*args, "--valid-docs", 5, "--overwrite") == 0
+    assert _manifest(out)["valid"]["documents"] == 5
+
+
+def test_interrupt_leaves_no_complete_looking_output(tmp_path, data_corpus, monkeypatch):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    _, corpus = data_corpus
+    calls = []
+    real = IndexedDatasetBuilder.add_document
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", interrupted)
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
+                "--output", out) == 130
+    leftovers = [p.name for p in out.rglob("*") if p.is_file()]
+    assert not [n for n in leftovers if n.endswith((".idx", ".bin", ".json"))], leftovers
+
+
+# ---- sharding and merge ----
+
+
+def test_manual_shards_merge_to_the_single_process_output(tmp_path, capsys):
+    texts = pydoc_texts(30)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        write_jsonl(src / f"part{i}.jsonl", texts[i * 10 : (i + 1) * 10])
+    common = ["data", "preprocess", "--input", src, "--tokenizer", "bytes", "--valid-docs", 12]
+    assert e2d2(*common, "--output", tmp_path / "single") == 0
+    sharded = tmp_path / "sharded"
+    assert e2d2(*common, "--output", sharded, "--num-shards", 2, "--shard-index", 1) == 0
+    assert e2d2("data", "merge", sharded) == 2
+    assert "shards [0] of 2 are missing" in capsys.readouterr().err
+    assert e2d2(*common, "--output", sharded, "--num-shards", 2, "--shard-index", 0) == 0
+    shard_docs = [json.loads(p.read_text())["documents"]
+                  for p in sorted((sharded / "shards").glob("*.json"))]
+    assert shard_docs[0] and shard_docs[1] and sum(shard_docs) == 30  # both shards did work
+    assert e2d2("data", "merge", sharded) == 0
+    single, merged = output_files(tmp_path / "single"), output_files(sharded)
+    assert {k: v for k, v in merged.items() if not k.startswith("shards/")} == single
+
+
+def test_inspect_reports_counts_histogram_and_sample(tmp_path, data_corpus, capsys):
+    texts, corpus = data_corpus
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "gpt2",
+                "--output", out, "--valid-docs", 4) == 0
+    capsys.readouterr()
+    assert e2d2("data", "inspect", out, "--json") == 0
+    train, valid = json.loads(capsys.readouterr().out)
+    lengths = [len(d) for d in read_documents(out / "train")]
+    assert train["documents"] == 26 and train["tokens"] == sum(lengths)
+    assert train["dtype"] == "uint16" and valid["documents"] == 4
+    assert sum(n for _, _, n in train["histogram"]) == 26
+    assert all(lo <= min(lengths) for lo, _, _ in train["histogram"][:1])
+    assert train["sample"] == texts[0][: len(train["sample"])] and len(train["sample"]) > 50
+    assert e2d2("data", "inspect", out / "valid") == 0
+    report = capsys.readouterr().out
+    assert "4 documents" in report and "first document:" in report
+    assert np.median([len(d) for d in read_documents(out / "valid")]) == valid["length_median"]
