@@ -1,0 +1,39 @@
+"""A real `mpirun -n 2` preprocess: one shard per rank, merged on rank 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_data_helpers import e2d2, output_files, pydoc_texts, write_jsonl
+
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install 'e2d2[mpi]')")
+def test_mpi_shards_merge_to_the_single_process_output(tmp_path):
+    texts = pydoc_texts(24)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        write_jsonl(src / f"part{i}.jsonl", texts[i * 6 : (i + 1) * 6])
+    args = ["data", "preprocess", "--input", src, "--tokenizer", "gpt2", "--valid-docs", 5]
+    assert e2d2(*args, "--output", tmp_path / "single") == 0
+
+    env = os.environ | {
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "e2d2.cli",
+               *map(str, args), "--output", str(tmp_path / "mpi")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard 1/2" in result.stderr and "shard 2/2" in result.stderr  # both ranks worked
+    assert output_files(tmp_path / "mpi") == output_files(tmp_path / "single")
+    assert not list((tmp_path / "mpi").glob(".shards-*"))  # staging removed
