@@ -9,6 +9,8 @@ over TP ranks, word-embedding copies on several pipeline stages) get distinct
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
@@ -37,7 +39,16 @@ def sharded_state_dict(stage: torch.nn.Module) -> dict[str, ShardedTensor]:
 
 
 def save(stage: torch.nn.Module, directory: str) -> None:
-    """Collective over all ranks: write this layout's shards to an empty ``directory``."""
+    """Collective over all ranks: write this layout's shards to an empty ``directory``.
+
+    Raises FileExistsError on a non-empty directory: dist_checkpointing would mix the new
+    shards with the old metadata.
+    """
+    path = Path(directory)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"checkpoint directory {directory} is not empty; use a new one")
+    torch.distributed.barrier()  # every rank has checked before any rank writes
+    path.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded_state_dict(stage), directory)
 
 

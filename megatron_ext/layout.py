@@ -150,6 +150,12 @@ class PipelinePlan:
         if par.sequence_parallel:
             raise ConfigError("sequence_parallel is not supported by the parallel model yet; "
                               "set sequence_parallel=False")
+        if par.fp8 is not None:
+            raise ConfigError(
+                f"fp8={par.fp8!r}: the parallel model is built from megatron-core's local layers, "
+                "which have no FP8 path (Transformer Engine layers are not wired in yet); set "
+                "fp8=None rather than train in higher precision than asked"
+            )
         if model.is_e2d2 and pp > 1:
             if model.variant == "e2d2_shared_kv":
                 raise ConfigError(

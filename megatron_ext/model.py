@@ -41,7 +41,6 @@ from megatron_ext.mapping import param_maps
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """megatron's TransformerConfig for the parallel linears, DDP and the schedules (fp32, CPU init)."""
-    fp8 = {} if parallel.fp8 is None else {"fp8": "hybrid", "fp8_recipe": parallel.fp8}
     return TransformerConfig(
         num_layers=model.num_layers + model.num_decoder_layers,
         hidden_size=model.hidden_size,
@@ -61,7 +60,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        **fp8,
     )
 
 

@@ -94,3 +94,25 @@ def test_data_parallel_is_derived():
                               encoder_pipeline_stages=1)
     assert parallel.data_parallel == 2
     assert parallel.name == "tp2-pp2-dp2-enc1"
+
+
+def test_fp8_with_transformer_engine_is_refused_by_the_local_layer_model(monkeypatch):
+    monkeypatch.setattr(layout, "transformer_engine_available", lambda: True)
+    parallel = ParallelConfig(world_size=1, fp8="delayed")
+    with pytest.raises(ConfigError, match="no FP8 path"):
+        PipelinePlan(E2D2, parallel)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(world_size=2, tensor_parallel=2, sequence_parallel=True), "sequence_parallel is not"),
+    (dict(world_size=4, pipeline_parallel=2, virtual_pipeline=2), "interleaved schedule"),
+])
+def test_unsupported_model_features(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PipelinePlan(BD3, ParallelConfig(**kwargs))
+
+
+def test_vocab_must_split_evenly():
+    with pytest.raises(ConfigError, match="does not divide vocab_size=259"):
+        PipelinePlan(BD3.replace(vocab_size=259, mask_token_id=258),
+                     ParallelConfig(world_size=2, tensor_parallel=2))

@@ -148,18 +148,32 @@ def compare(reference: dict, results: list[dict], atol: float) -> list[str]:
 
 
 
+CASES = {
+    "e2d2": model_config("e2d2"),
+    # Untied: the embedding still has two copies (stage 0 for x0, stage 1 for xt), the head none.
+    "e2d2_untied": model_config("e2d2", tie_word_embeddings=False),
+    "e2d2_shared_kv": model_config("e2d2_shared_kv"),
+    "e2d2_shared_kv_tied": model_config("e2d2_shared_kv", tie_decoder_to_encoder=True),
+    "bd3lm": model_config("bd3lm"),
+    "mdlm": model_config("mdlm"),
+    "ar": model_config("ar"),
+}
+
+
 def _world2(rank: int) -> dict:
     out = {}
-    for variant in ("e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar"):
-        cfg = model_config(variant)
+    for case, cfg in CASES.items():
         layouts = [ParallelConfig(2, tensor_parallel=2), ParallelConfig(2)]
-        if variant != "e2d2_shared_kv":  # one stage only (PipelinePlan says why)
+        if cfg.variant != "e2d2_shared_kv":  # one stage only (PipelinePlan says why)
             layouts.append(ParallelConfig(2, pipeline_parallel=2,
                                           encoder_pipeline_stages=1 if cfg.is_e2d2 else None))
-        out[variant] = {"reference": reference_run(cfg)}
+        out[case] = {"reference": reference_run(cfg)}
         for parallel in layouts:
-            out[variant][parallel.name] = parallel_run(cfg, parallel)
+            out[case][parallel.name] = parallel_run(cfg, parallel)
     return out
+
+
+SAVED_LAYOUT = "tp2-pp2-dp1-enc1"
 
 
 def _world4(rank: int, ckpt_dir: str) -> dict:
@@ -171,9 +185,11 @@ def _world4(rank: int, ckpt_dir: str) -> dict:
         else:
             layouts = [ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2,
                                       encoder_pipeline_stages=1 if cfg.is_e2d2 else None)]
+        if variant == "e2d2":  # middle stages: an encoder stage and a decoder stage in between
+            layouts.append(ParallelConfig(4, pipeline_parallel=4, encoder_pipeline_stages=2))
         out[variant] = {"reference": reference_run(cfg)}
         for parallel in layouts:
-            save_to = ckpt_dir if variant == "e2d2" else None
+            save_to = ckpt_dir if parallel.name == SAVED_LAYOUT and variant == "e2d2" else None
             out[variant][parallel.name] = parallel_run(cfg, parallel, save_to)
     cfg = model_config("e2d2")
     for parallel in (ParallelConfig(4), ParallelConfig(4, pipeline_parallel=2,
@@ -203,12 +219,11 @@ def world2() -> list[dict]:
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory) -> list[dict]:
     ckpt = tmp_path_factory.mktemp("ckpt") / "tp2pp2"
-    ckpt.mkdir()
     return spawn_gloo(_world4, 4, str(ckpt))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar"])
+@pytest.mark.parametrize("variant", list(CASES))
 def test_tp2_pp2_dp2_match_reference(world2, variant):
     _check(world2, variant)
 
@@ -221,7 +236,7 @@ def test_four_ranks_match_reference(world4, variant):
 
 @pytest.mark.slow
 def test_checkpoint_tp2pp2_loads_at_tp1_and_pp2(world4):
-    saved = world4[0]["e2d2"]["tp2-pp2-dp1-enc1"]["params"]
+    saved = world4[0]["e2d2"][SAVED_LAYOUT]["params"]
     initial = reference_state_at_seed(model_config("e2d2"), SEED)
     assert any(not torch.equal(saved[n], initial[n]) for n in saved), "nothing was trained"
     for layout in ("load-tp1-pp1-dp4", "load-tp1-pp2-dp2-enc1"):
