@@ -38,16 +38,24 @@ def objective_of(cfg: ModelConfig) -> DiffusionObjective:
 
 # Every step trains on the same batch and noise draw, so the loss must fall: a run that
 # matches a falling reference curve cannot be matching a broken no-op.
-def global_batch(cfg: ModelConfig) -> torch.Tensor:
+def global_batch(cfg: ModelConfig, prompt_and_padding: bool) -> dict[str, torch.Tensor]:
+    """``x0 [batch, L]``; optionally a one-block prompt on rows 0 and 2 and padding at the
+    end of row 1 (``context_mask``, ``attention_mask``)."""
     g = torch.Generator().manual_seed(1000)
-    return torch.randint(0, cfg.vocab_size - 1, (GLOBAL_BATCH, cfg.seq_length), generator=g)
+    batch = {"x0": torch.randint(0, cfg.vocab_size - 1, (GLOBAL_BATCH, cfg.seq_length), generator=g)}
+    if prompt_and_padding:
+        batch["attention_mask"] = torch.ones_like(batch["x0"])
+        batch["attention_mask"][1, -3:] = 0
+        batch["context_mask"] = torch.zeros_like(batch["x0"])
+        batch["context_mask"][[0, 2], : cfg.block_size] = 1
+    return batch
 
 
 def noise_generator() -> torch.Generator:
     return torch.Generator().manual_seed(2000)
 
 
-def reference_run(cfg: ModelConfig) -> dict:
+def reference_run(cfg: ModelConfig, prompt_and_padding: bool = False) -> dict:
     """Loss and gradients of step 0, then the losses of ``STEPS`` AdamW steps with clipping."""
     model = DiffusionLM(cfg)
     model.load_state_dict(reference_state_at_seed(cfg, SEED))
@@ -56,7 +64,8 @@ def reference_run(cfg: ModelConfig) -> dict:
     losses, grads = [], None
     for _ in range(STEPS):
         optimizer.zero_grad()
-        loss = objective.loss(model, global_batch(cfg), generator=noise_generator())
+        loss = objective.loss(model, **global_batch(cfg, prompt_and_padding),
+                              generator=noise_generator())
         loss.backward()
         if grads is None:
             # Parameters the loss does not reach (shared-KV: the top encoder layer's MLP) have
@@ -69,7 +78,8 @@ def reference_run(cfg: ModelConfig) -> dict:
     return {"losses": losses, "grads": grads}
 
 
-def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, save_to: str | None = None) -> dict:
+def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, prompt_and_padding: bool = False,
+                 save_to: str | None = None) -> dict:
     """The same as ``reference_run`` on this rank's share of ``parallel`` (inside the spawn);
     optionally saves the trained weights with dist_checkpointing."""
     from megatron.core import parallel_state
@@ -90,7 +100,8 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, save_to: str | None
         dp_rank, per_rank = parallel_state.get_data_parallel_rank(), GLOBAL_BATCH // parallel.data_parallel
 
         def step_batches():
-            batch = noised_batch(objective, global_batch(cfg), generator=noise_generator())
+            batch = noised_batch(objective, **global_batch(cfg, prompt_and_padding),
+                                 generator=noise_generator())
             mine = {k: v[dp_rank * per_rank:(dp_rank + 1) * per_rank] for k, v in batch.items()}
             return iter(micro_batches(mine, MICRO_BATCH))
 
@@ -148,28 +159,30 @@ def compare(reference: dict, results: list[dict], atol: float) -> list[str]:
 
 
 
-CASES = {
-    "e2d2": model_config("e2d2"),
+CASES = {  # name: (model config, with a prompt and padding)
+    "e2d2": (model_config("e2d2"), False),
+    "e2d2_prompt_pad": (model_config("e2d2"), True),
     # Untied: the embedding still has two copies (stage 0 for x0, stage 1 for xt), the head none.
-    "e2d2_untied": model_config("e2d2", tie_word_embeddings=False),
-    "e2d2_shared_kv": model_config("e2d2_shared_kv"),
-    "e2d2_shared_kv_tied": model_config("e2d2_shared_kv", tie_decoder_to_encoder=True),
-    "bd3lm": model_config("bd3lm"),
-    "mdlm": model_config("mdlm"),
-    "ar": model_config("ar"),
+    "e2d2_untied": (model_config("e2d2", tie_word_embeddings=False), False),
+    "e2d2_shared_kv": (model_config("e2d2_shared_kv"), False),
+    "e2d2_shared_kv_tied": (model_config("e2d2_shared_kv", tie_decoder_to_encoder=True), False),
+    "bd3lm": (model_config("bd3lm"), False),
+    "bd3lm_prompt_pad": (model_config("bd3lm"), True),
+    "mdlm": (model_config("mdlm"), False),
+    "ar": (model_config("ar"), True),
 }
 
 
 def _world2(rank: int) -> dict:
     out = {}
-    for case, cfg in CASES.items():
+    for case, (cfg, prompt_and_padding) in CASES.items():
         layouts = [ParallelConfig(2, tensor_parallel=2), ParallelConfig(2)]
         if cfg.variant != "e2d2_shared_kv":  # one stage only (PipelinePlan says why)
             layouts.append(ParallelConfig(2, pipeline_parallel=2,
                                           encoder_pipeline_stages=1 if cfg.is_e2d2 else None))
-        out[case] = {"reference": reference_run(cfg)}
+        out[case] = {"reference": reference_run(cfg, prompt_and_padding)}
         for parallel in layouts:
-            out[case][parallel.name] = parallel_run(cfg, parallel)
+            out[case][parallel.name] = parallel_run(cfg, parallel, prompt_and_padding)
     return out
 
 
@@ -190,7 +203,7 @@ def _world4(rank: int, ckpt_dir: str) -> dict:
         out[variant] = {"reference": reference_run(cfg)}
         for parallel in layouts:
             save_to = ckpt_dir if parallel.name == SAVED_LAYOUT and variant == "e2d2" else None
-            out[variant][parallel.name] = parallel_run(cfg, parallel, save_to)
+            out[variant][parallel.name] = parallel_run(cfg, parallel, save_to=save_to)
     cfg = model_config("e2d2")
     for parallel in (ParallelConfig(4), ParallelConfig(4, pipeline_parallel=2,
                                                        encoder_pipeline_stages=1)):
