@@ -1,0 +1,259 @@
+"""Analytic FLOPs of every variant, for MFU and the paper's efficiency claims (spec section 6).
+
+Conventions:
+
+* One multiply-add is 2 FLOPs. Only matmuls are counted (projections, MLP, LM head, and the
+  two attention matmuls ``QK^T`` and ``AV``); norms, RoPE, softmax and SwiGLU's elementwise
+  product are O(hidden) per token and left out, as profilers and MFU conventions do.
+* Attention is counted twice: *dense* (every query against every key the kernel is given,
+  what ``torch.utils.flop_counter`` and a dense-mask SDPA kernel do) and *masked* (only the
+  (query, key) pairs the mask allows, what a block-sparse kernel needs and what MFU uses).
+* Training backward = 2x forward (grad of inputs + grad of weights), so training = 3x forward,
+  except where autograd prunes work that does not reach the loss: the shared-KV encoder's top
+  layer feeds the decoder only through its K/V, so its Q, attention, O and MLP get no backward.
+* Per-token training counts divide by the ``L`` tokens of ``x0`` (BD3-LM's 2L stack still
+  trains L tokens).
+
+Sampling (spec section 5) is counted per generated token of one sequence, as
+`e2d2.sampling.sample` runs it: prompt prefill, then for every block ``steps_per_block``
+denoiser forwards (E2D2: the decoder only; BD3-LM: the whole stack; both with the block's
+``S`` queries against the cached clean keys and the block) and one clean pass that appends
+the block to the KV cache (E2D2: the encoder). MDLM has no block cache: each step runs the
+whole stack over prompt + completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from e2d2 import masks
+from e2d2.config import ModelConfig
+
+H100_BF16_DENSE_PEAK_FLOPS = 989e12  # NVIDIA H100 SXM, bf16 tensor cores, no sparsity
+
+
+@dataclass(frozen=True)
+class FlopsCount:
+    """A FLOPs count split by where it goes.
+
+    ``linear``: Q/K/V/O projections and the MLP. ``lm_head``: the vocabulary projection.
+    ``attention_dense``: ``QK^T`` and ``AV`` over every (query, key) pair the kernel is given.
+    ``attention_masked``: the same over the pairs the mask allows.
+    """
+
+    linear: float = 0.0
+    lm_head: float = 0.0
+    attention_dense: float = 0.0
+    attention_masked: float = 0.0
+
+    @property
+    def dense(self) -> float:
+        """Total with dense attention: what a profiler counts and a dense-mask kernel computes."""
+        return self.linear + self.lm_head + self.attention_dense
+
+    @property
+    def masked(self) -> float:
+        """Total with only the visible attention pairs: the useful work that MFU uses."""
+        return self.linear + self.lm_head + self.attention_masked
+
+    def __add__(self, other: FlopsCount) -> FlopsCount:
+        return FlopsCount(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __sub__(self, other: FlopsCount) -> FlopsCount:
+        return self + (-1.0) * other
+
+    def __mul__(self, k: float) -> FlopsCount:
+        return FlopsCount(*(getattr(self, f.name) * k for f in fields(self)))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k: float) -> FlopsCount:
+        return self * (1.0 / k)
+
+
+def mfu(
+    tokens_per_s: float, flops_per_token: float, peak_flops: float = H100_BF16_DENSE_PEAK_FLOPS
+) -> float:
+    """Model FLOPs utilization: achieved FLOP/s over the hardware peak (a fraction in [0, 1])."""
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+# ------------------------------------------------------------------ mask densities
+def visible_pairs(mask: masks.AttentionMask, seq_len: int, block_size: int) -> int:
+    """Number of ``True`` entries of ``mask.dense(seq_len, block_size)``, in closed form.
+
+    Closed form because the dense mask of a long sequence (BD3-LM: ``[2L, 2L]``) is too big to
+    materialize just to count it. ``n = L // S`` blocks of ``S`` tokens:
+    block-causal keeps ``S^2 n(n+1)/2`` pairs, offset block-causal ``S^2 n(n-1)/2``,
+    block-diagonal ``S^2 n``.
+    """
+    L, S = seq_len, block_size
+    n = L // S
+    block_causal = S * S * n * (n + 1) // 2
+    offset_block_causal = S * S * n * (n - 1) // 2
+    block_diagonal = S * S * n
+    pairs = {
+        masks.E2D2_ENCODER.name: block_causal,
+        masks.E2D2_DECODER.name: offset_block_causal + block_diagonal,
+        masks.BD3LM.name: block_causal + offset_block_causal + block_diagonal,
+        masks.MDLM.name: L * L,
+        masks.AR.name: L * (L + 1) // 2,
+    }
+    if mask.name not in pairs:
+        raise ValueError(f"no closed form for mask {mask.name!r}")
+    return pairs[mask.name]
+
+
+def mask_density(mask: masks.AttentionMask, seq_len: int, block_size: int) -> float:
+    """Fraction of the dense ``[Lq, Lk]`` mask that may attend (e.g. block-causal ~ 1/2)."""
+    lq, lk = mask.shape(seq_len)
+    return visible_pairs(mask, seq_len, block_size) / (lq * lk)
+
+
+# ------------------------------------------------------------------ building blocks
+def _linear_per_token(cfg: ModelConfig) -> float:
+    """One layer's projections and MLP for one token: ``2 * (weights touched)``."""
+    d = cfg.hidden_size
+    q, kv = cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
+    qkvo = d * q + 2 * d * kv + q * d
+    return 2.0 * (qkvo + 3 * d * cfg.ffn_hidden_size)  # SwiGLU: gate, up, down
+
+
+def _kv_per_token(cfg: ModelConfig) -> float:
+    """K and V projections alone for one token (E2D2 decoder layers projecting ``h_enc``)."""
+    return 2.0 * 2 * cfg.hidden_size * cfg.num_query_groups * cfg.kv_channels
+
+
+def _stack(cfg: ModelConfig, layers: int, queries: int, keys: int, visible: int) -> FlopsCount:
+    """``layers`` full layers over ``queries`` tokens, each attending ``keys`` keys densely, of
+    which ``visible`` (query, key) pairs in total are allowed by the mask.
+
+    Attention runs on every query head (GQA shares K/V, not the score matmuls): ``QK^T`` and
+    ``AV`` are ``2 * heads * head_dim`` FLOPs per pair each.
+    """
+    per_pair = 4.0 * cfg.num_attention_heads * cfg.kv_channels
+    return FlopsCount(
+        linear=layers * queries * _linear_per_token(cfg),
+        attention_dense=layers * queries * keys * per_pair,
+        attention_masked=layers * visible * per_pair,
+    )
+
+
+def _head(cfg: ModelConfig, tokens: int) -> FlopsCount:
+    return FlopsCount(lm_head=2.0 * tokens * cfg.hidden_size * cfg.vocab_size)
+
+
+def _kv_of_clean(cfg: ModelConfig, tokens: int) -> FlopsCount:
+    """E2D2 last-hidden: each decoder layer projects K/V of ``h_enc`` (shared-KV reuses the
+    encoder's)."""
+    n = cfg.num_decoder_layers if cfg.variant == "e2d2" else 0
+    return FlopsCount(linear=n * tokens * _kv_per_token(cfg))
+
+
+# ------------------------------------------------------------------ training
+def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
+    """One training forward (``DiffusionLM.forward``) of one sequence of ``seq_len`` tokens."""
+    L, S = seq_len or cfg.seq_length, cfg.block_size
+    N = cfg.num_layers
+    if cfg.variant in ("mdlm", "ar"):
+        mask = masks.MDLM if cfg.variant == "mdlm" else masks.AR
+        return _stack(cfg, N, L, L, visible_pairs(mask, L, S)) + _head(cfg, L)
+    if cfg.variant == "bd3lm":
+        # One stack over [x0 ; xt]; logits only for the noisy half.
+        return _stack(cfg, N, 2 * L, 2 * L, visible_pairs(masks.BD3LM, L, S)) + _head(cfg, L)
+    encoder = _stack(cfg, N, L, L, visible_pairs(masks.E2D2_ENCODER, L, S))
+    decoder = _stack(cfg, cfg.num_decoder_layers, L, 2 * L, visible_pairs(masks.E2D2_DECODER, L, S))
+    return encoder + _kv_of_clean(cfg, L) + decoder + _head(cfg, L)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
+    """Forward FLOPs per training token (per token of ``x0``)."""
+    L = seq_len or cfg.seq_length
+    return forward_flops_per_sequence(cfg, L) / L
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
+    """Forward + backward FLOPs per training token (backward = 2x the forward work it reaches)."""
+    L = seq_len or cfg.seq_length
+    forward = forward_flops_per_sequence(cfg, L)
+    return (3 * forward - 2 * _no_backward(cfg, L)) / L
+
+
+def _no_backward(cfg: ModelConfig, L: int) -> FlopsCount:
+    """Forward work of one sequence whose outputs never reach the loss, so autograd skips it.
+
+    Shared-KV: the decoder reads only the K/V of encoder layers up to the top matched one, so
+    that layer's Q, attention, O and MLP, and every encoder layer above it, are dead ends.
+    (BD3-LM's unused clean half of the last layer is a slice of a live tensor: not pruned.)
+    """
+    if cfg.variant != "e2d2_shared_kv":
+        return FlopsCount()
+    top = cfg.matched_encoder_layer(cfg.num_decoder_layers - 1)
+    dead_layers = cfg.num_layers - top  # the top matched layer counts whole, minus its K/V below
+    dead = _stack(cfg, dead_layers, L, L, visible_pairs(masks.E2D2_ENCODER, L, cfg.block_size))
+    return dead + FlopsCount(linear=-L * _kv_per_token(cfg))
+
+
+# ------------------------------------------------------------------ sampling
+def sampling_flops_per_token(
+    cfg: ModelConfig,
+    prompt_length: int,
+    new_tokens: int,
+    steps_per_block: float | Sequence[float],
+) -> FlopsCount:
+    """FLOPs per generated token of one sequence, as `e2d2.sampling.sample` spends them.
+
+    ``steps_per_block``: denoiser forwards (NFE) per block, one number for every block or the
+    sampler's ``nfe_per_block``. Follows the sampler's layout: the prompt's whole blocks are
+    prefilled once; its tail opens the first generated block; the last block is not encoded
+    (nothing follows it). MDLM is one block over prompt + completion, without cache.
+    """
+    if cfg.variant == "ar":
+        raise ValueError("AR is not a block-diffusion sampler; its cost is one forward per token")
+    if cfg.variant == "mdlm":
+        total = prompt_length + new_tokens
+        starts, S, prefill = [0], total, FlopsCount()
+    else:
+        S = cfg.block_size
+        n_ctx = prompt_length - prompt_length % S
+        starts = list(range(n_ctx, prompt_length + new_tokens, S))
+        prefill = _prefill(cfg, n_ctx)
+    per_block = isinstance(steps_per_block, Sequence)
+    steps = list(steps_per_block) if per_block else [steps_per_block] * len(starts)
+    if len(steps) != len(starts):
+        raise ValueError(f"steps_per_block has {len(steps)} entries for {len(starts)} blocks")
+    total_flops = prefill
+    for j, (start, t) in enumerate(zip(starts, steps, strict=True)):
+        total_flops += t * _denoise(cfg, start, S)
+        if j < len(starts) - 1:
+            total_flops += _commit(cfg, start, S)
+    return total_flops / new_tokens
+
+
+def _prefill(cfg: ModelConfig, P: int) -> FlopsCount:
+    """``model.encode(prompt)`` over ``P`` whole-block tokens: the clean stack, block-causal."""
+    if P == 0:
+        return FlopsCount()
+    visible = visible_pairs(masks.E2D2_ENCODER, P, cfg.block_size)
+    return _stack(cfg, cfg.num_layers, P, P, visible) + _kv_of_clean(cfg, P)
+
+
+def _denoise(cfg: ModelConfig, start: int, S: int) -> FlopsCount:
+    """One denoiser forward on the block ``[start, start + S)``.
+
+    Cached variants see every cached clean key and the block itself (no mask: dense ==
+    masked); E2D2 runs only its decoder. MDLM has no cache: a full bidirectional forward over
+    everything so far (``start == 0``, the block is prompt + completion).
+    """
+    keys = start + S
+    if cfg.variant == "mdlm":
+        return _stack(cfg, cfg.num_layers, keys, keys, keys * keys) + _head(cfg, keys)
+    layers = cfg.num_decoder_layers if cfg.is_e2d2 else cfg.num_layers
+    return _stack(cfg, layers, S, keys, S * keys) + _head(cfg, S)
+
+
+def _commit(cfg: ModelConfig, start: int, S: int) -> FlopsCount:
+    """``model.encode(block)``: the clean pass that appends a finished block to the cache."""
+    keys = start + S
+    return _stack(cfg, cfg.num_layers, S, keys, S * keys) + _kv_of_clean(cfg, S)
