@@ -18,8 +18,12 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron_ext.mapping import param_maps
 
 
-def sharded_state_dict(stage: torch.nn.Module) -> dict[str, ShardedTensor]:
-    """This rank's parameters as ShardedTensors keyed by reference name."""
+def sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, ShardedTensor]:
+    """This rank's parameters (all model chunks) as ShardedTensors keyed by reference name."""
+    return {key: tensor for stage in chunks for key, tensor in _stage_shards(stage).items()}
+
+
+def _stage_shards(stage: torch.nn.Module) -> dict[str, ShardedTensor]:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -38,7 +42,7 @@ def sharded_state_dict(stage: torch.nn.Module) -> dict[str, ShardedTensor]:
     return out
 
 
-def save(stage: torch.nn.Module, directory: str) -> None:
+def save(chunks: list[torch.nn.Module], directory: str) -> None:
     """Collective over all ranks: write this layout's shards to an empty ``directory``.
 
     Raises FileExistsError on a non-empty directory: dist_checkpointing would mix the new
@@ -49,12 +53,13 @@ def save(stage: torch.nn.Module, directory: str) -> None:
         raise FileExistsError(f"checkpoint directory {directory} is not empty; use a new one")
     torch.distributed.barrier()  # every rank has checked before any rank writes
     path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded_state_dict(stage), directory)
+    dist_checkpointing.save(sharded_state_dict(chunks), directory)
 
 
-def load(stage: torch.nn.Module, directory: str) -> None:
-    """Collective over all ranks: fill ``stage`` from a checkpoint of any layout."""
-    loaded = dist_checkpointing.load(sharded_state_dict(stage), directory)
+def load(chunks: list[torch.nn.Module], directory: str) -> None:
+    """Collective over all ranks: fill this rank's model chunks from a checkpoint of any layout."""
+    loaded = dist_checkpointing.load(sharded_state_dict(chunks), directory)
     with torch.no_grad():
-        for m in param_maps(stage):
-            m.param.copy_(loaded[m.reference_name])
+        for stage in chunks:
+            for m in param_maps(stage):
+                m.param.copy_(loaded[m.reference_name])

@@ -6,8 +6,9 @@ one ``ConfigError`` before any process group is created.
 Placement (``PipelinePlan``): for E2D2 with ``P > 1`` pipeline stages, stages
 ``0..k-1`` hold the encoder layers and stages ``k..P-1`` the decoder layers,
 ``k = encoder_pipeline_stages``. Single-stack variants spread their layers over
-all ``P`` stages. Layers are split as evenly as possible, earlier stages taking
-the remainder.
+all ``P x V`` virtual stages (``V = virtual_pipeline`` chunks per rank for megatron's
+interleaved schedule; virtual stage ``v`` lives on pipeline rank ``v % P`` as chunk
+``v // P``). Layers are split as evenly as possible, earlier stages taking the remainder.
 """
 
 from __future__ import annotations
@@ -144,9 +145,13 @@ class PipelinePlan:
                 f"tensor_parallel={tp} does not divide vocab_size={model.vocab_size}; the "
                 "vocab-parallel embedding needs equal slices (pad the vocabulary)"
             )
-        if par.virtual_pipeline is not None:
-            raise ConfigError("the interleaved schedule (virtual_pipeline) is not supported by "
-                              "the parallel model yet; leave virtual_pipeline unset")
+        if par.virtual_pipeline is not None and model.is_e2d2:
+            raise ConfigError(
+                "the interleaved schedule (virtual_pipeline) is supported for single-stack "
+                "variants only: E2D2 keeps a word-embedding copy on its first decoder stage, "
+                "and megatron's finalize_model_grads syncs embedding copies only in a rank's "
+                "first or last chunk; leave virtual_pipeline unset for E2D2"
+            )
         if par.sequence_parallel:
             raise ConfigError("sequence_parallel is not supported by the parallel model yet; "
                               "set sequence_parallel=False")
@@ -179,14 +184,20 @@ class PipelinePlan:
                     "encoder_pipeline_stages only applies to E2D2 (e2d2 variant) with "
                     f"pipeline_parallel > 1; unset it for variant {model.variant!r}"
                 )
-            if model.num_layers < pp:
+            if model.num_layers < self.num_stages:
                 raise ConfigError(
-                    f"more pipeline stages than layers: pipeline_parallel={pp} for "
-                    f"num_layers={model.num_layers}"
+                    f"more pipeline stages than layers: {self.num_stages} (virtual) pipeline "
+                    f"stages for num_layers={model.num_layers}"
                 )
 
+    @property
+    def num_stages(self) -> int:
+        """Virtual pipeline stages: ``pipeline_parallel x virtual_pipeline``."""
+        return self.parallel.pipeline_parallel * (self.parallel.virtual_pipeline or 1)
+
     def stages(self) -> list[StageLayers]:
-        model, pp = self.model, self.parallel.pipeline_parallel
+        """Layers of every (virtual) stage, in pipeline order."""
+        model, pp = self.model, self.num_stages
         if model.is_e2d2 and pp > 1:
             k = self.parallel.encoder_pipeline_stages
             enc = _split(model.num_layers, k) + [range(model.num_layers, model.num_layers)] * (pp - k)
@@ -214,9 +225,10 @@ class PipelinePlan:
         """
         stages = [s for s, layers in enumerate(self.stages()) if layers.holds_embedding]
         if self.model.tie_word_embeddings:
-            stages.append(self.parallel.pipeline_parallel - 1)
+            stages.append(self.num_stages - 1)
         return sorted(set(stages))
 
     def get_embedding_ranks(self, pp_ranks: list[int]) -> list[int]:
         """megatron ``initialize_model_parallel(get_embedding_ranks=...)`` callback."""
-        return [pp_ranks[s] for s in self.embedding_stages()]
+        holders = {s % self.parallel.pipeline_parallel for s in self.embedding_stages()}
+        return [pp_ranks[p] for p in sorted(holders)]

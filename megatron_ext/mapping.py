@@ -11,8 +11,8 @@ linears and the vocab-parallel embedding split dim 0, row-parallel linears dim 1
 are replicated. That is all the conversion needs, for any TP/PP layout:
 
 * ``load_reference_state(stage, ref_state)``: reference state dict -> this rank's shards;
-* ``gather_reference_state(stage)``: every rank's shards -> the full reference state dict
-  (also used for gradients, ``gather_reference_state(stage, grads=True)``).
+* ``gather_reference_state(chunks)``: every rank's shards -> the full reference state dict
+  (also used for gradients, ``gather_reference_state(chunks, grads=True)``).
 
 ``reference_state_at_seed`` is the layout-invariant initialisation: the reference model's
 own initialisation of full tensors, which each rank then shards.
@@ -113,15 +113,18 @@ def _gather_tp(tensor: torch.Tensor, axis: int | None) -> torch.Tensor:
     return torch.cat(parts, dim=axis)
 
 
-def gather_reference_state(stage: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
-    """The full reference state dict (or gradients: DDP's ``main_grad``), on every rank.
+def gather_reference_state(chunks: list[torch.nn.Module], grads: bool = False
+                           ) -> dict[str, torch.Tensor]:
+    """The full reference state dict (or gradients: DDP's ``main_grad``) from this rank's
+    model chunks (unwrapped stages), on every rank.
 
     Collective over the tensor- and pipeline-parallel groups of this rank.
     """
     local = {}
-    for m in param_maps(stage):
-        tensor = m.param.main_grad if grads else m.param
-        local[m.reference_name] = _gather_tp(tensor, m.tp_axis)
+    for stage in chunks:
+        for m in param_maps(stage):
+            tensor = m.param.main_grad if grads else m.param
+            local[m.reference_name] = _gather_tp(tensor, m.tp_axis)
     per_stage: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(per_stage, local,
                                         group=parallel_state.get_pipeline_model_parallel_group())

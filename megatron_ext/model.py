@@ -1,7 +1,7 @@
 """The parallel model: the reference model's layers and forward, built from megatron-core layers.
 
-Each pipeline stage holds one ``ParallelDiffusionLM`` with the layers ``PipelinePlan``
-gives it. The layer math is the reference's own (``e2d2.layers``): the parallel classes
+Each (virtual) pipeline stage is one ``ParallelDiffusionLM`` with the layers
+``PipelinePlan`` gives it; a rank holds one, or ``virtual_pipeline`` chunks. The layer math is the reference's own (``e2d2.layers``): the parallel classes
 subclass the reference ones and only swap their linears for megatron-core's
 column/row-parallel linears with per-rank head counts, so both engines run one forward.
 
@@ -52,6 +52,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         qk_layernorm=model.qk_layernorm,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        # gloo pairs messages between two ranks in posting order. In a batched exchange of the
+        # interleaved schedule a rank sends to its previous and its next stage, the same peer
+        # when PP=2, and the two tensors can swap; megatron's unbatched p2p path keeps the order.
+        batch_p2p_comm=_backend() != "gloo",
         pipeline_dtype=torch.float32,
         # Weights come from full reference tensors (see megatron_ext.mapping); megatron's own
         # per-shard init would depend on the layout.
@@ -61,6 +66,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
+
+
+def _backend() -> str | None:
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else None
 
 
 class _Column(ColumnParallelLinear):
@@ -151,6 +160,7 @@ class ParallelDiffusionLM(MegatronModule):
         layers: StageLayers = plan.stages()[stage]
         self.layers_here = layers
         self.pre_process = stage == 0  # megatron's name for "the stage that feeds the pipeline"
+        # (``stage`` is the virtual stage index: pipeline rank + chunk x pipeline_parallel)
         self.post_process = layers.holds_head
         # finalize_model_grads all-reduces shared_embedding_or_output_weight() over the
         # embedding group only when this is set: true whenever the embedding has copies on
@@ -269,12 +279,18 @@ class ParallelDiffusionLM(MegatronModule):
         return self.lm_head(self.norm(h), weight=weight)
 
 
-def build_stage(model: ModelConfig, parallel: ParallelConfig) -> ParallelDiffusionLM:
-    """This rank's stage (after ``megatron_layout``/``initialize_model_parallel``). Weights are
-    uninitialised: load them with ``megatron_ext.mapping.load_reference_state``."""
+def build_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[ParallelDiffusionLM]:
+    """This rank's model chunks, in schedule order (after ``megatron_layout`` /
+    ``initialize_model_parallel``): one stage, or ``virtual_pipeline`` interleaved stages.
+    Weights are uninitialised: load them with ``megatron_ext.mapping.load_reference_state``."""
     plan = PipelinePlan(model, parallel)
-    stage = ParallelDiffusionLM(model, plan, parallel_state.get_pipeline_model_parallel_rank(),
-                                transformer_config(model, parallel))
+    config = transformer_config(model, parallel)
+    rank, pp = parallel_state.get_pipeline_model_parallel_rank(), parallel.pipeline_parallel
+    return [_tagged(ParallelDiffusionLM(model, plan, chunk * pp + rank, config))
+            for chunk in range(parallel.virtual_pipeline or 1)]
+
+
+def _tagged(stage: ParallelDiffusionLM) -> ParallelDiffusionLM:
     # megatron's parallel layers tag their weights as tensor-parallel only inside their own
     # initialisation, which perform_initialization=False skips. Untagged, gradient clipping
     # counts a split weight as a TP duplicate (norm from rank 0's shard only) and the
@@ -284,6 +300,6 @@ def build_stage(model: ModelConfig, parallel: ParallelConfig) -> ParallelDiffusi
             set_tensor_model_parallel_attributes(m.param, is_parallel=True, dim=m.tp_axis, stride=1)
     # Word-embedding copies after the first are megatron "shared" parameters: counted once in
     # the gradient norm, exactly as megatron marks a tied output layer on the last stage.
-    if hasattr(stage, "embed") and stage.stage != plan.embedding_stages()[0]:
+    if hasattr(stage, "embed") and stage.stage != stage.plan.embedding_stages()[0]:
         stage.embed.weight.shared = True
     return stage

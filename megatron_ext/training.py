@@ -6,7 +6,8 @@ and a ``forward_step_func``) trains through ``train_step``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
@@ -52,28 +53,33 @@ def train_step(
     chunks: list[torch.nn.Module],
     optimizer: MegatronOptimizer | None,
     forward_step_func: Callable,
-    data_iterator: Iterator | list[Iterator],
+    micro_batches: Sequence[Any],
     *,
-    num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
 ) -> float | None:
-    """Forward and backward over ``num_microbatches`` and, with an optimizer, one update.
+    """Forward and backward over this data-parallel rank's ``micro_batches`` and, with an
+    optimizer, one update.
 
-    ``forward_step_func`` must make its loss function return ``(loss, {"loss": detached})``
-    where ``loss`` is the micro-batch mean. Returns the mean loss over micro-batches and
-    data-parallel ranks on the last pipeline stage, ``None`` elsewhere. Without an
-    optimizer the gradients stay in ``param.main_grad`` for inspection.
+    ``forward_step_func(data_iterator, model)`` draws one micro-batch per call; with
+    interleaved chunks every chunk gets its own iterator over the same micro-batches, as
+    megatron's interleaved schedule expects. Its loss function must return
+    ``(loss, {"loss": detached})`` with ``loss`` the micro-batch mean.
+    ``seq_length`` is the length of the inter-stage tensor ``[seq_length, micro_batch_size,
+    hidden]``. Returns the mean loss over micro-batches and data-parallel ranks on the last
+    pipeline stage, ``None`` elsewhere. Without an optimizer the gradients stay in
+    ``param.main_grad`` for inspection.
     """
     for chunk in chunks:
         chunk.zero_grad_buffer()
     if optimizer is not None:
         optimizer.zero_grad()
+    iterators = [iter(micro_batches) for _ in chunks]
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func,
-        data_iterator=data_iterator,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
-        num_microbatches=num_microbatches,
+        num_microbatches=len(micro_batches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=False,

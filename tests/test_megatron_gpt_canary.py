@@ -111,8 +111,7 @@ def _parallel_run(parallel: ParallelConfig, ckpt_dir: str) -> list[float | None]
                 chunks,
                 optimizer,
                 _forward_step,
-                iter(mine.split(MICRO_BATCH)),
-                num_microbatches=per_rank // MICRO_BATCH,
+                mine.split(MICRO_BATCH),
                 seq_length=SEQ,
                 micro_batch_size=MICRO_BATCH,
             )

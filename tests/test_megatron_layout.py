@@ -103,13 +103,24 @@ def test_fp8_with_transformer_engine_is_refused_by_the_local_layer_model(monkeyp
         PipelinePlan(E2D2, parallel)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(world_size=2, tensor_parallel=2, sequence_parallel=True), "sequence_parallel is not"),
-    (dict(world_size=4, pipeline_parallel=2, virtual_pipeline=2), "interleaved schedule"),
+@pytest.mark.parametrize("model, kwargs, message", [
+    (BD3, dict(world_size=2, tensor_parallel=2, sequence_parallel=True), "sequence_parallel is not"),
+    (E2D2, dict(world_size=4, pipeline_parallel=2, virtual_pipeline=2, encoder_pipeline_stages=1),
+     "single-stack variants only"),
+    (BD3, dict(world_size=2, pipeline_parallel=2, virtual_pipeline=2),
+     "4 \\(virtual\\) pipeline stages for num_layers=3"),
 ])
-def test_unsupported_model_features(kwargs, message):
+def test_unsupported_model_features(model, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        PipelinePlan(BD3, ParallelConfig(**kwargs))
+        PipelinePlan(model, ParallelConfig(**kwargs))
+
+
+def test_interleaved_placement():
+    plan = PipelinePlan(BD3.replace(num_layers=5),
+                        ParallelConfig(world_size=2, pipeline_parallel=2, virtual_pipeline=2))
+    assert [list(s.encoder) for s in plan.stages()] == [[0, 1], [2], [3], [4]]
+    assert plan.embedding_stages() == [0, 3]
+    assert plan.get_embedding_ranks([5, 6]) == [5, 6]
 
 
 def test_vocab_must_split_evenly():

@@ -86,15 +86,16 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, prompt_and_padding:
 
     from megatron_ext import checkpoint
     from megatron_ext.mapping import gather_reference_state, load_reference_state
-    from megatron_ext.model import build_stage
+    from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step, micro_batches, noised_batch
     from megatron_ext.training import build_optimizer, train_step, wrap_ddp
 
     plan = PipelinePlan(cfg, parallel)
     with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
-        stage = build_stage(cfg, parallel)
-        load_reference_state(stage, reference_state_at_seed(cfg, SEED))
-        chunks = wrap_ddp([stage], stage.config, parallel)
+        stages = build_chunks(cfg, parallel)
+        for stage in stages:
+            load_reference_state(stage, reference_state_at_seed(cfg, SEED))
+        chunks = wrap_ddp(stages, stages[0].config, parallel)
         objective = objective_of(cfg)
         forward_step = make_forward_step(objective)
         dp_rank, per_rank = parallel_state.get_data_parallel_rank(), GLOBAL_BATCH // parallel.data_parallel
@@ -103,34 +104,33 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, prompt_and_padding:
             batch = noised_batch(objective, **global_batch(cfg, prompt_and_padding),
                                  generator=noise_generator())
             mine = {k: v[dp_rank * per_rank:(dp_rank + 1) * per_rank] for k, v in batch.items()}
-            return iter(micro_batches(mine, MICRO_BATCH))
+            return micro_batches(mine, MICRO_BATCH)
 
-        kwargs = dict(num_microbatches=per_rank // MICRO_BATCH, seq_length=stage.stream_length(),
-                      micro_batch_size=MICRO_BATCH)
+        kwargs = dict(seq_length=stages[0].stream_length(), micro_batch_size=MICRO_BATCH)
         first_loss = train_step(chunks, None, forward_step, step_batches(), **kwargs)
         # The distributed optimizer reduce-scatters: each rank's main_grad is only right on
         # its own slice, so its gradients are checked through the step losses instead.
-        grads = None if parallel.use_distributed_optimizer else gather_reference_state(stage, grads=True)
+        grads = None if parallel.use_distributed_optimizer else gather_reference_state(stages, grads=True)
         optimizer = build_optimizer(chunks, parallel, lr=LR, weight_decay=0.0, clip_grad=CLIP)
         losses = [train_step(chunks, optimizer, forward_step, step_batches(), **kwargs)
                   for _ in range(STEPS)]
         if save_to is not None:
-            checkpoint.save(stage, save_to)
+            checkpoint.save(stages, save_to)
         return {"first_loss": first_loss, "losses": losses, "grads": grads,
-                "params": gather_reference_state(stage)}
+                "params": gather_reference_state(stages)}
 
 
 def loaded_params(cfg: ModelConfig, parallel: ParallelConfig, directory: str) -> dict:
     """Full reference-named weights after loading ``directory`` under ``parallel``."""
     from megatron_ext import checkpoint
     from megatron_ext.mapping import gather_reference_state
-    from megatron_ext.model import build_stage
+    from megatron_ext.model import build_chunks
 
     plan = PipelinePlan(cfg, parallel)
     with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
-        stage = build_stage(cfg, parallel)
-        checkpoint.load(stage, directory)
-        return gather_reference_state(stage)
+        stages = build_chunks(cfg, parallel)
+        checkpoint.load(stages, directory)
+        return gather_reference_state(stages)
 
 
 def _grad_mismatches(reference: dict, grads: dict | None, atol: float) -> list[str]:
@@ -169,6 +169,8 @@ CASES = {  # name: (model config, with a prompt and padding)
     "bd3lm": (model_config("bd3lm"), False),
     "bd3lm_prompt_pad": (model_config("bd3lm"), True),
     "mdlm": (model_config("mdlm"), False),
+    # Four layers so that PP2 x two interleaved chunks gives every virtual stage one layer.
+    "bd3lm_4layers": (model_config("bd3lm", num_layers=4), False),
     "ar": (model_config("ar"), True),
 }
 
@@ -180,6 +182,8 @@ def _world2(rank: int) -> dict:
         if cfg.variant != "e2d2_shared_kv":  # one stage only (PipelinePlan says why)
             layouts.append(ParallelConfig(2, pipeline_parallel=2,
                                           encoder_pipeline_stages=1 if cfg.is_e2d2 else None))
+        if cfg.num_layers == 4:  # megatron's interleaved 1F1B schedule
+            layouts.append(ParallelConfig(2, pipeline_parallel=2, virtual_pipeline=2))
         out[case] = {"reference": reference_run(cfg, prompt_and_padding)}
         for parallel in layouts:
             out[case][parallel.name] = parallel_run(cfg, parallel, prompt_and_padding)
