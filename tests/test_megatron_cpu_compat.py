@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_ext import cpu_compat
+from megatron_ext.testing import spawn_gloo
 
 
 def _source(module_name: str) -> str:
@@ -67,56 +68,73 @@ def test_device_queries_still_used_as_device_arguments():
     assert ".cuda()" in _source("megatron.core.dist_checkpointing.exchange_utils")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the patches are a no-op with CUDA")
-class TestInstalled:
-    @pytest.fixture(autouse=True)
-    def _install(self):
-        assert cpu_compat.install() is True
-        assert cpu_compat.install() is True  # idempotent
+# The patches are process-wide, so their behaviour is checked in a spawned rank (the harness
+# installs them there) rather than in the pytest process, whose other tests must not see them.
 
-    def test_cuda_factories_build_on_cpu_only_inside_megatron(self):
-        from megatron.core.optimizer import clip_grads
 
-        assert clip_grads.torch.zeros(2, device="cuda").device.type == "cpu"
-        with pytest.raises((AssertionError, RuntimeError)):
-            torch.zeros(2, device="cuda")  # the process-wide torch is untouched
+def _cuda_factories_build_on_cpu_only_inside_megatron():
+    from megatron.core.optimizer import clip_grads
 
-    def test_type_name_is_cuda_only_for_the_optimizer(self):
-        from megatron.core.optimizer import optimizer
+    assert clip_grads.torch.zeros(2, device="cuda").device.type == "cpu"
+    try:
+        torch.zeros(2, device="cuda")
+    except (AssertionError, RuntimeError):
+        pass  # the process-wide torch is untouched
+    else:
+        raise AssertionError("torch.zeros(device='cuda') was redirected process-wide")
 
-        t = torch.zeros(1)
-        assert t.type() == "torch.FloatTensor"
-        namespace = {"__name__": optimizer.__name__}
-        assert eval("t.type()", namespace, {"t": t}) == "torch.cuda.FloatTensor"
 
-    def test_cuda_rng_seeds_the_cpu_generator(self):
-        torch.cuda.manual_seed(3)
-        a = torch.rand(4)
-        torch.cuda.random.manual_seed(3)
-        b = torch.rand(4)
-        torch.testing.assert_close(a, b)
-        state = torch.cuda.get_rng_state()
-        c = torch.rand(4)
-        torch.cuda.set_rng_state(state)
-        torch.testing.assert_close(torch.rand(4), c)
+def _type_name_is_cuda_only_for_the_optimizer():
+    from megatron.core.optimizer import optimizer
 
-    def test_megatron_rng_tracker_forks_seeded_states(self):
-        from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+    t = torch.zeros(1)
+    assert t.type() == "torch.FloatTensor"
+    assert eval("t.type()", {"__name__": optimizer.__name__}, {"t": t}) == "torch.cuda.FloatTensor"
 
-        draws = []
-        for _ in range(2):
-            tracker = CudaRNGStatesTracker()
-            tracker.add("x", 11)
-            torch.manual_seed(0)
-            with tracker.fork("x"):
-                draws.append(torch.rand(3))
-        torch.testing.assert_close(draws[0], draws[1])
+
+def _cuda_rng_seeds_the_cpu_generator():
+    torch.cuda.manual_seed(3)
+    a = torch.rand(4)
+    torch.cuda.random.manual_seed(3)
+    assert torch.equal(torch.rand(4), a)
+    state = torch.cuda.get_rng_state()
+    c = torch.rand(4)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(4), c)
+
+
+def _megatron_rng_tracker_forks_seeded_states():
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    draws = []
+    for _ in range(2):
+        tracker = CudaRNGStatesTracker()
+        tracker.add("x", 11)
         torch.manual_seed(0)
-        assert not torch.equal(torch.rand(3), draws[0])
+        with tracker.fork("x"):
+            draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1])
+    torch.manual_seed(0)
+    assert not torch.equal(torch.rand(3), draws[0])
 
-    def test_device_queries(self):
-        assert torch.zeros(1, device=torch.cuda.current_device()).device.type == "cpu"
-        torch.cuda.synchronize()
-        assert torch.ones(1).cuda().device.type == "cpu"
-        module = torch.nn.Linear(2, 2)
-        assert module.cuda() is module
+
+def _device_queries():
+    assert torch.zeros(1, device=torch.cuda.current_device()).device.type == "cpu"
+    torch.cuda.synchronize()
+    assert torch.ones(1).cuda().device.type == "cpu"
+    module = torch.nn.Linear(2, 2)
+    assert module.cuda() is module
+
+
+def _installed_checks(rank: int) -> None:
+    assert cpu_compat.is_installed() and cpu_compat.install()  # installed once, idempotent
+    for check in (_cuda_factories_build_on_cpu_only_inside_megatron,
+                  _type_name_is_cuda_only_for_the_optimizer, _cuda_rng_seeds_the_cpu_generator,
+                  _megatron_rng_tracker_forks_seeded_states, _device_queries):
+        check()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the patches are a no-op with CUDA")
+def test_installed_patches_behave():
+    spawn_gloo(_installed_checks, 1)
