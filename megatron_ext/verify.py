@@ -1,0 +1,217 @@
+"""Check a parallel layout against the single-process reference model, on CPU.
+
+    python -m megatron_ext.verify --variant e2d2 --world 4 --tp 2 --pp 2 --encoder-stages 1
+
+runs the reference model (``e2d2.model.DiffusionLM``) and the parallel model under the
+layout on the same weights and the same noised batch, and compares the loss, every
+parameter's gradient, and the losses of a few AdamW steps with gradient clipping. This is
+what ``tests/test_parallel_equivalence.py`` asserts, usable on a laptop before a layout
+spends cluster hours. Exit status 1 on a mismatch, 2 on an invalid layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from e2d2.config import DiffusionConfig, ModelConfig
+from e2d2.diffusion import DiffusionObjective
+from e2d2.errors import ConfigError
+from e2d2.model import DiffusionLM
+from megatron_ext.layout import ParallelConfig, PipelinePlan
+from megatron_ext.mapping import reference_state_at_seed
+from megatron_ext.testing import megatron_layout, spawn_gloo
+
+
+@dataclass(frozen=True)
+class Run:
+    """What both engines train on. Every step reuses one batch and one noise draw, so the
+    reference loss falls: a run that matches a falling curve cannot be matching a no-op."""
+
+    seed: int = 0
+    global_batch: int = 4
+    micro_batch: int = 1
+    steps: int = 3
+    lr: float = 1e-2
+    clip: float = 1.0
+    prompt_and_padding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.global_batch % self.micro_batch or min(self.global_batch, self.micro_batch) < 1:
+            raise ConfigError(f"global_batch={self.global_batch} must be a positive multiple of "
+                              f"micro_batch={self.micro_batch}")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+
+
+def tiny_model_config(variant: str, **overrides) -> ModelConfig:
+    """A model small enough for many layouts per minute on 2 CPU cores."""
+    base = dict(variant=variant, vocab_size=64, mask_token_id=63, hidden_size=32,
+                ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, num_layers=2,
+                num_decoder_layers=2 if variant.startswith("e2d2") else 0, seq_length=16,
+                block_size=4)
+    return ModelConfig(**(base | overrides))
+
+
+def _objective(cfg: ModelConfig) -> DiffusionObjective:
+    return DiffusionObjective(cfg, DiffusionConfig())
+
+
+def _global_batch(cfg: ModelConfig, run: Run) -> dict[str, torch.Tensor]:
+    """``x0 [batch, L]``; with ``prompt_and_padding`` a one-block prompt on even rows and
+    three padding positions at the end of row 1."""
+    g = torch.Generator().manual_seed(1000 + run.seed)
+    batch = {"x0": torch.randint(0, cfg.vocab_size - 1, (run.global_batch, cfg.seq_length),
+                                 generator=g)}
+    if run.prompt_and_padding:
+        batch["attention_mask"] = torch.ones_like(batch["x0"])
+        batch["attention_mask"][1 % run.global_batch, -3:] = 0
+        batch["context_mask"] = torch.zeros_like(batch["x0"])
+        batch["context_mask"][::2, : cfg.block_size] = 1
+    return batch
+
+
+def _noise_generator(run: Run) -> torch.Generator:
+    return torch.Generator().manual_seed(2000 + run.seed)
+
+
+def reference_run(cfg: ModelConfig, run: Run) -> dict:
+    """Single process: step-0 gradients, then the loss of every AdamW step."""
+    model = DiffusionLM(cfg)
+    model.load_state_dict(reference_state_at_seed(cfg, run.seed))
+    objective = _objective(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
+    losses, grads = [], None
+    for _ in range(run.steps):
+        optimizer.zero_grad()
+        loss = objective.loss(model, **_global_batch(cfg, run), generator=_noise_generator(run))
+        loss.backward()
+        if grads is None:
+            # Parameters the loss does not reach (shared-KV: the top encoder layer's MLP) have
+            # no .grad here and a zero main_grad in megatron's DDP.
+            grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                     for n, p in model.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.clip)
+        optimizer.step()
+        losses.append(loss.item())
+    return {"losses": losses, "grads": grads}
+
+
+def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
+                 save_to: str | None = None) -> dict:
+    """``reference_run`` on this rank's share of ``parallel`` (call on every rank of a live
+    gloo/NCCL world). Returns step-0 loss (last stage, else None) and gradients, the step
+    losses, and the final weights; optionally saves them with dist_checkpointing."""
+    from megatron.core import parallel_state
+
+    from megatron_ext import checkpoint
+    from megatron_ext.mapping import gather_reference_state, load_reference_state
+    from megatron_ext.model import build_chunks
+    from megatron_ext.objective import make_forward_step, micro_batches, noised_batch
+    from megatron_ext.training import build_optimizer, train_step, wrap_ddp
+
+    plan = PipelinePlan(cfg, parallel)
+    with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
+        stages = build_chunks(cfg, parallel)
+        for stage in stages:
+            load_reference_state(stage, reference_state_at_seed(cfg, run.seed))
+        chunks = wrap_ddp(stages, stages[0].config, parallel)
+        objective = _objective(cfg)
+        forward_step = make_forward_step(objective)
+        per_rank = run.global_batch // parallel.data_parallel
+        rows = slice(parallel_state.get_data_parallel_rank() * per_rank,
+                     (parallel_state.get_data_parallel_rank() + 1) * per_rank)
+        batch = noised_batch(objective, **_global_batch(cfg, run), generator=_noise_generator(run))
+        mine = micro_batches({k: v[rows] for k, v in batch.items()}, run.micro_batch)
+        kwargs = dict(seq_length=stages[0].stream_length(), micro_batch_size=run.micro_batch)
+
+        first_loss = train_step(chunks, None, forward_step, mine, **kwargs)
+        # The distributed optimizer reduce-scatters: each rank's main_grad is only right on
+        # its own slice, so its gradients are checked through the step losses instead.
+        grads = (None if parallel.use_distributed_optimizer
+                 else gather_reference_state(stages, grads=True))
+        optimizer = build_optimizer(chunks, parallel, lr=run.lr, weight_decay=0.0,
+                                    clip_grad=run.clip)
+        losses = [train_step(chunks, optimizer, forward_step, mine, **kwargs)
+                  for _ in range(run.steps)]
+        if save_to is not None:
+            checkpoint.save(stages, save_to)
+        return {"first_loss": first_loss, "losses": losses, "grads": grads,
+                "params": gather_reference_state(stages)}
+
+
+def _grad_mismatches(reference: dict, grads: dict | None, atol: float) -> list[str]:
+    if grads is None:
+        return []
+    if grads.keys() != reference.keys():
+        return [f"parameter names differ: {sorted(grads.keys() ^ reference.keys())}"]
+    errors = {name: (grads[name] - ref).abs().max().item() for name, ref in reference.items()}
+    return [f"grad {name} off by {err:.2e}" for name, err in errors.items() if err > atol]
+
+
+def compare(reference: dict, results: list[dict], atol: float, steps_atol: float) -> list[str]:
+    """Mismatches (empty = equal) between the reference and every rank's parallel result:
+    gradients and step-0 loss within ``atol``, the step losses within ``steps_atol`` (Adam's
+    first updates are ~lr x sign(grad), so rounding-level gradient differences grow)."""
+    problems = []
+    for rank, res in enumerate(results):
+        problems += [f"rank {rank}: {p}" for p in _grad_mismatches(reference["grads"],
+                                                                  res["grads"], atol)]
+        if res["first_loss"] is None:
+            continue  # not a last pipeline stage
+        if abs(res["first_loss"] - reference["losses"][0]) > atol:
+            problems.append(f"rank {rank}: loss {res['first_loss']} != {reference['losses'][0]}")
+        diff = (torch.tensor(res["losses"]) - torch.tensor(reference["losses"])).abs().max().item()
+        if diff > steps_atol:
+            problems.append(f"rank {rank}: step losses {res['losses']} != {reference['losses']}")
+    return problems
+
+
+def _verify_body(rank: int, cfg: ModelConfig, parallel: ParallelConfig, run: Run) -> dict:
+    return {"reference": reference_run(cfg, run) if rank == 0 else None,
+            "parallel": parallel_run(cfg, parallel, run)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_ext.verify", description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="e2d2")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--encoder-stages", type=int, default=None)
+    p.add_argument("--virtual-pipeline", type=int, default=None)
+    p.add_argument("--distributed-optimizer", action="store_true")
+    p.add_argument("--layers", type=int, default=None, help="main-stack (encoder) layers")
+    p.add_argument("--decoder-layers", type=int, default=None)
+    p.add_argument("--prompt-and-padding", action="store_true")
+    p.add_argument("--atol", type=float, default=1e-5)
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in (("num_layers", args.layers),
+                                   ("num_decoder_layers", args.decoder_layers)) if v is not None}
+    try:
+        cfg = tiny_model_config(args.variant, **overrides)
+        parallel = ParallelConfig(args.world, args.tp, args.pp, args.encoder_stages,
+                                  args.virtual_pipeline,
+                                  use_distributed_optimizer=args.distributed_optimizer)
+        run = Run(global_batch=4 * parallel.data_parallel,
+                  prompt_and_padding=args.prompt_and_padding)
+        PipelinePlan(cfg, parallel)  # fail here, before any process starts
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    per_rank = spawn_gloo(_verify_body, parallel.world_size, cfg, parallel, run)
+    reference = per_rank[0]["reference"]
+    problems = compare(reference, [r["parallel"] for r in per_rank], args.atol, args.atol)
+    last = next(r["parallel"]["losses"] for r in per_rank if r["parallel"]["first_loss"] is not None)
+    print(f"{cfg.variant} {parallel.name}: reference losses {reference['losses']}, parallel {last}")
+    for problem in problems:
+        print(problem)
+    print("MATCH" if not problems else f"MISMATCH ({len(problems)} problems)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
