@@ -1,0 +1,118 @@
+"""Shared pieces of the CPU benchmarks: a quiet allocator, model configs, interleaved timing.
+
+Timing on a small shared CPU is noisy. Three things make the ratios trustworthy:
+
+* glibc's allocator returns large buffers to the OS (munmap) and maps them again at every
+  step; that churn alone moved one step between 268 and 455 ms. Raising the mmap and trim
+  thresholds to 16 GiB keeps freed memory in the heap (about +/-3%). glibc reads them once at
+  start-up, so `quiet_malloc` re-executes the script with them set.
+* Warm-up steps, then the median of many.
+* Variants are timed *interleaved* (one step of each per round), so load from other
+  processes shifts every variant alike instead of biasing whichever ran during it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from e2d2.config import ModelConfig
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+
+
+def _malloc_is_quiet() -> bool:
+    return all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+
+
+def quiet_malloc() -> None:
+    """Re-execute this process with glibc's mmap/trim thresholds at 16 GiB, unless already set."""
+    if _malloc_is_quiet():
+        return
+    # orig_argv keeps "-m benchmarks.x", so the re-executed process imports the same way.
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **MALLOC_ENV})
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Model size flags shared by the benchmarks (defaults: matmul-dominated, < 1 s per step)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--hidden", type=int, default=256)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=2)
+    g.add_argument("--vocab", type=int, default=4096)
+    g.add_argument("--layers", type=int, default=6, help="BD3-LM / MDLM depth = E2D2 encoder + decoder")
+    g.add_argument("--dec-layers", type=int, default=2, help="E2D2 decoder depth")
+    g.add_argument("--block", type=int, default=4)
+    g.add_argument("--threads", type=int, default=2)
+
+
+def model_config(args: argparse.Namespace, variant: str, layers: int, seq_length: int) -> ModelConfig:
+    """``layers`` is the total depth; E2D2 splits it into ``layers - dec_layers`` + ``dec_layers``."""
+    dec = args.dec_layers if variant.startswith("e2d2") else 0
+    return ModelConfig(
+        variant=variant, vocab_size=args.vocab, mask_token_id=args.vocab - 1,
+        hidden_size=args.hidden, ffn_hidden_size=3 * args.hidden,  # Qwen3's MLP ratio
+        num_attention_heads=args.heads, num_query_groups=args.kv_heads,
+        num_layers=layers - dec, num_decoder_layers=dec,
+        seq_length=seq_length, block_size=args.block,
+    )
+
+
+def setup(args: argparse.Namespace) -> None:
+    quiet_malloc()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Run each callable ``warmup`` times, then ``repeats`` rounds of one call each.
+
+    Returns ``{name: (median seconds, spread)}``, spread = (p90 - p10) / median over the rounds.
+    """
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        deciles = statistics.quantiles(ts, n=10) if len(ts) > 1 else [med] * 9
+        out[name] = (med, (deciles[-1] - deciles[0]) / med)
+    return out
+
+
+def environment_line(args: argparse.Namespace) -> str:
+    """What the numbers were measured on: torch, threads, allocator setting, machine load."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    malloc = "16 GiB" if _malloc_is_quiet() else "default"
+    line = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+            f"malloc thresholds {malloc}, load average {load}")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        # Oversubscribed cores preempt OpenMP workers mid-op; every multi-threaded op then waits.
+        line += ("\nWARNING: the machine is busier than its cores; times are inflated and noisy "
+                 "(with several threads, badly: try --threads 1)")
+    return line
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned text table (also valid Markdown)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), rule, *map(line, rows)])
