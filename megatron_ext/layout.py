@@ -3,12 +3,19 @@
 Everything here is plain arithmetic on configs, so every invalid layout fails with
 one ``ConfigError`` before any process group is created.
 
-Placement (``PipelinePlan``): for E2D2 with ``P > 1`` pipeline stages, stages
-``0..k-1`` hold the encoder layers and stages ``k..P-1`` the decoder layers,
-``k = encoder_pipeline_stages``. Single-stack variants spread their layers over
-all ``P x V`` virtual stages (``V = virtual_pipeline`` chunks per rank for megatron's
-interleaved schedule; virtual stage ``v`` lives on pipeline rank ``v % P`` as chunk
-``v // P``). Layers are split as evenly as possible, earlier stages taking the remainder.
+Placement (``PipelinePlan``) over ``N = P x V`` (virtual) stages (``V = virtual_pipeline``
+chunks per rank for megatron's interleaved schedule, else 1; virtual stage ``v`` is chunk
+``v // P`` of pipeline rank ``v % P``): for E2D2 stages ``0..k-1`` hold the encoder layers
+and stages ``k..N-1`` the decoder layers, ``k = encoder_pipeline_stages``; single-stack
+variants spread their layers over all stages. Layers are split as evenly as possible,
+earlier stages taking the remainder.
+
+Where E2D2 embeds the noisy stream ``xt``: without interleaving, on the first decoder
+stage, so the word embedding has copies on stage 0, stage ``k`` and (tied head) the last
+stage, kept in sync by megatron over a custom embedding group. With interleaving, megatron's
+``finalize_model_grads`` only looks for embedding copies in a rank's first or last chunk, so
+stage 0 embeds ``xt`` too and the encoder stages carry it untouched in the decoder half of
+the inter-stage tensor; the copies are then megatron's usual first and last stage.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ def transformer_engine_available() -> bool:
 class ParallelConfig:
     """How ``world_size`` ranks are split: ``world = TP x PP x DP`` (DP derived).
 
-    ``encoder_pipeline_stages`` (k) only applies to E2D2 with ``pipeline_parallel > 1``;
+    ``encoder_pipeline_stages`` (k) only applies to E2D2 with ``pipeline_parallel > 1`` and
+    counts virtual stages (``1..P x V - 1``);
     ``fp8`` names a megatron-core FP8 recipe and needs Transformer Engine.
     """
 
@@ -55,20 +63,21 @@ class ParallelConfig:
                 f"pipeline_parallel = {self.tensor_parallel} x {self.pipeline_parallel}; "
                 "use a world size that is a multiple of their product"
             )
-        if self.encoder_pipeline_stages is not None and not (
-            1 <= self.encoder_pipeline_stages <= self.pipeline_parallel - 1
-        ):
-            raise ConfigError(
-                f"encoder_pipeline_stages={self.encoder_pipeline_stages} must be in "
-                f"1..{self.pipeline_parallel - 1} (pipeline_parallel={self.pipeline_parallel}): "
-                "the encoder and the decoder each need at least one stage"
-            )
         if self.virtual_pipeline is not None and (
             self.virtual_pipeline < 2 or self.pipeline_parallel < 2
         ):
             raise ConfigError(
                 f"virtual_pipeline={self.virtual_pipeline} needs pipeline_parallel > 1 and at "
                 "least 2 chunks per stage; leave it unset otherwise"
+            )
+        stages = self.pipeline_parallel * (self.virtual_pipeline or 1)
+        if self.encoder_pipeline_stages is not None and not (
+            1 <= self.encoder_pipeline_stages <= stages - 1
+        ):
+            raise ConfigError(
+                f"encoder_pipeline_stages={self.encoder_pipeline_stages} must be in "
+                f"1..{stages - 1} ({stages} pipeline stages): "
+                "the encoder and the decoder each need at least one stage"
             )
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
@@ -108,6 +117,7 @@ class StageLayers:
     decoder: range
     holds_embedding: bool  # input embedding of either stream (first stage, first decoder stage)
     holds_head: bool  # final norm(s) and LM head (last stage)
+    embeds_noisy: bool  # E2D2: this stage embeds xt (see the module docstring)
 
 
 def _split(num_layers: int, num_stages: int) -> list[range]:
@@ -145,13 +155,6 @@ class PipelinePlan:
                 f"tensor_parallel={tp} does not divide vocab_size={model.vocab_size}; the "
                 "vocab-parallel embedding needs equal slices (pad the vocabulary)"
             )
-        if par.virtual_pipeline is not None and model.is_e2d2:
-            raise ConfigError(
-                "the interleaved schedule (virtual_pipeline) is supported for single-stack "
-                "variants only: E2D2 keeps a word-embedding copy on its first decoder stage, "
-                "and megatron's finalize_model_grads syncs embedding copies only in a rank's "
-                "first or last chunk; leave virtual_pipeline unset for E2D2"
-            )
         if par.sequence_parallel:
             raise ConfigError("sequence_parallel is not supported by the parallel model yet; "
                               "set sequence_parallel=False")
@@ -161,6 +164,7 @@ class PipelinePlan:
                 "which have no FP8 path (Transformer Engine layers are not wired in yet); set "
                 "fp8=None rather than train in higher precision than asked"
             )
+        n = self.num_stages
         if model.is_e2d2 and pp > 1:
             if model.variant == "e2d2_shared_kv":
                 raise ConfigError(
@@ -169,13 +173,13 @@ class PipelinePlan:
                 )
             if par.encoder_pipeline_stages is None:
                 raise ConfigError(
-                    f"E2D2 with pipeline_parallel={pp} needs encoder_pipeline_stages in 1..{pp - 1}"
+                    f"E2D2 with {n} pipeline stages needs encoder_pipeline_stages in 1..{n - 1}"
                 )
             k = par.encoder_pipeline_stages
-            if model.num_layers < k or model.num_decoder_layers < pp - k:
+            if model.num_layers < k or model.num_decoder_layers < n - k:
                 raise ConfigError(
                     f"more pipeline stages than layers: {k} encoder stages for num_layers="
-                    f"{model.num_layers} and {pp - k} decoder stages for num_decoder_layers="
+                    f"{model.num_layers} and {n - k} decoder stages for num_decoder_layers="
                     f"{model.num_decoder_layers}; every stage needs at least one layer"
                 )
         else:
@@ -184,9 +188,9 @@ class PipelinePlan:
                     "encoder_pipeline_stages only applies to E2D2 (e2d2 variant) with "
                     f"pipeline_parallel > 1; unset it for variant {model.variant!r}"
                 )
-            if model.num_layers < self.num_stages:
+            if model.num_layers < n:
                 raise ConfigError(
-                    f"more pipeline stages than layers: {self.num_stages} (virtual) pipeline "
+                    f"more pipeline stages than layers: {n} (virtual) pipeline "
                     f"stages for num_layers={model.num_layers}"
                 )
 
@@ -202,18 +206,19 @@ class PipelinePlan:
             k = self.parallel.encoder_pipeline_stages
             enc = _split(model.num_layers, k) + [range(model.num_layers, model.num_layers)] * (pp - k)
             dec = [range(0, 0)] * k + _split(model.num_decoder_layers, pp - k)
-            first_decoder = k
+            noisy_embedder = 0 if self.parallel.virtual_pipeline else k
         else:
             enc = _split(model.num_layers, pp)
             full_dec = range(model.num_decoder_layers)
             dec = [full_dec if stage == pp - 1 else range(0, 0) for stage in range(pp)]
-            first_decoder = 0  # single-stack, or E2D2 on one stage
+            noisy_embedder = 0  # single-stack, or E2D2 on one stage
         return [
             StageLayers(
                 encoder=enc[s],
                 decoder=dec[s],
-                holds_embedding=s in (0, first_decoder),
+                holds_embedding=s in (0, noisy_embedder),
                 holds_head=s == pp - 1,
+                embeds_noisy=model.is_e2d2 and s == noisy_embedder,
             )
             for s in range(pp)
         ]

@@ -8,7 +8,8 @@ column/row-parallel linears with per-rank head counts, so both engines run one f
 Inter-stage tensor (what megatron's schedules send between stages), ``[T, batch, hidden]``:
 
 * E2D2: ``T = 2L``, ``[encoder stream ; decoder stream]``. Encoder stages update the first
-  half and pass the second through (zeros until the first decoder stage embeds ``xt``);
+  half and pass the second through (zeros until the first decoder stage embeds ``xt``, or,
+  with the interleaved schedule, ``embed(xt)`` from stage 0: see ``megatron_ext.layout``);
   decoder stages read the first half (``h_enc``, already through the encoder norm) and
   update only the second.
 * BD3-LM: ``T = 2L``, the ``[x0 ; xt]`` stack. MDLM, AR: ``T = L``.
@@ -241,9 +242,10 @@ class ParallelDiffusionLM(MegatronModule):
     def _forward_e2d2(self, batch: dict[str, torch.Tensor], rope) -> torch.Tensor:
         cfg, x0 = self.cfg, batch["x0"]
         L = x0.shape[1]
+        here = self.layers_here
         if self.pre_process:
             h_enc = self.embed(x0)
-            h_dec = torch.zeros_like(h_enc)  # placeholder until the first decoder stage
+            h_dec = self.embed(batch["xt"]) if here.embeds_noisy else torch.zeros_like(h_enc)
         else:
             h_enc, h_dec = self._incoming().split(L, dim=1)
         h_enc, enc_kv = self._run(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
@@ -251,7 +253,7 @@ class ParallelDiffusionLM(MegatronModule):
             h_enc = self.encoder_norm(h_enc)
         decoder = self._decoder_layers()
         if decoder:
-            if self.layers_here.decoder.start == 0:
+            if here.embeds_noisy and not self.pre_process:
                 h_dec = self.embed(batch["xt"])
             if cfg.variant == "e2d2":
                 prefixes = [layer.kv(h_enc, rope) for layer in decoder]

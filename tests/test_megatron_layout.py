@@ -77,6 +77,7 @@ def test_e2d2_placement_encoder_then_decoder():
     assert [list(s.decoder) for s in stages] == [[], [], [0], [1]]
     assert [s.holds_embedding for s in stages] == [True, False, True, False]
     assert [s.holds_head for s in stages] == [False, False, False, True]
+    assert [s.embeds_noisy for s in stages] == [False, False, True, False]
     assert plan.embedding_stages() == [0, 2, 3]  # tied head on the last stage
     assert plan.get_embedding_ranks([10, 11, 12, 13]) == [10, 12, 13]
     untied = PipelinePlan(E2D2.replace(tie_word_embeddings=False), plan.parallel)
@@ -106,7 +107,7 @@ def test_fp8_with_transformer_engine_is_refused_by_the_local_layer_model(monkeyp
 @pytest.mark.parametrize("model, kwargs, message", [
     (BD3, dict(world_size=2, tensor_parallel=2, sequence_parallel=True), "sequence_parallel is not"),
     (E2D2, dict(world_size=4, pipeline_parallel=2, virtual_pipeline=2, encoder_pipeline_stages=1),
-     "single-stack variants only"),
+     "3 decoder stages for num_decoder_layers=2"),
     (BD3, dict(world_size=2, pipeline_parallel=2, virtual_pipeline=2),
      "4 \\(virtual\\) pipeline stages for num_layers=3"),
 ])
@@ -127,3 +128,18 @@ def test_vocab_must_split_evenly():
     with pytest.raises(ConfigError, match="does not divide vocab_size=259"):
         PipelinePlan(BD3.replace(vocab_size=259, mask_token_id=258),
                      ParallelConfig(world_size=2, tensor_parallel=2))
+
+
+def test_e2d2_interleaved_embeds_both_streams_on_stage_zero():
+    plan = PipelinePlan(E2D2, ParallelConfig(world_size=2, pipeline_parallel=2, virtual_pipeline=2,
+                                             encoder_pipeline_stages=2))
+    stages = plan.stages()
+    assert [list(s.encoder) for s in stages] == [[0, 1], [2], [], []]
+    assert [list(s.decoder) for s in stages] == [[], [], [0], [1]]
+    assert [s.embeds_noisy for s in stages] == [True, False, False, False]
+    # megatron's default group: first and last stage, i.e. chunk 0 of rank 0, last chunk of rank 1
+    assert plan.embedding_stages() == [0, 3]
+    assert plan.get_embedding_ranks([7, 8]) == [7, 8]
+    with pytest.raises(ConfigError, match=r"must be in 1\.\.3"):
+        ParallelConfig(world_size=2, pipeline_parallel=2, virtual_pipeline=2,
+                       encoder_pipeline_stages=4)

@@ -61,8 +61,9 @@ def _world2(rank: int) -> dict:
         if cfg.variant != "e2d2_shared_kv":  # one stage only (PipelinePlan says why)
             layouts.append(ParallelConfig(2, pipeline_parallel=2,
                                           encoder_pipeline_stages=1 if cfg.is_e2d2 else None))
-        if cfg.num_layers == 4:  # megatron's interleaved 1F1B schedule
-            layouts.append(ParallelConfig(2, pipeline_parallel=2, virtual_pipeline=2))
+        if case in ("e2d2", "bd3lm_4layers"):  # megatron's interleaved 1F1B schedule
+            layouts.append(ParallelConfig(2, pipeline_parallel=2, virtual_pipeline=2,
+                                          encoder_pipeline_stages=2 if cfg.is_e2d2 else None))
         out[case] = {"reference": reference_run(cfg, run)}
         for parallel in layouts:
             out[case][parallel.name] = parallel_run(cfg, parallel, run)
