@@ -9,8 +9,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
-from itertools import chain
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -41,11 +41,13 @@ class ChunkEncoder:
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tokenizer.encode_batch(texts)
-        for doc in ids:
-            doc.append(self.tokenizer.eod)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
-        return flat, lengths
+        eod = self.tokenizer.eod
+        flat: list[int] = []
+        for doc in ids:  # list concatenation in C; one numpy conversion for the chunk
+            flat += doc
+            flat.append(eod)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+        return np.array(flat, dtype=self.dtype), lengths
 
 
 _WORKER_ENCODER: ChunkEncoder | None = None
@@ -62,23 +64,42 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _WORKER_ENCODER(texts)
 
 
+def _in_order(submit: Callable, result: Callable, chunks: Iterable, window: int) -> Iterator:
+    """Submit chunks with at most ``window`` in flight; yield their results in input order."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(submit(chunk))
+        if len(pending) >= window:
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
+
+
 def encode_chunks(
     encoder: ChunkEncoder, chunks: Iterable[list[str]], workers: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encoded chunks in input order, whatever the worker count (so the output is identical).
 
-    At most ``4 * workers`` chunks are in flight: Pool.imap would read the whole input ahead.
+    ``workers == 1``: one encoding thread in this process, so reading and writing (Python,
+    holding the GIL) overlap with encoding (Rust, which releases it). Otherwise a pool of
+    spawned processes with at most ``4 * workers`` chunks in flight (Pool.imap would read the
+    whole input ahead).
     """
     if workers <= 1:
-        yield from map(encoder, chunks)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="e2d2-encode")
+        try:
+            yield from _in_order(
+                lambda chunk: pool.submit(encoder, chunk), Future.result, chunks, window=2
+            )
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return
     # spawn, not fork: forking a process that holds tokenizers' threads (or MPI) is unsafe.
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        yield from _in_order(
+            lambda chunk: pool.apply_async(_encode_in_worker, (chunk,)),
+            lambda async_result: async_result.get(),
+            chunks,
+            window=4 * workers,
+        )

@@ -1,9 +1,10 @@
 """Join tokenized shards, in order, into ``train`` and ``valid`` indexed datasets + manifest.
 
 The validation split is the last documents of the whole corpus (the paper holds out the last
-100k documents of OpenWebText), so it is cut here, where the total is known. Whole shards are
-appended with ``IndexedDatasetBuilder.add_index`` (a file copy); only the shard that straddles
-the split point is copied document by document.
+100k documents of OpenWebText), so it is cut here, where the total is known. Every shard is
+appended as at most two byte ranges of its ``.bin`` (the shard straddling the split point is
+cut at a document boundary) plus slices of its index: no per-document work, no megatron
+import (see ``data_tools.indexed``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.atomic import atomic_path, remove, temp_name
+from data_tools.indexed import IndexedWriter, read_index
 from data_tools.sources import SKIP_REASONS
 from data_tools.tokenizer import load_tokenizer
 from e2d2.errors import UserError
@@ -102,39 +105,49 @@ def _split_of_events(shards, n_train: int) -> dict[str, dict[str, Counter]]:
 
 
 def _copy_documents(shards, n_train: int, prefixes: dict[str, Path], dtype) -> None:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-    builders = {s: IndexedDatasetBuilder(f"{prefixes[s]}.bin", dtype=dtype) for s in SPLITS}
-    offset = 0
-    for prefix, record in tqdm(shards, desc="merge", unit="shard"):
-        dataset = IndexedDataset(str(prefix))
-        if len(dataset) != record["documents"]:
-            raise UserError(f"{prefix}.idx disagrees with {prefix}.json; re-run that shard")
-        start, stop = offset, offset + len(dataset)
-        if stop <= n_train or start >= n_train:
-            builders["train" if stop <= n_train else "valid"].add_index(str(prefix))
-        else:  # the shard straddling the split point
-            for i in range(len(dataset)):
-                tokens = dataset[i]
-                builders["train" if start + i < n_train else "valid"].add_document(
-                    tokens, [len(tokens)]
-                )
-        offset = stop
-    for split in SPLITS:
-        builders[split].finalize(f"{prefixes[split]}.idx")
+    """Append each shard's documents to train and/or valid as byte ranges of its ``.bin``."""
+    writers = {s: IndexedWriter(f"{prefixes[s]}.bin", dtype) for s in SPLITS}
+    try:
+        offset = 0
+        for prefix, record in tqdm(shards, desc="merge", unit="shard"):
+            shard_dtype, lengths, document_indices = read_index(f"{prefix}.idx")
+            itemsize = np.dtype(shard_dtype).itemsize
+            if (
+                len(lengths) != record["documents"]
+                or len(document_indices) != len(lengths) + 1
+                or shard_dtype is not dtype
+                or Path(f"{prefix}.bin").stat().st_size != itemsize * int(lengths.sum())
+            ):
+                raise UserError(f"{prefix}.idx disagrees with {prefix}.json; re-run that shard")
+            cut = min(max(n_train - offset, 0), len(lengths))  # documents of this shard in train
+            writers["train"].add_from(f"{prefix}.bin", lengths[:cut], 0)
+            train_bytes = itemsize * int(lengths[:cut].sum(dtype=np.int64))
+            writers["valid"].add_from(f"{prefix}.bin", lengths[cut:], train_bytes)
+            offset += len(lengths)
+        for split in SPLITS:
+            writers[split].finalize(f"{prefixes[split]}.idx")
+    finally:
+        for writer in writers.values():
+            writer.close()
 
 
 def _split_stats(prefix: Path, events: dict[str, Counter]) -> dict:
     """Counts read back from the written files, so the manifest describes what is there."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(str(prefix))
+    _, lengths, document_indices = read_index(f"{prefix}.idx")
     return {
-        "documents": len(dataset.document_indices) - 1,
-        "tokens": int(dataset.sequence_lengths.sum(dtype=np.int64)),
+        "documents": len(document_indices) - 1,
+        "tokens": int(lengths.sum(dtype=np.int64)),
         "skipped": {reason: events.get(reason, 0) for reason in SKIP_REASONS},
         "utf8_replaced": events.get("utf8_replaced", 0),
     }
+
+
+def _megatron_version() -> str:
+    """The installed megatron-core's version, without importing it (and torch)."""
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _version() -> str:
@@ -144,16 +157,21 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def merge(output: Path, overwrite: bool = False, shards_dir: Path | None = None) -> dict:
-    """Merge ``output/shards`` (or ``shards_dir``) into ``output``; return the manifest."""
-    import megatron.core
+def merge(
+    output: Path, overwrite: bool = False, shards_dir: Path | None = None, tokenizer=None
+) -> dict:
+    """Merge ``output/shards`` (or ``shards_dir``) into ``output``; return the manifest.
 
+    ``tokenizer``: the one the shards were just written with, if the caller holds it (saves
+    loading it again from ``shards_dir/tokenizer``).
+    """
     output = Path(output)
     shards_dir = Path(shards_dir) if shards_dir else output / SHARDS_DIR
     check_output_free(output, overwrite)
     shards = read_shards(shards_dir)
     first = shards[0][1]
-    tokenizer = load_tokenizer(shards_dir / "tokenizer")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(shards_dir / "tokenizer")
     if tokenizer.identity != first["tokenizer"]:
         raise UserError(f"{shards_dir}/tokenizer is not the tokenizer the shards were made with")
     documents = sum(record["documents"] for _, record in shards)
@@ -173,13 +191,13 @@ def merge(output: Path, overwrite: bool = False, shards_dir: Path | None = None)
             for suffix in (".bin", ".idx"):
                 Path(f"{staged[split]}{suffix}").unlink(missing_ok=True)
     with atomic_path(output / "tokenizer") as tmp:
-        tokenizer.save(tmp)
+        shutil.copytree(shards_dir / "tokenizer", tmp)  # as saved by shard 0
 
     events = _split_of_events(shards, n_train)
     manifest = {
         "format": "e2d2-indexed/1",
         "e2d2_version": _version(),
-        "megatron_core_version": megatron.core.__version__,
+        "megatron_core_version": _megatron_version(),
         **{split: _split_stats(output / split, events[split]) for split in SPLITS},
         "split": first["split"],
         "dtype": first["dtype"],

@@ -56,7 +56,8 @@ def _collectively(comm, action, *args):
     return result
 
 
-def _write_own_shard(config: PreprocessConfig, shards_dir: Path) -> dict:
+def _write_own_shard(config: PreprocessConfig, shards_dir: Path):
+    """Write this process's shard; return the tokenizer, loaded once for shard and merge."""
     check_output_free(config.output, config.overwrite)
     tokenizer = load_tokenizer(config.tokenizer)
     choose_dtype(tokenizer.vocab_size, config.dtype)  # fail before any work
@@ -68,9 +69,10 @@ def _write_own_shard(config: PreprocessConfig, shards_dir: Path) -> dict:
         remove(shards_dir / "tokenizer")
         with atomic_path(shards_dir / "tokenizer") as tmp:
             tokenizer.save(tmp)
-    return write_shard(
+    write_shard(
         config, assign_sources(sources, config.num_shards, config.shard_index), tokenizer, prefix
     )
+    return tokenizer
 
 
 def preprocess(config: PreprocessConfig) -> dict | None:
@@ -90,9 +92,11 @@ def preprocess(config: PreprocessConfig) -> dict | None:
         config = replace(config, num_shards=comm.Get_size(), shard_index=comm.Get_rank())
         staging = config.output / f".shards-{comm.bcast(os.getpid(), root=0)}"
     try:
-        _collectively(comm, _write_own_shard, config, staging)
+        tokenizer = _collectively(comm, _write_own_shard, config, staging)
         if config.shard_index == 0:
-            return _collectively(comm, merge, config.output, config.overwrite, staging)
+            return _collectively(
+                comm, merge, config.output, config.overwrite, staging, tokenizer
+            )
         return _collectively(comm, lambda: None)
     finally:
         if config.shard_index == 0:  # every rank is past its writes here

@@ -215,11 +215,12 @@ def test_existing_output_needs_overwrite(tmp_path, data_corpus, capsys):
 
 
 def test_interrupt_leaves_no_complete_looking_output(tmp_path, data_corpus, monkeypatch):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from data_tools.indexed import IndexedWriter
 
     _, corpus = data_corpus
+    monkeypatch.setattr("data_tools.shard.CHUNK_DOCS", 1)  # one document per write
     calls = []
-    real = IndexedDatasetBuilder.add_document
+    real = IndexedWriter.add_documents
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
@@ -227,12 +228,44 @@ def test_interrupt_leaves_no_complete_looking_output(tmp_path, data_corpus, monk
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", interrupted)
+    monkeypatch.setattr(IndexedWriter, "add_documents", interrupted)
     out = tmp_path / "out"
     assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
                 "--output", out) == 130
+    assert len(calls) == 20  # interrupted mid-shard, with some documents written
     leftovers = [p.name for p in out.rglob("*") if p.is_file()]
     assert not [n for n in leftovers if n.endswith((".idx", ".bin", ".json"))], leftovers
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_indexed_writer_matches_megatron_builder_byte_for_byte(tmp_path, dtype):
+    """Our numpy writer (no torch import) writes exactly what IndexedDatasetBuilder writes,
+    and merge's byte-range copy and index reader agree with megatron-core's reader."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from data_tools.indexed import IndexedWriter, read_index
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 50258, size=n).astype(dtype) for n in (5, 1, 300, 17, 2, 64)]
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=dtype)
+    for doc in docs:
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(str(tmp_path / "ref.idx"))
+
+    writer = IndexedWriter(tmp_path / "ours.bin", dtype)
+    writer.add_documents(np.concatenate(docs[:3]), [len(d) for d in docs[:3]])
+    writer.add_documents(np.concatenate(docs[3:]), [len(d) for d in docs[3:]])
+    writer.finalize(tmp_path / "ours.idx")
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+
+    _, lengths, _ = read_index(tmp_path / "ours.idx")  # copy docs 2.. as merge does
+    part = IndexedWriter(tmp_path / "part.bin", dtype)
+    part.add_from(tmp_path / "ours.bin", lengths[2:], int(lengths[:2].sum()) * dtype().itemsize)
+    part.finalize(tmp_path / "part.idx")
+    dataset = IndexedDataset(str(tmp_path / "part"))
+    assert [dataset[i].tolist() for i in range(len(dataset))] == [d.tolist() for d in docs[2:]]
+    assert dataset.index.dtype is dtype
 
 
 # ---- sharding and merge ----
