@@ -155,9 +155,11 @@ class PipelinePlan:
                 f"tensor_parallel={tp} does not divide vocab_size={model.vocab_size}; the "
                 "vocab-parallel embedding needs equal slices (pad the vocabulary)"
             )
-        if par.sequence_parallel:
-            raise ConfigError("sequence_parallel is not supported by the parallel model yet; "
-                              "set sequence_parallel=False")
+        if par.sequence_parallel and model.seq_length % tp:
+            raise ConfigError(
+                f"sequence_parallel splits positions over TP ranks: tensor_parallel={tp} must "
+                f"divide seq_length={model.seq_length}"
+            )
         if par.fp8 is not None:
             raise ConfigError(
                 f"fp8={par.fp8!r}: the parallel model is built from megatron-core's local layers, "

@@ -15,6 +15,14 @@ Inter-stage tensor (what megatron's schedules send between stages), ``[T, batch,
 * BD3-LM: ``T = 2L``, the ``[x0 ; xt]`` stack. MDLM, AR: ``T = L``.
 
 Inside a stage hidden states are ``[batch, T, hidden]`` like the reference.
+
+Sequence parallelism (``ParallelConfig.sequence_parallel``): outside the linears each TP
+rank holds a contiguous ``1/TP`` slice of every stream's positions (E2D2 slices its two
+streams separately, BD3-LM its ``[x0 ; xt]`` stack as one), so norms and residuals run on
+``[batch, T / TP, hidden]`` and the inter-stage tensor is ``[T / TP, batch, hidden]``.
+megatron's column-parallel linears all-gather the positions on input and the row-parallel
+ones reduce-scatter them on output (along dim 0, hence the transposes in ``_Column``/
+``_Row``); attention itself always sees whole sequences.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    scatter_to_sequence_parallel_region,
     set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer import TransformerConfig
@@ -52,6 +61,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # finalize_model_grads sums q/k-norm gradients over TP ranks (each rank sees some heads).
         qk_layernorm=model.qk_layernorm,
         tensor_model_parallel_size=parallel.tensor_parallel,
+        sequence_parallel=parallel.sequence_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         # gloo pairs messages between two ranks in posting order. In a batched exchange of the
@@ -73,25 +83,37 @@ def _backend() -> str | None:
     return torch.distributed.get_backend() if torch.distributed.is_initialized() else None
 
 
+def _sequence_first(linear_forward, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Run a megatron linear on batch-first ``x``; with sequence parallelism megatron gathers
+    or scatters positions along dim 0, so it gets (and returns) sequence-first tensors."""
+    return linear_forward(x.transpose(0, 1).contiguous(), **kwargs)[0].transpose(0, 1)
+
+
 class _Column(ColumnParallelLinear):
-    """Column-parallel linear that returns only its output, like ``nn.Linear``."""
+    """Column-parallel linear that returns only its output, like ``nn.Linear``:
+    ``[b, s (/ TP with sequence parallelism), in] -> [b, s, out / TP]``."""
 
     def __init__(self, in_features: int, out_features: int, config: TransformerConfig, **kwargs):
         super().__init__(in_features, out_features, config=config, init_method=None, bias=False,
                          gather_output=False, **kwargs)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.sequence_parallel:
+            return _sequence_first(super().forward, x, weight=weight)
         return super().forward(x, weight=weight)[0]
 
 
 class _Row(RowParallelLinear):
-    """Row-parallel linear (input split over TP ranks) that returns only its output."""
+    """Row-parallel linear that returns only its output:
+    ``[b, s, in / TP] -> [b, s (/ TP with sequence parallelism), out]``."""
 
     def __init__(self, in_features: int, out_features: int, config: TransformerConfig):
         super().__init__(in_features, out_features, config=config, init_method=None, bias=False,
                          input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return _sequence_first(super().forward, x)
         return super().forward(x)[0]
 
 
@@ -217,6 +239,14 @@ class ParallelDiffusionLM(MegatronModule):
             own.append(kv)
         return h, own
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` tokens -> ``[b, s, hidden]``, or this rank's ``[b, s / TP, hidden]``
+        slice of positions with sequence parallelism."""
+        h = self.embed(tokens)
+        if not self.config.sequence_parallel:
+            return h
+        return scatter_to_sequence_parallel_region(h.transpose(0, 1)).transpose(0, 1)
+
     def _incoming(self) -> torch.Tensor:
         """Previous stage's tensor ``[T, b, hidden]`` as ``[b, T, hidden]``."""
         return self.input_tensor.transpose(0, 1)
@@ -229,11 +259,11 @@ class ParallelDiffusionLM(MegatronModule):
         if cfg.variant in ("ar", "mdlm"):
             spec, tokens, rope = (masks.AR, x0, self._rope(pos)) if cfg.variant == "ar" else (
                 masks.MDLM, batch["xt"], self._rope(pos))
-            h = self.embed(tokens) if self.pre_process else self._incoming()
+            h = self._embed(tokens) if self.pre_process else self._incoming()
             h, _ = self._run(self.layers, h, rope, self._mask(spec, batch))
             return self._out(h)
         if cfg.variant == "bd3lm":
-            h = self.embed(torch.cat((x0, batch["xt"]), 1)) if self.pre_process else self._incoming()
+            h = self._embed(torch.cat((x0, batch["xt"]), 1)) if self.pre_process else self._incoming()
             h, _ = self._run(self.layers, h, self._rope(torch.cat((pos, pos))),
                              self._mask(masks.BD3LM, batch))
             return self._out(h, predicted=slice(L, None))
@@ -241,20 +271,20 @@ class ParallelDiffusionLM(MegatronModule):
 
     def _forward_e2d2(self, batch: dict[str, torch.Tensor], rope) -> torch.Tensor:
         cfg, x0 = self.cfg, batch["x0"]
-        L = x0.shape[1]
         here = self.layers_here
         if self.pre_process:
-            h_enc = self.embed(x0)
-            h_dec = self.embed(batch["xt"]) if here.embeds_noisy else torch.zeros_like(h_enc)
+            h_enc = self._embed(x0)
+            h_dec = self._embed(batch["xt"]) if here.embeds_noisy else torch.zeros_like(h_enc)
         else:
-            h_enc, h_dec = self._incoming().split(L, dim=1)
+            incoming = self._incoming()
+            h_enc, h_dec = incoming.split(incoming.shape[1] // 2, dim=1)
         h_enc, enc_kv = self._run(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
         if cfg.variant == "e2d2" and self.ends_encoder:
             h_enc = self.encoder_norm(h_enc)
         decoder = self._decoder_layers()
         if decoder:
             if here.embeds_noisy and not self.pre_process:
-                h_dec = self.embed(batch["xt"])
+                h_dec = self._embed(batch["xt"])
             if cfg.variant == "e2d2":
                 prefixes = [layer.kv(h_enc, rope) for layer in decoder]
             else:  # shared-KV: PipelinePlan keeps the whole model on one stage
@@ -271,9 +301,11 @@ class ParallelDiffusionLM(MegatronModule):
         return list(self.decoder_layers) if self.cfg.is_e2d2 else []
 
     def _out(self, h: torch.Tensor, predicted: slice = slice(None)) -> torch.Tensor:
-        if self.post_process:
-            return self._logits(h[:, predicted])
-        return h.transpose(0, 1).contiguous()
+        if not self.post_process:
+            return h.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:  # positions are gathered only inside the LM head
+            return self._logits(h)[:, predicted]
+        return self._logits(h[:, predicted])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and (tied) LM head: ``[b, L, hidden] -> [b, L, vocab / TP]``."""
@@ -297,9 +329,13 @@ def _tagged(stage: ParallelDiffusionLM) -> ParallelDiffusionLM:
     # initialisation, which perform_initialization=False skips. Untagged, gradient clipping
     # counts a split weight as a TP duplicate (norm from rank 0's shard only) and the
     # optimizer treats it as replicated.
+    # With sequence parallelism a replicated weight (the norms) sees only this rank's
+    # positions; megatron's finalize_model_grads sums the gradients of weights tagged so.
     for m in param_maps(stage):
         if m.tp_axis is not None:
             set_tensor_model_parallel_attributes(m.param, is_parallel=True, dim=m.tp_axis, stride=1)
+        else:
+            m.param.sequence_parallel = stage.config.sequence_parallel
     # Word-embedding copies after the first are megatron "shared" parameters: counted once in
     # the gradient norm, exactly as megatron marks a tied output layer on the last stage.
     if hasattr(stage, "embed") and stage.stage != stage.plan.embedding_stages()[0]:

@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--encoder-stages", type=int, default=None)
     p.add_argument("--virtual-pipeline", type=int, default=None)
+    p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--layers", type=int, default=None, help="main-stack (encoder) layers")
     p.add_argument("--decoder-layers", type=int, default=None)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = tiny_model_config(args.variant, **overrides)
         parallel = ParallelConfig(args.world, args.tp, args.pp, args.encoder_stages,
-                                  args.virtual_pipeline,
+                                  args.virtual_pipeline, args.sequence_parallel,
                                   use_distributed_optimizer=args.distributed_optimizer)
         run = Run(global_batch=4 * parallel.data_parallel,
                   prompt_and_padding=args.prompt_and_padding)

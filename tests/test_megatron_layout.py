@@ -105,7 +105,8 @@ def test_fp8_with_transformer_engine_is_refused_by_the_local_layer_model(monkeyp
 
 
 @pytest.mark.parametrize("model, kwargs, message", [
-    (BD3, dict(world_size=2, tensor_parallel=2, sequence_parallel=True), "sequence_parallel is not"),
+    (BD3.replace(seq_length=9, block_size=3),
+     dict(world_size=2, tensor_parallel=2, sequence_parallel=True), "must divide seq_length=9"),
     (E2D2, dict(world_size=4, pipeline_parallel=2, virtual_pipeline=2, encoder_pipeline_stages=1),
      "3 decoder stages for num_decoder_layers=2"),
     (BD3, dict(world_size=2, pipeline_parallel=2, virtual_pipeline=2),

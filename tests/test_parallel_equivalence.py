@@ -1,6 +1,7 @@
 """The parallel model equals the single-process reference model: loss, every parameter's
 gradient, and three optimizer steps with clipping, under TP2, PP2 (one encoder + one decoder
-stage), DP2, TP2xPP2 and more; a TP2xPP2 checkpoint loads at TP1 and PP2.
+stage), DP2, TP2xPP2, sequence parallelism, the interleaved schedule, the distributed
+optimizer; a TP2xPP2 checkpoint loads at TP1 and PP2.
 
 The comparison itself is ``megatron_ext.verify`` (also a command line for a single layout);
 here the layouts are batched into one spawn per world size, because starting ranks
@@ -61,6 +62,8 @@ def _world2(rank: int) -> dict:
         if cfg.variant != "e2d2_shared_kv":  # one stage only (PipelinePlan says why)
             layouts.append(ParallelConfig(2, pipeline_parallel=2,
                                           encoder_pipeline_stages=1 if cfg.is_e2d2 else None))
+        if case in ("e2d2_prompt_pad", "e2d2_shared_kv", "bd3lm", "ar"):
+            layouts.append(ParallelConfig(2, tensor_parallel=2, sequence_parallel=True))
         if case in ("e2d2", "bd3lm_4layers"):  # megatron's interleaved 1F1B schedule
             layouts.append(ParallelConfig(2, pipeline_parallel=2, virtual_pipeline=2,
                                           encoder_pipeline_stages=2 if cfg.is_e2d2 else None))
@@ -84,6 +87,8 @@ def _world4(rank: int, ckpt_dir: str) -> dict:
                                       encoder_pipeline_stages=1 if cfg.is_e2d2 else None)]
         if variant == "e2d2":  # middle stages: an encoder stage and a decoder stage in between
             layouts.append(ParallelConfig(4, pipeline_parallel=4, encoder_pipeline_stages=2))
+            layouts.append(ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2,
+                                          encoder_pipeline_stages=1, sequence_parallel=True))
         out[variant] = {"reference": reference_run(cfg, PLAIN)}
         for parallel in layouts:
             save_to = ckpt_dir if parallel.name == SAVED_LAYOUT and variant == "e2d2" else None
