@@ -40,7 +40,7 @@ class Run:
     prompt_and_padding: bool = False
 
     def __post_init__(self) -> None:
-        if self.global_batch % self.micro_batch or min(self.global_batch, self.micro_batch) < 1:
+        if min(self.global_batch, self.micro_batch) < 1 or self.global_batch % self.micro_batch:
             raise ConfigError(f"global_batch={self.global_batch} must be a positive multiple of "
                               f"micro_batch={self.micro_batch}")
         if self.steps < 1:

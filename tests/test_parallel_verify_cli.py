@@ -19,3 +19,12 @@ def test_valid_layout_matches(capsys):
     assert verify.main(["--variant", "e2d2", "--world", "2", "--pp", "2",
                         "--encoder-stages", "1", "--prompt-and-padding"]) == 0
     assert "MATCH" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs", [dict(micro_batch=0), dict(global_batch=3, micro_batch=2),
+                                    dict(steps=0)])
+def test_run_settings_validated(kwargs):
+    from e2d2.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        verify.Run(**kwargs)
