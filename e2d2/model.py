@@ -72,6 +72,7 @@ class DiffusionLM(nn.Module):
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -100,7 +101,15 @@ class DiffusionLM(nn.Module):
         return F.linear(h, weight)
 
     def _rope(self, positions: torch.Tensor):
-        return rotary(positions, self.cfg.kv_channels, self.cfg.rope_theta)
+        """cos/sin ``[len, head_dim]`` for ``positions``, from a table grown on demand (sampling
+        calls this once per denoising step, so the table is not rebuilt every time)."""
+        table = self._rope_table
+        need = int(positions.max()) + 1
+        if table is None or table[0].shape[0] < need or table[0].device != positions.device:
+            size = max(need, 2 * (0 if table is None else table[0].shape[0]), self.cfg.seq_length)
+            table = rotary(torch.arange(size, device=positions.device), self.cfg.kv_channels, self.cfg.rope_theta)
+            self._rope_table = table
+        return table[0][positions], table[1][positions]
 
     def _run(self, layers, h, rope, mask, prefixes=None) -> tuple[torch.Tensor, list[KV]]:
         own = []
