@@ -142,11 +142,19 @@ def per_sequence_loss(nll: torch.Tensor, nb: NoisedBatch, weighting: str) -> tor
     return (nll * weight * counted).sum(-1) / n_tokens
 
 
+def ar_per_sequence_loss(next_token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over counted targets, per sequence: ``[batch]``.
+
+    ``next_token_nll [batch, L-1]`` is ``-log p(x0[i+1] | x0[:i+1])``; ``loss_mask [batch, L]``.
+    """
+    counted = loss_mask[:, 1:].float()
+    return (next_token_nll * counted).sum(-1) / counted.sum(-1).clamp(min=1.0)
+
+
 def ar_nll(logits: torch.Tensor, x0: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Next-token NLL per sequence: ``[batch]`` (mean over counted target tokens)."""
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x0[:, 1:], reduction="none")
-    counted = loss_mask[:, 1:].float()
-    return (nll * counted).sum(-1) / counted.sum(-1).clamp(min=1.0)
+    return ar_per_sequence_loss(nll, loss_mask)
 
 
 class DiffusionObjective:

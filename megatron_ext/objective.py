@@ -16,7 +16,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from e2d2.diffusion import DiffusionObjective, NoisedBatch, loss_mask_of, per_sequence_loss
+from e2d2.diffusion import (
+    DiffusionObjective,
+    NoisedBatch,
+    ar_per_sequence_loss,
+    loss_mask_of,
+    per_sequence_loss,
+)
 
 Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/context masks
 
@@ -75,11 +81,10 @@ def diffusion_loss(batch: Batch, logits: torch.Tensor, *, mask_token_id: int,
 
 
 def ar_loss(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token loss; the reduction is ``e2d2.diffusion.ar_nll``'s (mean over counted
-    targets per sequence, then over the batch)."""
-    x0, counted = batch["x0"], batch["loss_mask"][:, 1:].float()
+    """Next-token loss: vocab-parallel NLL, reduced by ``e2d2.diffusion.ar_per_sequence_loss``."""
+    x0 = batch["x0"]
     nll = vocab_parallel_token_nll(logits[:, :-1], x0[:, 1:])
-    loss = ((nll * counted).sum(-1) / counted.sum(-1).clamp(min=1.0)).mean()
+    loss = ar_per_sequence_loss(nll, batch["loss_mask"]).mean()
     return loss, {"loss": loss.detach().clone()}
 
 
