@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from e2d2.errors import UserError
 
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # megatron-core warns at import on every machine without TE/Apex; the FP8 path checks for
+    # TE itself and fails with a clear error, so the warning is only noise on the CLI.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
