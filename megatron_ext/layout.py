@@ -26,8 +26,12 @@ from dataclasses import dataclass
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
 
-# megatron-core's TransformerConfig.fp8_recipe values.
+# megatron-core's TransformerConfig.fp8_recipe values ("custom" needs a quantizer factory: not offered).
 FP8_RECIPES: tuple[str, ...] = ("delayed", "tensorwise", "mxfp8", "blockwise")
+# megatron-core's TransformerConfig.fp8 values (the FP8 format).
+FP8_FORMATS: tuple[str, ...] = ("hybrid", "e4m3")
+# megatron-core's TransformerConfig.transformer_impl values this model supports.
+TRANSFORMER_IMPLS: tuple[str, ...] = ("local", "transformer_engine")
 
 
 def transformer_engine_available() -> bool:
@@ -40,7 +44,12 @@ class ParallelConfig:
 
     ``encoder_pipeline_stages`` (k) only applies to E2D2 with ``pipeline_parallel > 1`` and
     counts virtual stages (``1..P x V - 1``);
-    ``fp8`` names a megatron-core FP8 recipe and needs Transformer Engine.
+    ``transformer_impl`` picks the attention/MLP linears: megatron-core's ``"local"`` ones or
+    Transformer Engine's (``"transformer_engine"``, needs TE importable); unset, it is
+    ``"transformer_engine"`` when ``fp8`` is set and ``"local"`` otherwise, and after
+    construction it always holds the resolved name.
+    ``fp8`` names a megatron-core FP8 recipe (``FP8_RECIPES``) and ``fp8_format`` the FP8
+    format (megatron's ``TransformerConfig.fp8``); FP8 needs the Transformer Engine layers.
     """
 
     world_size: int
@@ -50,7 +59,9 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    transformer_impl: str | None = None
     fp8: str | None = None
+    fp8_format: str = "hybrid"
 
     def __post_init__(self) -> None:
         for name in ("world_size", "tensor_parallel", "pipeline_parallel"):
@@ -81,15 +92,36 @@ class ParallelConfig:
             )
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
+        if self.transformer_impl is None:
+            object.__setattr__(self, "transformer_impl",
+                               "local" if self.fp8 is None else "transformer_engine")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(f"unknown transformer_impl {self.transformer_impl!r}; "
+                              f"choose one of {TRANSFORMER_IMPLS}")
         if self.fp8 is not None:
             if self.fp8 not in FP8_RECIPES:
                 raise ConfigError(f"unknown fp8 recipe {self.fp8!r}; choose one of {FP8_RECIPES}")
+            if self.fp8_format not in FP8_FORMATS:
+                raise ConfigError(f"unknown fp8_format {self.fp8_format!r}; "
+                                  f"choose one of {FP8_FORMATS}")
+            if self.transformer_impl == "local":
+                raise ConfigError(
+                    f"fp8={self.fp8!r} with transformer_impl='local': megatron-core's local "
+                    "layers have no FP8 path; use transformer_impl='transformer_engine' (or "
+                    "leave it unset) or set fp8=None"
+                )
             if not transformer_engine_available():
                 raise ConfigError(
                     f"fp8={self.fp8!r} needs Transformer Engine, which is not importable here; "
                     "install transformer-engine[pytorch] on a GPU machine or set fp8=None "
                     "(this never falls back to bf16 silently)"
                 )
+        elif self.transformer_impl == "transformer_engine" and not transformer_engine_available():
+            raise ConfigError(
+                "transformer_impl='transformer_engine' needs Transformer Engine, which is not "
+                "importable here; install transformer-engine[pytorch] on a GPU machine or use "
+                "transformer_impl='local'"
+            )
 
     @property
     def data_parallel(self) -> int:
@@ -106,6 +138,10 @@ class ParallelConfig:
             parts.append("sp")
         if self.use_distributed_optimizer:
             parts.append("distopt")
+        if self.transformer_impl == "transformer_engine":
+            parts.append("te")
+        if self.fp8 is not None:
+            parts.append(f"fp8-{self.fp8}-{self.fp8_format}")
         return "-".join(parts)
 
 
@@ -159,12 +195,6 @@ class PipelinePlan:
             raise ConfigError(
                 f"sequence_parallel splits positions over TP ranks: tensor_parallel={tp} must "
                 f"divide seq_length={model.seq_length}"
-            )
-        if par.fp8 is not None:
-            raise ConfigError(
-                f"fp8={par.fp8!r}: the parallel model is built from megatron-core's local layers, "
-                "which have no FP8 path (Transformer Engine layers are not wired in yet); set "
-                "fp8=None rather than train in higher precision than asked"
             )
         n = self.num_stages
         if model.is_e2d2 and pp > 1:

@@ -7,8 +7,9 @@ A stage parameter's reference name is its own name with
 * ``attn.q_layernorm``/``attn.k_layernorm`` renamed ``attn.q_norm``/``attn.k_norm``.
 
 Its tensor-parallel split follows the megatron layer that owns it: column-parallel
-linears and the vocab-parallel embedding split dim 0, row-parallel linears dim 1, norms
-are replicated. That is all the conversion needs, for any TP/PP layout:
+linears (local or Transformer Engine) and the vocab-parallel embedding split dim 0,
+row-parallel linears dim 1, norms are replicated. That is all the conversion needs, for
+any TP/PP layout:
 
 * ``load_reference_state(stage, ref_state)``: reference state dict -> this rank's shards;
 * ``gather_reference_state(chunks)``: every rank's shards -> the full reference state dict
@@ -25,11 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
+from megatron.core.fp8_utils import is_column_parallel_linear, is_row_parallel_linear
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from e2d2.config import ModelConfig
 from e2d2.model import DiffusionLM
@@ -48,9 +46,11 @@ class ParamMap:
 
 
 def _tp_axis(module: torch.nn.Module) -> int | None:
-    if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+    # megatron's own predicates, which also recognise Transformer Engine's column/row-parallel
+    # linears when TE is importable (same weight layout: [out / TP, in] and [out, in / TP]).
+    if is_column_parallel_linear(module) or isinstance(module, VocabParallelEmbedding):
         return 0
-    if isinstance(module, RowParallelLinear):
+    if is_row_parallel_linear(module):
         return 1
     return None
 

@@ -5,6 +5,14 @@ Each (virtual) pipeline stage is one ``ParallelDiffusionLM`` with the layers
 subclass the reference ones and only swap their linears for megatron-core's
 column/row-parallel linears with per-rank head counts, so both engines run one forward.
 
+Which column/row-parallel linears (``linear_classes``), by ``ParallelConfig.transformer_impl``:
+megatron-core's local ``ColumnParallelLinear``/``RowParallelLinear`` (CPU, the tested path)
+or Transformer Engine's ``TEColumnParallelLinear``/``TERowParallelLinear`` (same weight
+shapes and names, so ``megatron_ext.mapping`` and checkpoints are unchanged). Norms,
+attention and RoPE stay the reference's torch code under both. With ``fp8`` set each
+stage's forward runs inside megatron's ``get_fp8_context`` (``fp8_context``). The TE/FP8
+path has not been run here (no TE, no GPU): see docs/parallel.md.
+
 Inter-stage tensor (what megatron's schedules send between stages), ``[T, batch, hidden]``:
 
 * E2D2: ``T = 2L``, ``[encoder stream ; decoder stream]``. Encoder stages update the first
@@ -26,6 +34,9 @@ ones reduce-scatter them on output (along dim 0, hence the transposes in ``_Colu
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 from megatron.core import parallel_state
@@ -64,6 +75,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         sequence_parallel=parallel.sequence_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        # Which linears the attention/MLP use (see linear_classes) and, with TE, FP8.
+        transformer_impl=parallel.transformer_impl,
+        fp8=parallel.fp8_format if parallel.fp8 else None,
+        fp8_recipe=parallel.fp8 or "delayed",  # megatron's default; ignored while fp8 is None
         # gloo pairs messages between two ranks in posting order. In a batched exchange of the
         # interleaved schedule a rank sends to its previous and its next stage, the same peer
         # when PP=2, and the two tensors can swap; megatron's unbatched p2p path keeps the order.
@@ -89,32 +104,82 @@ def _sequence_first(linear_forward, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return linear_forward(x.transpose(0, 1).contiguous(), **kwargs)[0].transpose(0, 1)
 
 
-class _Column(ColumnParallelLinear):
+class _ColumnOutput:
     """Column-parallel linear that returns only its output, like ``nn.Linear``:
-    ``[b, s (/ TP with sequence parallelism), in] -> [b, s, out / TP]``."""
+    ``[b, s (/ TP with sequence parallelism), in] -> [b, s, out / TP]``. Mixed into
+    megatron's local ``ColumnParallelLinear`` or TE's ``TEColumnParallelLinear``
+    (``linear_classes``); extra ``forward`` kwargs (``weight=``) reach the local one only."""
 
     def __init__(self, in_features: int, out_features: int, config: TransformerConfig, **kwargs):
         super().__init__(in_features, out_features, config=config, init_method=None, bias=False,
-                         gather_output=False, **kwargs)
+                         gather_output=False, skip_bias_add=False, is_expert=False, **kwargs)
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if self.sequence_parallel:
-            return _sequence_first(super().forward, x, weight=weight)
-        return super().forward(x, weight=weight)[0]
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.config.sequence_parallel:
+            return _sequence_first(super().forward, x, **kwargs)
+        return super().forward(x, **kwargs)[0]
 
 
-class _Row(RowParallelLinear):
+class _RowOutput:
     """Row-parallel linear that returns only its output:
-    ``[b, s, in / TP] -> [b, s (/ TP with sequence parallelism), out]``."""
+    ``[b, s, in / TP] -> [b, s (/ TP with sequence parallelism), out]``. Mixed into
+    ``RowParallelLinear`` or ``TERowParallelLinear``."""
 
     def __init__(self, in_features: int, out_features: int, config: TransformerConfig):
         super().__init__(in_features, out_features, config=config, init_method=None, bias=False,
-                         input_is_parallel=True, skip_bias_add=False)
+                         input_is_parallel=True, skip_bias_add=False, is_expert=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
+        if self.config.sequence_parallel:
             return _sequence_first(super().forward, x)
         return super().forward(x)[0]
+
+
+class _Column(_ColumnOutput, ColumnParallelLinear):
+    pass
+
+
+class _Row(_RowOutput, RowParallelLinear):
+    pass
+
+
+@functools.cache
+def _te_linears() -> tuple[type, type]:
+    # Imported only here: without TE the extensions module builds its classes on a MagicMock.
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    class _TEColumn(_ColumnOutput, TEColumnParallelLinear):
+        pass
+
+    class _TERow(_RowOutput, TERowParallelLinear):
+        pass
+
+    return _TEColumn, _TERow
+
+
+def linear_classes(config: TransformerConfig) -> tuple[type, type]:
+    """The (column, row) parallel linears for the attention and MLP projections, by
+    ``config.transformer_impl``: megatron-core's local layers or Transformer Engine's
+    (what megatron's own TE layer spec uses for these projections). The tied/untied LM
+    head always uses the local column linear, as megatron's GPTModel output layer does:
+    TE's linears cannot take the embedding weight at call time."""
+    if config.transformer_impl == "transformer_engine":
+        return _te_linears()
+    return _Column, _Row
+
+
+def fp8_context(config: TransformerConfig):
+    """megatron's FP8 autocast (``megatron.core.fp8_utils.get_fp8_context``: the recipe from
+    ``config.fp8_recipe``/``fp8``/``fp8_margin``/``fp8_amax_*``, amax reduced over
+    megatron's amax group) when ``config.fp8`` is set; a no-op context otherwise."""
+    if not config.fp8:
+        return contextlib.nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(config)
 
 
 class ParallelAttention(Attention):
@@ -128,10 +193,11 @@ class ParallelAttention(Attention):
         tp, d = config.tensor_model_parallel_size, cfg.kv_channels
         h, g = cfg.num_attention_heads, cfg.num_query_groups
         self.heads, self.groups, self.head_dim = h // tp, g // tp, d
-        self.q_proj = _Column(cfg.hidden_size, h * d, config)
-        self.k_proj = _Column(cfg.hidden_size, g * d, config)
-        self.v_proj = _Column(cfg.hidden_size, g * d, config)
-        self.o_proj = _Row(h * d, cfg.hidden_size, config)
+        column, row = linear_classes(config)
+        self.q_proj = column(cfg.hidden_size, h * d, config)
+        self.k_proj = column(cfg.hidden_size, g * d, config)
+        self.v_proj = column(cfg.hidden_size, g * d, config)
+        self.o_proj = row(h * d, cfg.hidden_size, config)
         norm = (lambda: nn.RMSNorm(d, eps=cfg.norm_eps)) if cfg.qk_layernorm else nn.Identity
         self.q_layernorm, self.k_layernorm = norm(), norm()
 
@@ -149,9 +215,10 @@ class ParallelMLP(MLP):
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig):
         nn.Module.__init__(self)
-        self.gate_proj = _Column(cfg.hidden_size, cfg.ffn_hidden_size, config)
-        self.up_proj = _Column(cfg.hidden_size, cfg.ffn_hidden_size, config)
-        self.down_proj = _Row(cfg.ffn_hidden_size, cfg.hidden_size, config)
+        column, row = linear_classes(config)
+        self.gate_proj = column(cfg.hidden_size, cfg.ffn_hidden_size, config)
+        self.up_proj = column(cfg.hidden_size, cfg.ffn_hidden_size, config)
+        self.down_proj = row(cfg.ffn_hidden_size, cfg.hidden_size, config)
 
 
 class ParallelTransformerLayer(TransformerLayer):
@@ -252,6 +319,10 @@ class ParallelDiffusionLM(MegatronModule):
         return self.input_tensor.transpose(0, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with fp8_context(self.config):  # a no-op unless TransformerConfig.fp8 is set
+            return self._forward(batch)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
         x0 = batch["x0"]
         L = x0.shape[1]

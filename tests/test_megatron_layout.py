@@ -97,11 +97,43 @@ def test_data_parallel_is_derived():
     assert parallel.name == "tp2-pp2-dp2-enc1"
 
 
-def test_fp8_with_transformer_engine_is_refused_by_the_local_layer_model(monkeypatch):
+def test_transformer_engine_without_it_fails_clearly(monkeypatch):
+    monkeypatch.setattr(layout, "transformer_engine_available", lambda: False)
+    with pytest.raises(ConfigError, match="transformer_impl='transformer_engine' needs "
+                                          "Transformer Engine.*transformer_impl='local'"):
+        ParallelConfig(world_size=1, transformer_impl="transformer_engine")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(transformer_impl="apex"), "unknown transformer_impl 'apex'"),
+    (dict(fp8="delayed", fp8_format="e5m2"), "unknown fp8_format 'e5m2'"),
+    (dict(fp8="delayed", transformer_impl="local"), "local layers have no FP8 path"),
+])
+def test_invalid_implementation(monkeypatch, kwargs, message):
     monkeypatch.setattr(layout, "transformer_engine_available", lambda: True)
-    parallel = ParallelConfig(world_size=1, fp8="delayed")
-    with pytest.raises(ConfigError, match="no FP8 path"):
-        PipelinePlan(E2D2, parallel)
+    with pytest.raises(ConfigError, match=message):
+        ParallelConfig(world_size=1, **kwargs)
+
+
+def test_implementation_defaults_to_local_and_fp8_implies_transformer_engine(monkeypatch):
+    assert ParallelConfig(world_size=1).transformer_impl == "local"
+    monkeypatch.setattr(layout, "transformer_engine_available", lambda: True)
+    parallel = ParallelConfig(world_size=1, fp8="tensorwise")
+    assert parallel.transformer_impl == "transformer_engine"
+    assert parallel.name == "tp1-pp1-dp1-te-fp8-tensorwise-hybrid"
+    PipelinePlan(E2D2, parallel)  # the plan no longer refuses FP8
+
+
+def test_transformer_config_carries_fp8(monkeypatch):
+    from megatron_ext.model import transformer_config
+
+    monkeypatch.setattr(layout, "transformer_engine_available", lambda: True)
+    config = transformer_config(E2D2, ParallelConfig(world_size=1, fp8="delayed",
+                                                     fp8_format="e4m3"))
+    assert (config.transformer_impl, config.fp8, config.fp8_recipe) == (
+        "transformer_engine", "e4m3", "delayed")
+    local = transformer_config(E2D2, ParallelConfig(world_size=1))
+    assert (local.transformer_impl, local.fp8) == ("local", None)
 
 
 @pytest.mark.parametrize("model, kwargs, message", [
