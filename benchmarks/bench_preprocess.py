@@ -85,13 +85,14 @@ def _in_process(inputs: list[str], tokenizer: str, output: Path, workers: int) -
     return manifest["train"]["tokens"] + manifest["valid"]["tokens"], seconds, *cpu
 
 
-def _cli(router: list[str], inputs: list[str], tokenizer: str, output: Path, workers: int) -> float:
+def _cli(router: list[str], inputs: list[str], tokenizer: str, output: Path, workers: int):
+    """(wall seconds, CPU seconds of the process and its workers) of a fresh CLI process."""
     command = [sys.executable, *router, "data", "preprocess", "--input", *inputs, "--tokenizer",
                tokenizer, "--output", str(output), "--workers", str(workers), "--valid-docs",
                "100", "--overwrite"]
-    start = time.perf_counter()
+    cpu, start = _cpu_seconds()[1], time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu_seconds()[1] - cpu
 
 
 def _data_only_cli() -> int:
@@ -167,8 +168,14 @@ def main() -> None:
                 note(f"w{workers} steady", steady / workers / raw)
                 note(f"w{workers} steady tok/s", steady)
                 if not args.no_cli:
-                    e2e = _cli(["-m", "e2d2.cli"], full, args.tokenizer, tmp / "cli", workers)
-                    data = _cli([here, "--data-cli"], full, args.tokenizer, tmp / "cli", workers)
+                    e2e, e2e_cpu = _cli(["-m", "e2d2.cli"], full, args.tokenizer, tmp / "cli",
+                                        workers)
+                    data, data_cpu = _cli([here, "--data-cli"], full, args.tokenizer,
+                                          tmp / "cli", workers)
+                    note(f"w{workers} cli cpu", e2e_cpu)
+                    note(f"w{workers} cli efficiency", tokens / raw_per_cpu_s / e2e_cpu)
+                    note(f"w{workers} data-cli cpu", data_cpu)
+                    note(f"w{workers} data-cli efficiency", tokens / raw_per_cpu_s / data_cpu)
                     note(f"w{workers} cli s", e2e)
                     note(f"w{workers} cli", tokens / e2e / workers / raw)
                     note(f"w{workers} data-cli s", data)
@@ -191,9 +198,10 @@ def main() -> None:
               f"processes {med[f'w{w} worker cpu']:.1f}; CPU efficiency (raw encoder's CPU "
               f"seconds for these tokens / all CPU seconds used) {med[f'w{w} efficiency']:.2f}")
         if not args.no_cli:
-            print(f"             fresh process: e2d2 CLI {med[f'w{w} cli s']:5.1f} s "
-                  f"({med[f'w{w} cli']:.2f}x per worker), data-only router "
-                  f"{med[f'w{w} data-cli s']:5.1f} s ({med[f'w{w} data-cli']:.2f}x per worker)")
+            for key, label in (("cli", "e2d2 CLI        "), ("data-cli", "data-only router")):
+                print(f"             fresh process, {label}: {med[f'w{w} {key} s']:5.1f} s "
+                      f"({med[f'w{w} {key}']:.2f}x per worker), {med[f'w{w} {key} cpu']:5.1f} "
+                      f"CPU s, CPU efficiency {med[f'w{w} {key} efficiency']:.2f}")
     print(f"load average at end {_load()}")
 
 
