@@ -1,7 +1,7 @@
 """Texts to packed token arrays, in this process or in a pool of worker processes.
 
-Kept free of megatron imports: spawned workers import this module, and a light import keeps
-their start-up short.
+Kept free of megatron imports: spawned encoder workers import this module only, and a light
+import keeps their start-up short (the shard writer in the parent does the megatron I/O).
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Join tokenized shards, in order, into ``train`` and ``valid`` indexed datasets + manifest.
 
 The validation split is the last documents of the whole corpus (the paper holds out the last
-100k documents of OpenWebText), so it is cut here, where the total is known. Every shard is
-appended as at most two byte ranges of its ``.bin`` (the shard straddling the split point is
-cut at a document boundary) plus slices of its index: no per-document work, no megatron
-import (see ``data_tools.indexed``).
+100k documents of OpenWebText), so it is cut here, where the total is known. Every shard's documents are
+appended in order through megatron-core's ``IndexedDatasetBuilder`` (the shard straddling the
+split point is cut at a document boundary; see ``data_tools.indexed``).
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ def _split_of_events(shards, n_train: int) -> dict[str, dict[str, Counter]]:
 
 
 def _copy_documents(shards, n_train: int, prefixes: dict[str, Path], dtype) -> None:
-    """Append each shard's documents to train and/or valid as byte ranges of its ``.bin``."""
+    """Append each shard's documents to train and/or valid, read as ranges of its ``.bin``."""
     writers = {s: IndexedWriter(f"{prefixes[s]}.bin", dtype) for s in SPLITS}
     try:
         offset = 0

@@ -1,7 +1,7 @@
 """Tokenize one shard of the inputs into a megatron-core indexed dataset.
 
-Runs without importing megatron-core or torch (see ``data_tools.indexed``): chunks of
-documents are encoded in one ``encode_batch`` call each and written with one ``write``.
+Chunks of documents are encoded in one ``encode_batch`` call each and appended through
+megatron-core's ``IndexedDatasetBuilder`` (see ``data_tools.indexed``).
 
 A shard is a contiguous run of the (sorted) input sources, so concatenating the shards in
 order gives exactly the single-process output. Each shard is written as
@@ -148,7 +148,7 @@ def write_shard(
     try:
         encoder = ChunkEncoder(tokenizer, dtype)
         for flat, lengths in encode_chunks(encoder, chunker, config.workers):
-            writer.add_documents(flat, lengths)  # a whole chunk: one write, no per-doc work
+            writer.add_documents(flat, lengths)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(
                 f"{chunker.documents / elapsed:,.0f} docs/s, {writer.tokens / elapsed:,.0f} tok/s",

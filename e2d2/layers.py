@@ -92,3 +92,15 @@ class TransformerLayer(nn.Module):
         attn_out, own_kv = self.attn(self.input_norm(x), rope, mask, prefix)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), own_kv
+
+
+def run_layers(layers, h: torch.Tensor, rope, mask, prefixes: list[KV | None] | None = None):
+    """Run ``layers`` in order over ``h [batch, len, hidden]``; layer ``i`` may attend ``prefixes[i]``.
+
+    Returns the output and every layer's own K/V (for caches and the shared-KV decoder).
+    """
+    own: list[KV] = []
+    for i, layer in enumerate(layers):
+        h, kv = layer(h, rope, mask, None if prefixes is None else prefixes[i])
+        own.append(kv)
+    return h, own

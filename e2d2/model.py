@@ -28,7 +28,7 @@ from torch import nn
 from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
-from e2d2.layers import KV, TransformerLayer, rotary
+from e2d2.layers import KV, TransformerLayer, rotary, run_layers
 
 
 @dataclass
@@ -111,13 +111,6 @@ class DiffusionLM(nn.Module):
             self._rope_table = table
         return table[0][positions], table[1][positions]
 
-    def _run(self, layers, h, rope, mask, prefixes=None) -> tuple[torch.Tensor, list[KV]]:
-        own = []
-        for i, layer in enumerate(layers):
-            h, kv = layer(h, rope, mask, None if prefixes is None else prefixes[i])
-            own.append(kv)
-        return h, own
-
     # ------------------------------------------------------------- training
     def forward(
         self,
@@ -140,18 +133,18 @@ class DiffusionLM(nn.Module):
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
         if cfg.variant == "ar":
-            h, _ = self._run(self.layers, self.embed(x0), rope, mask_of(masks.AR))
+            h, _ = run_layers(self.layers, self.embed(x0), rope, mask_of(masks.AR))
             return self.logits(h)
         if cfg.variant == "mdlm":
-            h, _ = self._run(self.layers, self.embed(xt), rope, mask_of(masks.MDLM))
+            h, _ = run_layers(self.layers, self.embed(xt), rope, mask_of(masks.MDLM))
             return self.logits(h)
         if cfg.variant == "bd3lm":
             both = self.embed(torch.cat((x0, xt), 1))
-            h, _ = self._run(self.layers, both, self._rope(torch.cat((pos, pos))), mask_of(masks.BD3LM))
+            h, _ = run_layers(self.layers, both, self._rope(torch.cat((pos, pos))), mask_of(masks.BD3LM))
             return self.logits(h[:, L:])
 
         # E2D2: encoder over the clean stream, then the decoder over the noisy stream.
-        h_enc, enc_kv = self._run(self.layers, self.embed(x0), rope, mask_of(masks.E2D2_ENCODER))
+        h_enc, enc_kv = run_layers(self.layers, self.embed(x0), rope, mask_of(masks.E2D2_ENCODER))
         if cfg.variant == "e2d2":
             h_enc = self.encoder_norm(h_enc)
         dec_mask = mask_of(masks.E2D2_DECODER)
@@ -205,12 +198,12 @@ class DiffusionLM(nn.Module):
         rope = self._rope(torch.arange(start, start + xt.shape[1], device=xt.device))
         h = self.embed(xt)
         if cfg.variant == "bd3lm":
-            h, _ = self._run(self.layers, h, rope, None, cache.layers)
+            h, _ = run_layers(self.layers, h, rope, None, cache.layers)
             return self.logits(h)
         if cfg.variant == "e2d2":
             prefixes = cache.decoder
         else:
             prefixes = [cache.layers[cfg.matched_encoder_layer(k)] for k in range(cfg.num_decoder_layers)]
         decoder = [self.decoder_layer(k) for k in range(cfg.num_decoder_layers)]
-        h, _ = self._run(decoder, h, rope, None, prefixes)
+        h, _ = run_layers(decoder, h, rope, None, prefixes)
         return self.logits(h)

@@ -55,7 +55,7 @@ from torch import nn
 from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
-from e2d2.layers import MLP, Attention, TransformerLayer, rotary
+from e2d2.layers import MLP, Attention, TransformerLayer, rotary, run_layers
 from megatron_ext.layout import ParallelConfig, PipelinePlan, StageLayers
 from megatron_ext.mapping import param_maps
 
@@ -299,13 +299,6 @@ class ParallelDiffusionLM(MegatronModule):
     def _rope(self, positions: torch.Tensor):
         return rotary(positions, self.cfg.kv_channels, self.cfg.rope_theta)
 
-    def _run(self, layers, h, rope, mask, prefixes=None):
-        own = []
-        for i, layer in enumerate(layers):
-            h, kv = layer(h, rope, mask, None if prefixes is None else prefixes[i])
-            own.append(kv)
-        return h, own
-
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` tokens -> ``[b, s, hidden]``, or this rank's ``[b, s / TP, hidden]``
         slice of positions with sequence parallelism."""
@@ -331,11 +324,11 @@ class ParallelDiffusionLM(MegatronModule):
             spec, tokens, rope = (masks.AR, x0, self._rope(pos)) if cfg.variant == "ar" else (
                 masks.MDLM, batch["xt"], self._rope(pos))
             h = self._embed(tokens) if self.pre_process else self._incoming()
-            h, _ = self._run(self.layers, h, rope, self._mask(spec, batch))
+            h, _ = run_layers(self.layers, h, rope, self._mask(spec, batch))
             return self._out(h)
         if cfg.variant == "bd3lm":
             h = self._embed(torch.cat((x0, batch["xt"]), 1)) if self.pre_process else self._incoming()
-            h, _ = self._run(self.layers, h, self._rope(torch.cat((pos, pos))),
+            h, _ = run_layers(self.layers, h, self._rope(torch.cat((pos, pos))),
                              self._mask(masks.BD3LM, batch))
             return self._out(h, predicted=slice(L, None))
         return self._forward_e2d2(batch, self._rope(pos))
@@ -349,7 +342,7 @@ class ParallelDiffusionLM(MegatronModule):
         else:
             incoming = self._incoming()
             h_enc, h_dec = incoming.split(incoming.shape[1] // 2, dim=1)
-        h_enc, enc_kv = self._run(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
+        h_enc, enc_kv = run_layers(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
         if cfg.variant == "e2d2" and self.ends_encoder:
             h_enc = self.encoder_norm(h_enc)
         decoder = self._decoder_layers()
@@ -360,7 +353,7 @@ class ParallelDiffusionLM(MegatronModule):
                 prefixes = [layer.kv(h_enc, rope) for layer in decoder]
             else:  # shared-KV: PipelinePlan keeps the whole model on one stage
                 prefixes = [enc_kv[cfg.matched_encoder_layer(k)] for k in self.layers_here.decoder]
-            h_dec, _ = self._run(decoder, h_dec, rope, self._mask(masks.E2D2_DECODER, batch),
+            h_dec, _ = run_layers(decoder, h_dec, rope, self._mask(masks.E2D2_DECODER, batch),
                                  prefixes)
         if self.post_process:
             return self._logits(h_dec)
