@@ -68,7 +68,9 @@ def test_context_and_padding_are_never_noised_nor_counted():
     ctx[:, :5] = True
     pad = torch.ones(8, 16, dtype=torch.bool)
     pad[:, -3:] = False
-    nb = noise(x0, torch.full((8, 4), 0.999), get_schedule("linear"), 4, MASK, pad, ctx)
+    # t = 1: alpha = 0, so every eligible token is masked, deterministically
+    nb = noise(x0, torch.ones(8, 4), get_schedule("linear"), 4, MASK, pad, ctx,
+               generator=torch.Generator().manual_seed(0))
     assert not nb.masked[:, :5].any() and not nb.masked[:, -3:].any()
     assert nb.masked[:, 5:13].all()
     assert torch.equal(nb.loss_mask, pad & ~ctx)
