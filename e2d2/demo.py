@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from e2d2.config import DiffusionConfig, ModelConfig
 from e2d2.diffusion import DiffusionObjective
@@ -92,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
     def report(step: int, result: NelboResult, avg_loss: float) -> None:
         loss = "" if step == 0 else f"train loss {avg_loss:.3f}  "
-        print(f"step {step:5d}  {loss}valid NELBO {result.nelbo:.3f} ± {result.std_error:.3f} "
-              f"nats/token (ppl <= {result.perplexity:.1f})", flush=True)
+        # tqdm.write keeps the line intact while the progress bar is drawn
+        tqdm.write(f"step {step:5d}  {loss}valid NELBO {result.nelbo:.3f} ± {result.std_error:.3f} "
+                   f"nats/token (ppl <= {result.perplexity:.1f})")
 
     start = time.perf_counter()
     history = train(model, objective, train_rows, valid_rows, cfg.train, on_eval=report)
