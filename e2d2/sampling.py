@@ -29,6 +29,7 @@ Conventions and choices:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -314,6 +315,15 @@ def _check(model: DiffusionLM, prompt: torch.Tensor, cfg: SamplerConfig) -> None
         )
     if (prompt == mcfg.mask_token_id).any():
         raise ValueError(f"prompt contains the mask token {mcfg.mask_token_id}")
+    if prompt.numel() and (prompt.min() < 0 or prompt.max() >= mcfg.vocab_size):
+        raise ValueError(f"prompt ids must lie in [0, {mcfg.vocab_size}); got "
+                         f"[{int(prompt.min())}, {int(prompt.max())}]: was it encoded with this "
+                         "model's tokenizer?")
+    total = prompt.shape[1] + cfg.max_new_tokens
+    if total > mcfg.seq_length:
+        warnings.warn(f"sampling {total} positions with a model trained on seq_length="
+                      f"{mcfg.seq_length}: positions past it were never seen in training",
+                      stacklevel=3)
     eos = cfg.eos_token_id
     if eos is not None and (eos >= mcfg.vocab_size or eos == mcfg.mask_token_id):
         raise ConfigError(f"eos_token_id={eos} must be a vocabulary id below {mcfg.vocab_size} "

@@ -324,3 +324,15 @@ def test_bad_inputs_raise():
                                  ffn_hidden_size=64, num_layers=1, num_decoder_layers=0))
     with pytest.raises(ConfigError, match="autoregressive"):
         sample(ar, prompts(1, 3), SamplerConfig())
+
+
+def test_prompt_ids_outside_the_vocabulary_are_one_clear_error():
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="e2d2", vocab_size=20, mask_token_id=19, hidden_size=16,
+                      ffn_hidden_size=32, num_attention_heads=2, num_query_groups=1,
+                      num_layers=1, num_decoder_layers=1, seq_length=16, block_size=4)
+    model = DiffusionLM(cfg)
+    with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, 20\)"):
+        sample(model, torch.tensor([[3, 25]]), SamplerConfig(max_new_tokens=4))
+    with pytest.warns(UserWarning, match="never seen in training"):
+        sample(model, torch.tensor([[3, 4]]), SamplerConfig(max_new_tokens=20))
