@@ -10,7 +10,7 @@ from pathlib import Path
 def _corpus(args: argparse.Namespace) -> int:
     from data_tools.corpus import write_corpus
 
-    count = write_corpus(args.name, args.output)
+    count = write_corpus(args.name, args.output, args.overwrite)
     print(f"wrote {count:,} documents of {args.name} to {args.output}")
     return 0
 
@@ -100,6 +100,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("corpus", help="write an embedded offline corpus as JSON lines")
     p.add_argument("name", choices=("kjv", "shakespeare", "pydoc"))
     p.add_argument("--output", required=True, help="the .jsonl file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=_corpus)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer")

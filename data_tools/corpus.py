@@ -66,8 +66,20 @@ def iter_documents(name: str) -> Iterator[str]:
         yield from documents
 
 
-def write_corpus(name: str, output: str | Path) -> int:
-    """Write corpus ``name`` as JSON lines ``{"text": ...}`` (atomically); return the count."""
+def write_corpus(name: str, output: str | Path, overwrite: bool = False) -> int:
+    """Write corpus ``name`` as JSON lines ``{"text": ...}`` (atomically); return the count.
+
+    An existing file is replaced only with ``overwrite``; a directory never is."""
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give the .jsonl file to write")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--output {output}: {parent} is a file, not a directory")
+            break
     count = 0
     with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for text in iter_documents(name):

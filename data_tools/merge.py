@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.atomic import atomic_path, remove, temp_name
+from data_tools.atomic import remove, temp_name
 from data_tools.indexed import IndexedWriter, read_index
 from data_tools.sources import SKIP_REASONS
 from data_tools.tokenizer import load_tokenizer
@@ -31,8 +31,20 @@ SHARDS_DIR = "shards"
 _SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.json")
 
 
+def require_directory(output: Path) -> None:
+    """Fail clearly if ``output`` (or the nearest existing parent) is not a directory."""
+    for path in (Path(output), *Path(output).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(
+                    f"--output {output}: {path} is a file, not a directory; choose a directory"
+                )
+            return
+
+
 def check_output_free(output: Path, overwrite: bool) -> None:
     """Refuse to replace an earlier result unless ``--overwrite`` was given."""
+    require_directory(output)
     existing = [name for name in OUTPUTS if (Path(output) / name).exists()]
     if existing and not overwrite:
         raise UserError(
@@ -82,6 +94,11 @@ def valid_count(split: dict, documents: int) -> int:
     else:
         fraction = split["valid_fraction"]
         n_valid = max(1, round(fraction * documents)) if fraction > 0 else 0
+    if n_valid < 1:
+        raise UserError(
+            f"the split {split} holds out no validation documents; hold out at least one "
+            "(--valid-docs 1 or more, or --valid-fraction above 0)"
+        )
     if n_valid >= documents:
         raise UserError(
             f"the corpus has {documents} documents, too few to hold out {n_valid} for "
@@ -109,6 +126,11 @@ def _copy_documents(shards, n_train: int, prefixes: dict[str, Path], dtype) -> N
     try:
         offset = 0
         for prefix, record in tqdm(shards, desc="merge", unit="shard"):
+            if record["documents"] == 0:  # owns no sources, or only skipped records
+                # megatron cannot open its empty .bin ("cannot mmap an empty file")
+                if not Path(f"{prefix}.idx").is_file() or Path(f"{prefix}.bin").stat().st_size:
+                    raise UserError(f"{prefix}.bin disagrees with {prefix}.json; re-run that shard")
+                continue
             shard_dtype, lengths, document_indices = read_index(f"{prefix}.idx")
             itemsize = np.dtype(shard_dtype).itemsize
             if (
@@ -141,18 +163,11 @@ def _split_stats(prefix: Path, events: dict[str, Counter]) -> dict:
     }
 
 
-def _megatron_version() -> str:
-    """The installed megatron-core's version, without importing it (and torch)."""
+def _version(package: str) -> str:
+    """The installed version of ``package``, without importing it (megatron-core imports torch)."""
     try:
-        return metadata.version("megatron-core")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("e2d2")
-    except metadata.PackageNotFoundError:  # run from a source checkout without pip install
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # e.g. run from a source checkout without pip install
         return "unknown (not installed)"
 
 
@@ -177,34 +192,41 @@ def merge(
     n_valid = valid_count(first["split"], documents)
     n_train = documents - n_valid
 
-    for name in OUTPUTS:  # invalidate the old result before writing the new one
-        remove(output / name)
+    # Everything is written under temporary names first; an earlier result is replaced only
+    # once the new one is complete (manifest.json last: its presence marks a complete result).
+    output.mkdir(parents=True, exist_ok=True)
     staged = {split: temp_name(output / split) for split in SPLITS}
+    staged_tokenizer = temp_name(output / "tokenizer")
+    staged_manifest = temp_name(output / "manifest.json")
     try:
         _copy_documents(shards, n_train, staged, np.dtype(first["dtype"]).type)
+        remove(staged_tokenizer)
+        shutil.copytree(shards_dir / "tokenizer", staged_tokenizer)  # as saved by shard 0
+        events = _split_of_events(shards, n_train)
+        manifest = {
+            "format": "e2d2-indexed/1",
+            "e2d2_version": _version("e2d2"),
+            "megatron_core_version": _version("megatron-core"),
+            **{split: _split_stats(staged[split], events[split]) for split in SPLITS},
+            "split": first["split"],
+            "dtype": first["dtype"],
+            "tokenizer": first["tokenizer"],
+            "sources": [source for _, record in shards for source in record["sources"]],
+            "commands": sorted({" ".join(record["command"]) for _, record in shards}),
+            "shards": len(shards),
+        }
+        staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+        remove(output / "manifest.json")  # the old result is no longer complete from here on
         for split in SPLITS:
             for suffix in (".bin", ".idx"):  # .idx last: a lone .bin is visibly incomplete
                 os.replace(f"{staged[split]}{suffix}", output / f"{split}{suffix}")
+        remove(output / "tokenizer")  # a directory: os.replace cannot replace a non-empty one
+        os.replace(staged_tokenizer, output / "tokenizer")
+        os.replace(staged_manifest, output / "manifest.json")
     finally:
         for split in SPLITS:
             for suffix in (".bin", ".idx"):
                 Path(f"{staged[split]}{suffix}").unlink(missing_ok=True)
-    with atomic_path(output / "tokenizer") as tmp:
-        shutil.copytree(shards_dir / "tokenizer", tmp)  # as saved by shard 0
-
-    events = _split_of_events(shards, n_train)
-    manifest = {
-        "format": "e2d2-indexed/1",
-        "e2d2_version": _version(),
-        "megatron_core_version": _megatron_version(),
-        **{split: _split_stats(output / split, events[split]) for split in SPLITS},
-        "split": first["split"],
-        "dtype": first["dtype"],
-        "tokenizer": first["tokenizer"],
-        "sources": [source for _, record in shards for source in record["sources"]],
-        "commands": sorted({" ".join(record["command"]) for _, record in shards}),
-        "shards": len(shards),
-    }
-    with atomic_path(output / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        remove(staged_tokenizer)
+        remove(staged_manifest)
     return manifest

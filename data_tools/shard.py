@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -48,9 +47,13 @@ class PreprocessConfig:
     dtype: str = "auto"
     num_shards: int = 1
     shard_index: int = 0
-    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    # Recorded in the manifest. Default: the equivalent ``e2d2 data preprocess`` command line,
+    # built from these fields (not sys.argv, which is the caller's when run in-process).
+    command: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.command is None:
+            object.__setattr__(self, "command", self.command_line())
         if not self.inputs:
             raise ConfigError("--input: give at least one file, glob or directory")
         if not self.text_key:
@@ -59,10 +62,16 @@ class PreprocessConfig:
             raise ConfigError(f"--workers {self.workers}: must be at least 1")
         if self.valid_docs is not None and self.valid_fraction is not None:
             raise ConfigError("give --valid-docs or --valid-fraction, not both")
-        if self.valid_docs is not None and self.valid_docs < 0:
-            raise ConfigError(f"--valid-docs {self.valid_docs}: must be 0 or more")
-        if self.valid_fraction is not None and not 0 <= self.valid_fraction < 1:
-            raise ConfigError(f"--valid-fraction {self.valid_fraction}: must be in [0, 1)")
+        if self.valid_docs is not None and self.valid_docs < 1:
+            raise ConfigError(
+                f"--valid-docs {self.valid_docs}: must be 1 or more (the valid split cannot be "
+                "empty); hold out at least one document"
+            )
+        if self.valid_fraction is not None and not 0 < self.valid_fraction < 1:
+            raise ConfigError(
+                f"--valid-fraction {self.valid_fraction}: must be in (0, 1) (the valid split "
+                "cannot be empty); give e.g. 0.01"
+            )
         if self.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"--dtype {self.dtype}: choose auto, {', '.join(DTYPES)}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -70,6 +79,27 @@ class PreprocessConfig:
                 f"--shard-index {self.shard_index} --num-shards {self.num_shards}: need "
                 "0 <= shard-index < num-shards"
             )
+
+    def command_line(self) -> list[str]:
+        """The ``e2d2 data preprocess`` arguments that give this config."""
+        command = ["e2d2", "data", "preprocess", "--input", *map(str, self.inputs),
+                   "--tokenizer", str(self.tokenizer), "--output", str(self.output)]
+        options = (
+            ("--text-key", self.text_key, "text"),
+            ("--workers", self.workers, 1),
+            ("--valid-docs", self.valid_docs, None),
+            ("--valid-fraction", self.valid_fraction, None),
+            ("--dtype", self.dtype, "auto"),
+            ("--num-shards", self.num_shards, 1),
+            ("--shard-index", self.shard_index, 0),
+        )
+        command += [str(a) for flag, value, default in options if value != default
+                    for a in (flag, value)]
+        if self.skip_bad_records:
+            command.append("--skip-bad-records")
+        if self.overwrite:
+            command.append("--overwrite")
+        return command
 
     @property
     def split(self) -> dict:

@@ -69,8 +69,32 @@ def _source(path: Path) -> Source:
     return Source(path, kind, path.stat().st_size)
 
 
+def _expand_path(path: Path, item: str) -> list[Source]:
+    """The sources of one existing file or directory named (or matched) by ``--input item``."""
+    if path.is_dir() and any((path / m).is_file() for m in HF_MARKERS):
+        return [_source(path)]
+    if path.is_dir():
+        found = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_KINDS
+        )
+        if not found:
+            raise UserError(
+                f"--input {item}: no {'/'.join(SUFFIX_KINDS)} files in directory {path} (and it "
+                "is no datasets directory); name the files or the right directory"
+            )
+        return [_source(p) for p in found]
+    if path.is_file():
+        return [_source(path)]
+    raise UserError(f"--input {item}: no such file or directory")
+
+
 def expand_inputs(inputs: list[str]) -> list[Source]:
-    """The sources named by files, globs and directories, in a fixed (sorted) order."""
+    """The sources named by files, globs and directories, in a fixed (sorted) order.
+
+    A directory matched by a glob is read like a directory named directly (a ``datasets``
+    directory if it has one's marker files, else searched for input files); a file reached
+    twice (e.g. by a ``**`` glob and its directory) is read once.
+    """
     sources: list[Source] = []
     for item in inputs:
         path = Path(item)
@@ -78,21 +102,14 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
             if not matches:
                 raise UserError(f"--input {item}: the pattern matches no files")
-            sources += [_source(p) for p in matches]
-        elif path.is_dir() and any((path / m).is_file() for m in HF_MARKERS):
-            sources.append(_source(path))
-        elif path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_KINDS
-            )
-            if not found:
-                raise UserError(f"--input {item}: no {'/'.join(SUFFIX_KINDS)} files in directory")
-            sources += [_source(p) for p in found]
-        elif path.is_file():
-            sources.append(_source(path))
+            for match in matches:
+                sources += _expand_path(match, item)
         else:
-            raise UserError(f"--input {item}: no such file or directory")
-    return sources
+            sources += _expand_path(path, item)
+    unique: dict[Path, Source] = {}
+    for source in sources:
+        unique.setdefault(source.path.resolve(), source)
+    return list(unique.values())
 
 
 class _RecordReader:
@@ -185,9 +202,18 @@ def _txt(source: Source, reader: _RecordReader, advance) -> Iterator[Record]:
 
 
 def _parquet(source: Source, reader: _RecordReader, advance) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(source.path)
+    def unreadable(exc: Exception) -> UserError:
+        return UserError(
+            f"{source.path}: not a readable parquet file ({exc}); replace or remove the file"
+        )
+
+    try:
+        parquet = pq.ParquetFile(source.path)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(exc) from exc
     if reader.text_key not in parquet.schema_arrow.names:
         raise UserError(
             f"{source.path}: no column {reader.text_key!r} (columns: "
@@ -195,7 +221,14 @@ def _parquet(source: Source, reader: _RecordReader, advance) -> Iterator[Record]
         )
     rows = max(parquet.metadata.num_rows, 1)
     row = 0
-    for batch in parquet.iter_batches(columns=[reader.text_key], batch_size=1024):
+    batches = parquet.iter_batches(columns=[reader.text_key], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise unreadable(exc) from exc
+        if batch is None:
+            break
         advance(source.size * batch.num_rows // rows)
         for text in batch.column(0).to_pylist():
             row += 1
@@ -207,7 +240,13 @@ def _hf(source: Source, reader: _RecordReader, advance) -> Iterator[Record]:
         import datasets
     except ModuleNotFoundError as exc:
         raise UserError("reading a datasets directory needs: pip install 'e2d2[hf]'") from exc
-    loaded = datasets.load_from_disk(str(source.path))
+    try:
+        loaded = datasets.load_from_disk(str(source.path))
+    except Exception as exc:  # datasets raises many types for a damaged or foreign directory
+        raise UserError(
+            f"{source.path}: not a readable datasets directory ({type(exc).__name__}: {exc}); "
+            "give a directory written by datasets' save_to_disk, or the data files themselves"
+        ) from exc
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise UserError(f"{source.path}: no 'train' split (splits: {', '.join(loaded)})")

@@ -7,12 +7,15 @@ It carries the four specials (``<|endoftext|>``, ``<|bos|>``, ``<|pad|>``, ``<|m
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_tools.atomic import atomic_path, remove
+from data_tools.merge import require_directory
 from data_tools.sources import expand_inputs, iter_records
 from data_tools.tokenizer import (
     BOS_TOKEN,
@@ -25,6 +28,7 @@ from data_tools.tokenizer import (
 )
 from e2d2.errors import UserError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what E2D2Tokenizer.save writes
 MIN_VOCAB = 256 + len(DEFAULT_SPECIALS)  # every byte plus the specials
 
 
@@ -47,8 +51,13 @@ def train_tokenizer(
     if vocab_size < MIN_VOCAB:
         raise UserError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} (bytes + specials)")
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it")
+    require_directory(output)
+    existing = [name for name in TOKENIZER_FILES if (output / name).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{output} already holds {', '.join(existing)}; pass --overwrite to replace the "
+            "tokenizer or choose another --output"
+        )
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -62,7 +71,18 @@ def train_tokenizer(
     tokenizer = E2D2Tokenizer(
         bpe, SpecialTokens(EOD_TOKEN, MASK_TOKEN, BOS_TOKEN, PAD_TOKEN), f"bpe-{vocab_size}"
     )
-    remove(output)
-    with atomic_path(output) as tmp:
-        tokenizer.save(tmp)
+    _save_into(tokenizer, output)
     return tokenizer
+
+
+def _save_into(tokenizer: E2D2Tokenizer, output: Path) -> None:
+    """Save into ``output``, replacing only the tokenizer's own files, each atomically; any
+    other file in ``output`` (e.g. the corpus it was trained on) is left alone."""
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=output))
+    try:
+        tokenizer.save(staging)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, output / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

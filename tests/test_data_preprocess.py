@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -52,7 +51,10 @@ def test_manifest_counts_equal_the_files(tmp_path, data_corpus):
     [source] = manifest["sources"]
     assert source["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
     assert source["size"] == corpus.stat().st_size
-    assert manifest["commands"] == [" ".join(sys.argv)]  # the process's command line
+    # the command main() was given (in-process here), not this test process's sys.argv
+    assert manifest["commands"] == [
+        f"e2d2 data preprocess --input {corpus} --tokenizer bytes --output {out} --valid-docs 5"
+    ]
 
 
 @pytest.mark.slow  # spawns worker processes
@@ -129,7 +131,7 @@ def _bad_corpus(tmp_path, texts):
 def test_malformed_json_names_file_and_line(tmp_path, capsys):
     path = _bad_corpus(tmp_path, pydoc_texts(2))
     assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes",
-                "--output", tmp_path / "out", "--valid-docs", 0) == 2
+                "--output", tmp_path / "out", "--valid-docs", 1) == 2
     err = capsys.readouterr().err
     assert f"error: {path}:2: malformed JSON" in err and "--skip-bad-records" in err
     assert not list((tmp_path / "out").glob("*.idx"))
@@ -305,3 +307,110 @@ def test_inspect_reports_counts_histogram_and_sample(tmp_path, data_corpus, caps
     report = capsys.readouterr().out
     assert "4 documents" in report and "first document:" in report
     assert np.median([len(d) for d in read_documents(out / "valid")]) == valid["length_median"]
+
+
+# ---- review fixes: empty shards, empty splits, unreadable inputs, staged overwrite ----
+
+
+def test_empty_shards_merge(tmp_path):
+    """One input file over 3 shards: two shards own no sources (an empty .bin each); another
+    case: a shard whose only source has nothing but skipped records."""
+    texts = pydoc_texts(30)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", texts)
+    common = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 4]
+    assert e2d2(*common, "--output", tmp_path / "single") == 0
+    sharded = tmp_path / "sharded"
+    for index in range(3):
+        assert e2d2(*common, "--output", sharded, "--num-shards", 3, "--shard-index", index) == 0
+    shard_docs = [json.loads(p.read_text())["documents"]
+                  for p in sorted((sharded / "shards").glob("*.json"))]
+    assert sorted(shard_docs) == [0, 0, 30]
+    assert e2d2("data", "merge", sharded) == 0
+    merged = output_files(sharded)
+    assert {k: v for k, v in merged.items() if not k.startswith("shards/")} == output_files(
+        tmp_path / "single"
+    )
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", texts)
+    write_jsonl(src / "b.jsonl", [" ", "\n", ""] * 200)  # big enough to own shard 1: all empty
+    out = tmp_path / "skipped"
+    common = ["data", "preprocess", "--input", src, "--tokenizer", "bytes", "--valid-docs", 2,
+              "--skip-bad-records", "--output", out, "--num-shards", 2]
+    for index in range(2):
+        assert e2d2(*common, "--shard-index", index) == 0
+    assert json.loads((out / "shards" / "shard-00001-of-00002.json").read_text())["documents"] == 0
+    assert e2d2("data", "merge", out) == 0
+    manifest = _manifest(out)
+    assert manifest["train"]["documents"] == 28 and manifest["valid"]["documents"] == 2
+    assert manifest["valid"]["skipped"]["empty"] == 600
+
+
+@pytest.mark.parametrize("flag", ["--valid-docs", "--valid-fraction"])
+def test_empty_valid_split_is_rejected_up_front(tmp_path, data_corpus, capsys, flag):
+    _, corpus = data_corpus
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
+                "--output", out, flag, 0) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} 0" in err and "cannot be empty" in err
+    assert not out.exists()
+
+
+def test_unreadable_inputs_and_file_output_are_clear_errors(tmp_path, data_corpus, capsys):
+    _, corpus = data_corpus
+    args = ["data", "preprocess", "--tokenizer", "bytes", "--valid-docs", 1]
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"this is not parquet")
+    assert e2d2(*args, "--input", bad, "--output", tmp_path / "o1") == 2
+    assert f"error: {bad}: not a readable parquet file" in capsys.readouterr().err
+
+    fake = tmp_path / "fake_ds"
+    fake.mkdir()
+    (fake / "state.json").write_text("{not json")
+    assert e2d2(*args, "--input", fake, "--output", tmp_path / "o2") == 2
+    assert f"error: {fake}: not a readable datasets directory" in capsys.readouterr().err
+
+    file_out = tmp_path / "taken.txt"
+    file_out.write_text("keep me")
+    assert e2d2(*args, "--input", corpus, "--output", file_out) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert file_out.read_text() == "keep me"
+    assert e2d2(*args, "--input", corpus, "--output", file_out / "sub") == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_glob_matching_a_plain_directory_reads_its_files(tmp_path):
+    texts = pydoc_texts(6)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    write_jsonl(src / "a.jsonl", texts[:3])
+    write_jsonl(src / "sub" / "b.jsonl", texts[3:])
+    out = tmp_path / "out"
+    # "src/*" matches a.jsonl and the directory sub; "src/**" also reaches b.jsonl directly
+    assert e2d2("data", "preprocess", "--input", str(src / "*"), str(src / "**"),
+                "--tokenizer", "bytes", "--output", out, "--valid-docs", 1) == 0
+    tok = load_tokenizer("bytes")
+    docs = read_documents(out / "train") + read_documents(out / "valid")
+    assert [tok.decode(d[:-1]) for d in docs] == texts  # each file once
+
+
+def test_failed_overwrite_keeps_the_earlier_result(tmp_path, data_corpus, monkeypatch):
+    from data_tools.indexed import IndexedWriter
+
+    _, corpus = data_corpus
+    out = tmp_path / "out"
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--output", out]
+    assert e2d2(*args, "--valid-docs", 2) == 0
+    before = output_files(out)
+
+    class Failing(IndexedWriter):  # the shard is written; merge fails writing its new files
+        def finalize(self, idx_path):
+            raise OSError("disk full")
+
+    monkeypatch.setattr("data_tools.merge.IndexedWriter", Failing)
+    with pytest.raises(OSError, match="disk full"):
+        e2d2(*args, "--valid-docs", 5, "--overwrite")
+    assert output_files(out) == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

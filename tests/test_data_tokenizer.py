@@ -108,3 +108,39 @@ def test_corpus_written_as_jsonl(tmp_path):
     assert len(lines) == write_corpus("pydoc", tmp_path / "q.jsonl")
     with pytest.raises(UserError, match="unknown corpus"):
         list(iter_documents("bible"))
+
+
+def test_train_tokenizer_overwrite_keeps_other_files(tmp_path, capsys):
+    """--overwrite replaces the tokenizer's files only: an input corpus in --output survives."""
+    out = tmp_path / "dir"
+    out.mkdir()
+    corpus = write_jsonl(out / "corpus.jsonl", pydoc_texts(20))
+    corpus_bytes = corpus.read_bytes()
+    args = ["data", "train-tokenizer", "--input", corpus, "--output", out]
+    assert e2d2(*args, "--vocab-size", 300) == 0  # into a directory holding only the corpus
+    assert e2d2(*args, "--vocab-size", 400) == 2
+    assert "already holds tokenizer.json" in capsys.readouterr().err
+    assert load_tokenizer(out).vocab_size == 300
+    assert e2d2(*args, "--vocab-size", 400, "--overwrite") == 0
+    assert load_tokenizer(out).vocab_size == 400
+    assert corpus.read_bytes() == corpus_bytes
+    assert sorted(p.name for p in out.iterdir()) == [
+        "corpus.jsonl", "tokenizer.json", "tokenizer_config.json"
+    ]
+    file_out = tmp_path / "taken"
+    file_out.write_text("keep me")
+    assert e2d2("data", "train-tokenizer", "--input", corpus, "--output", file_out) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert file_out.read_text() == "keep me"
+
+
+def test_corpus_needs_overwrite_to_replace_a_file(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text("mine\n")
+    assert e2d2("data", "corpus", "pydoc", "--output", path) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert path.read_text() == "mine\n"
+    assert e2d2("data", "corpus", "pydoc", "--output", path, "--overwrite") == 0
+    assert len(path.read_text().splitlines()) == write_corpus("pydoc", tmp_path / "q.jsonl")
+    assert e2d2("data", "corpus", "pydoc", "--output", tmp_path) == 2
+    assert "is a directory" in capsys.readouterr().err
