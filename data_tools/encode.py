@@ -19,15 +19,17 @@ from e2d2.errors import UserError
 DTYPES = {"uint16": np.uint16, "int32": np.int32}
 
 
-def choose_dtype(vocab_size: int, requested: str = "auto") -> type[np.number]:
-    """uint16 where every id fits (as megatron's GPTDatasetConfig assumes), else int32."""
+def choose_dtype(id_bound: int, requested: str = "auto") -> type[np.number]:
+    """uint16 where every id fits (as megatron's GPTDatasetConfig assumes), else int32.
+
+    ``id_bound`` is one past the largest token id (not the token count: ids may have gaps)."""
     if requested == "auto":
-        return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+        return np.uint16 if id_bound <= np.iinfo(np.uint16).max + 1 else np.int32
     dtype = DTYPES[requested]
-    if vocab_size > np.iinfo(dtype).max + 1:
+    if id_bound > np.iinfo(dtype).max + 1:
         raise UserError(
             f"--dtype {requested} holds ids below {np.iinfo(dtype).max + 1}, but the tokenizer "
-            f"has {vocab_size} tokens; use --dtype int32 or auto"
+            f"has ids up to {id_bound - 1}; use --dtype int32 or auto"
         )
     return dtype
 

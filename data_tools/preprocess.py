@@ -60,7 +60,7 @@ def _write_own_shard(config: PreprocessConfig, shards_dir: Path):
     """Write this process's shard; return the tokenizer, loaded once for shard and merge."""
     check_output_free(config.output, config.overwrite)
     tokenizer = load_tokenizer(config.tokenizer)
-    choose_dtype(tokenizer.vocab_size, config.dtype)  # fail before any work
+    choose_dtype(tokenizer.id_bound, config.dtype)  # fail before any work
     sources = expand_inputs(config.inputs)
     prefix = shard_prefix(shards_dir, config.shard_index, config.num_shards)
     if Path(f"{prefix}.json").exists() and not config.overwrite:

@@ -166,7 +166,7 @@ def write_shard(
     config: PreprocessConfig, sources: list[Source], tokenizer, prefix: Path
 ) -> dict:
     """Tokenize ``sources`` into ``prefix.{bin,idx,json}``; return the shard record."""
-    dtype = choose_dtype(tokenizer.vocab_size, config.dtype)
+    dtype = choose_dtype(tokenizer.id_bound, config.dtype)
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     tmp_bin, tmp_idx = temp_name(bin_path), temp_name(idx_path)
     bin_path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,9 @@ class E2D2Tokenizer:
         self.specials = specials
         self.name = name
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        # One past the largest id: what a token dtype must hold. Equal to vocab_size for
+        # contiguous ids, larger for a (foreign) vocabulary with gaps.
+        self.id_bound: int = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eod = self._id(specials.eod)
         self.mask_id = self._id(specials.mask)
         self.bos = self._id(specials.bos)

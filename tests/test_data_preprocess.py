@@ -203,6 +203,28 @@ def test_vocabulary_too_large_for_dtype_is_an_error(tmp_path, capsys):
     assert _manifest(tmp_path / "o2")["dtype"] == "int32"
 
 
+def test_dtype_fits_the_largest_id_not_the_token_count(tmp_path):
+    """A vocabulary with gaps: 6 tokens, but an id of 70000, which uint16 cannot hold."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<eos>": 0, "<|mask|>": 1, "<|bos|>": 2, "<|pad|>": 3, "[UNK]": 4, "hello": 70_000}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "sparse"
+    tok_dir.mkdir()
+    tokenizer.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    assert load_tokenizer(tok_dir).vocab_size == 6
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["hello x", "hello"])
+    out = tmp_path / "out"
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", tok_dir,
+                "--output", out, "--valid-docs", 1) == 0
+    assert _manifest(out)["dtype"] == "int32"
+    assert read_documents(out / "train") + read_documents(out / "valid") == [
+        [70_000, 4, 0], [70_000, 0]
+    ]
+
+
 def test_existing_output_needs_overwrite(tmp_path, data_corpus, capsys):
     texts, corpus = data_corpus
     out = tmp_path / "out"
