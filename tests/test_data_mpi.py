@@ -37,3 +37,22 @@ def test_mpi_shards_merge_to_the_single_process_output(tmp_path):
     assert "shard 1/2" in result.stderr and "shard 2/2" in result.stderr  # both ranks worked
     assert output_files(tmp_path / "mpi") == output_files(tmp_path / "single")
     assert not list((tmp_path / "mpi").glob(".shards-*"))  # staging removed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install 'e2d2[mpi]')")
+def test_mpi_with_one_input_file_merges_an_empty_shard(tmp_path):
+    """`mpirun -n 2` with one file: rank 1 owns no source and writes a 0-document shard."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", pydoc_texts(12))
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 2]
+    assert e2d2(*args, "--output", tmp_path / "single") == 0
+    env = os.environ | {
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "e2d2.cli",
+               *map(str, args), "--output", str(tmp_path / "mpi")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert output_files(tmp_path / "mpi") == output_files(tmp_path / "single")
