@@ -368,7 +368,9 @@ class ParallelDiffusionLM(MegatronModule):
         if not self.post_process:
             return h.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:  # positions are gathered only inside the LM head
-            return self._logits(h)[:, predicted]
+            # A slice such as BD3-LM's ``[:, L:]`` is not contiguous once batch > 1, and
+            # megatron's vocab-parallel cross-entropy ``.view``s its input.
+            return self._logits(h)[:, predicted].contiguous()
         return self._logits(h[:, predicted])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -380,12 +382,20 @@ class ParallelDiffusionLM(MegatronModule):
 def build_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[ParallelDiffusionLM]:
     """This rank's model chunks, in schedule order (after ``megatron_layout`` /
     ``initialize_model_parallel``): one stage, or ``virtual_pipeline`` interleaved stages.
-    Weights are uninitialised: load them with ``megatron_ext.mapping.load_reference_state``."""
+    Weights are uninitialised: load them with ``megatron_ext.mapping.load_reference_state``.
+
+    Built on CPU in fp32 (``use_cpu_initialization``); when CUDA is available the chunks
+    are then moved to ``torch.cuda.current_device()`` (still fp32: bf16 is not supported
+    yet). The CUDA move is not verified on a GPU (see docs/parallel.md)."""
     plan = PipelinePlan(model, parallel)
     config = transformer_config(model, parallel)
     rank, pp = parallel_state.get_pipeline_model_parallel_rank(), parallel.pipeline_parallel
-    return [_tagged(ParallelDiffusionLM(model, plan, chunk * pp + rank, config))
-            for chunk in range(parallel.virtual_pipeline or 1)]
+    chunks = [_tagged(ParallelDiffusionLM(model, plan, chunk * pp + rank, config))
+              for chunk in range(parallel.virtual_pipeline or 1)]
+    if torch.cuda.is_available():
+        # Module.to keeps the Parameter objects (and so the attributes _tagged set).
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    return chunks
 
 
 def _tagged(stage: ParallelDiffusionLM) -> ParallelDiffusionLM:
@@ -395,7 +405,11 @@ def _tagged(stage: ParallelDiffusionLM) -> ParallelDiffusionLM:
     # optimizer treats it as replicated.
     # With sequence parallelism a replicated weight (the norms) sees only this rank's
     # positions; megatron's finalize_model_grads sums the gradients of weights tagged so.
+    # Transformer Engine's linears tag their own weights (and megatron's setter asserts the
+    # attributes are unset), so weights already tagged are left as they are.
     for m in param_maps(stage):
+        if hasattr(m.param, "tensor_model_parallel"):
+            continue
         if m.tp_axis is not None:
             set_tensor_model_parallel_attributes(m.param, is_parallel=True, dim=m.tp_axis, stride=1)
         else:

@@ -59,15 +59,15 @@ def vocab_parallel_token_nll(logits: torch.Tensor, target: torch.Tensor,
     ``exclude_token`` gets logit ``-inf`` first (SUBS: ``[MASK]`` is never predicted), on
     the one rank whose vocab slice holds it, like ``e2d2.diffusion.token_nll``.
     """
-    logits = logits.float()
+    # A fresh contiguous copy on every rank: megatron's CE works in place on its input
+    # (which must not be the model's logits) and ``.view``s it (slices such as BD3-LM's
+    # predicted half or AR's ``[:, :-1]`` are not contiguous).
+    logits = logits.float().clone(memory_format=torch.contiguous_format)
     if exclude_token is not None:
         local = logits.shape[-1]
         start = parallel_state.get_tensor_model_parallel_rank() * local
         if start <= exclude_token < start + local:
-            index = torch.tensor([exclude_token - start], device=logits.device)
-            logits = logits.index_fill(-1, index, float("-inf"))
-    else:
-        logits = logits.clone()  # megatron's CE works in place on its input
+            logits[..., exclude_token - start] = float("-inf")
     return vocab_parallel_cross_entropy(logits, target)
 
 
@@ -98,7 +98,12 @@ def make_forward_step(objective: DiffusionObjective) -> Callable:
                           weighting=objective.cfg.loss_weighting)
 
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+        # The micro-batch goes to the model's device (CUDA after build_chunks on a GPU;
+        # a no-op on CPU).
         batch = next(data_iterator)
+        param = next(model.parameters(), None)
+        if param is not None:
+            batch = {k: v.to(param.device) for k, v in batch.items()}
         return model(batch), partial(loss_of, batch)
 
     return forward_step

@@ -75,6 +75,8 @@ def spawn_gloo(
 ) -> list[Any]:
     """Run ``fn(rank, *args)`` on ``world_size`` gloo ranks; return results in rank order.
 
+    Workers start with ``CUDA_VISIBLE_DEVICES=""``: they are CPU ranks on any machine.
+
     Results must be picklable (move tensors to CPU, detach them). The first rank
     that raises makes this raise ``WorkerError`` with its traceback.
     """
@@ -85,8 +87,18 @@ def spawn_gloo(
         ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
         for rank in range(world_size)
     ]
-    for proc in procs:
-        proc.start()
+    # CPU ranks even on a GPU machine: a spawned child inherits the environment at start,
+    # before it imports torch, so CUDA stays invisible to it (and cpu_compat applies).
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
     results: dict[int, Any] = {}
     errors: list[str] = []
     try:

@@ -4,7 +4,8 @@
 
 runs the reference model (``e2d2.model.DiffusionLM``) and the parallel model under the
 layout on the same weights and the same noised batch, and compares the loss, every
-parameter's gradient, and the losses of a few AdamW steps with gradient clipping. This is
+parameter's gradient, the losses of a few AdamW steps with gradient clipping, and the
+weights after the last step (whose update no loss measures). This is
 what ``tests/test_parallel_equivalence.py`` asserts, usable on a laptop before a layout
 spends cluster hours. Exit status 1 on a mismatch, 2 on an invalid layout.
 """
@@ -79,7 +80,8 @@ def _noise_generator(run: Run) -> torch.Generator:
 
 
 def reference_run(cfg: ModelConfig, run: Run) -> dict:
-    """Single process: step-0 gradients, then the loss of every AdamW step."""
+    """Single process: step-0 gradients, the loss of every AdamW step (measured before that
+    step's update) and the weights after the last step."""
     model = DiffusionLM(cfg)
     model.load_state_dict(reference_state_at_seed(cfg, run.seed))
     objective = _objective(cfg)
@@ -97,7 +99,8 @@ def reference_run(cfg: ModelConfig, run: Run) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.clip)
         optimizer.step()
         losses.append(loss.item())
-    return {"losses": losses, "grads": grads}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"losses": losses, "grads": grads, "params": params}
 
 
 def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
@@ -143,23 +146,37 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
                 "params": gather_reference_state(stages)}
 
 
-def _grad_mismatches(reference: dict, grads: dict | None, atol: float) -> list[str]:
-    if grads is None:
+def _mismatches(what: str, reference: dict, tensors: dict | None, atol: float) -> list[str]:
+    if tensors is None:
         return []
-    if grads.keys() != reference.keys():
-        return [f"parameter names differ: {sorted(grads.keys() ^ reference.keys())}"]
-    errors = {name: (grads[name] - ref).abs().max().item() for name, ref in reference.items()}
-    return [f"grad {name} off by {err:.2e}" for name, err in errors.items() if err > atol]
+    if tensors.keys() != reference.keys():
+        return [f"{what} names differ: {sorted(tensors.keys() ^ reference.keys())}"]
+    errors = {name: (tensors[name] - ref).abs().max().item() for name, ref in reference.items()}
+    return [f"{what} {name} off by {err:.2e}" for name, err in errors.items() if err > atol]
 
 
-def compare(reference: dict, results: list[dict], atol: float, steps_atol: float) -> list[str]:
+# Final weights after ``Run.steps`` AdamW steps at lr 1e-2. Adam divides by sqrt(v) + eps, so
+# where a gradient is near zero a rounding-level gradient difference changes that element's
+# update by a fair fraction of lr: the tested layouts differ by up to ~2e-4 (TP) and ~3e-6
+# (DP only). A skipped or wrong step moves most weights by ~lr = 1e-2.
+PARAMS_ATOL = 1e-3
+
+
+def compare(reference: dict, results: list[dict], atol: float, steps_atol: float,
+            params_atol: float = PARAMS_ATOL) -> list[str]:
     """Mismatches (empty = equal) between the reference and every rank's parallel result:
     gradients and step-0 loss within ``atol``, the step losses within ``steps_atol`` (Adam's
-    first updates are ~lr x sign(grad), so rounding-level gradient differences grow)."""
+    first updates are ~lr x sign(grad), so rounding-level gradient differences grow), and
+    the final weights (after the last step, which no loss measures) within ``params_atol``
+    (see ``PARAMS_ATOL``). At least one rank (a last pipeline stage) must report losses."""
     problems = []
+    if all(res["first_loss"] is None for res in results):
+        problems.append("no rank reported a loss")
     for rank, res in enumerate(results):
-        problems += [f"rank {rank}: {p}" for p in _grad_mismatches(reference["grads"],
-                                                                  res["grads"], atol)]
+        problems += [f"rank {rank}: {p}" for p in _mismatches("grad", reference["grads"],
+                                                              res["grads"], atol)]
+        problems += [f"rank {rank}: {p}" for p in _mismatches("param", reference["params"],
+                                                              res["params"], params_atol)]
         if res["first_loss"] is None:
             continue  # not a last pipeline stage
         if abs(res["first_loss"] - reference["losses"][0]) > atol:
@@ -188,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="main-stack (encoder) layers")
     p.add_argument("--decoder-layers", type=int, default=None)
     p.add_argument("--prompt-and-padding", action="store_true")
+    p.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (of 4 per DP rank)")
     p.add_argument("--atol", type=float, default=1e-5)
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("num_layers", args.layers),
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel = ParallelConfig(args.world, args.tp, args.pp, args.encoder_stages,
                                   args.virtual_pipeline, args.sequence_parallel,
                                   use_distributed_optimizer=args.distributed_optimizer)
-        run = Run(global_batch=4 * parallel.data_parallel,
+        run = Run(global_batch=4 * parallel.data_parallel, micro_batch=args.micro_batch,
                   prompt_and_padding=args.prompt_and_padding)
         PipelinePlan(cfg, parallel)  # fail here, before any process starts
     except ConfigError as exc:

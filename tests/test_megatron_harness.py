@@ -1,4 +1,5 @@
-"""The gloo harness returns per-rank results in rank order and surfaces a rank's traceback."""
+"""The gloo harness returns per-rank results in rank order, surfaces a rank's traceback,
+and hides CUDA from its workers."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def test_results_in_rank_order():
 def test_worker_error_carries_traceback():
     with pytest.raises(WorkerError, match="rank 1:(.|\n)*rank one is broken"):
         spawn_gloo(_fails_on_rank_one, 2)
+
+
+def _cuda_seen(rank: int) -> tuple[str | None, bool]:
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_workers_never_see_cuda():
+    import os
+
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert spawn_gloo(_cuda_seen, 1) == [("", False)]
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # the parent's is restored
