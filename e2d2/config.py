@@ -86,6 +86,11 @@ class ModelConfig:
         return self.variant != "ar"
 
     @property
+    def num_streams(self) -> int:
+        """Length-``L`` token streams the model runs: clean and noisy (E2D2, BD3-LM) or one."""
+        return 2 if self.is_e2d2 or self.variant == "bd3lm" else 1
+
+    @property
     def diffusion_block_size(self) -> int:
         """Block size of the noising process: MDLM noises the whole sequence as one block."""
         return self.seq_length if self.variant == "mdlm" else self.block_size

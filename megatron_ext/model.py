@@ -288,8 +288,7 @@ class ParallelDiffusionLM(MegatronModule):
     # -- forward ---------------------------------------------------------------------------
     def stream_length(self) -> int:
         """Length ``T`` of the inter-stage tensor (megatron's ``seq_length``)."""
-        L = self.cfg.seq_length
-        return 2 * L if self.cfg.variant in ("e2d2", "e2d2_shared_kv", "bd3lm") else L
+        return self.cfg.num_streams * self.cfg.seq_length
 
     def _mask(self, spec: masks.AttentionMask, batch: dict[str, torch.Tensor]):
         x0 = batch["x0"]
@@ -342,7 +341,9 @@ class ParallelDiffusionLM(MegatronModule):
         else:
             incoming = self._incoming()
             h_enc, h_dec = incoming.split(incoming.shape[1] // 2, dim=1)
-        h_enc, enc_kv = run_layers(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
+        enc_kv = []
+        if len(self.layers):  # decoder-only stages build no encoder mask
+            h_enc, enc_kv = run_layers(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
         if cfg.variant == "e2d2" and self.ends_encoder:
             h_enc = self.encoder_norm(h_enc)
         decoder = self._decoder_layers()
