@@ -7,7 +7,7 @@ from itertools import islice
 from pathlib import Path
 
 from data_tools.corpus import iter_documents
-from e2d2.cli import main
+from launchers.cli import main
 
 
 def pydoc_texts(count: int = 30) -> list[str]:

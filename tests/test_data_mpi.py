@@ -30,7 +30,7 @@ def test_mpi_shards_merge_to_the_single_process_output(tmp_path):
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
     }
-    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "e2d2.cli",
+    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "launchers.cli",
                *map(str, args), "--output", str(tmp_path / "mpi")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,7 +51,7 @@ def test_mpi_with_one_input_file_merges_an_empty_shard(tmp_path):
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
     }
-    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "e2d2.cli",
+    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "launchers.cli",
                *map(str, args), "--output", str(tmp_path / "mpi")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

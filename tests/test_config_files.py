@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from e2d2.errors import ConfigError
-from e2d2.run_config import load_run_config, run_config_from_dict
+from launchers.config import load_run_config, run_config_from_dict
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -50,6 +50,6 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 def test_demo_default_equals_the_tiny_cpu_config():
-    from e2d2.demo import DEMO_CONFIG
+    from launchers.demo import DEMO_CONFIG
 
     assert load_run_config(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml") == DEMO_CONFIG

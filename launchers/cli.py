@@ -1,7 +1,8 @@
 """The ``e2d2`` command line.
 
 Each subsystem owns its subcommands and registers them here through a
-``register(subparsers)`` function, so this file stays a thin router.
+``register(subparsers)`` function, so this file stays a thin router. Registration
+imports are cheap (each module imports its heavy dependencies inside its handlers).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from e2d2.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.cli import register as register_data
-    from e2d2.demo import register as register_demo
+    from launchers.demo import register as register_demo
+    from launchers.pretrain import register as register_pretrain
+    from launchers.sample import register as register_sample
 
     parser = argparse.ArgumentParser(
         prog="e2d2", description="E2D2 block-diffusion language models: data, training, sampling."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    register_demo(sub)
-    register_data(sub)
+    for register in (register_demo, register_data, register_pretrain, register_sample):
+        register(sub)
     return parser
 
 
