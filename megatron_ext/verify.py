@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="main-stack (encoder) layers")
     p.add_argument("--decoder-layers", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size (the last id is [MASK]); default 64. 1024 and more "
-                   "make the embedding straddle DP shards of the distributed optimizer")
+                   help="vocabulary size (the last id is [MASK]); default 64. A larger one "
+                   "(e.g. 1024) makes the embedding straddle the distributed optimizer's DP shards")
     p.add_argument("--prompt-and-padding", action="store_true")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (of 4 per DP rank)")
     p.add_argument("--atol", type=float, default=1e-5)

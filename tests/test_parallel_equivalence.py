@@ -244,7 +244,6 @@ def test_checkpoint_tp2pp2_loads_at_tp1_and_pp2(world4):
                 assert torch.equal(loaded[name], saved[name]), f"{layout} rank {rank}: {name}"
 
 
-
 def test_tiny_model_with_a_bigger_vocabulary_keeps_mask_the_last_id():
     cfg = model_config("e2d2", **BIG_VOCAB)
     assert (cfg.vocab_size, cfg.mask_token_id) == (1024, 1023)
