@@ -17,8 +17,8 @@ import os
 import re
 import shutil
 import signal
-import traceback
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from e2d2.errors import UserError
 from launchers.config import RunConfig, save_run_config
+from launchers.preemption import signals_deferred
 from megatron_ext import checkpoint as engine_checkpoint
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -104,7 +105,8 @@ class RunCheckpoints:
                 if stale.exists():
                     shutil.rmtree(stale)
         torch.distributed.barrier()
-        engine_checkpoint.save_training_state(partial, chunks, optimizer, ema, common)
+        with signals_deferred():
+            engine_checkpoint.save_training_state(partial, chunks, optimizer, ema, common)
         if kill_after_write:
             os.killpg(os.getpgid(0), signal.SIGKILL)
         torch.distributed.barrier()  # every rank's shards are on disk
@@ -133,8 +135,9 @@ class RunCheckpoints:
             error = None
             try:
                 common = engine_checkpoint.read_common(path)
-                engine_checkpoint.load_training_state(path, chunks, optimizer, ema,
-                                                      restore_rng=same_layout(common))
+                with signals_deferred():
+                    engine_checkpoint.load_training_state(path, chunks, optimizer, ema,
+                                                          restore_rng=same_layout(common))
             except engine_checkpoint.ModelMismatchError:
                 raise  # another model: an older checkpoint of this run would not help
             # A corrupt file surfaces as anything; torch's CheckpointException is a BaseException.
