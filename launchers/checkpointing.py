@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from e2d2.errors import UserError
 from launchers.config import RunConfig, save_run_config
-from launchers.preemption import signals_deferred
 from megatron_ext import checkpoint as engine_checkpoint
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -105,8 +104,7 @@ class RunCheckpoints:
                 if stale.exists():
                     shutil.rmtree(stale)
         torch.distributed.barrier()
-        with signals_deferred():
-            engine_checkpoint.save_training_state(partial, chunks, optimizer, ema, common)
+        engine_checkpoint.save_training_state(partial, chunks, optimizer, ema, common)
         if kill_after_write:
             os.killpg(os.getpgid(0), signal.SIGKILL)
         torch.distributed.barrier()  # every rank's shards are on disk
@@ -135,9 +133,8 @@ class RunCheckpoints:
             error = None
             try:
                 common = engine_checkpoint.read_common(path)
-                with signals_deferred():
-                    engine_checkpoint.load_training_state(path, chunks, optimizer, ema,
-                                                          restore_rng=same_layout(common))
+                engine_checkpoint.load_training_state(path, chunks, optimizer, ema,
+                                                      restore_rng=same_layout(common))
             except engine_checkpoint.ModelMismatchError:
                 raise  # another model: an older checkpoint of this run would not help
             # A corrupt file surfaces as anything; torch's CheckpointException is a BaseException.

@@ -2,16 +2,15 @@
 
 The signal only sets a flag; the loop finishes the step in flight, saves a checkpoint and
 exits with ``PREEMPTED_EXIT_CODE``. SLURM delivers the signal to every process of the job
-step, the helpers that dist_checkpointing spawns to write a checkpoint included, and a
-spawned helper has the default action (terminate), so a save would fail just when it is
-needed. Checkpoint I/O therefore runs inside ``signals_deferred()``: the signals are
-blocked in this process, so helpers spawned meanwhile inherit the block and never see them,
-and a signal that arrives during the save is delivered to this process right after it.
+step, the helpers of dist_checkpointing included. Its writer processes are forked during a
+save and inherit the flag-setting handler, but its result-queue manager is a *spawned*
+process, with the default action (terminate): it would die, and the preemption save with
+it. ``Preemption`` therefore starts that manager first, with both signals ignored (an
+ignored disposition survives ``exec``), and only then installs the handlers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
 
 import torch
@@ -20,11 +19,27 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch template 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def _start_checkpoint_helpers() -> None:
+    # megatron-core 0.16.1 creates this process on the first save and keeps it (a private
+    # function; megatron_ext.cpu_compat pins the version).
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        _get_write_results_queue,
+    )
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in PREEMPTION_SIGNALS}
+    try:
+        _get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class Preemption:
     """Installs the handlers; ``requested()`` tells every rank after the step in flight."""
 
     def __init__(self) -> None:
         self.flag = False
+        _start_checkpoint_helpers()
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -36,13 +51,3 @@ class Preemption:
         flag = torch.tensor([float(self.flag)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Block the preemption signals for the duration (see the module docstring)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
