@@ -45,8 +45,9 @@ def assign_pieces(sources: list[Source], num_shards: int, index: int) -> list[Pi
     return pieces
 
 
-def split_piece(piece: Piece, nbytes: int = TASK_BYTES) -> list[Piece]:
-    """``piece`` cut into consecutive pieces of at most ``nbytes`` (of a splittable source)."""
+def split_piece(piece: Piece, nbytes: int | None = None) -> list[Piece]:
+    """``piece`` cut into consecutive pieces of at most ``nbytes`` (default ``TASK_BYTES``)."""
+    nbytes = TASK_BYTES if nbytes is None else nbytes
     return [
         Piece(piece.source, start, min(start + nbytes, piece.end))
         for start in range(piece.start, piece.end, nbytes)
