@@ -46,9 +46,11 @@ def _compressed(path, data: bytes, codec: str):
 # ---- splitting: every record read exactly once, in order, wherever the cuts fall ----
 
 
-def test_every_byte_boundary_reads_each_line_once(tmp_path):
+@pytest.mark.parametrize("read_bytes", [7, 1 << 20])  # lines spanning many reads, or one read
+def test_every_byte_boundary_reads_each_line_once(tmp_path, monkeypatch, read_bytes):
     """Cut a jsonl at every byte offset: the two ranges together are the whole file's records,
     including cuts inside multi-byte UTF-8 characters and cuts on and right after a newline."""
+    monkeypatch.setattr("data_tools.sources.READ_BYTES", read_bytes)
     texts = ["é", "日本語のテキスト", "emoji 🙂 and ü", "plain", "x" * 40]
     lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
     body = ("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:])).encode()  # a blank line too
@@ -177,7 +179,8 @@ def test_one_jsonl_over_1_2_3_workers_is_byte_identical(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("codec", list(COMPRESS))
-def test_compressed_jsonl_reads_like_the_plain_file(tmp_path, codec):
+def test_compressed_jsonl_reads_like_the_plain_file(tmp_path, monkeypatch, codec):
+    monkeypatch.setattr("data_tools.compressed.BLOCK_BYTES", 1000)  # members end mid-block
     texts = pydoc_texts(12)
     plain = write_jsonl(tmp_path / "c.jsonl", texts)
     data = plain.read_bytes()
