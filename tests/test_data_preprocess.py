@@ -7,7 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from test_data_helpers import e2d2, output_files, pydoc_texts, read_documents, write_jsonl
+from test_data_helpers import (
+    e2d2,
+    output_files,
+    pydoc_texts,
+    read_documents,
+    sharded_equals_single,
+    write_jsonl,
+)
 
 from data_tools.tokenizer import load_tokenizer
 
@@ -344,19 +351,8 @@ def test_empty_shards_merge(tmp_path):
     texts = pydoc_texts(30)
     corpus = tmp_path / "corpus.jsonl.gz"
     corpus.write_bytes(gzip.compress(write_jsonl(tmp_path / "c.jsonl", texts).read_bytes()))
-    common = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 4]
-    assert e2d2(*common, "--output", tmp_path / "single") == 0
-    sharded = tmp_path / "sharded"
-    for index in range(3):
-        assert e2d2(*common, "--output", sharded, "--num-shards", 3, "--shard-index", index) == 0
-    shard_docs = [json.loads(p.read_text())["documents"]
-                  for p in sorted((sharded / "shards").glob("*.json"))]
-    assert sorted(shard_docs) == [0, 0, 30]
-    assert e2d2("data", "merge", sharded) == 0
-    merged = output_files(sharded)
-    assert {k: v for k, v in merged.items() if not k.startswith("shards/")} == output_files(
-        tmp_path / "single"
-    )
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 4]
+    assert sorted(sharded_equals_single(args, tmp_path, 3)) == [0, 0, 30]
 
     src = tmp_path / "src"
     src.mkdir()

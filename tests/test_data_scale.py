@@ -10,7 +10,14 @@ import os
 
 import pytest
 import zstandard
-from test_data_helpers import e2d2, output_files, pydoc_texts, read_documents, write_jsonl
+from test_data_helpers import (
+    e2d2,
+    output_files,
+    pydoc_texts,
+    read_documents,
+    sharded_equals_single,
+    write_jsonl,
+)
 
 from data_tools.sources import Piece, expand_inputs, iter_records
 from data_tools.split import assign_pieces
@@ -113,39 +120,19 @@ def test_parquet_with_several_row_groups_over_shards_merges_to_one_process(tmp_p
     texts = pydoc_texts(30)
     corpus = tmp_path / "c.parquet"
     pq.write_table(pa.table({"text": texts}), corpus, row_group_size=4)  # 8 row groups
-    common = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 3]
-    assert e2d2(*common, "--output", tmp_path / "single") == 0
-    sharded = tmp_path / "sharded"
-    for index in range(3):
-        assert e2d2(*common, "--output", sharded, "--num-shards", 3, "--shard-index", index) == 0
-    shard_docs = [json.loads(p.read_text())["documents"]
-                  for p in sorted((sharded / "shards").glob("*.json"))]
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 3]
+    shard_docs = sharded_equals_single(args, tmp_path, 3)
     assert all(shard_docs) and sum(shard_docs) == 30  # every shard read row groups
-    assert e2d2("data", "merge", sharded) == 0
-    merged = output_files(sharded)
-    assert {k: v for k, v in merged.items() if not k.startswith("shards/")} == output_files(
-        tmp_path / "single"
-    )
-    assert _decoded(sharded) == texts
+    assert _decoded(tmp_path / "sharded") == texts
 
 
 def test_one_jsonl_over_manual_shards_merges_to_one_process(tmp_path):
     texts = pydoc_texts(30)
     corpus = write_jsonl(tmp_path / "c.jsonl", texts)
-    common = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 4]
-    assert e2d2(*common, "--output", tmp_path / "single") == 0
-    sharded = tmp_path / "sharded"
-    for index in range(3):
-        assert e2d2(*common, "--output", sharded, "--num-shards", 3, "--shard-index", index) == 0
-    shard_docs = [json.loads(p.read_text())["documents"]
-                  for p in sorted((sharded / "shards").glob("*.json"))]
-    assert all(shard_docs)
-    assert e2d2("data", "merge", sharded) == 0
-    merged = output_files(sharded)
-    assert {k: v for k, v in merged.items() if not k.startswith("shards/")} == output_files(
-        tmp_path / "single"
-    )
-    [source] = _manifest(sharded)["sources"]  # described once, by the shard reading its start
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 4]
+    assert all(sharded_equals_single(args, tmp_path, 3))
+    # described once, by the shard reading its start
+    [source] = _manifest(tmp_path / "sharded")["sources"]
     assert source["path"] == str(corpus) and source["size"] == corpus.stat().st_size
 
 
