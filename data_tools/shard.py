@@ -4,9 +4,10 @@ Chunks of documents are encoded in one ``encode_batch`` call each and appended t
 megatron-core's ``IndexedDatasetBuilder`` (see ``data_tools.indexed``).
 
 A shard is a contiguous run of the (sorted) input records (see ``data_tools.split``), so
-concatenating the shards in order gives exactly the single-process output. Each shard is written as
-``shard-IIIII-of-NNNNN.{bin,idx}`` plus a ``.json`` record (counts, skip positions, sources),
-all under temporary names first; the ``.json`` appears last and marks the shard complete.
+concatenating the shards in order gives exactly the single-process output. Each shard is
+written as ``shard-IIIII-of-NNNNN.{bin,idx}`` plus a ``.json`` record (counts, skip
+positions, the inputs' first look, the sources it began), all under temporary names first;
+the ``.json`` appears last and marks the shard complete.
 """
 
 from __future__ import annotations

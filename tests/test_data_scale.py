@@ -42,7 +42,8 @@ def _manifest(out):
 
 def _decoded(out) -> list[str]:
     tok = load_tokenizer(out / "tokenizer")
-    return [tok.decode(d[:-1]) for d in read_documents(out / "train") + read_documents(out / "valid")]
+    docs = read_documents(out / "train") + read_documents(out / "valid")
+    return [tok.decode(d[:-1]) for d in docs]
 
 
 def _compressed(path, data: bytes, codec: str):
