@@ -1,0 +1,94 @@
+"""Shared by the Hugging Face tests: tiny trained-run directories in the checkpoint format,
+and a Python environment that has only torch, transformers and safetensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from packaging.requirements import Requirement
+
+from e2d2.config import ModelConfig
+from launchers.hf.checkpoints import EMA_PREFIX, MODEL_PREFIX, save_tensors, single_process_group
+
+MASK = 259  # the default ModelConfig's mask id (vocabulary 260 = bytes tokenizer)
+
+
+def tiny_config(variant: str, **changes) -> ModelConfig:
+    n_dec = 1 if variant in ("e2d2", "e2d2_shared_kv") else 0
+    base = dict(variant=variant, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                num_query_groups=2, num_layers=2, num_decoder_layers=n_dec, seq_length=32,
+                block_size=4)
+    return ModelConfig(**{**base, **changes})
+
+
+def write_run(run_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
+              sampler: dict | None = None, ema: dict[str, torch.Tensor] | None = None,
+              data_path: str | None = None, step: int = 10) -> Path:
+    """A run directory as ``e2d2 pretrain`` leaves it: config.yaml, metrics.jsonl and
+    checkpoints/latest -> iter_{step}/ (a dist checkpoint of ``model.*`` and ``ema.*``)."""
+    iter_dir = run_dir / "checkpoints" / f"iter_{step:07d}"
+    iter_dir.mkdir(parents=True)
+    tensors = {MODEL_PREFIX + k: v for k, v in state.items()}
+    if ema is not None:
+        tensors.update({EMA_PREFIX + k: v for k, v in ema.items()})
+    with single_process_group():
+        save_tensors(tensors, iter_dir, prefix="")
+    config = {"model": dataclasses.asdict(cfg), "sampler": sampler or {},
+              "train": {"steps": step}, "data": {"path": data_path}}
+    for where in (iter_dir, run_dir):
+        (where / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "metrics.jsonl").write_text(
+        f'{{"step": {step}, "loss": 3.25, "lr": 0.001}}\n{{"step": {step}, "nelbo": 3.5, "ppl": 33.1}}\n')
+    (run_dir / "checkpoints" / "latest").write_text(iter_dir.name + "\n")
+    return run_dir
+
+
+def _distributions(names: tuple[str, ...]) -> set[str]:
+    """``names`` and everything they require (no extras), as installed distribution names."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue  # an optional requirement whose marker applies but is not installed
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def clean_site(directory: Path, packages=("torch", "transformers", "safetensors")) -> Path:
+    """A site directory of symlinks to ``packages`` and their dependencies only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in _distributions(packages):
+        dist = md.distribution(name)
+        for entry in {Path(str(f)).parts[0] for f in dist.files or []}:
+            source = Path(dist.locate_file(entry))
+            target = directory / entry
+            if entry != ".." and source.exists() and not target.exists():
+                target.symlink_to(source)
+    return directory
+
+
+def run_clean(script: str, site: Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``python -I -S`` (no user site, no .pth files, so not the editable
+    project install) and ``site`` as the only package directory, offline, from ``cwd``."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(cwd / "hf_home"), "OMP_NUM_THREADS": "1"}
+    prelude = f"import sys; sys.path.append({str(site)!r})\n"
+    return subprocess.run([sys.executable, "-I", "-S", "-c", prelude + script], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
