@@ -93,7 +93,7 @@ def render(
         "from transformers import AutoModelForMaskedLM, AutoTokenizer",
         "",
         'model = AutoModelForMaskedLM.from_pretrained("PATH", trust_remote_code=True)',
-        'tok = AutoTokenizer.from_pretrained("PATH")',
+        'tok = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
         'ids = torch.tensor([tok.encode("Hello")])',
         'out = model.generate(ids, max_new_tokens=32, strategy="topk", steps=8, temperature=0)',
         "print(tok.decode(out[0]))",
