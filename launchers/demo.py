@@ -19,9 +19,9 @@ from e2d2.diffusion import DiffusionObjective
 from e2d2.errors import UserError
 from e2d2.evaluate import NelboResult
 from e2d2.model import DiffusionLM
-from launchers.config import RunConfig, load_run_config
 from e2d2.sampling import SamplerConfig, sample
 from e2d2.train import TrainConfig, pack_documents, train
+from launchers.config import RunConfig, load_run_config
 
 PROMPT = "And God said, "
 

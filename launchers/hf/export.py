@@ -19,7 +19,6 @@ Everything is written into a hidden sibling directory that is renamed to OUT at 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -201,30 +200,3 @@ def export_hf(source: str | Path, out: str | Path, max_shard_size: str = "5GB",
                 model_card.data_summary(Path(data_path) if data_path else None), str(source))
             (stage / "README.md").write_text(card)
     return out
-
-
-def _run(args: argparse.Namespace) -> int:
-    out = export_hf(args.checkpoint, args.output, args.max_shard_size, args.dtype, args.ema,
-                    args.overwrite, args.tokenizer)
-    files = sorted(p.name for p in out.iterdir())
-    print(f"wrote {out}: {', '.join(files)}")
-    if not any(name == "tokenizer.json" for name in files):
-        print("note: no tokenizer found (the run config's data.path has no tokenizer/); pass "
-              "--tokenizer DIR to include one")
-    print(f"load it with AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("export-hf", help="export a training checkpoint as a Hugging Face "
-                              "model directory (trust_remote_code)")
-    p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR",
-                   help="a run directory (uses checkpoints/latest) or an iter directory")
-    p.add_argument("output", metavar="OUT", help="new directory to write")
-    p.add_argument("--max-shard-size", default="5GB",
-                   help="largest safetensors file before sharding (default 5GB)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: DATA/tokenizer of the run)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.set_defaults(func=_run)
