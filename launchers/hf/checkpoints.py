@@ -44,6 +44,15 @@ class TrainedCheckpoint:
             raise ConfigError(f"{self.directory / CONFIG_NAME} [model]: {exc}") from None
 
 
+def tensor_mismatch(missing: list[str], unknown: list[str], wrong: list[str] = ()) -> str:
+    """``"missing tensors [...]; unknown tensors [...]; shape mismatches [...]"`` for the
+    non-empty lists ("" when all are empty), so every such error names each tensor."""
+    parts = [f"missing tensors {missing}" if missing else "",
+             f"unknown tensors {unknown}" if unknown else "",
+             f"shape mismatches [{'; '.join(wrong)}]" if wrong else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def _is_dist_checkpoint(path: Path) -> bool:
     return (path / "metadata.json").is_file()
 

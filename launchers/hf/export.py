@@ -39,6 +39,7 @@ from launchers.hf.checkpoints import (
     TrainedCheckpoint,
     locate,
     single_process_group,
+    tensor_mismatch,
 )
 from launchers.hf.staging import check_target, staged_directory
 
@@ -67,16 +68,10 @@ def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[i
     unknown = [n for n in found if n not in expected]
     wrong = [f"{n}: {found[n]} vs expected {expected[n]}" for n in expected
              if n in found and tuple(found[n]) != tuple(expected[n])]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unknown:
-        problems.append(f"unknown tensors {unknown}")
-    if wrong:
-        problems.append(f"shape mismatches [{'; '.join(wrong)}]")
+    problems = tensor_mismatch(missing, unknown, wrong)
     if problems:
-        raise UserError(f"{where} does not match the model config: {', '.join(problems)}. Is "
-                        "the config the one this checkpoint was trained with?")
+        raise UserError(f"{where} does not match the model config: {problems}. Is the config "
+                        "the one these weights were trained with?")
 
 
 def _sampler_defaults(ckpt: TrainedCheckpoint) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from e2d2.errors import UserError
+from launchers.hf.checkpoints import tensor_mismatch
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,10 @@ def plan(expected: Iterable[str], hf_names: Iterable[str], source_layer: Callabl
             out[name] = hf
     used = set(out.values())
     unknown += sorted(hf for hf in mapped.values() if hf not in used)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unknown:
-        problems.append(f"unknown tensors {sorted(unknown)}")
+    problems = tensor_mismatch(missing, sorted(unknown))
     if problems:
-        raise UserError(f"{where}: {'; '.join(problems)}. import-hf reads Qwen3 and Llama "
-                        "causal LMs without biases; is config.json the one of these weights?")
+        raise UserError(f"{where}: {problems}. import-hf reads Qwen3 and Llama causal LMs "
+                        "without biases; is config.json the one of these weights?")
     return out
 
 
