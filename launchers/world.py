@@ -28,7 +28,7 @@ class World:
     source: str  # "torchrun" | "single"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -41,7 +41,7 @@ def discover_world(environ: Mapping[str, str] | None = None) -> World:
         return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                      env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
                      "torchrun")
-    return World(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return World(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def init_world(world: World | None = None, timeout_s: float = 300.0) -> World:
