@@ -244,7 +244,7 @@ def test_bad_input_is_refused_and_nothing_is_written(runs, tmp_path, monkeypatch
     config.write_text(config.read_text().replace("num_layers: 2", "num_layers: 3"))
     with pytest.raises(UserError, match=r"missing tensors \['layers\.2\.input_norm\.weight'"):
         export_hf(wrong, _out(tmp_path, "wrong"))
-    with pytest.raises(UserError, match="neither a run directory"):
+    with pytest.raises(UserError, match="is neither a checkpoint"):
         export_hf(tmp_path, _out(tmp_path, "none"))
     with pytest.raises(UserError, match="max-shard-size"):
         export_hf(run, _out(tmp_path, "size"), max_shard_size="lots")

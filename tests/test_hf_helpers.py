@@ -11,11 +11,16 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from packaging.requirements import Requirement
 
 from e2d2.config import ModelConfig
-from launchers.hf.checkpoints import EMA_PREFIX, MODEL_PREFIX, save_tensors, single_process_group
+from launchers.checkpointing import RunCheckpoints
+from launchers.config import run_config_from_dict, save_run_config
+from launchers.hf.checkpoints import single_process_group
+from megatron_ext.layout import ParallelConfig
+from megatron_ext.mapping import load_reference_state, param_maps
+from megatron_ext.model import build_chunks
+from megatron_ext.testing import megatron_layout
 
 MASK = 259  # the default ModelConfig's mask id (vocabulary 260 = bytes tokenizer)
 
@@ -31,22 +36,21 @@ def tiny_config(variant: str, **changes) -> ModelConfig:
 def write_run(run_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
               sampler: dict | None = None, ema: dict[str, torch.Tensor] | None = None,
               data_path: str | None = None, step: int = 10) -> Path:
-    """A run directory as ``e2d2 pretrain`` leaves it: config.yaml, metrics.jsonl and
-    checkpoints/latest -> iter_{step}/ (a dist checkpoint of ``model.*`` and ``ema.*``)."""
-    iter_dir = run_dir / "checkpoints" / f"iter_{step:07d}"
-    iter_dir.mkdir(parents=True)
-    tensors = {MODEL_PREFIX + k: v for k, v in state.items()}
-    if ema is not None:
-        tensors.update({EMA_PREFIX + k: v for k, v in ema.items()})
-    with single_process_group():
-        save_tensors(tensors, iter_dir, prefix="")
-    config = {"model": dataclasses.asdict(cfg), "sampler": sampler or {},
-              "train": {"steps": step}, "data": {"path": data_path}}
-    for where in (iter_dir, run_dir):
-        (where / "config.yaml").write_text(yaml.safe_dump(config))
+    """A run directory as ``e2d2 pretrain`` leaves it (its own checkpoint writer, on one
+    process): config.yaml, metrics.jsonl, checkpoints/latest -> iter_{step}/ with the
+    weights ``state`` (and ``ema``)."""
+    run_cfg = run_config_from_dict({"model": dataclasses.asdict(cfg), "sampler": sampler or {},
+                                    "run": {"dir": str(run_dir)}, "data": {"path": data_path}})
+    parallel = ParallelConfig(world_size=1)
+    with single_process_group(), megatron_layout(parallel):
+        stages = build_chunks(cfg, parallel)
+        for stage in stages:
+            load_reference_state(stage, state)
+        ema_list = None if ema is None else [ema[m.reference_name] for s in stages for m in param_maps(s)]
+        RunCheckpoints(run_dir, keep=1).save(step, run_cfg, stages, None, ema_list, {"step": step})
+    save_run_config(run_cfg, run_dir / "config.yaml")
     (run_dir / "metrics.jsonl").write_text(
         f'{{"step": {step}, "loss": 3.25, "lr": 0.001}}\n{{"step": {step}, "nelbo": 3.5, "ppl": 33.1}}\n')
-    (run_dir / "checkpoints" / "latest").write_text(iter_dir.name + "\n")
     return run_dir
 
 

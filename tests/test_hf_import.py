@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from e2d2.config import ModelConfig
 from e2d2.errors import UserError
 from e2d2.model import DiffusionLM
-from launchers.hf.checkpoints import MODEL_PREFIX, TensorReader, single_process_group
+from launchers.config import load_run_config
+from launchers.hf.checkpoints import TensorReader, single_process_group
 from launchers.hf.import_hf import import_hf
 from launchers.hf.param_mapping import PARAM_MAPPINGS
+from megatron_ext.checkpoint import MODEL_PREFIX
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +61,7 @@ def hf_models(tmp_path_factory):
 
 
 def _read(out: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    cfg = ModelConfig(**yaml.safe_load((out / "config.yaml").read_text())["model"])
+    cfg = load_run_config(out / "config.yaml").model
     with single_process_group():
         reader = TensorReader(out, MODEL_PREFIX)
         return cfg, reader.read(sorted(reader.shapes))
@@ -114,8 +115,8 @@ def test_layout_is_validated_and_recorded(hf_models, tmp_path):
     _, directory = hf_models["qwen3"]
     out = import_hf(directory, _out(tmp_path), "e2d2", tp=2, pp=2, mask_token_id=VOCAB - 1,
                     decoder_layers=1)
-    parallel = yaml.safe_load((out / "config.yaml").read_text())["parallel"]
-    assert parallel == {"tensor_parallel": 2, "pipeline_parallel": 2, "encoder_pipeline_stages": 1}
+    parallel = load_run_config(out / "config.yaml").parallel
+    assert (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.encoder_pipeline_stages) == (2, 2, 1)
     with pytest.raises(UserError, match="does not divide num_query_groups"):
         import_hf(directory, _out(tmp_path), "ar", tp=4, mask_token_id=VOCAB - 1)
 

@@ -1,12 +1,11 @@
-"""Training checkpoints from one process: find them, read their tensors a few at a time,
-write new ones (for ``import-hf``).
+"""Training checkpoints from one process: find one with its run config, read its tensors a
+shard at a time (export), write reference weights as one (import).
 
-A run directory holds ``config.yaml`` and ``checkpoints/latest``, a text file naming the
-newest complete ``checkpoints/iter_NNNNNNN/``. Each iter directory is a megatron-core
-``dist_checkpointing`` directory with the resolved run config as ``config.yaml`` beside its
-files. Model tensors are keyed ``model.{reference name}`` and EMA tensors ``ema.{reference
-name}`` (the names of `e2d2.model.DiffusionLM`), each a ShardedTensor whose full shape is
-the reference tensor's, so one process reads full tensors whatever layout wrote them.
+The format is `megatron_ext.checkpoint`'s (see `launchers.checkpointing` for run
+directories): model tensors keyed ``model.{reference name}``, EMA tensors ``ema.{reference
+name}``, each a ShardedTensor whose full shape is the reference tensor's, so one process
+reads full tensors whatever layout wrote them; the resolved run config is ``config.yaml``
+in the iteration directory.
 """
 
 from __future__ import annotations
@@ -15,71 +14,38 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
 from e2d2.config import ModelConfig
-from e2d2.errors import ConfigError, UserError
+from e2d2.errors import UserError
+from launchers.checkpointing import resolve_checkpoint
+from launchers.config import RunConfig, load_run_config
 
-MODEL_PREFIX, EMA_PREFIX = "model.", "ema."
 CONFIG_NAME = "config.yaml"
 
 
 @dataclass(frozen=True)
 class TrainedCheckpoint:
-    """One iter directory, its run directory (None for a lone checkpoint) and run config."""
+    """One iteration directory, its run directory (None for a lone checkpoint), its config."""
 
     directory: Path
     run_dir: Path | None
-    config: dict[str, Any]
-
-    @property
-    def model_config(self) -> ModelConfig:
-        section = self.config.get("model") or {}
-        try:
-            return ModelConfig(**section)
-        except (TypeError, ConfigError) as exc:
-            raise ConfigError(f"{self.directory / CONFIG_NAME} [model]: {exc}") from None
-
-
-def tensor_mismatch(missing: list[str], unknown: list[str], wrong: list[str] = ()) -> str:
-    """``"missing tensors [...]; unknown tensors [...]; shape mismatches [...]"`` for the
-    non-empty lists ("" when all are empty), so every such error names each tensor."""
-    parts = [f"missing tensors {missing}" if missing else "",
-             f"unknown tensors {unknown}" if unknown else "",
-             f"shape mismatches [{'; '.join(wrong)}]" if wrong else ""]
-    return "; ".join(p for p in parts if p)
-
-
-def _is_dist_checkpoint(path: Path) -> bool:
-    return (path / "metadata.json").is_file()
+    config: RunConfig
 
 
 def locate(path: str | Path) -> TrainedCheckpoint:
-    """A run directory (its ``checkpoints/latest``) or an iter directory -> the checkpoint."""
-    path = Path(path)
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        directory, run_dir = path / "checkpoints" / Path(name).name, path
-        if not _is_dist_checkpoint(directory):
-            raise UserError(f"{latest} names {name!r}, but {directory} is not a complete "
-                            "checkpoint (no metadata.json); pass an iter directory explicitly")
-    elif _is_dist_checkpoint(path):
-        directory = path
-        parent = path.parent.parent
-        run_dir = parent if path.parent.name == "checkpoints" and (parent / CONFIG_NAME).is_file() else None
-    else:
-        raise UserError(f"{path} is neither a run directory (with checkpoints/latest) nor a "
-                        "checkpoint directory (with metadata.json)")
+    """A run directory (its ``checkpoints/latest``) or an iteration directory -> the checkpoint
+    and the run config saved with it (or, failing that, the run directory's)."""
+    directory = resolve_checkpoint(path)
+    if not (directory / "metadata.json").is_file():
+        raise UserError(f"{directory} is not a complete checkpoint (no metadata.json); pass "
+                        "an earlier iteration directory")
+    parent = directory.parent.parent
+    run_dir = parent if directory.parent.name == "checkpoints" else None
     for candidate in (directory / CONFIG_NAME, None if run_dir is None else run_dir / CONFIG_NAME):
         if candidate is not None and candidate.is_file():
-            config = yaml.safe_load(candidate.read_text()) or {}
-            if not isinstance(config, dict):
-                raise ConfigError(f"{candidate}: expected a mapping of config sections")
-            return TrainedCheckpoint(directory, run_dir, config)
+            return TrainedCheckpoint(directory, run_dir, load_run_config(candidate))
     raise UserError(f"{directory} has no {CONFIG_NAME} (and no run directory with one): the "
                     "model configuration is needed to read it")
 
@@ -101,11 +67,21 @@ def single_process_group() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-class TensorReader:
-    """Full tensors under one key prefix of a dist checkpoint, read on demand.
+def tensor_mismatch(missing: list[str], unknown: list[str], wrong: list[str] = ()) -> str:
+    """``"missing tensors [...]; unknown tensors [...]; shape mismatches [...]"`` for the
+    non-empty lists ("" when all are empty), so every such error names each tensor."""
+    parts = [f"missing tensors {missing}" if missing else "",
+             f"unknown tensors {unknown}" if unknown else "",
+             f"shape mismatches [{'; '.join(wrong)}]" if wrong else ""]
+    return "; ".join(p for p in parts if p)
 
-    ``shapes`` maps each reference name to ``(shape, dtype)`` from the metadata alone;
-    ``read(names)`` loads just those tensors. Needs a process group (`single_process_group`).
+
+class TensorReader:
+    """The full tensors under one key prefix of a checkpoint, read on demand.
+
+    ``shapes``: reference name -> ``(shape, dtype)``, from the metadata alone;
+    ``read(names)``: just those tensors (`megatron_ext.checkpoint.read_model_state`).
+    Needs a process group (`single_process_group`).
     """
 
     def __init__(self, directory: Path, prefix: str):
@@ -117,24 +93,26 @@ class TensorReader:
                        for key, t in metadata.items() if key.startswith(prefix)}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron_ext.checkpoint import read_model_state
 
-        request = {}
-        for name in names:
-            shape, dtype = self.shapes[name]
-            key = self.prefix + name
-            request[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype),
-                                                            replica_id=0)
-        return dist_checkpointing.load(request, str(self.directory))
+        loaded = read_model_state(self.directory, self.prefix, names)
+        # read_model_state also returns the checkpoint's common state (under a key that the
+        # prefix strip turns into ""): keep only the tensors asked for.
+        return {name: loaded[name] for name in names}
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], directory: Path, prefix: str = MODEL_PREFIX) -> None:
-    """Write full tensors as a dist checkpoint keyed ``prefix + name`` into the empty
-    ``directory`` (needs a process group). Any layout loads it: each tensor is one shard."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
+def save_reference_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: Path) -> None:
+    """Write full reference tensors as a weights-only checkpoint into the empty ``directory``,
+    through the engine's own save on a single-process layout (any layout loads it)."""
+    from megatron_ext import checkpoint as engine_checkpoint
+    from megatron_ext.layout import ParallelConfig
+    from megatron_ext.mapping import load_reference_state
+    from megatron_ext.model import build_chunks
+    from megatron_ext.testing import megatron_layout
 
-    sharded = {prefix + name: ShardedTensor.from_rank_offsets(prefix + name, t.contiguous(), replica_id=0)
-               for name, t in tensors.items()}
-    dist_checkpointing.save(sharded, str(directory))
+    parallel = ParallelConfig(world_size=1)
+    with single_process_group(), megatron_layout(parallel):
+        stages = build_chunks(cfg, parallel)
+        for stage in stages:
+            load_reference_state(stage, state)
+        engine_checkpoint.save(stages, str(directory))

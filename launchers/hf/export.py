@@ -28,13 +28,10 @@ from typing import Any
 import torch
 
 from e2d2.config import ModelConfig
-from e2d2.errors import ConfigError, UserError
+from e2d2.errors import UserError
 from e2d2.model import DiffusionLM
-from e2d2.sampling import SamplerConfig
 from launchers.hf import model_card, remote_code
 from launchers.hf.checkpoints import (
-    EMA_PREFIX,
-    MODEL_PREFIX,
     TensorReader,
     TrainedCheckpoint,
     locate,
@@ -42,6 +39,7 @@ from launchers.hf.checkpoints import (
     tensor_mismatch,
 )
 from launchers.hf.staging import check_target, staged_directory
+from megatron_ext.checkpoint import EMA_PREFIX, MODEL_PREFIX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HF_PREFIX = "model."  # E2D2ForMaskedLM keeps the reference model as ``self.model``
@@ -75,11 +73,13 @@ def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[i
 
 
 def _sampler_defaults(ckpt: TrainedCheckpoint) -> dict[str, Any]:
-    try:
-        sampler = SamplerConfig(**(ckpt.config.get("sampler") or {}))
-    except (TypeError, ConfigError) as exc:
-        raise ConfigError(f"{ckpt.directory} config [sampler]: {exc}") from None
-    return {name: getattr(sampler, name) for name in GENERATION_FIELDS}
+    return {name: getattr(ckpt.config.sampler, name) for name in GENERATION_FIELDS}
+
+
+def _data_dir(ckpt: TrainedCheckpoint) -> Path | None:
+    """The run's (first) data directory: every directory of a blend shares the tokenizer."""
+    paths = ckpt.config.data.paths
+    return Path(paths[0]) if paths else None
 
 
 def _tokenizer_dir(ckpt: TrainedCheckpoint, override: str | None) -> Path | None:
@@ -88,9 +88,9 @@ def _tokenizer_dir(ckpt: TrainedCheckpoint, override: str | None) -> Path | None
         if not (path / "tokenizer.json").is_file():
             raise UserError(f"--tokenizer {path}: no tokenizer.json there")
         return path
-    data_path = (ckpt.config.get("data") or {}).get("path")
-    if data_path and (Path(data_path) / "tokenizer" / "tokenizer.json").is_file():
-        return Path(data_path) / "tokenizer"
+    data = _data_dir(ckpt)
+    if data is not None and (data / "tokenizer" / "tokenizer.json").is_file():
+        return data / "tokenizer"
     return None
 
 
@@ -160,7 +160,7 @@ def export_hf(source: str | Path, out: str | Path, max_shard_size: str = "5GB",
     out = Path(out)
     check_target(out, overwrite)
     ckpt = locate(source)
-    cfg = ckpt.model_config
+    cfg = ckpt.config.model
     tok_dir = _tokenizer_dir(ckpt, tokenizer)
     token_ids = _check_tokenizer(tok_dir, cfg) if tok_dir is not None else {}
     generation = _sampler_defaults(ckpt)
@@ -188,10 +188,9 @@ def export_hf(source: str | Path, out: str | Path, max_shard_size: str = "5GB",
                 for f in sorted(tok_dir.iterdir()):
                     if f.is_file():
                         shutil.copyfile(f, stage / f.name)
-            data_path = (ckpt.config.get("data") or {}).get("path")
             card = model_card.render(
-                cfg, sum(torch.Size(s).numel() for s in shapes.values()), dtype, ckpt.config,
-                generation, model_card.final_metrics(ckpt.run_dir),
-                model_card.data_summary(Path(data_path) if data_path else None), str(source))
+                cfg, sum(torch.Size(s).numel() for s in shapes.values()), dtype,
+                ckpt.config.to_dict(), generation, model_card.final_metrics(ckpt.run_dir),
+                model_card.data_summary(_data_dir(ckpt)), str(source))
             (stage / "README.md").write_text(card)
     return out

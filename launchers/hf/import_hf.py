@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from e2d2.config import VARIANTS, ModelConfig
 from e2d2.errors import ConfigError, UserError
+from launchers.config import run_config_from_dict, save_run_config
 from launchers.hf import param_mapping
-from launchers.hf.checkpoints import CONFIG_NAME, save_tensors, single_process_group
+from launchers.hf.checkpoints import CONFIG_NAME, save_reference_weights
 from launchers.hf.export import check_tensors, reference_shapes
 from launchers.hf.staging import check_target, staged_directory
 
@@ -221,9 +221,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
     sources = param_mapping.plan(shapes, names, source_layer, str(hf_dir))
     check_tensors(shapes, {ours: names[hf] for ours, hf in sources.items()}, str(hf_dir))
     state = {ours: weights.get(hf).to(torch.float32) for ours, hf in sources.items()}
-    run_config = {"model": dataclasses.asdict(cfg),
-                  "parallel": {key: v for key, v in parallel.items() if v is not None}}
-    with staged_directory(out, overwrite) as stage, single_process_group():
-        save_tensors(state, stage)
-        (stage / CONFIG_NAME).write_text(yaml.safe_dump(run_config, sort_keys=False))
+    run_config = run_config_from_dict({"model": dataclasses.asdict(cfg), "parallel": parallel},
+                                      str(hf_dir))
+    with staged_directory(out, overwrite) as stage:
+        save_reference_weights(state, cfg, stage)
+        save_run_config(run_config, stage / CONFIG_NAME)
     return out
