@@ -96,3 +96,31 @@ def run_clean(script: str, site: Path, cwd: Path, timeout: int = 600) -> subproc
     prelude = f"import sys; sys.path.append({str(site)!r})\n"
     return subprocess.run([sys.executable, "-I", "-S", "-c", prelude + script], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def save_and_load_at_layouts(rank: int, root: str, cases: list, imported: str) -> dict:
+    """On a gloo world of 2: save each ``(name, cfg, layout kwargs)`` case's seed-0 weights
+    as run ``root/name`` with pretrain's writer at that layout, then load the ``imported``
+    checkpoint (``e2d2 import-hf`` output) at TP2 and return its gathered weights."""
+    from launchers.config import load_run_config
+    from megatron_ext import checkpoint as engine_checkpoint
+    from megatron_ext.layout import PipelinePlan
+    from megatron_ext.mapping import gather_reference_state, reference_state_at_seed
+
+    for name, cfg, kwargs in cases:
+        parallel = ParallelConfig(world_size=2, **kwargs)
+        plan = PipelinePlan(cfg, parallel)
+        run_cfg = run_config_from_dict({"model": dataclasses.asdict(cfg), "parallel": kwargs,
+                                        "run": {"dir": f"{root}/{name}"}})
+        with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
+            stages = build_chunks(cfg, parallel)
+            state = reference_state_at_seed(cfg, 0)
+            for stage in stages:
+                load_reference_state(stage, state)
+            RunCheckpoints(Path(root) / name, keep=1).save(5, run_cfg, stages, None, None, {})
+    cfg = load_run_config(Path(imported) / "config.yaml").model
+    parallel = ParallelConfig(world_size=2, tensor_parallel=2)
+    with megatron_layout(parallel):
+        stages = build_chunks(cfg, parallel)
+        engine_checkpoint.load(stages, imported)
+        return {k: v.cpu() for k, v in gather_reference_state(stages).items()}
