@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core warns at import on every machine without TE/Apex; the FP8 path checks for
     # TE itself and fails with a clear error, so the warning is only noise on the CLI.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # megatron-core's own deprecation noise about options this project never sets.
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
