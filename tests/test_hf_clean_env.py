@@ -1,7 +1,8 @@
-"""An export made by the ``e2d2 export-hf`` command loads in a fresh process whose only
-packages are torch, transformers and safetensors (with their dependencies), offline:
-AutoConfig / AutoModel / AutoModelForMaskedLM with trust_remote_code, the bundled
-tokenizer, and logits and greedy samples equal to the reference model's."""
+"""The whole path through the commands: a Hugging Face causal LM is imported, trained by
+``e2d2 pretrain``, exported, and the export loads in a fresh process whose only packages are
+torch, transformers and safetensors (with their dependencies), offline: AutoConfig /
+AutoModel / AutoModelForMaskedLM with trust_remote_code, the bundled tokenizer, and logits
+and greedy samples equal to the reference model's on the run's EMA weights."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hf_helpers import MASK, clean_site, run_clean, tiny_config, write_run
+import yaml
+from pretrain_helpers import make_data_dir, run_pretrain, write_config
+from test_hf_helpers import MASK, clean_site, run_clean
 
 from data_tools.tokenizer import load_tokenizer
 from e2d2.model import DiffusionLM
 from e2d2.sampling import SamplerConfig, sample
+from launchers.hf.checkpoints import TensorReader, locate, single_process_group
+from megatron_ext.checkpoint import EMA_PREFIX
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 CLEAN_SCRIPT = r"""
 import importlib, json, sys
@@ -52,23 +57,42 @@ print(json.dumps({
 """
 
 
-@pytest.mark.slow
-def test_export_cli_loads_in_a_clean_environment(tmp_path):
-    tokenizer = load_tokenizer("bytes")  # vocabulary 260, mask 259: the default model's
-    data = tmp_path / "data"
-    tokenizer.save(data / "tokenizer")
-    cfg = tiny_config("e2d2")
-    torch.manual_seed(0)
-    model = DiffusionLM(cfg).eval()
-    run = write_run(tmp_path / "run", cfg, model.state_dict(),
-                    {"strategy": "topk", "steps": 2, "temperature": 0.0}, data_path=str(data))
-    out = tmp_path / "exported"
+def _cli(*args: str) -> None:
     e2d2 = Path(sys.executable).with_name("e2d2")
-    done = subprocess.run([str(e2d2), "export-hf", str(run), str(out), "--max-shard-size", "40KB"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert (out / "model.safetensors.index.json").is_file()
-    assert (out / "tokenizer.json").is_file()
+    done = subprocess.run([str(e2d2), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_import_pretrain_export_loads_in_a_clean_environment(tmp_path):
+    """import-hf a tiny Qwen3 as E2D2 -> ``e2d2 pretrain`` from it (checkpoint.init, EMA) ->
+    export-hf --ema, sharded -> load offline with only torch/transformers/safetensors."""
+    data = make_data_dir(tmp_path)  # bytes tokenizer: vocabulary 260, mask 259, EOD 256
+    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True))
+    qwen.save_pretrained(tmp_path / "qwen3")
+    imported = tmp_path / "imported"
+    _cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2",
+         "--decoder-layers", "1", "--mask-token-id", "259", "--seq-length", "32")
+    model_section = yaml.safe_load((imported / "config.yaml").read_text())["model"]
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "adapt.yaml", model=model_section,
+                          train={"steps": 2, "ema_decay": 0.5}, data={"path": str(data)},
+                          run={"dir": str(run)}, checkpoint={"init": str(imported)})
+    done = run_pretrain(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "exported"
+    _cli("export-hf", str(run), str(out), "--ema", "--max-shard-size", "40KB")
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+
+    # The reference: the run's EMA weights in the reference model.
+    ckpt = locate(run)
+    with single_process_group():
+        reader = TensorReader(ckpt.directory, EMA_PREFIX)
+        ema = reader.read(sorted(reader.shapes))
+    model = DiffusionLM(ckpt.config.model).eval()
+    model.load_state_dict(ema)
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, MASK, (2, 16), generator=g)
@@ -90,5 +114,5 @@ def test_export_cli_loads_in_a_clean_environment(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], model(x0, xt), atol=1e-5, rtol=0)
     greedy = SamplerConfig(strategy="topk", steps=2, temperature=0.0, max_new_tokens=10,
-                           eos_token_id=tokenizer.eod)
+                           eos_token_id=load_tokenizer(data / "tokenizer").eod)
     assert torch.equal(result["tokens"], sample(model, prompt, greedy).tokens)
