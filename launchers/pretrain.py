@@ -183,6 +183,15 @@ def resume_candidates(cfg: RunConfig, resume: str) -> list[Path]:
     return [path]
 
 
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """A copy of the run's tokenizer (``e2d2 sample`` and export read it), written atomically."""
+    if directory.is_dir():
+        return
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    tokenizer.save(tmp)
+    os.replace(tmp, directory)
+
+
 def _parameter_counts(cfg) -> tuple[int, int]:
     """(all, non-embedding) parameters of the reference model."""
     with torch.device("meta"):
@@ -239,6 +248,7 @@ class _Trainer:
                                      self.run_dir / "cache")
             if self.rank == 0:
                 save_run_config(self.cfg, self.run_dir / "config.yaml")
+                _save_tokenizer(tokenizer, self.run_dir / "tokenizer")
             logger = RunLogger(self.run_dir, self.rank == 0, self.cfg.log.tensorboard, state.step)
             try:
                 return self._loop(state, logger)

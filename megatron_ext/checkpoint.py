@@ -232,5 +232,5 @@ def read_model_state(directory: str | Path, prefix: str = MODEL_PREFIX,
         raise CheckpointError(f"checkpoint {directory} holds no {prefix}* tensors")
     template = {k: ShardedTensor.from_rank_offsets(
         k, torch.empty(saved[k].global_shape, dtype=saved[k].dtype), replica_id=0) for k in keys}
-    loaded = dist_checkpointing.load(template, str(directory))
-    return {k[len(prefix):]: v for k, v in loaded.items()}
+    loaded = dist_checkpointing.load(template, str(directory))  # also returns the common state
+    return {k[len(prefix):]: loaded[k] for k in keys}

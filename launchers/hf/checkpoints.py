@@ -95,10 +95,7 @@ class TensorReader:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from megatron_ext.checkpoint import read_model_state
 
-        loaded = read_model_state(self.directory, self.prefix, names)
-        # read_model_state also returns the checkpoint's common state (under a key that the
-        # prefix strip turns into ""): keep only the tensors asked for.
-        return {name: loaded[name] for name in names}
+        return read_model_state(self.directory, self.prefix, names)
 
 
 def save_reference_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: Path) -> None:
