@@ -46,12 +46,14 @@ with torch.no_grad():
     logits = model(input_ids=inputs["xt"], clean_input_ids=inputs["x0"]).logits
 tokens = model.generate(inputs["prompt"], max_new_tokens=10, strategy="topk", steps=2,
                         temperature=0)
-text_ids = tok("In the beginning", return_tensors="pt").input_ids
-text = tok.decode(model.generate(text_ids, max_new_tokens=8, strategy="topk", steps=2)[0])
+text_ids = torch.tensor([tok.encode("In the beginning", add_special_tokens=False)])
+generated = model.generate(text_ids, max_new_tokens=10, strategy="topk", steps=2, temperature=0)
+text = tok.decode(generated[0])
 torch.save({"logits": logits, "tokens": tokens}, "result.pt")
 print(json.dumps({
     "config": type(config).__name__, "model": type(model).__name__, "base": type(base).__name__,
     "module": type(model).__module__, "variant": config.variant, "text": text,
+    "completion": generated[0, text_ids.shape[1]:].tolist(),
     "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("e2d2", "launchers")),
 }))
 """
@@ -110,9 +112,20 @@ def test_import_pretrain_export_loads_in_a_clean_environment(tmp_path):
     assert report["module"].startswith("transformers_modules.") and report["project_modules"] == []
     assert report["text"].startswith("In the beginning")
 
+    # The same tokens as `e2d2 sample` on the checkpoint it was exported from (greedy top-k).
+    e2d2 = Path(sys.executable).with_name("e2d2")
+    sampled = subprocess.run([str(e2d2), "sample", str(run), "--prompt", "In the beginning",
+                              "--max-new-tokens", "10", "--strategy", "topk", "--steps", "2",
+                              "--temperature", "0", "--ema", "--json"],
+                             capture_output=True, text=True, timeout=600)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    tokens = json.loads(sampled.stdout.strip().splitlines()[-1])["tokens"]
+    eod = load_tokenizer(data / "tokenizer").eod
+    assert report["completion"] == tokens + [eod] * (10 - len(tokens))
+
     result = torch.load(work / "result.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(result["logits"], model(x0, xt), atol=1e-5, rtol=0)
     greedy = SamplerConfig(strategy="topk", steps=2, temperature=0.0, max_new_tokens=10,
-                           eos_token_id=load_tokenizer(data / "tokenizer").eod)
+                           eos_token_id=eod)
     assert torch.equal(result["tokens"], sample(model, prompt, greedy).tokens)

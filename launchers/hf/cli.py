@@ -16,7 +16,7 @@ def _export(args: argparse.Namespace) -> int:
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out}: {', '.join(files)}")
     if not any(name == "tokenizer.json" for name in files):
-        print("note: no tokenizer found (the run config's data.path has no tokenizer/); pass "
+        print("note: no tokenizer found (no RUN/tokenizer nor DATA/tokenizer); pass "
               "--tokenizer DIR to include one")
     print(f"load it with AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return 0
@@ -32,7 +32,8 @@ def register_export_hf(subparsers) -> None:
                    help="largest safetensors file before sharding (default 5GB)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: DATA/tokenizer of the run)")
+    p.add_argument("--tokenizer", help="a tokenizer directory, gpt2 or bytes (default: the "
+                   "run's tokenizer, RUN/tokenizer or DATA/tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=_export)
 

@@ -10,7 +10,7 @@ shard. The directory holds:
 * ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
   ``model.safetensors.index.json`` above ``--max-shard-size``; tensors are named
   ``model.{reference name}``;
-* the tokenizer files of the run's data directory (``DATA/tokenizer/``) or ``--tokenizer``;
+* the run's tokenizer (found as ``e2d2 sample`` finds it) or ``--tokenizer``;
 * ``generation_config.json``: the run's sampler settings;
 * ``README.md``: the model card.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -82,28 +81,26 @@ def _data_dir(ckpt: TrainedCheckpoint) -> Path | None:
     return Path(paths[0]) if paths else None
 
 
-def _tokenizer_dir(ckpt: TrainedCheckpoint, override: str | None) -> Path | None:
-    if override is not None:
-        path = Path(override)
-        if not (path / "tokenizer.json").is_file():
-            raise UserError(f"--tokenizer {path}: no tokenizer.json there")
-        return path
-    data = _data_dir(ckpt)
-    if data is not None and (data / "tokenizer" / "tokenizer.json").is_file():
-        return data / "tokenizer"
-    return None
-
-
-def _check_tokenizer(directory: Path, cfg: ModelConfig) -> dict[str, int]:
-    """Token ids of the tokenizer, after checking that it fits the model."""
+def _tokenizer(ckpt: TrainedCheckpoint, override: str | None):
+    """``--tokenizer DIR``, else the run's tokenizer (as ``e2d2 sample`` finds it), else None."""
     from data_tools.tokenizer import load_tokenizer
+    from launchers.sample import run_tokenizer
 
-    tok = load_tokenizer(directory)
+    if override is not None:
+        return load_tokenizer(override)
+    try:
+        return run_tokenizer(ckpt.config, ckpt.directory)
+    except UserError:
+        return None
+
+
+def _token_ids(tok, cfg: ModelConfig) -> dict[str, int]:
+    """The tokenizer's special ids, after checking that it is this model's."""
     if tok.id_bound > cfg.vocab_size:
-        raise UserError(f"tokenizer {directory} has ids up to {tok.id_bound - 1}, but the model's "
+        raise UserError(f"tokenizer {tok.name!r} has ids up to {tok.id_bound - 1}, but the model's "
                         f"vocab_size is {cfg.vocab_size}: it is not this model's tokenizer")
     if cfg.is_diffusion and tok.mask_id != cfg.mask_token_id:
-        raise UserError(f"tokenizer {directory} has mask id {tok.mask_id}, but the model's "
+        raise UserError(f"tokenizer {tok.name!r} has mask id {tok.mask_id}, but the model's "
                         f"mask_token_id is {cfg.mask_token_id}: it is not this model's tokenizer")
     return {"eos_token_id": tok.eod, "bos_token_id": tok.bos, "pad_token_id": tok.pad}
 
@@ -161,8 +158,8 @@ def export_hf(source: str | Path, out: str | Path, max_shard_size: str = "5GB",
     check_target(out, overwrite)
     ckpt = locate(source)
     cfg = ckpt.config.model
-    tok_dir = _tokenizer_dir(ckpt, tokenizer)
-    token_ids = _check_tokenizer(tok_dir, cfg) if tok_dir is not None else {}
+    tok = _tokenizer(ckpt, tokenizer)
+    token_ids = _token_ids(tok, cfg) if tok is not None else {}
     generation = _sampler_defaults(ckpt)
     if generation["eos_token_id"] is None and "eos_token_id" in token_ids:
         generation["eos_token_id"] = token_ids["eos_token_id"]
@@ -184,10 +181,8 @@ def export_hf(source: str | Path, out: str | Path, max_shard_size: str = "5GB",
             # temperature is unused (it is used: 0 means greedy).
             generation_config = {**generation, "do_sample": True}
             (stage / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
-            if tok_dir is not None:
-                for f in sorted(tok_dir.iterdir()):
-                    if f.is_file():
-                        shutil.copyfile(f, stage / f.name)
+            if tok is not None:
+                tok.save(stage)  # tokenizer.json + tokenizer_config.json (AutoTokenizer)
             card = model_card.render(
                 cfg, sum(torch.Size(s).numel() for s in shapes.values()), dtype,
                 ckpt.config.to_dict(), generation, model_card.final_metrics(ckpt.run_dir),
