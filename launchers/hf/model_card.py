@@ -20,20 +20,12 @@ _VARIANT_NAMES = {
 
 
 def final_metrics(run_dir: Path | None) -> dict[str, Any]:
-    """The last training and evaluation records of ``metrics.jsonl`` (empty when absent)."""
-    path = None if run_dir is None else run_dir / "metrics.jsonl"
-    if path is None or not path.is_file():
-        return {}
-    train, evaluation = None, None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if "nelbo" in record:
-            evaluation = record
-        elif "loss" in record:
-            train = record
+    """The last training and evaluation records of the run's ``metrics.jsonl`` (may be empty)."""
+    from launchers.metrics import read_metrics
+
+    records = [] if run_dir is None else read_metrics(run_dir)
+    train = next((r for r in reversed(records) if "loss" in r), None)
+    evaluation = next((r for r in reversed(records) if "nelbo" in r), None)
     out = {}
     if train:
         out.update(step=train.get("step"), train_loss=train.get("loss"))
