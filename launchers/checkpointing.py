@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import traceback
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,8 @@ class RunCheckpoints:
                 raise  # another model: an older checkpoint of this run would not help
             # A corrupt file surfaces as anything; torch's CheckpointException is a BaseException.
             except (Exception, CheckpointException) as exc:  # noqa: BLE001
-                error = f"{type(exc).__name__}: {exc}"
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                error = f"{type(exc).__name__} at {where.filename}:{where.lineno}: {exc}"
             if _all_ranks_ok(error is None):
                 return path, common
             failures.append(f"{path.name}: {error or 'unreadable on another rank'}")

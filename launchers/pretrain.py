@@ -294,7 +294,10 @@ class _Trainer:
         path, common = self.checkpoints.load(
             candidates, self.stages, self.optimizer, self.ema,
             same_layout=lambda common: common.get("layout") == layout)
-        self.scheduler.load_state_dict(common["scheduler"])
+        # The schedule's shape comes from this run's config (a longer train.steps re-shapes
+        # the decay); only the position in it comes from the checkpoint.
+        self.scheduler.num_steps = common["scheduler"]["num_steps"]
+        self.scheduler.step(0)
         state = TrainState(**common["state"])
         changed = "" if common.get("layout") == layout else (
             f" (saved on {common.get('layout')}: resharded, RNG states re-seeded)")

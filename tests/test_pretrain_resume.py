@@ -6,7 +6,8 @@
 * ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
 * SIGTERM (through the local launcher, as SLURM's ``--signal`` would) saves, exits with the
   preempted code, and the resumed run continues exactly;
-* a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1) with the same losses;
+* a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
+  optimizer's state from DP2 to PP2) with the same losses;
 * a NaN step is skipped and counted; repeated NaN steps abort the run.
 """
 
@@ -35,7 +36,11 @@ LAYOUTS = {
     "single": (1, []),
     "tp2": (2, ["parallel.tensor_parallel=2"]),
     "pp2": (2, ["parallel.pipeline_parallel=2", "parallel.encoder_pipeline_stages=1"]),
+    "dp2-distopt": (2, ["parallel.use_distributed_optimizer=true"]),
+    "pp2-distopt": (2, ["parallel.pipeline_parallel=2", "parallel.encoder_pipeline_stages=1",
+                        "parallel.use_distributed_optimizer=true"]),
 }
+KILLED = ["single", "tp2", "pp2"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,7 @@ def _args(run_dir, data, layout):
     return [f"run.dir={run_dir}", f"data.path={data}", *LAYOUTS[layout][1]]
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", KILLED)
 def test_resume_after_kill_9_repeats_the_losses_bitwise(layout, setup, straight, tmp_path):
     _, data, config = setup
     reference = train_losses(straight(layout))
@@ -148,7 +153,8 @@ def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
 
 
-@pytest.mark.parametrize("source,target", [("single", "tp2"), ("pp2", "single")])
+@pytest.mark.parametrize("source,target", [("single", "tp2"), ("pp2", "single"),
+                                           ("dp2-distopt", "pp2-distopt")])
 def test_resume_on_another_layout_continues_with_the_same_losses(source, target, setup, straight,
                                                                  tmp_path):
     _, data, config = setup
