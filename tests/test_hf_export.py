@@ -153,6 +153,9 @@ def test_bfloat16_export(runs, tmp_path):
     assert weight.dtype == torch.bfloat16
     assert torch.equal(weight, model.embed.weight.detach().to(torch.bfloat16))
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = _load(out)  # transformers keeps the checkpoint's dtype; the sampler runs in it
+    assert hf.model.embed.weight.dtype == torch.bfloat16
+    assert hf.generate(_tokens(L=5)[0], max_new_tokens=6, steps=2).shape == (2, 11)
 
 
 def test_config_card_and_generation_config(runs, tmp_path):
