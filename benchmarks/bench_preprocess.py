@@ -169,7 +169,7 @@ def _pipeline(inputs: list[Path], workers: int, output: Path) -> dict:
 
 def _cli_child(args: list[str]) -> None:
     """Run the real command line in this process, then report its CPU use as JSON."""
-    from e2d2.cli import main
+    from launchers.cli import main
 
     status = main(args)
     print(json.dumps({"main_cpu": _cpu(resource.RUSAGE_SELF),
