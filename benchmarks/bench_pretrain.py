@@ -128,6 +128,11 @@ def variants_through_pretrain(args: argparse.Namespace) -> str:
     # The bytes tokenizer (260 ids, [MASK] = 259) of the embedded corpus.
     vocab_args = argparse.Namespace(**{**vars(args), "vocab": 260})
     measured, analytic = {}, {}
+    # This process was a world of one (engine_overhead): its torchrun variables must not
+    # make the child runs join that finished world.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = _data_dir(root)
@@ -146,7 +151,7 @@ def variants_through_pretrain(args: argparse.Namespace) -> str:
             run_dir = root / variant
             subprocess.run([sys.executable, "-m", "launchers.cli", "pretrain", str(path),
                             f"run.dir={run_dir}", f"data.path={data}"], check=True,
-                           capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                           capture_output=True, env=env)
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
             speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][5:]
             measured[label] = statistics.median(speeds)

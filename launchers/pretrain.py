@@ -207,6 +207,8 @@ class _Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep)
         self.objective = DiffusionObjective(cfg.model, cfg.diffusion)
+        self.eval_noised: list[list[dict]] | None = None  # built on the first evaluation
+        self.last_eval: dict | None = None
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -281,7 +283,7 @@ class _Trainer:
         self.scheduler.step(0)
         state = TrainState(**common["state"])
         changed = "" if common.get("layout") == layout else (
-            f" (saved on {common.get('layout')}: resharded, RNG states re-seeded)")
+            f" (saved on {common.get('layout')}: resharded; RNG states from run.seed)")
         self.log(f"e2d2 pretrain: resumed from {path} at step {state.step}{changed}")
         return state
 
@@ -402,15 +404,15 @@ class _Trainer:
     def _eval_inputs(self) -> list[list[dict]]:
         """Noised validation micro-batches per Monte-Carlo draw: seeded, so every evaluation
         of a run (and of any layout) sees the same noise."""
-        if not hasattr(self, "_eval_cache"):
+        if self.eval_noised is None:
             from megatron_ext.objective import noised_samples
 
             batches = self.data.eval_batches()
-            self._eval_cache = [
+            self.eval_noised = [
                 [noised_samples(self.objective, x0, ids, self.cfg.run.seed, train=False, draw=d)
                  for x0, ids in batches]
                 for d in range(self.cfg.train.eval_draws)]
-        return self._eval_cache
+        return self.eval_noised
 
     def _evaluate(self, step: int, logger: RunLogger) -> None:
         from megatron_ext.objective import make_forward_step
