@@ -130,6 +130,7 @@ class DiffusionLM(nn.Module):
         rope = self._rope(pos)
 
         def mask_of(spec: masks.AttentionMask):
+            spec = masks.with_prompt_rule(spec, cfg.prompt_is_bidirectional)
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
         if cfg.variant == "ar":
