@@ -120,12 +120,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Noising process and loss (spec sections 2 and 4)."""
+    """Noising process and loss (spec sections 2 and 4).
+
+    ``schedule`` shapes training only: evaluation integrates the NELBO over ``t in [0, 1]``
+    with the true ELBO weight of the unclipped schedule (`e2d2.noise.evaluation_schedule`).
+    Two conventions of the authors' code, off by default:
+
+    * ``keep_clean_bos``: position 0 (BOS) is never masked and is no target, so the NELBO
+      averages over the same ``L - 1`` tokens as the AR baseline's next-token NLL;
+    * ``remask_prompt_blocks=False``: the training re-mask rule (spec 2.4) skips a block that
+      holds a prompt (context) token, instead of re-masking every block left with eligible
+      tokens but none masked.
+    """
 
     schedule: str = "linear"
     schedule_kwargs: dict[str, float] = field(default_factory=dict)
     loss_weighting: str = "none"
     antithetic: bool = True
+    keep_clean_bos: bool = False
+    remask_prompt_blocks: bool = True
 
     def __post_init__(self) -> None:
         require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
