@@ -415,3 +415,51 @@ def test_prompt_ids_outside_the_vocabulary_are_one_clear_error():
         sample(model, torch.tensor([[3, 25]]), SamplerConfig(max_new_tokens=4))
     with pytest.warns(UserWarning, match="never seen in training"):
         sample(model, torch.tensor([[3, 4]]), SamplerConfig(max_new_tokens=20))
+
+
+# ------------------------------------------------------------ KV cache memory
+def test_cache_is_preallocated_once(monkeypatch):
+    model = tiny_model("e2d2")
+    calls = record(monkeypatch, model, "denoise")
+    run(model, prompts(2, 5), strategy="ancestral", steps=4, max_new_tokens=20)
+    pointers = {args[1].layers[0][0].data_ptr() for args in calls} | {args[1].decoder[0][1].data_ptr()
+                                                                       for args in calls}
+    assert len(pointers) == 2  # the same two buffers from the first step to the last
+
+
+def _step_allocations(model, cache, rows=None) -> int:
+    """Bytes allocated by one denoising step after ``cache``, as the profiler sees them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    xt = torch.full((2, S), MASK)
+    positions = cache.length + torch.arange(S).expand(2, S)
+    with torch.no_grad():
+        model.denoise(xt, cache, positions, rows=rows)  # grows the RoPE table once, outside the count
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model.denoise(xt, cache, positions, rows=rows)
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm"])
+def test_memory_of_a_denoising_step_stays_flat_as_the_prefix_grows(variant):
+    """A step attends views of the preallocated cache: it copies no prefix, so what it
+    allocates does not grow with the number of cached tokens (a torch.cat prefix would add
+    the prefix's K/V of every layer, here 16x the margin allowed). float32: the fused CPU
+    attention kernel, which reads K/V in place (float64 falls back to the math kernel, whose
+    score matrix grows with the prefix by construction)."""
+    cfg = tiny_model(variant).cfg
+    torch.manual_seed(0)
+    model = DiffusionLM(cfg)
+    cache = model.new_cache(2, 1024)
+    with torch.no_grad():
+        model.encode(prompts(2, 8), cache, torch.arange(8).expand(2, 8))
+        short = _step_allocations(model, cache)
+        added = 960
+        tokens = torch.randint(0, MASK, (2, added))
+        model.encode(tokens, cache, (8 + torch.arange(added)).expand(2, added))
+        long = _step_allocations(model, cache)
+        # control: selecting rows copies their prefix (what a torch.cat cache does every step)
+        copying = _step_allocations(model, cache, rows=torch.arange(2))
+    prefix_kv_one_layer = 2 * 2 * cfg.num_query_groups * (8 + added) * cfg.kv_channels * 4  # K and V, float32
+    assert long - short < prefix_kv_one_layer / 8, (short, long, prefix_kv_one_layer)
+    assert copying - long > prefix_kv_one_layer, (copying, long)
