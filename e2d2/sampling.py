@@ -68,8 +68,8 @@ class SamplerConfig:
       ``1 = t_0 > ... > t_steps = min_t``. ``min_t`` (in ``[0, 1)``) is the last step's time.
     * ``temperature``: 0 means greedy (argmax values); otherwise logits are divided by it.
     * ``top_p``: nucleus filtering: values are drawn from the smallest set of tokens whose
-      probability reaches ``top_p`` (1 = off); confidences are read from that filtered
-      distribution.
+      probability reaches ``top_p`` (1 = off); confidences still read the model's unfiltered
+      probabilities (filtered, every kept-alone token would have confidence 1).
     * ``eos_token_id``: a row stops after the block in which it generates this token;
       positions after its first EOS are filled with EOS.
     * ``stop_strings``: a row also stops once its decoded completion contains one of them
@@ -193,9 +193,10 @@ class RowStreams:
 class Distribution:
     """What one forward gives each position of a block, kept while the block is unchanged.
 
-    ``probs [b, S, vocab]`` (``[MASK]`` excluded, temperature and top-p applied); greedy:
-    ``argmax [b, S]``; sampling: the float64 ``cdf [b, S, vocab]`` (computed once per forward,
-    not per step); ``top2`` probabilities and ids for the margin strategy.
+    ``probs [b, S, vocab]`` (``[MASK]`` excluded, temperature applied), which confidences read;
+    greedy: ``argmax [b, S]``; sampling: the float64 ``cdf [b, S, vocab]`` values are drawn
+    from, top-p filtered (computed once per forward, not per step); ``top2`` probabilities and
+    ids for the margin strategy.
     """
 
     probs: torch.Tensor
@@ -209,12 +210,11 @@ class Distribution:
         logits = logits.float() / temperature if temperature else logits.float()
         is_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_id
         probs = logits.masked_fill(is_mask, -math.inf).softmax(-1)
-        if top_p < 1.0:
-            probs = _nucleus(probs, top_p)
         top2 = probs.topk(2, dim=-1) if margin else None
         if temperature == 0:
             return cls(probs, argmax=probs.argmax(-1), top2=top2)
-        return cls(probs, cdf=probs.double().cumsum(-1), top2=top2)
+        values_from = _nucleus(probs, top_p) if top_p < 1.0 else probs
+        return cls(probs, cdf=values_from.double().cumsum(-1), top2=top2)
 
     def rows(self, rows: torch.Tensor | None) -> Distribution:
         if rows is None:

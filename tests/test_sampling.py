@@ -64,8 +64,8 @@ def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, MASK, (batch, length), generator=g)
 
 
-def run(model, prompt, seed=1, **kw) -> sampling.SampleOutput:
-    return sample(model, prompt, SamplerConfig(**kw), torch.Generator().manual_seed(seed))
+def run(model, prompt, seed=1, decode=None, **kw) -> sampling.SampleOutput:
+    return sample(model, prompt, SamplerConfig(**kw), torch.Generator().manual_seed(seed), decode=decode)
 
 
 def record(monkeypatch, obj, name: str) -> list:
@@ -463,3 +463,108 @@ def test_memory_of_a_denoising_step_stays_flat_as_the_prefix_grows(variant):
     prefix_kv_one_layer = 2 * 2 * cfg.num_query_groups * (8 + added) * cfg.kv_channels * 4  # K and V, float32
     assert long - short < prefix_kv_one_layer / 8, (short, long, prefix_kv_one_layer)
     assert copying - long > prefix_kv_one_layer, (copying, long)
+
+
+# ------------------------------------------------------------ filtering, stopping, options
+def test_tiny_top_p_samples_the_argmax():
+    """top_p keeps the smallest set reaching p: with p -> 0 only the most likely token is left,
+    so seeded sampling gives the greedy tokens."""
+    model, prompt = tiny_model("e2d2"), prompts(3, 5)
+    kw = dict(strategy="topk", steps=2, max_new_tokens=8)
+    greedy = run(model, prompt, temperature=0.0, **kw)
+    nucleus = run(model, prompt, temperature=1.0, top_p=1e-9, **kw)
+    free = run(model, prompt, temperature=1.0, **kw)
+    assert torch.equal(nucleus.tokens, greedy.tokens)
+    assert not torch.equal(free.tokens, greedy.tokens)
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
+    kept = sampling._nucleus(probs, 0.75)  # 0.5 + 0.3 reaches it; 0.5 alone does not
+    torch.testing.assert_close(kept, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))
+    torch.testing.assert_close(sampling._nucleus(probs, 1.0), probs)
+
+
+def test_min_t_ends_the_time_grid():
+    grid = sampling.step_times("linear", 4, min_t=0.2)
+    assert grid[0].alpha_t == pytest.approx(0.0) and grid[-1].alpha_s == pytest.approx(0.8)
+    assert [g.last for g in grid] == [False, False, False, True]
+    # top-k keeps (1 - alpha_s) of the masks at each step: min_t changes how many per step
+    model, prompt = tiny_model("bd3lm"), prompts(2, 4)
+    base = run(model, prompt, strategy="topk", steps=4, temperature=0.0, max_new_tokens=8)
+    late = run(model, prompt, strategy="topk", steps=4, temperature=0.0, max_new_tokens=8, min_t=0.5)
+    assert not (late.tokens == MASK).any()
+    assert base.nfe_per_block == [4, 4] and late.nfe_per_block == [3, 3]
+
+
+def _letters(ids: list[int]) -> str:
+    return "".join("abcdefghijkl"[i] for i in ids)
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "mdlm", "ar"])
+def test_stop_strings_end_a_row_at_the_token_that_completes_them(variant):
+    model, prompt = tiny_model(variant), prompts(4, 6, seed=2)
+    kw = dict(strategy="topk", steps=4, temperature=0.0, max_new_tokens=16)
+    free = run(model, prompt, **kw)
+    text = [_letters(free.tokens[r, 6:].tolist()) for r in range(4)]
+    stop = text[0][5:7]  # a string row 0 generates, two tokens long
+    out = run(model, prompt, stop_strings=(stop,), decode=_letters, **kw)
+    for r in range(4):
+        n = text[r].find(stop)
+        expected = 6 + (n + len(stop) if n >= 0 else 16)
+        assert int(out.lengths[r]) == expected and bool(out.finished[r]) == (n >= 0)
+        assert torch.equal(out.tokens[r, :expected], free.tokens[r, :expected])
+        assert (out.tokens[r, expected:] == MASK).all()  # no EOS id: the mask token fills
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm"])
+@pytest.mark.parametrize("block_size", [2, 8])
+def test_inference_block_size(variant, block_size):
+    """Blocks of another size than the trained one: cached equals the uncached forward with
+    that block size's masks, and the blocks tile the budget."""
+    model, prompt = tiny_model(variant), prompts(2, 5)
+    kw = dict(strategy="ancestral", steps=3, max_new_tokens=11, block_size=block_size)
+    cached = run(model, prompt, use_cache=True, **kw)
+    full = run(model, prompt, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, full.tokens)
+    assert cached.num_blocks == -(-(5 % block_size + 11) // block_size)
+    assert not (cached.tokens == MASK).any()
+
+
+# ------------------------------------------------------------ past seq_length
+def test_sliding_window_changes_nothing_while_the_sequence_fits():
+    model, prompt = tiny_model("e2d2"), prompts(2, 6)
+    kw = dict(strategy="ancestral", steps=3, max_new_tokens=40)
+    assert torch.equal(run(model, prompt, sliding_window=True, **kw).tokens, run(model, prompt, **kw).tokens)
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm"])
+def test_sliding_window_generates_past_seq_length_inside_the_trained_positions(monkeypatch, variant):
+    model = tiny_model(variant)  # seq_length 64
+    positions = record(monkeypatch, model, "_rope")
+    lists = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [4], []]
+    cfg = SamplerConfig(strategy="topk", steps=2, max_new_tokens=150, sliding_window=True)
+    got = sample_prompts(model, lists, cfg, seeds=[1, 2, 3])
+    assert [len(c) for c in got] == [150] * 3 and not any(MASK in c for c in got)
+    assert max(int(args[0].max()) for args in positions) < model.cfg.seq_length
+    for p, seed, completion in zip(lists, [1, 2, 3], got, strict=True):  # mixed lengths still exact
+        alone = sample(model, torch.tensor([p], dtype=torch.long).view(1, len(p)), cfg, seeds=[seed])
+        assert completion == alone.completion(0)
+
+
+def test_dropping_a_block_rebases_positions_without_changing_attention():
+    """RoPE scores depend on position differences only: after the oldest block is dropped and
+    the keys rotated back, a block at rebased positions gets the logits it gets at its
+    original positions with the oldest block masked out."""
+    model = tiny_model("e2d2")
+    cache = model.new_cache(2, 64)
+    tokens = prompts(2, 24, seed=4)
+    with torch.no_grad():
+        model.encode(tokens, cache, torch.arange(24).expand(2, 24))
+        xt = torch.full((2, S), MASK)
+        hidden = torch.arange(24 + S) >= S  # the oldest block is out of the window
+        expected = model.denoise(xt, cache, (24 + torch.arange(S)).expand(2, S),
+                                 hidden.expand(2, S, -1).clone())
+        cache.drop_oldest(S, model.cfg.kv_channels, model.cfg.rope_theta)
+        got = model.denoise(xt, cache, (20 + torch.arange(S)).expand(2, S))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # float32 RoPE tables
