@@ -138,6 +138,34 @@ def test_flex_block_mask_equals_dense(spec):
     assert torch.equal(block_mask.to_dense().bool().squeeze(1), _tiles(dense, 128).bool())
 
 
+@pytest.mark.parametrize("spec", [masks.E2D2_ENCODER, masks.E2D2_DECODER, masks.BD3LM, masks.MDLM, masks.AR,
+                                  masks.with_prompt_rule(masks.BD3LM, True)], ids=lambda s: f"{s.name}-{s.bidirectional_context}")
+def test_flex_attention_forward_equals_sdpa_with_the_dense_mask(spec):
+    """FlexAttention itself, run (its forward works on CPU in eager mode; there is no CPU
+    backward), with a mid-block prompt and padding: the GPU path's mask logic, checked here."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    L, S = 256, 4
+    pad = torch.ones(2, L, dtype=torch.bool)
+    pad[1, -37:] = False
+    ctx = torch.zeros(2, L, dtype=torch.bool)
+    ctx[0, :10] = True  # ends inside block 2
+    ctx[1, :131] = True  # crosses a 128-wide tile
+    lq, lk = spec.shape(L)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, lq, 16, generator=g)
+    k, v = torch.randn(2, 2, lk, 16, generator=g), torch.randn(2, 2, lk, 16, generator=g)
+    block_mask = spec.block_mask(L, S, batch_size=2, context=ctx, padding=pad, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "called without torch.compile": eager is the point here
+        got = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    dense = spec.dense(L, S, ctx, pad)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None], enable_gqa=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def _tiles(dense: torch.Tensor, tile: int) -> torch.Tensor:
     """Which ``tile x tile`` tiles of ``dense [B, Lq, Lk]`` contain any allowed entry."""
     b, lq, lk = dense.shape
