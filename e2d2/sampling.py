@@ -371,6 +371,8 @@ def _denoise_block(
     ``forward(x_rows, rows)`` gives logits for the rows ``rows`` (None = all) of the block.
     A row steps while its block has a mask; it is forwarded again only if its block changed
     since its last forward. ``row_nfe [b]`` is incremented for every row forwarded.
+    Profiler labels ``sample.step`` and ``sample.forward`` split a step into the model and
+    the rest (``benchmarks/bench_sample.py`` measures that overhead).
     """
     n_start = (x == mask_id).sum(-1)
     width = x.shape[1]
@@ -381,33 +383,35 @@ def _denoise_block(
         stepping = (x == mask_id).any(-1)
         if not stepping.any():
             return x, calls
-        need = stepping & ~fresh
-        if need.any():
-            rows = None if need.all() else need.nonzero().squeeze(1)
-            new = Distribution.of(forward(x if rows is None else x[rows], rows), mask_id,
-                                  cfg.temperature, cfg.top_p, cfg.strategy == "topk_margin")
-            if dist is None or rows is None:
-                dist = new if rows is None else _scatter_new(new, rows, x.shape[0])
+        with torch.profiler.record_function("sample.step"):
+            need = stepping & ~fresh
+            if need.any():
+                rows = None if need.all() else need.nonzero().squeeze(1)
+                with torch.profiler.record_function("sample.forward"):
+                    logits = forward(x if rows is None else x[rows], rows)
+                new = Distribution.of(logits, mask_id, cfg.temperature, cfg.top_p, cfg.strategy == "topk_margin")
+                if dist is None or rows is None:
+                    dist = new if rows is None else _scatter_new(new, rows, x.shape[0])
+                else:
+                    dist.update(rows, new)
+                row_nfe += need
+                fresh |= need
+                calls += 1
+            rows = None if stepping.all() else stepping.nonzero().squeeze(1)
+            xs = x if rows is None else x[rows]
+            step_time = None if cfg.strategy == "first_hitting" else times[min(step, len(times) - 1)]
+            new_x = denoise_step(cfg.strategy, xs, dist.rows(rows), step_time,
+                                 n_start if rows is None else n_start[rows], mask_id, cfg.threshold,
+                                 lambda: streams.uniform(width, rows))
+            changed = (new_x != xs).any(-1)
+            if rows is None:
+                fresh &= ~changed
+                x = new_x
             else:
-                dist.update(rows, new)
-            row_nfe += need
-            fresh |= need
-            calls += 1
-        rows = None if stepping.all() else stepping.nonzero().squeeze(1)
-        xs = x if rows is None else x[rows]
-        step_time = None if cfg.strategy == "first_hitting" else times[min(step, len(times) - 1)]
-        new_x = denoise_step(cfg.strategy, xs, dist.rows(rows), step_time,
-                             n_start if rows is None else n_start[rows], mask_id, cfg.threshold,
-                             lambda: streams.uniform(width, rows))
-        changed = (new_x != xs).any(-1)
-        if rows is None:
-            fresh &= ~changed
-            x = new_x
-        else:
-            fresh[rows[changed]] = False
-            x = x.clone()
-            x[rows] = new_x
-        step += 1
+                fresh[rows[changed]] = False
+                x = x.clone()
+                x[rows] = new_x
+            step += 1
 
 
 def _scatter_new(new: Distribution, rows: torch.Tensor, batch: int) -> Distribution:
