@@ -44,6 +44,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -402,7 +403,7 @@ def _denoise_block(
             step_time = None if cfg.strategy == "first_hitting" else times[min(step, len(times) - 1)]
             new_x = denoise_step(cfg.strategy, xs, dist.rows(rows), step_time,
                                  n_start if rows is None else n_start[rows], mask_id, cfg.threshold,
-                                 lambda: streams.uniform(width, rows))
+                                 partial(streams.uniform, width, rows))
             changed = (new_x != xs).any(-1)
             if rows is None:
                 fresh &= ~changed
@@ -578,22 +579,22 @@ class _CachedDenoiser:
         self._positions, self._mask = self.positions(), self._visible()
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        pos = self._positions if rows is None else self._positions[rows]
-        mask = None if self._mask is None or rows is None else self._mask[rows]
-        return self.run.model.denoise(x, self.cache, pos, self._mask if rows is None else mask, rows)
+        pos, mask = self._positions, self._mask
+        if rows is not None:
+            pos, mask = pos[rows], None if mask is None else mask[rows]
+        return self.run.model.denoise(x, self.cache, pos, mask, rows)
 
     def commit(self, block: torch.Tensor, j: int) -> None:
         mask = self._mask
         if j == 0 and self.bidirectional and bool((self.tail > 0).any()):
             # the tail is context: in training its queries read context keys only
-            mask = self._mask
             if mask is None:
                 mask = torch.ones(block.shape[0], self.S, self.cache.length + self.S, dtype=torch.bool,
                                   device=block.device)
             i = torch.arange(self.S, device=block.device)
             tail_q = i[None, :, None] < self.tail[:, None, None]  # [b, S, 1]
             own_k = torch.arange(self.cache.length + self.S, device=block.device) - self.cache.length
-            own_non_ctx = (own_k[None, None, :] >= self.tail[:, None, None])  # own key, not a prompt token
+            own_non_ctx = own_k[None, None, :] >= self.tail[:, None, None]  # a key of the block past the tail
             mask = mask & ~(tail_q & own_non_ctx)
         self.run.model.encode(block, self.cache, self._positions, mask)
 
