@@ -181,6 +181,8 @@ class RowStreams:
 
     def uniform(self, n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         idx = range(len(self.generators)) if rows is None else rows.tolist()
+        if self.widths is None and len(idx) == 1:  # batch 1: no stacking
+            return torch.rand(1, n, generator=self.generators[idx[0]], device=self.device, dtype=torch.float64)
         draws = []
         for i in idx:
             w = n if self.widths is None else self.widths[i]
@@ -208,9 +210,10 @@ class Distribution:
     @classmethod
     def of(cls, logits: torch.Tensor, mask_id: int, temperature: float, top_p: float,
            margin: bool) -> Distribution:
-        logits = logits.float() / temperature if temperature else logits.float()
-        is_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_id
-        probs = logits.masked_fill(is_mask, -math.inf).softmax(-1)
+        # a fresh tensor either way (the division, or the copy), so the mask logit is set in place
+        logits = logits.float() / temperature if temperature else logits.float().clone()
+        logits[..., mask_id] = -math.inf
+        probs = logits.softmax(-1)
         top2 = probs.topk(2, dim=-1) if margin else None
         if temperature == 0:
             return cls(probs, argmax=probs.argmax(-1), top2=top2)
