@@ -849,9 +849,11 @@ def sample_prompts(
 ) -> list[list[int]]:
     """Completions (through EOS or the stop string, if any) for prompts of any lengths, in
     input order, sampled as one batch: each equals its prompt sampled alone with its seed."""
+    if not prompts:
+        return []
     device = next(model.parameters()).device
     plens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-    padded = torch.zeros(len(prompts), int(plens.max()) if len(prompts) else 0, dtype=torch.long, device=device)
+    padded = torch.zeros(len(prompts), int(plens.max()), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
     out = _run(model, padded, plens, cfg, generator, seeds, decode)
