@@ -398,11 +398,11 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="at least one token"):
         sample(tiny_model("ar"), prompts(1, 0), SamplerConfig())
     with pytest.raises(ConfigError, match="decode"):
-        sample(model, prompts(1, 3), SamplerConfig(stop_strings=("ab",)))
+        sample(model, prompts(1, 3), SamplerConfig(stop_strings=("ab",), max_new_tokens=4))
     with pytest.raises(ConfigError, match="no blocks"):
         sample(tiny_model("mdlm"), prompts(1, 3), SamplerConfig(block_size=2))
     with pytest.raises(ValueError, match="seeds has 1 entries for 2"):
-        sample(model, prompts(2, 3), SamplerConfig(), seeds=[1])
+        sample(model, prompts(2, 3), SamplerConfig(max_new_tokens=4), seeds=[1])
 
 
 def test_prompt_ids_outside_the_vocabulary_are_one_clear_error():
