@@ -210,8 +210,11 @@ class Distribution:
     @classmethod
     def of(cls, logits: torch.Tensor, mask_id: int, temperature: float, top_p: float,
            margin: bool) -> Distribution:
-        # a fresh tensor either way (the division, or the copy), so the mask logit is set in place
-        logits = logits.float() / temperature if temperature else logits.float().clone()
+        """From a forward's ``logits [b, S, vocab]``, which it overwrites (the sampler's own)."""
+        # ``logits`` is the sampler's own fresh forward output: the mask logit is set in place
+        logits = logits.float()
+        if temperature not in (0.0, 1.0):
+            logits = logits / temperature
         logits[..., mask_id] = -math.inf
         probs = logits.softmax(-1)
         top2 = probs.topk(2, dim=-1) if margin else None
@@ -389,8 +392,9 @@ def _denoise_block(
             return x, calls
         with torch.profiler.record_function("sample.step"):
             need = stepping & ~fresh
+            one_row = x.shape[0] == 1  # batch 1: a row that steps or needs a forward is all rows
             if need.any():
-                rows = None if need.all() else need.nonzero().squeeze(1)
+                rows = None if one_row or need.all() else need.nonzero().squeeze(1)
                 with torch.profiler.record_function("sample.forward"):
                     logits = forward(x if rows is None else x[rows], rows)
                 new = Distribution.of(logits, mask_id, cfg.temperature, cfg.top_p, cfg.strategy == "topk_margin")
@@ -401,7 +405,7 @@ def _denoise_block(
                 row_nfe += need
                 fresh |= need
                 calls += 1
-            rows = None if stepping.all() else stepping.nonzero().squeeze(1)
+            rows = None if one_row or stepping.all() else stepping.nonzero().squeeze(1)
             xs = x if rows is None else x[rows]
             step_time = None if cfg.strategy == "first_hitting" else times[min(step, len(times) - 1)]
             new_x = denoise_step(cfg.strategy, xs, dist.rows(rows), step_time,
