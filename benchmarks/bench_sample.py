@@ -1,18 +1,26 @@
-"""Sampling throughput of E2D2, BD3-LM and MDLM on this CPU, at batch 1 and batch 8.
+"""Sampling throughput on this CPU: E2D2, BD3-LM, AR (and MDLM) at batch 1 and batch 8.
 
-All models have the same total depth N (E2D2: N - N_dec encoder + N_dec decoder layers) and
-random weights: throughput does not depend on what the weights say, because the ``topk``
-strategy reveals a fixed number of tokens per step (``--steps`` per block; the default, one
-token per step, is the paper's throughput setting) and no EOS stops a row early.
+Defaults are the reference code's tiny config (vocab 1001, hidden 128, FFN 384, 4 heads,
+2 KV heads, L = 256, S = 4, tied embeddings): E2D2 4+2 and BD3-LM 4, a prompt of 16 tokens,
+128 new tokens, T = S steps per block. The reference code measured 484 (E2D2) and 365
+(BD3-LM) tokens/s at batch 1 on this machine; the goals (issue 10) are 2x those at batch 1,
+batch 8 at least 5x batch 1, and per-step overhead below 30% of a batch-1 denoising step.
+
+Random weights: throughput does not depend on what they say, because the ``topk`` strategy
+reveals a fixed number of tokens per step and no EOS stops a row early.
 
 * E2D2 and BD3-LM use the block KV cache: a step runs the decoder (E2D2) or the whole stack
   (BD3-LM) on one block against the cached clean keys, plus one clean pass per block.
-* MDLM has no block KV cache: it denoises prompt + completion as one block, with a full
-  forward per step. It gets as many steps as completion tokens, so its NFE per generated
-  token matches the others'.
+* AR (``--baseline-layers`` layers) samples one token per forward with its KV cache.
+* MDLM (``--mdlm``) has no block KV cache: one block over prompt + completion, a full forward
+  per step, as many steps as completion tokens (the same NFE per token as the others).
+
+Per-step overhead: the profiler's ``sample.step`` regions (one denoising step: model forward,
+distribution, reveal, bookkeeping) against the ``sample.forward`` regions inside them (the
+model alone); overhead = 1 - forward / step, at batch 1.
 
     .venv/bin/python -m benchmarks.bench_sample            # defaults: about 1 minute
-    .venv/bin/python -m benchmarks.bench_sample --new-tokens 256 --batches 1 8 32
+    .venv/bin/python -m benchmarks.bench_sample --new-tokens 256 --batches 1 8 32 --mdlm
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 from functools import partial
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import (
     add_model_args,
@@ -34,14 +43,20 @@ from e2d2 import flops
 from e2d2.model import DiffusionLM
 from e2d2.sampling import SamplerConfig, sample
 
+REFERENCE_TOKENS_PER_S = {"e2d2": 484.0, "bd3lm": 365.0}  # the authors' code, batch 1, this CPU
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    p.set_defaults(hidden=128, vocab=1001, layers=6, dec_layers=2, threads=2)
+    p.add_argument("--baseline-layers", type=int, default=4, help="BD3-LM / AR / MDLM depth")
+    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=None, help="steps per block (default: block size)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--mdlm", action="store_true", help="also time MDLM (slow: no block cache)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     return p.parse_args()
@@ -49,19 +64,31 @@ def parse_args() -> argparse.Namespace:
 
 def models_of(args: argparse.Namespace) -> dict[str, tuple[DiffusionLM, SamplerConfig]]:
     """label -> (model, its sampler settings)."""
-    n, steps = args.layers, args.steps or args.block
-    # MDLM's one block is the whole completion: scale its steps to the same NFE per token.
-    mdlm_steps = args.new_tokens * steps // args.block
-    # seq_length only has to be a valid config (a multiple of the block); sampling ignores it.
-    seq_len = args.block * (-(-(args.prompt_len + args.new_tokens) // args.block))
+    steps = args.steps or args.block
+    seq_len = max(args.seq_len, args.block * (-(-(args.prompt_len + args.new_tokens) // args.block)))
+    n_base = args.baseline_layers
+    plan = [(f"E2D2 {args.layers - args.dec_layers}+{args.dec_layers}", "e2d2", args.layers, steps),
+            (f"BD3-LM {n_base}", "bd3lm", n_base, steps), (f"AR {n_base} (KV cache)", "ar", n_base, 1)]
+    if args.mdlm:  # its one block is the whole completion: scale its steps to the same NFE per token
+        plan.append((f"MDLM {n_base} (no cache)", "mdlm", n_base, args.new_tokens * steps // args.block))
     out = {}
-    for label, variant in [(f"E2D2 {n - args.dec_layers}+{args.dec_layers}", "e2d2"),
-                           (f"BD3-LM {n}", "bd3lm"), (f"MDLM {n} (no cache)", "mdlm")]:
-        model = DiffusionLM(model_config(args, variant, n, seq_len)).eval()
-        sampler = SamplerConfig(strategy="topk", steps=mdlm_steps if variant == "mdlm" else steps,
-                                temperature=1.0, max_new_tokens=args.new_tokens)
+    for label, variant, layers, n_steps in plan:
+        model = DiffusionLM(model_config(args, variant, layers, seq_len)).eval()
+        sampler = SamplerConfig(strategy="topk", steps=n_steps, temperature=1.0, max_new_tokens=args.new_tokens)
         out[label] = (model, sampler)
     return out
+
+
+def step_overhead(model: DiffusionLM, prompt: torch.Tensor, sampler: SamplerConfig) -> tuple[float, float, int]:
+    """(mean ms of a denoising step, share of it outside the model forward, steps) at this batch."""
+    sample(model, prompt, sampler, seeds=list(range(prompt.shape[0])))  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sample(model, prompt, sampler, seeds=list(range(prompt.shape[0])))
+    steps = [e for e in prof.events() if e.name == "sample.step"]
+    forwards = [e for e in prof.events() if e.name == "sample.forward"]
+    step_us = sum(e.cpu_time_total for e in steps)
+    forward_us = sum(e.cpu_time_total for e in forwards)
+    return step_us / len(steps) / 1e3, 1.0 - forward_us / step_us, len(steps)
 
 
 def main() -> None:
@@ -74,28 +101,41 @@ def main() -> None:
     models = models_of(args)
     g = torch.Generator().manual_seed(0)
     ref = next(iter(models))
+    rates: dict[tuple[str, int], float] = {}
     for batch in args.batches:
         prompt = torch.randint(0, args.vocab - 1, (batch, args.prompt_len), generator=g)
-        nfe = {k: sample(m, prompt, s, g).nfe_per_block for k, (m, s) in models.items()}
-        runs = {k: partial(sample, m, prompt, s, g) for k, (m, s) in models.items()}
+        seeds = list(range(batch))
+        nfe = {k: sample(m, prompt, s, seeds=seeds).row_nfe[0].tolist() for k, (m, s) in models.items()}
+        runs = {k: partial(sample, m, prompt, s, seeds=seeds) for k, (m, s) in models.items()}
         timed = interleaved_medians(runs, args.warmup, args.repeats)
         counts = {k: flops.sampling_flops_per_token(m.cfg, args.prompt_len, args.new_tokens, nfe[k])
                   for k, (m, _) in models.items()}
         rows = []
-        for label in models:
+        for label, (model, _) in models.items():
             sec, spread = timed[label]
             tok_s = batch * args.new_tokens / sec
+            rates[label, batch] = tok_s
+            reference = REFERENCE_TOKENS_PER_S.get(model.cfg.variant)
             fl = counts[label].dense
             rows.append([
-                label, f"{sum(nfe[label])}", f"{sum(nfe[label]) / len(nfe[label]):.0f}",
-                f"{tok_s:.0f}", f"{spread:.0%}", f"{timed[ref][0] / sec:.2f}",
-                f"{fl / 1e6:.1f}", f"{counts[ref].dense / fl:.2f}", f"{tok_s * fl / 1e9:.2f}",
+                label, f"{sum(nfe[label]) / len(nfe[label]):.1f}", f"{tok_s:.0f}", f"{spread:.0%}",
+                f"{tok_s / reference:.2f}" if reference and batch == 1 else "-",
+                f"{tok_s / rates[label, args.batches[0]]:.2f}",
+                f"{timed[ref][0] / sec:.2f}", f"{fl / 1e6:.2f}", f"{tok_s * fl / 1e9:.2f}",
             ])
-        headers = ["model", "NFE", "NFE/block", "tokens/s", "p10-p90", "speed / E2D2",
-                   "MFLOP/token", "FLOPs E2D2 / model", "GFLOP/s"]
+        headers = ["model", "NFE/block", "tokens/s", "p10-p90", "/ reference code",
+                   f"/ batch {args.batches[0]}", "speed / E2D2", "MFLOP/token", "GFLOP/s"]
         print(f"batch {batch}")
         print(table(headers, rows))
         print()
+    rows = []
+    for label, (model, sampler) in models.items():
+        if model.cfg.variant in ("e2d2", "bd3lm"):
+            prompt = torch.randint(0, args.vocab - 1, (1, args.prompt_len), generator=g)
+            ms, share, n = step_overhead(model, prompt, sampler)
+            rows.append([label, f"{n}", f"{ms:.2f}", f"{share:.0%}"])
+    print("per-step overhead at batch 1 (torch.profiler: sample.step vs the sample.forward inside it)")
+    print(table(["model", "steps", "ms / step (profiled)", "outside the model"], rows))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     # Shared-KV only: decoder layer k *is* encoder layer num_layers - num_decoder_layers + k.
     tie_decoder_to_encoder: bool = False
+    # Whether prompt (context) tokens read each other bidirectionally in the clean stream
+    # (`e2d2.masks`). None = the variant's convention: E2D2 yes (seq2seq prompts), BD3-LM no
+    # (the authors' code ignores the context mask there: clean part block-causal, spec 3.3).
+    bidirectional_prompt: bool | None = None
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -68,6 +72,10 @@ class ModelConfig:
         if self.tie_decoder_to_encoder:
             require(self.variant == "e2d2_shared_kv",
                      "tie_decoder_to_encoder needs variant='e2d2_shared_kv'")
+        if self.bidirectional_prompt is not None:
+            require(self.num_streams == 2,
+                     f"bidirectional_prompt applies to E2D2 and BD3-LM only (their clean stream); "
+                     f"variant {self.variant!r} must leave it unset")
         if self.variant == "e2d2_shared_kv":
             require(self.num_decoder_layers <= self.num_layers,
                      f"shared-KV decoder layers attend to matched encoder layers: num_decoder_layers="
@@ -84,6 +92,13 @@ class ModelConfig:
     @property
     def is_diffusion(self) -> bool:
         return self.variant != "ar"
+
+    @property
+    def prompt_is_bidirectional(self) -> bool:
+        """``bidirectional_prompt`` resolved: E2D2 True, BD3-LM False unless set, else False."""
+        if self.bidirectional_prompt is not None:
+            return self.bidirectional_prompt
+        return self.is_e2d2
 
     @property
     def num_streams(self) -> int:
@@ -105,12 +120,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Noising process and loss (spec sections 2 and 4)."""
+    """Noising process and loss (spec sections 2 and 4).
+
+    ``schedule`` shapes training only: evaluation integrates the NELBO over ``t in [0, 1]``
+    with the true ELBO weight of the unclipped schedule (`e2d2.noise.evaluation_schedule`).
+    Two conventions of the authors' code, off by default:
+
+    * ``keep_clean_bos``: position 0 (BOS) is never masked and is no target, so the NELBO
+      averages over the same ``L - 1`` tokens as the AR baseline's next-token NLL;
+    * ``remask_prompt_blocks=False``: the training re-mask rule (spec 2.4) skips a block that
+      holds a prompt (context) token, instead of re-masking every block left with eligible
+      tokens but none masked.
+    """
 
     schedule: str = "linear"
     schedule_kwargs: dict[str, float] = field(default_factory=dict)
     loss_weighting: str = "none"
     antithetic: bool = True
+    keep_clean_bos: bool = False
+    remask_prompt_blocks: bool = True
 
     def __post_init__(self) -> None:
         require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")

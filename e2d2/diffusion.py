@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from e2d2.config import DiffusionConfig, ModelConfig
-from e2d2.noise import Schedule, get_schedule
+from e2d2.noise import Schedule, evaluation_schedule, get_schedule
 
 
 @dataclass
@@ -50,13 +50,17 @@ def sample_block_times(
     return ((1.0 - sampling_eps) * t + sampling_eps).view(batch, n_blocks)
 
 
-def loss_mask_of(x0: torch.Tensor, attention_mask=None, context_mask=None) -> torch.Tensor:
-    """Positions that are real and not context: the tokens that count, ``bool[batch, L]``."""
+def loss_mask_of(x0: torch.Tensor, attention_mask=None, context_mask=None,
+                 keep_clean_bos: bool = False) -> torch.Tensor:
+    """Positions that are real and not context (nor BOS, with ``keep_clean_bos``): the tokens
+    that count, ``bool[batch, L]``."""
     keep = torch.ones_like(x0, dtype=torch.bool)
     if attention_mask is not None:
         keep &= attention_mask.bool()
     if context_mask is not None:
         keep &= ~context_mask.bool()
+    if keep_clean_bos:
+        keep[:, 0] = False
     return keep
 
 
@@ -70,21 +74,28 @@ def noise(
     context_mask: torch.Tensor | None = None,
     ensure_masked: bool = True,
     generator=None,
+    keep_clean_bos: bool = False,
+    remask_prompt_blocks: bool = True,
 ) -> NoisedBatch:
     """Mask each eligible token of block ``b`` with probability ``1 - alpha(t_b)``.
 
     x0 ``[batch, L]``, t_blocks ``[batch, L // block_size]``. With ``ensure_masked`` (training),
     a block left with no masked eligible token gets ``m ~ U{1..eligible}`` random positions
-    masked, so every block carries signal.
+    masked, so every block carries signal; ``remask_prompt_blocks=False`` exempts blocks that
+    hold a context token. ``keep_clean_bos``: position 0 is never masked nor counted.
     """
     S = block_size
-    eligible = loss_mask_of(x0, attention_mask, context_mask)
+    eligible = loss_mask_of(x0, attention_mask, context_mask, keep_clean_bos)
     t = t_blocks.repeat_interleave(S, dim=1)
     alpha, alpha_prime = schedule(t)
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
     masked = (u < 1.0 - alpha) & eligible
     if ensure_masked:
-        masked |= _remask_empty_blocks(masked, eligible, S, generator)
+        remask = eligible
+        if not remask_prompt_blocks and context_mask is not None:
+            has_prompt = context_mask.bool().view(x0.shape[0], -1, S).any(-1, keepdim=True)
+            remask = eligible & ~has_prompt.expand(-1, -1, S).reshape(x0.shape)
+        masked |= _remask_empty_blocks(masked, remask, S, generator)
     xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
     return NoisedBatch(x0, xt, masked, eligible, t, alpha, alpha_prime)
 
@@ -107,11 +118,10 @@ def _remask_empty_blocks(masked, eligible, S, generator) -> torch.Tensor:
 def subs_logits(logits: torch.Tensor, xt: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """SUBS: ``[MASK]`` never predicted; unmasked positions copy their input (log-prob 0).
 
-    logits ``[batch, L, vocab]`` -> log-probs ``[batch, L, vocab]`` (float32).
+    logits ``[batch, L, vocab]`` -> log-probs ``[batch, L, vocab]`` (float32); ``logits`` is
+    left as it is.
     """
-    logits = logits.float()
-    logits[..., mask_token_id] = float("-inf")
-    logp = logits.log_softmax(-1)
+    logp = _without_mask_logit(logits, mask_token_id).log_softmax(-1)
     unmasked = xt != mask_token_id
     copy = torch.full_like(logp, float("-inf"))
     copy.scatter_(-1, xt.unsqueeze(-1), 0.0)
@@ -122,11 +132,17 @@ def token_nll(logits: torch.Tensor, x0: torch.Tensor, mask_token_id: int) -> tor
     """``-log p(x0_i | xt)`` at every position with ``[MASK]`` excluded: ``[batch, L]`` float32.
 
     Only masked positions enter the loss, where SUBS equals plain CE with the mask logit
-    removed; the engine computes the same thing with vocab-parallel cross-entropy.
+    removed; the engine computes the same thing with vocab-parallel cross-entropy. ``logits``
+    is left as it is.
     """
-    logits = logits.float()
-    logits[..., mask_token_id] = float("-inf")
-    return F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    return F.cross_entropy(_without_mask_logit(logits, mask_token_id).transpose(1, 2), x0, reduction="none")
+
+
+def _without_mask_logit(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """A float32 copy of ``logits`` with the ``[MASK]`` logit at ``-inf`` (never in place:
+    ``.float()`` of float32 logits is the caller's tensor itself)."""
+    is_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_token_id
+    return logits.float().masked_fill(is_mask, float("-inf"))
 
 
 def elbo_weight(nb: NoisedBatch) -> torch.Tensor:
@@ -158,11 +174,16 @@ def ar_nll(logits: torch.Tensor, x0: torch.Tensor, loss_mask: torch.Tensor) -> t
 
 
 class DiffusionObjective:
-    """Ties a model config to its noising process and loss; used by training and evaluation."""
+    """Ties a model config to its noising process and loss; used by training and evaluation.
+
+    ``schedule`` noises training batches; ``eval_schedule`` (the same, unclipped) noises
+    evaluation batches, so that the NELBO is a bound whatever the training schedule.
+    """
 
     def __init__(self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, sampling_eps: float = 1e-3):
         self.model_cfg, self.cfg = model_cfg, diffusion_cfg
         self.schedule = get_schedule(diffusion_cfg.schedule, **diffusion_cfg.schedule_kwargs)
+        self.eval_schedule = evaluation_schedule(diffusion_cfg.schedule, **diffusion_cfg.schedule_kwargs)
         self.sampling_eps = sampling_eps
 
     def noise(self, x0, attention_mask=None, context_mask=None, train=True, generator=None) -> NoisedBatch:
@@ -170,13 +191,20 @@ class DiffusionObjective:
         t = sample_block_times(
             x0.shape[0], x0.shape[1] // S, self.cfg.antithetic and train, self.sampling_eps, generator, x0.device
         )
-        return noise(x0, t, self.schedule, S, self.model_cfg.mask_token_id, attention_mask, context_mask,
-                     ensure_masked=train, generator=generator)
+        return noise(x0, t, self.schedule if train else self.eval_schedule, S, self.model_cfg.mask_token_id,
+                     attention_mask, context_mask, ensure_masked=train, generator=generator,
+                     keep_clean_bos=self.cfg.keep_clean_bos, remask_prompt_blocks=self.cfg.remask_prompt_blocks)
+
+    def loss_mask(self, x0, attention_mask=None, context_mask=None) -> torch.Tensor:
+        """The tokens that count, ``bool[batch, L]``: real, not context, not a kept-clean BOS
+        (AR: not position 0, which it never predicts)."""
+        no_bos = self.cfg.keep_clean_bos or self.model_cfg.variant == "ar"
+        return loss_mask_of(x0, attention_mask, context_mask, no_bos)
 
     def loss(self, model, x0, attention_mask=None, context_mask=None, generator=None) -> torch.Tensor:
         """Training loss (scalar): the configured weighting, with the every-block-masked rule."""
         if self.model_cfg.variant == "ar":
-            return ar_nll(model(x0), x0, loss_mask_of(x0, attention_mask, context_mask)).mean()
+            return ar_nll(model(x0), x0, self.loss_mask(x0, attention_mask, context_mask)).mean()
         nb = self.noise(x0, attention_mask, context_mask, train=True, generator=generator)
         logits = model(x0, nb.xt, attention_mask, context_mask)
         nll = token_nll(logits, x0, self.model_cfg.mask_token_id)
@@ -189,7 +217,7 @@ class DiffusionObjective:
         AR models return their exact NLL per token, so all variants report a comparable bound.
         """
         if self.model_cfg.variant == "ar":
-            return ar_nll(model(x0), x0, loss_mask_of(x0, attention_mask, context_mask))
+            return ar_nll(model(x0), x0, self.loss_mask(x0, attention_mask, context_mask))
         nb = self.noise(x0, attention_mask, context_mask, train=False, generator=generator)
         nll = token_nll(model(x0, nb.xt, attention_mask, context_mask), x0, self.model_cfg.mask_token_id)
         return per_sequence_loss(nll, nb, "elbo")

@@ -1,43 +1,77 @@
-"""Validation NELBO and perplexity bound with Monte-Carlo error."""
+"""Validation NELBO and perplexity bound, with its two sources of error reported apart."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from e2d2.diffusion import DiffusionObjective
 
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class NelboResult:
+    """NELBO per token over a validation set, ``draws`` Monte-Carlo time draws per sequence.
+
+    * ``std_error``: Monte-Carlo error: the standard error of ``nelbo`` as an estimate of the
+      exact NELBO of *these* sequences, from the spread of each sequence's draws
+      (``sqrt(mean_i var_i / (N draws))``); NaN with one draw, where it cannot be told apart.
+    * ``sequence_std_error``: between-sequence error: the standard error over sequences of
+      their mean NELBO (``std_i / sqrt(N)``), what another sample of the data would change;
+      it contains the Monte-Carlo noise of each sequence's mean.
+    """
+
     nelbo: float  # nats per token, mean over sequences and draws
-    std_error: float  # standard error of that mean over the Monte-Carlo draws
+    std_error: float
+    sequence_std_error: float
     perplexity: float  # exp(nelbo): an upper bound on perplexity
-    sequences: int
+    sequences: int  # sequences with at least one counted token
+    draws: int
+
+
+def _fields(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    unknown = set(batch) - {"x0", "attention_mask", "context_mask"}
+    if "x0" not in batch or unknown:
+        raise ValueError(f"an evaluation batch is a [batch, L] tensor of token ids or a mapping with "
+                         f"'x0' and optional 'attention_mask', 'context_mask'; got keys {sorted(batch)}")
+    return batch["x0"], batch.get("attention_mask"), batch.get("context_mask")
 
 
 @torch.no_grad()
 def evaluate_nelbo(
-    model, objective: DiffusionObjective, batches: Iterable[torch.Tensor], draws: int = 1, seed: int = 0
+    model, objective: DiffusionObjective, batches: Iterable[Batch], draws: int = 1, seed: int = 0
 ) -> NelboResult:
-    """NELBO per token over ``batches`` of ``[batch, L]`` token ids, ``draws`` time draws each.
+    """NELBO per token over ``batches``, ``draws`` time draws for each sequence.
 
-    A fixed seed makes repeated evaluations of the same model comparable.
+    A batch is ``x0 [batch, L]`` or a mapping with ``x0`` and optional ``attention_mask``
+    (1 = real) and ``context_mask`` (1 = prompt): pads and prompt tokens are no targets, and
+    each sequence's NELBO is per counted token (spec 4). Sequences without a counted token
+    are left out. A fixed seed makes repeated evaluations of the same model comparable.
     """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     was_training = model.training
     model.eval()
-    gen = None
-    values = []
-    for x0 in batches:
+    gen, rows = None, []
+    for batch in batches:
+        x0, attention_mask, context_mask = _fields(batch)
         if gen is None:
             gen = torch.Generator(device=x0.device).manual_seed(seed)
-        for _ in range(draws):
-            values.append(objective.nelbo(model, x0, generator=gen))
+        per_draw = [objective.nelbo(model, x0, attention_mask, context_mask, generator=gen) for _ in range(draws)]
+        counted = objective.loss_mask(x0, attention_mask, context_mask).any(-1)
+        rows.append(torch.stack(per_draw, 1)[counted].double())  # [sequences, draws]
     model.train(was_training)
-    per_seq = torch.cat(values).double()
-    mean = per_seq.mean().item()
-    std_error = per_seq.std().item() / math.sqrt(per_seq.numel()) if per_seq.numel() > 1 else float("nan")
-    return NelboResult(mean, std_error, math.exp(mean), per_seq.numel() // max(draws, 1))
+    values = torch.cat(rows) if rows else torch.zeros(0, draws, dtype=torch.float64)
+    n = values.shape[0]
+    if n == 0:
+        raise ValueError("no sequence has a token to evaluate (all padding or prompt)")
+    mean = values.mean().item()
+    mc = (values.var(1).mean() / (n * draws)).sqrt().item() if draws > 1 else float("nan")
+    between = values.mean(1).std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return NelboResult(mean, mc, between, math.exp(mean), n, draws)

@@ -201,42 +201,62 @@ def sampling_flops_per_token(
     prompt_length: int,
     new_tokens: int,
     steps_per_block: float | Sequence[float],
+    block_size: int | None = None,
 ) -> FlopsCount:
     """FLOPs per generated token of one sequence, as `e2d2.sampling.sample` spends them.
 
     ``steps_per_block``: denoiser forwards (NFE) per block, one number for every block or the
-    sampler's ``nfe_per_block``. Follows the sampler's layout: the prompt's whole blocks are
-    prefilled once; its tail opens the first generated block; the last block is not encoded
-    (nothing follows it). MDLM is one block over prompt + completion, without cache.
+    sequence's own count per block (a row of the sampler's ``row_nfe``). A list shorter than
+    the budget's blocks is a run that stopped early (EOS, stop string): only those blocks are
+    counted, and only the tokens they generated. Follows the sampler's layout: the prompt's
+    whole blocks are prefilled once (reading the tail too when the model reads prompts
+    bidirectionally); its tail opens the first generated block; the last block is not encoded
+    (nothing follows it). MDLM is one block over prompt + completion, without cache. AR: one
+    cached forward per token after the prompt's prefill. ``block_size``: the sampler's.
     """
     if cfg.variant == "ar":
-        raise ValueError("AR is not a block-diffusion sampler; its cost is one forward per token")
+        return _ar_sampling(cfg, prompt_length, new_tokens)
     if cfg.variant == "mdlm":
         total = prompt_length + new_tokens
         starts, S, prefill = [0], total, FlopsCount()
     else:
-        S = cfg.block_size
+        S = block_size or cfg.block_size
         n_ctx = prompt_length - prompt_length % S
         starts = list(range(n_ctx, prompt_length + new_tokens, S))
-        prefill = _prefill(cfg, n_ctx)
+        prefill = _prefill(cfg, n_ctx, prompt_length, S)
     per_block = isinstance(steps_per_block, Sequence)
     steps = list(steps_per_block) if per_block else [steps_per_block] * len(starts)
-    if len(steps) != len(starts):
-        raise ValueError(f"steps_per_block has {len(steps)} entries for {len(starts)} blocks")
+    if not 1 <= len(steps) <= len(starts):
+        raise ValueError(f"steps_per_block has {len(steps)} entries for at most {len(starts)} blocks")
+    generated = min(prompt_length + new_tokens, starts[len(steps) - 1] + S) - prompt_length
     total_flops = prefill
-    for j, (start, t) in enumerate(zip(starts, steps, strict=True)):
+    for j, (start, t) in enumerate(zip(starts, steps, strict=False)):
         total_flops += t * _denoise(cfg, start, S)
-        if j < len(starts) - 1:
+        if j < len(steps) - 1:
             total_flops += _commit(cfg, start, S)
-    return total_flops / new_tokens
+    return total_flops / generated
 
 
-def _prefill(cfg: ModelConfig, P: int) -> FlopsCount:
-    """``model.encode(prompt)`` over ``P`` whole-block tokens: the clean stack, block-causal."""
-    if P == 0:
+def _ar_sampling(cfg: ModelConfig, P: int, new_tokens: int) -> FlopsCount:
+    """AR: the prompt's causal prefill (logits of its last token only), then one cached
+    forward per generated token but the last (whose successor is not needed)."""
+    total = _stack(cfg, cfg.num_layers, P, P, visible_pairs(masks.AR, P, 1)) + _head(cfg, 1)
+    for i in range(new_tokens - 1):
+        keys = P + i + 1
+        total += _stack(cfg, cfg.num_layers, 1, keys, keys) + _head(cfg, 1)
+    return total / new_tokens
+
+
+def _prefill(cfg: ModelConfig, n_ctx: int, P: int, S: int) -> FlopsCount:
+    """``model.encode(prompt)``: the clean stack over the ``n_ctx`` whole-block tokens,
+    block-causal, or over all ``P`` prompt tokens, fully visible, when prompts are read
+    bidirectionally (the whole blocks read the tail)."""
+    if n_ctx == 0:
         return FlopsCount()
-    visible = visible_pairs(masks.E2D2_ENCODER, P, cfg.block_size)
-    return _stack(cfg, cfg.num_layers, P, P, visible) + _kv_of_clean(cfg, P)
+    if cfg.prompt_is_bidirectional:
+        return _stack(cfg, cfg.num_layers, P, P, P * P) + _kv_of_clean(cfg, P)
+    visible = visible_pairs(masks.E2D2_ENCODER, n_ctx, S)
+    return _stack(cfg, cfg.num_layers, n_ctx, n_ctx, visible) + _kv_of_clean(cfg, n_ctx)
 
 
 def _denoise(cfg: ModelConfig, start: int, S: int) -> FlopsCount:

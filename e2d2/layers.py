@@ -17,8 +17,36 @@ from e2d2.config import ModelConfig
 KV = tuple[torch.Tensor, torch.Tensor]  # ([batch, groups, len, head_dim], same)
 
 
+class KVSlot:
+    """A layer's place in a preallocated KV cache (`e2d2.model.KVCache`).
+
+    ``k, v``: the layer's buffers ``[batch, groups, capacity, head_dim]``, columns
+    ``[0, start)`` filled. The layer writes its own K/V for ``n`` new tokens to columns
+    ``[start, start + n)`` and attends columns ``[0, start + n)``: views, so no step copies
+    the prefix. Writing is harmless for a denoising step (the columns stay unclaimed until a
+    commit overwrites them). With ``rows``, only those batch rows run: their prefix is copied
+    and nothing is written.
+    """
+
+    __slots__ = ("k", "v", "start", "rows")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int, rows: torch.Tensor | None = None):
+        self.k, self.v, self.start, self.rows = k, v, start, rows
+
+    def extend(self, own: KV) -> KV:
+        own_k, own_v = own
+        if self.rows is not None:
+            prefix_k, prefix_v = self.k[self.rows, :, : self.start], self.v[self.rows, :, : self.start]
+            return torch.cat((prefix_k, own_k), 2), torch.cat((prefix_v, own_v), 2)
+        end = self.start + own_k.shape[2]
+        self.k[:, :, self.start : end] = own_k
+        self.v[:, :, self.start : end] = own_v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[len, head_dim]`` for integer ``positions [len]`` (rotate-half layout)."""
+    """cos/sin tables ``[len, head_dim]`` for integer ``positions [len]`` (rotate-half layout).
+    Negative positions are fine: they rotate backwards (`e2d2.model.KVCache.drop_oldest`)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -26,7 +54,8 @@ def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x: ``[batch, heads, len, head_dim]``."""
+    """x: ``[batch, heads, len, head_dim]``; cos/sin ``[len, head_dim]``, or ``[batch, 1, len,
+    head_dim]`` for per-row positions."""
     cos, sin = (r.to(x.dtype) for r in rope)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -54,11 +83,17 @@ class Attention(nn.Module):
         v = self._heads(self.v_proj(x), self.groups)
         return k, v
 
-    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | None = None) -> tuple[torch.Tensor, KV]:
-        """x: normed ``[batch, len, hidden]``. Keys are ``[prefix ; own]``. Returns output and own K/V."""
+    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | KVSlot | None = None) -> tuple[torch.Tensor, KV]:
+        """x: normed ``[batch, len, hidden]``. Keys are ``[prefix ; own]``; a `KVSlot` prefix
+        lives in a KV cache. Returns output and own K/V."""
         q = apply_rotary(self.q_norm(self._heads(self.q_proj(x), self.heads)), rope)
         own = self.project_kv(x, rope)
-        k, v = own if prefix is None else (torch.cat((prefix[0], own[0]), 2), torch.cat((prefix[1], own[1]), 2))
+        if isinstance(prefix, KVSlot):
+            k, v = prefix.extend(own)
+        elif prefix is None:
+            k, v = own
+        else:
+            k, v = torch.cat((prefix[0], own[0]), 2), torch.cat((prefix[1], own[1]), 2)
         out = attend(q, k, v, mask)
         b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), own
@@ -87,14 +122,14 @@ class TransformerLayer(nn.Module):
         """This layer's keys/values for another stream ``x [batch, len, hidden]`` (e.g. ``h_enc``)."""
         return self.attn.project_kv(self.input_norm(x), rope)
 
-    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | KVSlot | None = None) -> tuple[torch.Tensor, KV]:
         """x: ``[batch, len, hidden]`` -> (``[batch, len, hidden]``, own K/V for caches)."""
         attn_out, own_kv = self.attn(self.input_norm(x), rope, mask, prefix)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), own_kv
 
 
-def run_layers(layers, h: torch.Tensor, rope, mask, prefixes: list[KV | None] | None = None):
+def run_layers(layers, h: torch.Tensor, rope, mask, prefixes: list[KV | KVSlot | None] | None = None):
     """Run ``layers`` in order over ``h [batch, len, hidden]``; layer ``i`` may attend ``prefixes[i]``.
 
     Returns the output and every layer's own K/V (for caches and the shared-KV decoder).

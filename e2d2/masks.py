@@ -17,14 +17,22 @@ block of position ``i`` is ``i // S``):
 
 Optional per-position tensors (``[L]`` or ``[batch, L]``, bool):
 
-* ``context``: prompt tokens. In the clean stream of the E2D2 encoder and BD3-LM they
-  attend each other bidirectionally (seq2seq prompts). They never change MDLM/AR masks.
+* ``context``: prompt tokens. Under a mask with ``bidirectional_context`` (the E2D2 encoder;
+  BD3-LM only on request, see `with_prompt_rule`), a context query of the clean
+  stream attends exactly the context keys of the clean stream, in every block, and nothing
+  else: the prompt is read bidirectionally (seq2seq prompts) and never sees a target. A
+  context query that also attended block-causally would leak whenever a prompt ends inside a
+  block: it would read that block's clean targets, and every later query reading it would too.
+  Non-context queries keep the variant's rule. Context never changes the noisy stream, nor
+  the MDLM/AR masks; BD3-LM ignores it by default, like the authors' code (its clean part
+  stays block-causal, spec 3.3).
 * ``padding``: ``True`` = real token. No real query attends a pad key; a pad query may
   also attend its own position, so no softmax row is empty (empty rows give NaN in SDPA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,9 +105,9 @@ class AttentionMask:
             allowed = self.rule(q, k, L, S)
             q_pos, k_pos = q % L, k % L
             if ctx is not None:
-                q_clean = (q // L + self.query_stream0) == 0
-                k_clean = k < L
-                allowed = allowed | (q_clean & k_clean & ctx[b, q_pos] & ctx[b, k_pos])
+                q_ctx = ((q // L + self.query_stream0) == 0) & ctx[b, q_pos]  # clean context query
+                k_ctx = (k < L) & ctx[b, k_pos]  # clean context key
+                allowed = torch.where(q_ctx, k_ctx, allowed)
             if pad is not None:
                 own_key = k == q + self.self_key_offset * L
                 allowed = (allowed & pad[b, k_pos]) | (~pad[b, q_pos] & own_key)
@@ -167,9 +175,17 @@ def _to(x: torch.Tensor | None, device: torch.device | str | None) -> torch.Tens
 
 E2D2_ENCODER = AttentionMask("e2d2_encoder", _e2d2_encoder_rule, 1, 1, 0, 0, True)
 E2D2_DECODER = AttentionMask("e2d2_decoder", _e2d2_decoder_rule, 1, 2, 1, 1, False)
-BD3LM = AttentionMask("bd3lm", _bd3lm_rule, 2, 2, 0, 0, True)
+BD3LM = AttentionMask("bd3lm", _bd3lm_rule, 2, 2, 0, 0, False)  # the authors' prompt handling
 MDLM = AttentionMask("mdlm", _mdlm_rule, 1, 1, 1, 0, False)
 AR = AttentionMask("ar", _ar_rule, 1, 1, 0, 0, False)
+
+
+def with_prompt_rule(spec: AttentionMask, bidirectional: bool) -> AttentionMask:
+    """A clean-stream mask (E2D2 encoder, BD3-LM) with the bidirectional prompt rule on or off
+    (``ModelConfig.prompt_is_bidirectional``); every other mask is returned unchanged."""
+    if spec.name not in (E2D2_ENCODER.name, BD3LM.name) or spec.bidirectional_context == bidirectional:
+        return spec
+    return dataclasses.replace(spec, bidirectional_context=bidirectional)
 
 
 def e2d2_encoder(L: int, S: int, *, context=None, padding=None, device=None) -> torch.Tensor:
@@ -183,9 +199,10 @@ def e2d2_decoder(L: int, S: int, *, context=None, padding=None, device=None) -> 
     return E2D2_DECODER.dense(L, S, context, padding, device)
 
 
-def bd3lm(L: int, S: int, *, context=None, padding=None, device=None) -> torch.Tensor:
-    """BD3-LM mask over ``[x0 ; xt]``: ``bool[2L, 2L]``."""
-    return BD3LM.dense(L, S, context, padding, device)
+def bd3lm(L: int, S: int, *, context=None, padding=None, device=None,
+          bidirectional_context: bool = False) -> torch.Tensor:
+    """BD3-LM mask over ``[x0 ; xt]``: ``bool[2L, 2L]`` (context ignored unless asked for)."""
+    return with_prompt_rule(BD3LM, bidirectional_context).dense(L, S, context, padding, device)
 
 
 def mdlm(L: int, *, padding=None, device=None) -> torch.Tensor:

@@ -19,7 +19,7 @@ Layer parameters: ``input_norm``, ``attn.{q,k,v,o}_proj``, ``attn.{q,k}_norm``, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,33 +28,59 @@ from torch import nn
 from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
-from e2d2.layers import KV, TransformerLayer, rotary, run_layers
+from e2d2.layers import KV, KVSlot, TransformerLayer, apply_rotary, rotary, run_layers
 
 
 @dataclass
 class KVCache:
-    """Clean-stream keys/values for block-by-block sampling.
+    """Preallocated clean-stream keys/values for sampling, one row per sequence.
 
-    ``layers[i]``: main-stack layer ``i``'s K/V over the clean tokens seen so far.
-    ``decoder[k]``: E2D2 last-hidden only, decoder layer ``k``'s K/V of ``h_enc``.
-    Each entry is ``([batch, groups, length, head_dim], same)``.
+    ``layers[i]``: main-stack layer ``i``'s K/V; ``decoder[k]``: E2D2 last-hidden only,
+    decoder layer ``k``'s K/V of ``h_enc``. Each is a pair of buffers ``[batch, groups,
+    capacity, head_dim]`` allocated once, so appending never copies what is cached.
+    Columns ``[0, length)`` are filled. Rows are *left-padded*: row ``r``'s position ``p``
+    sits in column ``p + offset[r]``, so rows with prompts of different lengths fill the
+    same columns at every step; callers mask columns below ``offset`` out.
     """
 
-    layers: list[KV | None]
-    decoder: list[KV | None] = field(default_factory=list)
+    layers: list[KV]
+    decoder: list[KV]
+    offset: torch.Tensor  # [batch], long
     length: int = 0
 
+    @property
+    def capacity(self) -> int:
+        return self.layers[0][0].shape[2]
+
+    def slots(self, which: list[KV], rows: torch.Tensor | None = None) -> list[KVSlot]:
+        return [KVSlot(k, v, self.length, rows) for k, v in which]
+
     def select(self, rows: torch.Tensor) -> KVCache:
-        """Keep only batch ``rows`` (used when some sequences stop early)."""
+        """Keep only batch ``rows`` (sequences that stopped are dropped)."""
 
-        def pick(kv: KV | None) -> KV | None:
-            return None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+        def pick(kv: KV) -> KV:
+            return kv[0].index_select(0, rows), kv[1].index_select(0, rows)
 
-        return KVCache([pick(kv) for kv in self.layers], [pick(kv) for kv in self.decoder], self.length)
+        return KVCache([pick(kv) for kv in self.layers], [pick(kv) for kv in self.decoder],
+                       self.offset.index_select(0, rows), self.length)
 
-
-def _append(kv: KV | None, new: KV) -> KV:
-    return new if kv is None else (torch.cat((kv[0], new[0]), 2), torch.cat((kv[1], new[1]), 2))
+    def drop_oldest(self, n: int, head_dim: int, rope_theta: float) -> None:
+        """Drop the oldest ``n`` columns (a sliding window). Rows whose real tokens start at
+        column 0 lose them and are re-based: their cached keys are rotated back by ``n``
+        positions (RoPE scores depend only on position differences, so attention is
+        unchanged while positions stay inside the trained range). Rows padded by ``>= n``
+        lose padding only."""
+        keep = self.length - n
+        rebased = (self.offset < n).nonzero().squeeze(1)
+        cos, sin = rotary(torch.tensor([-n], device=self.offset.device), head_dim, rope_theta)
+        for buffers in (self.layers, self.decoder):
+            for k, v in buffers:
+                k[:, :, :keep] = k[:, :, n:self.length].clone()
+                v[:, :, :keep] = v[:, :, n:self.length].clone()
+                if rebased.numel():
+                    k[rebased, :, :keep] = apply_rotary(k[rebased, :, :keep], (cos, sin))
+        self.offset = (self.offset - n).clamp(min=0)
+        self.length = keep
 
 
 class DiffusionLM(nn.Module):
@@ -101,14 +127,18 @@ class DiffusionLM(nn.Module):
         return F.linear(h, weight)
 
     def _rope(self, positions: torch.Tensor):
-        """cos/sin ``[len, head_dim]`` for ``positions``, from a table grown on demand (sampling
-        calls this once per denoising step, so the table is not rebuilt every time)."""
+        """cos/sin ``[len, head_dim]`` for ``positions [len]`` (``[batch, 1, len, head_dim]``
+        for per-row ``positions [batch, len]``), from a table grown on demand (sampling calls
+        this once per denoising step, so the table is not rebuilt every time). Positions must
+        be ``>= 0``."""
         table = self._rope_table
-        need = int(positions.max()) + 1
+        need = int(positions.max()) + 1 if positions.numel() else 1
         if table is None or table[0].shape[0] < need or table[0].device != positions.device:
             size = max(need, 2 * (0 if table is None else table[0].shape[0]), self.cfg.seq_length)
             table = rotary(torch.arange(size, device=positions.device), self.cfg.kv_channels, self.cfg.rope_theta)
             self._rope_table = table
+        if positions.dim() == 2:
+            return table[0][positions].unsqueeze(1), table[1][positions].unsqueeze(1)
         return table[0][positions], table[1][positions]
 
     # ------------------------------------------------------------- training
@@ -118,18 +148,21 @@ class DiffusionLM(nn.Module):
         xt: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        block_size: int | None = None,
     ) -> torch.Tensor:
         """Logits for every position of the noisy stream (AR: of the next token).
 
         x0, xt: ``[batch, L]`` clean / noisy tokens; attention_mask (1 = real) and
-        context_mask (1 = prompt): ``[batch, L]`` or None. Returns ``[batch, L, vocab]``.
+        context_mask (1 = prompt): ``[batch, L]`` or None. ``block_size`` overrides the
+        trained one (sampling with another block size). Returns ``[batch, L, vocab]``.
         """
         cfg, (batch, L), device = self.cfg, x0.shape, x0.device
-        S = cfg.diffusion_block_size
+        S = block_size or cfg.diffusion_block_size
         pos = torch.arange(L, device=device)
         rope = self._rope(pos)
 
         def mask_of(spec: masks.AttentionMask):
+            spec = masks.with_prompt_rule(spec, cfg.prompt_is_bidirectional)
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
         if cfg.variant == "ar":
@@ -159,51 +192,71 @@ class DiffusionLM(nn.Module):
         return self.logits(h)
 
     # ------------------------------------------------------------- sampling
-    def new_cache(self) -> KVCache:
-        n_dec = self.cfg.num_decoder_layers if self.cfg.variant == "e2d2" else 0
-        return KVCache([None] * self.cfg.num_layers, [None] * n_dec)
+    def new_cache(self, batch: int, capacity: int, offset: torch.Tensor | None = None) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``capacity`` columns (``offset``: each
+        row's left padding, default 0)."""
+        cfg, p = self.cfg, self.embed.weight
+        shape = (batch, cfg.num_query_groups, capacity, cfg.kv_channels)
 
-    def encode(self, tokens: torch.Tensor, cache: KVCache) -> None:
-        """Append clean ``tokens [batch, n]`` (whole blocks) to the cache, block-causally.
+        def buffers(n: int) -> list[KV]:
+            return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(n)]
 
-        E2D2 runs only its encoder here; BD3-LM runs its stack over the clean block.
+        n_dec = cfg.num_decoder_layers if cfg.variant == "e2d2" else 0
+        if offset is None:
+            offset = torch.zeros(batch, dtype=torch.long, device=p.device)
+        return KVCache(buffers(cfg.num_layers), buffers(n_dec), offset)
+
+    def encode(
+        self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+        mask: torch.Tensor | None = None, keep: int | None = None,
+    ) -> torch.Tensor:
+        """Run the clean stack over ``tokens [batch, n]`` placed after the cache's columns, write
+        their K/V there and keep the first ``keep`` (default all) of them: ``cache.length``
+        grows by ``keep``; the rest stays unclaimed (a prompt tail is re-encoded with its block).
+
+        ``positions [batch, n]``: each token's position (RoPE). ``mask``: ``bool[batch, n,
+        length + n]`` over the cached columns then the new tokens, or None (all visible).
+        E2D2 runs its encoder (and, last-hidden, the decoder layers' K/V of ``h_enc``); BD3-LM
+        and AR their stack. Returns the stack's output ``[batch, n, hidden]`` (AR reads its
+        logits from it).
         """
         cfg, n = self.cfg, tokens.shape[1]
-        if cfg.variant in ("mdlm", "ar"):
-            raise ValueError(f"variant {cfg.variant!r} has no block KV cache; sample it uncached")
-        start, S = cache.length, cfg.block_size
-        if start % S or n % S:
-            raise ValueError(f"encode expects whole blocks: start={start}, n={n}, block_size={S}")
-        rope = self._rope(torch.arange(start, start + n, device=tokens.device))
-        # Within one block everything is visible; several blocks (a prompt) need block-causality.
-        mask = None if n == S else masks.e2d2_encoder(start + n, S, device=tokens.device)[start:]
-        h = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            h, kv = layer(h, rope, mask, cache.layers[i])
-            cache.layers[i] = _append(cache.layers[i], kv)
+        if cfg.variant == "mdlm":
+            raise ValueError("MDLM has no block KV cache; sample it uncached")
+        if cache.length + n > cache.capacity:
+            raise ValueError(f"cache of {cache.capacity} columns cannot take {n} tokens after {cache.length}")
+        rope = self._rope(positions)
+        h, _ = run_layers(self.layers, self.embed(tokens), rope, mask, cache.slots(cache.layers))
         if cfg.variant == "e2d2":
             h_enc = self.encoder_norm(h)
-            for k in range(cfg.num_decoder_layers):
-                cache.decoder[k] = _append(cache.decoder[k], self.decoder_layer(k).kv(h_enc, rope))
-        cache.length = start + n
+            end = cache.length + n
+            for k, (dk, dv) in enumerate(cache.decoder):
+                dk[:, :, cache.length:end], dv[:, :, cache.length:end] = self.decoder_layer(k).kv(h_enc, rope)
+        cache.length += n if keep is None else keep
+        return h
 
-    def denoise(self, xt: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def denoise(
+        self, xt: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+        mask: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits ``[batch, S, vocab]`` for the noisy block ``xt [batch, S]`` that follows the cache.
 
-        The block sees every cached clean token and itself (offset block-causal plus
-        block-diagonal). E2D2 runs only the decoder.
+        The block sees every cached clean column and itself (offset block-causal plus
+        block-diagonal); ``mask [batch, S, length + S]`` hides columns a row must not see (its
+        left padding). E2D2 runs only the decoder. ``rows``: the cache rows ``xt`` belongs to
+        (None = all), so a step can run only the rows whose block changed.
         """
         cfg = self.cfg
-        start = cache.length
-        rope = self._rope(torch.arange(start, start + xt.shape[1], device=xt.device))
+        rope = self._rope(positions)
         h = self.embed(xt)
         if cfg.variant == "bd3lm":
-            h, _ = run_layers(self.layers, h, rope, None, cache.layers)
+            h, _ = run_layers(self.layers, h, rope, mask, cache.slots(cache.layers, rows))
             return self.logits(h)
         if cfg.variant == "e2d2":
-            prefixes = cache.decoder
+            prefixes = cache.slots(cache.decoder, rows)
         else:
-            prefixes = [cache.layers[cfg.matched_encoder_layer(k)] for k in range(cfg.num_decoder_layers)]
+            prefixes = cache.slots([cache.layers[cfg.matched_encoder_layer(k)]
+                                    for k in range(cfg.num_decoder_layers)], rows)
         decoder = [self.decoder_layer(k) for k in range(cfg.num_decoder_layers)]
-        h, _ = run_layers(decoder, h, rope, None, prefixes)
+        h, _ = run_layers(decoder, h, rope, mask, prefixes)
         return self.logits(h)

@@ -1,44 +1,56 @@
-"""Block-by-block diffusion sampling with KV cache (spec section 5).
+"""Block-by-block diffusion sampling with KV cache (spec section 5), and AR sampling.
 
 Generation runs one block of ``S`` tokens at a time. A block starts all ``[MASK]`` and is
 denoised in steps; each step calls the denoiser on the block (E2D2: the decoder only,
-attending the cached clean keys), turns the logits into SUBS log-probs and reveals some
+attending the cached clean keys), turns the logits into a distribution and reveals some
 masked tokens with one *strategy* (`denoise_step`). When no mask is left, the block is
 appended to the clean cache (E2D2: one encoder pass) and the next block starts.
 
 Conventions and choices:
 
-* **Prompts are processed block-causally**, exactly like training data without a context
-  mask: prompt block ``b`` sees prompt blocks ``<= b`` only, never later ones. The whole
-  blocks of the prompt are encoded once; a prompt tail (``P % S`` tokens) is placed at the
-  head of the first noisy block as already-revealed tokens, which are never re-masked.
+* **Prompts are encoded exactly as training reads a context mask** (`e2d2.masks`): the
+  prompt's whole blocks are encoded once, with the prompt read bidirectionally where the
+  model does so (``ModelConfig.prompt_is_bidirectional``: E2D2 by default), block-causally
+  otherwise (BD3-LM, like the authors' code). A prompt tail (``P % S`` tokens) opens the
+  first generated block as already-revealed tokens, never re-masked; when that block is
+  committed, the tail reads the prompt only, as a context query does in training.
+* **Batches of mixed prompt lengths** run as one batch. The block cache is *left-padded*:
+  row ``r``'s cached columns are shifted by ``offset[r]`` so that every row's current block
+  sits in the same columns, while RoPE positions stay each row's own. Pad columns are
+  masked out. Each row's tokens equal those of its prompt sampled alone (same seed).
+* **Randomness** is per row: row ``r`` draws only from its own generator, seeded by
+  ``seeds[r]`` (or by a seed drawn from ``generator``), in a fixed order (per step: one
+  uniform per block position for the token values unless greedy, then one per position for
+  the strategy's choice, ancestral and first-hitting only), and only on steps where its block
+  still has a mask. A row's sample therefore does not depend on the other rows of its batch,
+  and cached and uncached runs consume identical streams and give identical tokens.
+* **Output reuse is per row**: a row whose block did not change since its last forward
+  reuses its distribution; a step runs the denoiser only on the rows whose block changed.
+  ``row_nfe`` counts each row's forwards, ``nfe_per_block`` the batched denoiser calls.
+* **Stopping**: a row stops after the block (AR: the token) in which it generates EOS or
+  completes a stop string (EOS or a stop string inside the prompt do not count). Stopped
+  rows leave the working batch and the cache, so they cost nothing.
 * **MDLM** has no block cache: it is sampled as one block covering prompt and completion,
-  with a full forward per step; ``use_cache`` does not apply to it. AR is not a diffusion
-  model and is rejected.
-* **Output reuse**: when the block did not change since the last forward, the previous
-  log-probs are reused; that step costs no function evaluation (NFE).
-* **Batching**: all rows share the prompt length, so they move through blocks in lockstep.
-  EOS is checked when a block completes; a row that produced EOS is dropped from the
-  working batch and from the cache, so its tokens never change again and it costs nothing.
-* **Randomness** comes only from ``generator``, drawn in a fixed order with shapes that
-  depend only on the working batch and block length, never on the logits. Cached and
-  uncached runs therefore consume identical streams and give identical tokens. Because
-  rows share the stream, a row's sample depends on the other rows of its batch.
+  with a full forward per step (pads masked out); ``use_cache`` does not apply to it.
+* **AR** samples one token per forward, with the same left-padded KV cache.
+* **Past ``seq_length``**: with ``sliding_window``, the oldest cached blocks are dropped so
+  that the next block's positions stay inside the trained range (`KVCache.drop_oldest`):
+  semi-autoregressive generation of any length. Without it, a warning.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from e2d2.config import SCHEDULES
-from e2d2.diffusion import subs_logits
 from e2d2.errors import ConfigError
-from e2d2.model import DiffusionLM
+from e2d2.model import DiffusionLM, KVCache
 from e2d2.noise import get_schedule
 
 STRATEGIES: tuple[str, ...] = ("ancestral", "first_hitting", "topk", "topk_margin", "threshold")
@@ -51,14 +63,23 @@ class SamplerConfig:
     * ``strategy``: ``ancestral`` (posterior of the masked process), ``first_hitting`` (one
       token per step; ``steps`` does not apply), ``topk`` / ``topk_margin`` (reveal the most
       confident tokens, as many as the schedule says), ``threshold`` (reveal every token whose
-      probability exceeds ``threshold``, at least one per step).
+      probability exceeds ``threshold``, at least one per step). AR models ignore it.
     * ``steps``: denoising steps per block; the last one reveals whatever is still masked.
-    * ``schedule``: noise schedule that places the step times (`e2d2.noise`).
+    * ``schedule``: noise schedule that places the step times (`e2d2.noise`) on the grid
+      ``1 = t_0 > ... > t_steps = min_t``. ``min_t`` (in ``[0, 1)``) is the last step's time.
     * ``temperature``: 0 means greedy (argmax values); otherwise logits are divided by it.
-    * ``eos_token_id``: a row stops after the block in which it generates this token (EOS
-      inside the prompt does not count); positions after its first EOS are filled with EOS.
+    * ``top_p``: nucleus filtering: values are drawn from the smallest set of tokens whose
+      probability reaches ``top_p`` (1 = off); confidences still read the model's unfiltered
+      probabilities (filtered, every kept-alone token would have confidence 1).
+    * ``eos_token_id``: a row stops after the block in which it generates this token;
+      positions after its first EOS are filled with EOS.
+    * ``stop_strings``: a row also stops once its decoded completion contains one of them
+      (``sample`` then needs ``decode``); it ends with the token that completes the string.
     * ``use_cache``: False recomputes the full forward over the whole prefix at every step
       (the reference the KV cache is tested against).
+    * ``block_size``: block size at inference (E2D2 and BD3-LM; None = the trained one).
+    * ``sliding_window``: generate past ``seq_length`` by dropping the oldest cached blocks
+      (needs ``use_cache``; E2D2 and BD3-LM).
     """
 
     strategy: str = "ancestral"
@@ -69,8 +90,16 @@ class SamplerConfig:
     max_new_tokens: int = 64
     eos_token_id: int | None = None
     use_cache: bool = True
+    top_p: float = 1.0
+    min_t: float = 0.0
+    stop_strings: tuple[str, ...] = ()
+    block_size: int | None = None
+    sliding_window: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ConfigError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))  # YAML gives a list
         checks = (
             (self.strategy in STRATEGIES,
              f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}"),
@@ -83,6 +112,12 @@ class SamplerConfig:
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.eos_token_id is None or self.eos_token_id >= 0,
              f"eos_token_id must be a token id >= 0, got {self.eos_token_id}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
+            (0.0 <= self.min_t < 1.0, f"min_t must be in [0, 1), got {self.min_t}"),
+            (self.block_size is None or self.block_size >= 1,
+             f"block_size must be >= 1 (or unset for the trained one), got {self.block_size}"),
+            (not (self.sliding_window and not self.use_cache),
+             "sliding_window drops cached blocks: it needs use_cache=True"),
         )
         for ok, msg in checks:
             if not ok:
@@ -91,20 +126,23 @@ class SamplerConfig:
 
 @dataclass
 class SampleOutput:
-    """Result of `sample`.
+    """Result of `sample` (``P = max(prompt_lengths)``, ``N = max_new_tokens``).
 
-    * ``tokens``: ``[batch, P + max_new_tokens]``, prompt then completion; positions at or
-      after ``lengths`` hold EOS (only rows that finished have any).
-    * ``lengths``: ``[batch]``, valid length of each row (prompt + completion through EOS).
-    * ``finished``: ``bool[batch]``, whether the row generated EOS within the budget.
-    * ``nfe_per_block``: forwards of the (working) batch spent on each generated block.
-    * ``num_blocks``: blocks generated before every row finished or the budget ran out.
+    * ``tokens``: ``[batch, P + N]``, row ``r``: its prompt, then its completion. Positions at
+      or after ``lengths[r]`` hold EOS when ``eos_token_id`` is set, else the mask token.
+    * ``prompt_lengths``: ``[batch]``. ``lengths``: ``[batch]``, valid length of each row
+      (prompt + completion through EOS or the stop string).
+    * ``finished``: ``bool[batch]``, whether the row stopped (EOS, stop string) within budget.
+    * ``nfe_per_block``: batched denoiser calls spent on each generated block (AR: per token).
+    * ``row_nfe``: ``[batch, num_blocks]``, the forwards each row took part in, per block.
     """
 
     tokens: torch.Tensor
+    prompt_lengths: torch.Tensor
     lengths: torch.Tensor
     finished: torch.Tensor
     nfe_per_block: list[int]
+    row_nfe: torch.Tensor
 
     @property
     def nfe(self) -> int:
@@ -113,6 +151,105 @@ class SampleOutput:
     @property
     def num_blocks(self) -> int:
         return len(self.nfe_per_block)
+
+    def completion(self, row: int) -> list[int]:
+        """Row ``row``'s generated tokens (through EOS or the stop string, if any)."""
+        return self.tokens[row, int(self.prompt_lengths[row]):int(self.lengths[row])].tolist()
+
+
+# ------------------------------------------------------------------ randomness
+class RowStreams:
+    """One random generator per row; draws ``[rows, n]`` uniforms (float64), each row from its own.
+
+    ``widths``: how many of the ``n`` columns each row really has (MDLM's ragged rows): a row
+    draws only those, so its stream does not depend on the batch's widest row; the rest is
+    filled with 0.5 (those positions are never masked).
+    """
+
+    def __init__(self, generators: list[torch.Generator], device: torch.device,
+                 widths: list[int] | None = None):
+        self.generators, self.device, self.widths = generators, device, widths
+
+    @classmethod
+    def seeded(cls, seeds: Sequence[int], device: torch.device) -> RowStreams:
+        return cls([torch.Generator(device=device).manual_seed(int(s)) for s in seeds], device)
+
+    def select(self, rows: torch.Tensor) -> RowStreams:
+        idx = rows.tolist()
+        widths = None if self.widths is None else [self.widths[i] for i in idx]
+        return RowStreams([self.generators[i] for i in idx], self.device, widths)
+
+    def uniform(self, n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        idx = range(len(self.generators)) if rows is None else rows.tolist()
+        if self.widths is None and len(idx) == 1:  # batch 1: no stacking
+            return torch.rand(1, n, generator=self.generators[idx[0]], device=self.device, dtype=torch.float64)
+        draws = []
+        for i in idx:
+            w = n if self.widths is None else self.widths[i]
+            u = torch.rand(w, generator=self.generators[i], device=self.device, dtype=torch.float64)
+            draws.append(u if w == n else torch.cat((u, u.new_full((n - w,), 0.5))))
+        return torch.stack(draws)
+
+
+# ------------------------------------------------------------------ distributions
+@dataclass
+class Distribution:
+    """What one forward gives each position of a block, kept while the block is unchanged.
+
+    ``probs [b, S, vocab]`` (``[MASK]`` excluded, temperature applied), which confidences read;
+    greedy: ``argmax [b, S]``; sampling: the float64 ``cdf [b, S, vocab]`` values are drawn
+    from, top-p filtered (computed once per forward, not per step); ``top2`` probabilities and
+    ids for the margin strategy.
+    """
+
+    probs: torch.Tensor
+    argmax: torch.Tensor | None = None
+    cdf: torch.Tensor | None = None
+    top2: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, mask_id: int, temperature: float, top_p: float,
+           margin: bool) -> Distribution:
+        """From a forward's ``logits [b, S, vocab]``, which it overwrites (the sampler's own)."""
+        # ``logits`` is the sampler's own fresh forward output: the mask logit is set in place
+        logits = logits.float()
+        if temperature not in (0.0, 1.0):
+            logits = logits / temperature
+        logits[..., mask_id] = -math.inf
+        probs = logits.softmax(-1)
+        top2 = probs.topk(2, dim=-1) if margin else None
+        if temperature == 0:
+            return cls(probs, argmax=probs.argmax(-1), top2=top2)
+        values_from = _nucleus(probs, top_p) if top_p < 1.0 else probs
+        return cls(probs, cdf=values_from.double().cumsum(-1), top2=top2)
+
+    def rows(self, rows: torch.Tensor | None) -> Distribution:
+        if rows is None:
+            return self
+
+        def pick(t):
+            return None if t is None else t[rows]
+
+        top2 = None if self.top2 is None else (self.top2[0][rows], self.top2[1][rows])
+        return Distribution(self.probs[rows], pick(self.argmax), pick(self.cdf), top2)
+
+    def update(self, rows: torch.Tensor, new: Distribution) -> None:
+        self.probs[rows] = new.probs
+        for name in ("argmax", "cdf"):
+            if getattr(self, name) is not None:
+                getattr(self, name)[rows] = getattr(new, name)
+        if self.top2 is not None:
+            self.top2[0][rows], self.top2[1][rows] = new.top2
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches ``top_p``; renormalize."""
+    sorted_p, order = probs.sort(-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+    keep_sorted = before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(-1, keepdim=True)
 
 
 # ------------------------------------------------------------------ strategies
@@ -130,9 +267,9 @@ class StepTimes:
     last: bool
 
 
-def step_times(schedule: str, steps: int) -> list[StepTimes]:
-    """The ``steps`` transitions of the uniform time grid ``1 = t_0 > ... > t_steps = 0``."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+def step_times(schedule: str, steps: int, min_t: float = 0.0) -> list[StepTimes]:
+    """The ``steps`` transitions of the uniform time grid ``1 = t_0 > ... > t_steps = min_t``."""
+    t = torch.linspace(1.0, min_t, steps + 1, dtype=torch.float64)
     alpha = get_schedule(schedule)(t)[0].tolist()
     return [StepTimes(alpha[j], alpha[j + 1], alpha[0], j == steps - 1) for j in range(steps)]
 
@@ -140,31 +277,34 @@ def step_times(schedule: str, steps: int) -> list[StepTimes]:
 def denoise_step(
     strategy: str,
     xt: torch.Tensor,
-    logp: torch.Tensor,
+    dist: Distribution,
     times: StepTimes | None,
     n_start: torch.Tensor,
     mask_id: int,
-    greedy: bool,
     threshold: float,
-    generator: torch.Generator | None = None,
+    uniform: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """One reverse step: ``xt [batch, S]`` -> ``xs [batch, S]``; only masked tokens change.
+    """One reverse step: ``xt [b, S]`` -> ``xs [b, S]``; only masked tokens change.
 
-    ``logp [batch, S, vocab]``: SUBS log-probs (temperature already applied). ``times``: the
-    step's schedule values (None for first-hitting, which needs no grid). ``n_start
-    [batch]``: masked tokens at the block's start (top-k's schedule is relative to it).
-    Draws, in this order: one uniform per position for the token values (unless greedy),
-    then one per position for the strategy's choice (ancestral and first-hitting only).
+    ``dist``: the denoiser's distribution at each position (greedy when it has no CDF).
+    ``times``: the step's schedule values (None for first-hitting, which needs no grid).
+    ``n_start [b]``: masked tokens at the block's start (top-k's schedule is relative to it).
+    ``uniform()``: the next ``[b, S]`` uniforms of each row's stream; called, in this order,
+    for the token values (unless greedy), then for the strategy's choice (ancestral and
+    first-hitting only).
     """
     masked = xt == mask_id
-    probs = logp.exp()
-    values = _draw_values(probs, greedy, generator)
-    if strategy == "ancestral":
-        reveal = _ancestral(masked, times, generator)
-    elif strategy == "first_hitting":
-        reveal = _first_hitting(masked, generator)
+    if dist.cdf is None:
+        values = dist.argmax
     else:
-        conf = _confidence(probs, values, margin=strategy == "topk_margin")
+        target = uniform().unsqueeze(-1) * dist.cdf[..., -1:]
+        values = torch.searchsorted(dist.cdf, target, right=True).squeeze(-1)
+    if strategy == "ancestral":
+        reveal = _ancestral(masked, times, uniform)
+    elif strategy == "first_hitting":
+        reveal = _first_hitting(masked, uniform)
+    else:
+        conf = _confidence(dist, values, margin=strategy == "topk_margin")
         conf = conf.masked_fill(~masked, -math.inf)
         if strategy == "threshold":
             reveal = _threshold(conf, masked, threshold)
@@ -175,41 +315,23 @@ def denoise_step(
     return torch.where(reveal & masked, values, xt)
 
 
-def _uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(like.shape[:2], generator=generator, device=like.device, dtype=torch.float64)
-
-
-def _draw_values(probs: torch.Tensor, greedy: bool, generator) -> torch.Tensor:
-    """A token per position, ``[batch, S]``: argmax, or inverse-CDF sampling from ``probs``.
-
-    Inverse CDF needs exactly one uniform per position, so the random stream does not depend
-    on the vocabulary or the probabilities. The target is scaled by the CDF's total so a
-    float sum below 1 never lands past the last token with nonzero probability.
-    """
-    if greedy:
-        return probs.argmax(-1)
-    cdf = probs.double().cumsum(-1)
-    target = _uniform(probs, generator).unsqueeze(-1) * cdf[..., -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
-
-
-def _confidence(probs: torch.Tensor, values: torch.Tensor, margin: bool) -> torch.Tensor:
-    """``p(value)``, or with ``margin`` ``p(value) - max_{v != value} p(v)``: ``[batch, S]``."""
-    chosen = probs.gather(-1, values.unsqueeze(-1)).squeeze(-1)
+def _confidence(dist: Distribution, values: torch.Tensor, margin: bool) -> torch.Tensor:
+    """``p(value)``, or with ``margin`` ``p(value) - max_{v != value} p(v)``: ``[b, S]``."""
+    chosen = dist.probs.gather(-1, values.unsqueeze(-1)).squeeze(-1)
     if not margin:
         return chosen
-    top2, top2_idx = probs.topk(2, dim=-1)
+    top2, top2_idx = dist.top2
     best_other = torch.where(top2_idx[..., 0] == values, top2[..., 1], top2[..., 0])
     return chosen - best_other
 
 
-def _ancestral(masked: torch.Tensor, times: StepTimes, generator) -> torch.Tensor:
+def _ancestral(masked: torch.Tensor, times: StepTimes, uniform) -> torch.Tensor:
     """Each masked token unmasks with probability ``(alpha_s - alpha_t) / (1 - alpha_t)``."""
     p_unmask = (times.alpha_s - times.alpha_t) / (1.0 - times.alpha_t)
-    return (_uniform(masked, generator) < p_unmask) & masked
+    return (uniform() < p_unmask) & masked
 
 
-def _first_hitting(masked: torch.Tensor, generator) -> torch.Tensor:
+def _first_hitting(masked: torch.Tensor, uniform) -> torch.Tensor:
     """Reveal exactly one masked token, chosen uniformly (rows with none reveal nothing).
 
     First-hitting sampling draws the time of the next unmasking event, ``1 - alpha_s =
@@ -217,7 +339,7 @@ def _first_hitting(masked: torch.Tensor, generator) -> torch.Tensor:
     Our denoisers are not conditioned on time, so that time changes nothing downstream and
     the step reduces to the uniform choice (Zheng et al., 2024: masked diffusion is time-agnostic).
     """
-    scores = _uniform(masked, generator).masked_fill(~masked, -1.0)
+    scores = uniform().masked_fill(~masked, -1.0)
     one = torch.zeros_like(masked).scatter_(-1, scores.argmax(-1, keepdim=True), True)
     return one & masked
 
@@ -238,156 +360,486 @@ def _topk(conf: torch.Tensor, masked: torch.Tensor, times: StepTimes, n_start: t
     return (rank < k.unsqueeze(-1)) & masked
 
 
-# ------------------------------------------------------------------ denoisers
-class _CachedDenoiser:
-    """Clean prefix kept as a KV cache; a step runs only ``model.denoise`` on the block."""
-
-    def __init__(self, model: DiffusionLM, context: torch.Tensor):
-        self.model, self.cache = model, model.new_cache()
-        if context.shape[1]:
-            model.encode(context, self.cache)
-
-    def __call__(self, block: torch.Tensor) -> torch.Tensor:
-        return self.model.denoise(block, self.cache)
-
-    def commit(self, block: torch.Tensor) -> None:
-        self.model.encode(block, self.cache)
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.cache = self.cache.select(rows)
-
-
-class _FullDenoiser:
-    """Clean prefix kept as tokens; a step runs the training forward on ``[prefix ; block]``.
-
-    The same tokens go into both streams: the masks guarantee that the block's logits see
-    only the clean prefix and the noisy block itself, so the other halves do not matter.
-    """
-
-    def __init__(self, model: DiffusionLM, context: torch.Tensor):
-        self.model, self.prefix = model, context
-
-    def __call__(self, block: torch.Tensor) -> torch.Tensor:
-        x = torch.cat((self.prefix, block), 1)
-        return self.model(x, x)[:, self.prefix.shape[1]:]
-
-    def commit(self, block: torch.Tensor) -> None:
-        self.prefix = torch.cat((self.prefix, block), 1)
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.prefix = self.prefix.index_select(0, rows)
+# ------------------------------------------------------------------ one block
+Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _denoise_block(
-    denoiser: _CachedDenoiser | _FullDenoiser,
+    forward: Forward,
     x: torch.Tensor,
     cfg: SamplerConfig,
     times: list[StepTimes],
     mask_id: int,
-    generator: torch.Generator | None,
+    streams: RowStreams,
+    row_nfe: torch.Tensor,
 ) -> tuple[torch.Tensor, int]:
-    """Denoise ``x [batch, S]`` until no mask is left; returns it and the forwards spent."""
+    """Denoise ``x [b, W]`` until no mask is left; returns it and the batched forwards spent.
+
+    ``forward(x_rows, rows)`` gives logits for the rows ``rows`` (None = all) of the block.
+    A row steps while its block has a mask; it is forwarded again only if its block changed
+    since its last forward. ``row_nfe [b]`` is incremented for every row forwarded.
+    Profiler labels ``sample.step`` and ``sample.forward`` split a step into the model and
+    the rest (``benchmarks/bench_sample.py`` measures that overhead).
+    """
     n_start = (x == mask_id).sum(-1)
-    logp, seen, nfe, step = None, None, 0, 0
-    while (x == mask_id).any():
-        if seen is None or not torch.equal(x, seen):
-            logits = denoiser(x)
-            logp = subs_logits(logits / cfg.temperature if cfg.temperature else logits, x, mask_id)
-            seen, nfe = x, nfe + 1
-        # first-hitting takes one step per masked token, however many that is: no time grid
-        step_time = None if cfg.strategy == "first_hitting" else times[step]
-        x = denoise_step(cfg.strategy, x, logp, step_time, n_start, mask_id,
-                         cfg.temperature == 0, cfg.threshold, generator)
-        step += 1
-    return x, nfe
+    width = x.shape[1]
+    dist: Distribution | None = None
+    fresh = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # dist matches x
+    calls, step = 0, 0
+    while True:
+        stepping = (x == mask_id).any(-1)
+        if not stepping.any():
+            return x, calls
+        with torch.profiler.record_function("sample.step"):
+            need = stepping & ~fresh
+            one_row = x.shape[0] == 1  # batch 1: a row that steps or needs a forward is all rows
+            if need.any():
+                rows = None if one_row or need.all() else need.nonzero().squeeze(1)
+                with torch.profiler.record_function("sample.forward"):
+                    logits = forward(x if rows is None else x[rows], rows)
+                new = Distribution.of(logits, mask_id, cfg.temperature, cfg.top_p, cfg.strategy == "topk_margin")
+                if dist is None or rows is None:
+                    dist = new if rows is None else _scatter_new(new, rows, x.shape[0])
+                else:
+                    dist.update(rows, new)
+                row_nfe += need
+                fresh |= need
+                calls += 1
+            rows = None if one_row or stepping.all() else stepping.nonzero().squeeze(1)
+            xs = x if rows is None else x[rows]
+            step_time = None if cfg.strategy == "first_hitting" else times[min(step, len(times) - 1)]
+            new_x = denoise_step(cfg.strategy, xs, dist.rows(rows), step_time,
+                                 n_start if rows is None else n_start[rows], mask_id, cfg.threshold,
+                                 partial(streams.uniform, width, rows))
+            changed = (new_x != xs).any(-1)
+            if rows is None:
+                fresh &= ~changed
+                x = new_x
+            else:
+                fresh[rows[changed]] = False
+                x = x.clone()
+                x[rows] = new_x
+            step += 1
 
 
-# ------------------------------------------------------------------ the loop
-def _check(model: DiffusionLM, prompt: torch.Tensor, cfg: SamplerConfig) -> None:
+def _scatter_new(new: Distribution, rows: torch.Tensor, batch: int) -> Distribution:
+    """A ``batch``-row distribution holding ``new`` at ``rows`` (the others are filled later)."""
+
+    def grow(t):
+        if t is None:
+            return None
+        out = t.new_zeros((batch, *t.shape[1:]))
+        out[rows] = t
+        return out
+
+    top2 = None if new.top2 is None else (grow(new.top2[0]), grow(new.top2[1]))
+    return Distribution(grow(new.probs), grow(new.argmax), grow(new.cdf), top2)
+
+
+# ------------------------------------------------------------------ checks and stopping
+def _check(model: DiffusionLM, prompt_lengths: torch.Tensor, cfg: SamplerConfig, decode) -> None:
     mcfg = model.cfg
-    if not mcfg.is_diffusion:
-        raise ConfigError(
-            f"variant {mcfg.variant!r} is autoregressive; the diffusion sampler does not apply"
-        )
-    if prompt.dim() != 2 or prompt.dtype != torch.long:
-        raise ValueError(
-            f"prompt must be a LongTensor [batch, P], got {prompt.dtype} {tuple(prompt.shape)}"
-        )
-    if (prompt == mcfg.mask_token_id).any():
-        raise ValueError(f"prompt contains the mask token {mcfg.mask_token_id}")
-    if prompt.numel() and (prompt.min() < 0 or prompt.max() >= mcfg.vocab_size):
-        raise ValueError(f"prompt ids must lie in [0, {mcfg.vocab_size}); got "
-                         f"[{int(prompt.min())}, {int(prompt.max())}]: was it encoded with this "
-                         "model's tokenizer?")
-    total = prompt.shape[1] + cfg.max_new_tokens
-    if total > mcfg.seq_length:
-        warnings.warn(f"sampling {total} positions with a model trained on seq_length="
-                      f"{mcfg.seq_length}: positions past it were never seen in training",
-                      stacklevel=3)
     eos = cfg.eos_token_id
     if eos is not None and (eos >= mcfg.vocab_size or eos == mcfg.mask_token_id):
         raise ConfigError(f"eos_token_id={eos} must be a vocabulary id below {mcfg.vocab_size} "
                           f"other than the mask token {mcfg.mask_token_id}")
+    if cfg.stop_strings and decode is None:
+        raise ConfigError("stop_strings need a decode function (token ids -> text): pass "
+                          "decode=tokenizer.decode to sample")
+    if mcfg.variant in ("mdlm", "ar") and (cfg.block_size is not None or cfg.sliding_window):
+        raise ConfigError(f"variant {mcfg.variant!r} has no blocks: block_size and sliding_window "
+                          "apply to E2D2 and BD3-LM only")
+    if mcfg.variant == "ar" and int(prompt_lengths.min()) < 1:
+        raise ValueError("AR sampling conditions on the prompt: give every row at least one token "
+                         "(e.g. BOS)")
+    S = cfg.block_size or mcfg.block_size
+    longest = int(prompt_lengths.max()) + cfg.max_new_tokens
+    if cfg.sliding_window:
+        first_block_end = int(prompt_lengths.max()) // S * S + S
+        if mcfg.seq_length % S or first_block_end > mcfg.seq_length:
+            raise ConfigError(f"sliding_window keeps positions below seq_length={mcfg.seq_length}: it "
+                              f"must be a multiple of block_size={S} and hold the prompt's blocks "
+                              f"and one more ({first_block_end} positions); shorten the prompt")
+    elif longest > mcfg.seq_length:
+        warnings.warn(f"sampling {longest} positions with a model trained on seq_length="
+                      f"{mcfg.seq_length}: positions past it were never seen in training "
+                      "(sliding_window=True keeps them inside)", stacklevel=4)
 
 
-def _first_eos(block: torch.Tensor, lo: int, begin: int, end: int, eos: int) -> torch.Tensor:
-    """Absolute position of the first EOS in generated positions ``[begin, end)`` of a block
-    that starts at ``lo``, per row; -1 where there is none. ``block [batch, S]`` -> ``[batch]``."""
-    pos = torch.arange(lo, lo + block.shape[1], device=block.device)
-    hit = (block == eos) & (pos >= begin) & (pos < end)
-    first = torch.where(hit, pos, lo + block.shape[1]).min(-1).values
-    return torch.where(hit.any(-1), first, -1)
+def _stop_lengths(
+    seq: torch.Tensor, prompt_lengths: torch.Tensor, checked: torch.Tensor, end: torch.Tensor,
+    cfg: SamplerConfig, decode,
+) -> torch.Tensor:
+    """Per row, the sequence length through its first EOS or completed stop string among the
+    generated positions ``[checked, end)`` (earlier ones were checked before), or -1.
+
+    ``seq [b, width]`` is position-indexed; the others are ``[b]``.
+    """
+    b, width = seq.shape
+    out = torch.full((b,), -1, dtype=torch.long, device=seq.device)
+    if cfg.eos_token_id is not None:
+        pos = torch.arange(width, device=seq.device)
+        hit = (seq == cfg.eos_token_id) & (pos >= checked[:, None]) & (pos < end[:, None])
+        first = torch.where(hit, pos, width).min(-1).values
+        out = torch.where(hit.any(-1), first + 1, out)
+    if cfg.stop_strings:
+        for r in range(b):
+            p, lo = int(prompt_lengths[r]), int(checked[r])
+            hi = int(out[r]) if out[r] >= 0 else int(end[r])
+            gen = seq[r, p:hi].tolist()
+            if not any(s in decode(gen) for s in cfg.stop_strings):
+                continue
+            for n in range(max(lo - p, 0) + 1, len(gen) + 1):  # the token that completes it
+                if any(s in decode(gen[:n]) for s in cfg.stop_strings):
+                    out[r] = p + n
+                    break
+    return out
 
 
+# ------------------------------------------------------------------ block variants
+class _BlockRun:
+    """Shared bookkeeping of a block run: rows, their prompts, output, stopping."""
+
+    def __init__(self, model: DiffusionLM, prompt: torch.Tensor, plens: torch.Tensor,
+                 cfg: SamplerConfig, S: int):
+        self.model, self.cfg, self.S = model, cfg, S
+        device = prompt.device
+        self.plens = plens
+        self.tail = plens % S
+        self.n_ctx = plens - self.tail
+        self.budget_end = plens + cfg.max_new_tokens  # each row's last position, exclusive
+        self.n_blocks = -(-(self.tail + cfg.max_new_tokens) // S)  # [B]
+        width = int((self.n_ctx + self.n_blocks * S).max())
+        self.seq = torch.full((prompt.shape[0], width), model.cfg.mask_token_id, dtype=torch.long, device=device)
+        self.seq[:, :prompt.shape[1]] = prompt
+        self.seq[torch.arange(width, device=device)[None, :] >= plens[:, None]] = model.cfg.mask_token_id
+        self.lengths = self.budget_end.clone()
+        self.finished = torch.zeros_like(plens, dtype=torch.bool)
+
+    def block_positions(self, act: torch.Tensor, j: int) -> torch.Tensor:
+        """Sequence positions of block ``j`` of rows ``act``: ``[b, S]``."""
+        return self.n_ctx[act, None] + j * self.S + torch.arange(self.S, device=act.device)
+
+    def finish_block(self, act: torch.Tensor, j: int, decode) -> torch.Tensor:
+        """Record stops after block ``j``; returns which of ``act`` go on (``bool[b]``)."""
+        start = torch.maximum(self.n_ctx[act] + j * self.S, self.plens[act])
+        end = torch.minimum(self.n_ctx[act] + (j + 1) * self.S, self.budget_end[act])
+        stop = _stop_lengths(self.seq[act], self.plens[act], start, end, self.cfg, decode)
+        stopped = stop >= 0
+        self.lengths[act] = torch.where(stopped, stop, self.lengths[act])
+        self.finished[act] = stopped
+        return ~stopped & (self.n_blocks[act] > j + 1)
+
+
+class _CachedDenoiser:
+    """Clean prefix kept as a left-padded KV cache; a step runs only ``model.denoise`` on the block."""
+
+    def __init__(self, run: _BlockRun):
+        self.run, model, S = run, run.model, run.S
+        mcfg = model.cfg
+        self.bidirectional = mcfg.prompt_is_bidirectional
+        max_ctx = int(run.n_ctx.max())
+        capacity = max_ctx + int(run.n_blocks.max()) * S
+        if run.cfg.sliding_window:
+            capacity = min(capacity, mcfg.seq_length)
+        self.cache: KVCache = model.new_cache(len(run.plens), capacity, max_ctx - run.n_ctx)
+        self.tail = run.tail
+        self._prefill(max_ctx)
+
+    def _prefill(self, max_ctx: int) -> None:
+        """Encode the prompts' whole blocks; with a bidirectional prompt they also read the tail."""
+        run, S, cache = self.run, self.S, self.cache
+        if max_ctx == 0:
+            return  # no whole block to keep: a tail is encoded with its block
+        width = max_ctx + (int(self.tail.max()) if self.bidirectional else 0)
+        col = torch.arange(width, device=run.seq.device)
+        pos = col[None, :] - cache.offset[:, None]  # [B, width]
+        real = (pos >= 0) & (pos < run.plens[:, None])
+        tokens = run.seq.gather(1, pos.clamp(0, run.seq.shape[1] - 1)).masked_fill(~real, 0)
+        if self.bidirectional:
+            mask = real[:, None, :].expand(-1, width, -1)
+        else:
+            mask = real[:, None, :] & (col[None, None, :] // S <= col[None, :, None] // S)
+        mask = mask | ((col[:, None] == col[None, :]) & ~real[:, :, None])  # pads see themselves
+        run.model.encode(tokens, cache, pos.clamp(min=0), mask, keep=max_ctx)
+
+    @property
+    def S(self) -> int:
+        return self.run.S
+
+    def positions(self) -> torch.Tensor:
+        """RoPE positions of the current block of every working row: ``[b, S]``."""
+        return self.cache.length - self.cache.offset[:, None] + torch.arange(self.S, device=self.cache.offset.device)
+
+    def _visible(self) -> torch.Tensor | None:
+        """``bool[b, S, length + S]``: cached columns at or past each row's offset, and the block."""
+        if not bool((self.cache.offset > 0).any()):
+            return None
+        col = torch.arange(self.cache.length + self.S, device=self.cache.offset.device)
+        return (col[None, :] >= self.cache.offset[:, None])[:, None, :].expand(-1, self.S, -1)
+
+    def start_block(self, j: int) -> None:
+        cfg, cache = self.run.cfg, self.cache
+        if cfg.sliding_window and cache.length + self.S > self.run.model.cfg.seq_length:
+            mcfg = self.run.model.cfg
+            cache.drop_oldest(self.S, mcfg.kv_channels, mcfg.rope_theta)
+        self._positions, self._mask = self.positions(), self._visible()
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        pos, mask = self._positions, self._mask
+        if rows is not None:
+            pos, mask = pos[rows], None if mask is None else mask[rows]
+        return self.run.model.denoise(x, self.cache, pos, mask, rows)
+
+    def commit(self, block: torch.Tensor, j: int) -> None:
+        mask = self._mask
+        if j == 0 and self.bidirectional and bool((self.tail > 0).any()):
+            # the tail is context: in training its queries read context keys only
+            if mask is None:
+                mask = torch.ones(block.shape[0], self.S, self.cache.length + self.S, dtype=torch.bool,
+                                  device=block.device)
+            i = torch.arange(self.S, device=block.device)
+            tail_q = i[None, :, None] < self.tail[:, None, None]  # [b, S, 1]
+            own_k = torch.arange(self.cache.length + self.S, device=block.device) - self.cache.length
+            own_non_ctx = own_k[None, None, :] >= self.tail[:, None, None]  # a key of the block past the tail
+            mask = mask & ~(tail_q & own_non_ctx)
+        self.run.model.encode(block, self.cache, self._positions, mask)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache = self.cache.select(rows)
+        self.tail = self.tail[rows]
+        self._positions = self._positions[rows]
+        self._mask = None if self._mask is None else self._mask[rows]
+
+
+class _FullDenoiser:
+    """No cache: each row runs the training forward (with its prompt as context mask) on its
+    prefix and block, alone. The reference the cache is tested against."""
+
+    def __init__(self, run: _BlockRun):
+        self.run = run
+        self.act = torch.arange(len(run.plens), device=run.plens.device)
+
+    def start_block(self, j: int) -> None:
+        self.j = j
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        run, S = self.run, self.run.S
+        rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+        out = []
+        for i, r in enumerate(self.act[rows].tolist()):
+            start = int(run.n_ctx[r]) + self.j * S
+            tokens = torch.cat((run.seq[r, :start], x[i]))[None]
+            context = torch.arange(start + S, device=x.device)[None] < run.plens[r]
+            out.append(run.model(tokens, tokens, context_mask=context, block_size=S)[:, start:])
+        return torch.cat(out)
+
+    def commit(self, block: torch.Tensor, j: int) -> None:
+        pass  # the run's position-indexed sequence already holds the block
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.act = self.act[rows]
+
+
+def _sample_blocks(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
+    S = cfg.block_size or model.cfg.block_size
+    run = _BlockRun(model, prompt, plens, cfg, S)
+    denoiser = (_CachedDenoiser if cfg.use_cache else _FullDenoiser)(run)
+    times = step_times(cfg.schedule, cfg.steps, cfg.min_t)
+    batch, device = len(plens), plens.device
+    act = torch.arange(batch, device=device)
+    n_blocks = int(run.n_blocks.max())
+    nfe_per_block, row_nfe = [], torch.zeros(batch, n_blocks, dtype=torch.long, device=device)
+    for j in range(n_blocks):
+        denoiser.start_block(j)
+        pos = run.block_positions(act, j)
+        block = run.seq[act[:, None], pos]
+        counts = torch.zeros(act.numel(), dtype=torch.long, device=device)
+        block, calls = _denoise_block(denoiser, block, cfg, times, model.cfg.mask_token_id, streams, counts)
+        run.seq[act[:, None], pos] = block
+        row_nfe[act, j] = counts
+        nfe_per_block.append(calls)
+        go_on = run.finish_block(act, j, decode)
+        if not go_on.any():
+            break
+        if not go_on.all():
+            keep = go_on.nonzero().squeeze(1)
+            act, block, streams = act[keep], block[keep], streams.select(keep)
+            denoiser.select(keep)
+        denoiser.commit(block, j)
+    return _output(model, run.seq, plens, run.lengths, run.finished, cfg, nfe_per_block,
+                   row_nfe[:, :len(nfe_per_block)])
+
+
+def _output(model, seq, plens, lengths, finished, cfg, nfe_per_block, row_nfe) -> SampleOutput:
+    width = int(plens.max()) + cfg.max_new_tokens
+    tokens = seq[:, :width]
+    fill = cfg.eos_token_id if cfg.eos_token_id is not None else model.cfg.mask_token_id
+    after = torch.arange(width, device=seq.device)[None, :] >= lengths[:, None]
+    return SampleOutput(tokens.masked_fill(after, fill), plens, lengths, finished, nfe_per_block, row_nfe)
+
+
+# ------------------------------------------------------------------ MDLM and AR
+def _sample_mdlm(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
+    """One block over prompt + completion, right-padded, a full forward per step."""
+    mask_id, device = model.cfg.mask_token_id, plens.device
+    batch, width = len(plens), int(plens.max()) + cfg.max_new_tokens
+    col = torch.arange(width, device=device)[None, :]
+    end = plens[:, None] + cfg.max_new_tokens
+    x = torch.zeros(batch, width, dtype=torch.long, device=device)
+    x[:, :prompt.shape[1]] = prompt
+    x = torch.where(col < plens[:, None], x, torch.where(col < end, mask_id, 0))
+    real = col < end
+    ragged = not bool(real.all())
+
+    def forward(xs, rows):
+        pad = (real if rows is None else real[rows]) if ragged else None
+        return model(xs, xs, attention_mask=pad)
+
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    times = step_times(cfg.schedule, cfg.steps, cfg.min_t)
+    streams = RowStreams(streams.generators, streams.device, end[:, 0].tolist())
+    x, calls = _denoise_block(forward, x, cfg, times, mask_id, streams, counts)
+    stop = _stop_lengths(x, plens, plens, end[:, 0], cfg, decode)
+    lengths = torch.where(stop >= 0, stop, end[:, 0])
+    return _output(model, x, plens, lengths, stop >= 0, cfg, [calls], counts[:, None])
+
+
+def _sample_ar(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
+    """Next-token sampling, one forward per token, with a left-padded KV cache (or without)."""
+    mask_id, device = model.cfg.mask_token_id, plens.device
+    batch, max_p = len(plens), int(plens.max())
+    width = max_p + cfg.max_new_tokens
+    seq = torch.full((batch, width), mask_id, dtype=torch.long, device=device)
+    seq[:, :prompt.shape[1]] = prompt
+    lengths, finished = plens + cfg.max_new_tokens, torch.zeros(batch, dtype=torch.bool, device=device)
+    act = torch.arange(batch, device=device)
+    step = _ARCached(model, seq, plens, width) if cfg.use_cache else _ARFull(model, seq, plens)
+    logits = step.first()
+    for i in range(cfg.max_new_tokens):
+        dist = Distribution.of(logits[:, None], mask_id, cfg.temperature, cfg.top_p, False)
+        if dist.cdf is None:
+            tok = dist.argmax[:, 0]
+        else:
+            u = streams.uniform(1)
+            tok = torch.searchsorted(dist.cdf[:, 0], u * dist.cdf[:, 0, -1:], right=True)[:, 0]
+        at = plens[act] + i
+        seq[act, at] = tok
+        stop = _stop_lengths(seq[act], plens[act], at, at + 1, cfg, decode)
+        stopped = stop >= 0
+        lengths[act] = torch.where(stopped, stop, lengths[act])
+        finished[act] = stopped
+        if i == cfg.max_new_tokens - 1 or bool(stopped.all()):
+            break
+        if bool(stopped.any()):
+            keep = (~stopped).nonzero().squeeze(1)
+            act, tok, streams = act[keep], tok[keep], streams.select(keep)
+            step.select(keep)
+        logits = step.next(tok, i)
+    n = int((lengths - plens).max())
+    return _output(model, seq, plens, lengths, finished, cfg, [1] * n,
+                   ((lengths - plens)[:, None] > torch.arange(n, device=device)).long())
+
+
+class _ARCached:
+    def __init__(self, model, seq, plens, capacity):
+        self.model, self.plens = model, plens
+        max_p = int(plens.max())
+        self.cache = model.new_cache(len(plens), capacity, max_p - plens)
+        col = torch.arange(max_p, device=plens.device)
+        pos = col[None, :] - self.cache.offset[:, None]
+        real = pos >= 0
+        self.tokens = seq.gather(1, pos.clamp(min=0)).masked_fill(~real, 0)
+        self.pos = pos.clamp(min=0)
+        causal = col[None, :] <= col[:, None]
+        self.mask = (causal[None] & real[:, None, :]) | (torch.eye(max_p, dtype=torch.bool, device=plens.device)[None])
+        self.act = torch.arange(len(plens), device=plens.device)
+
+    def first(self) -> torch.Tensor:
+        h = self.model.encode(self.tokens, self.cache, self.pos, self.mask)
+        return self.model.logits(h[:, -1])
+
+    def next(self, tok: torch.Tensor, i: int) -> torch.Tensor:
+        cache = self.cache
+        mask = None
+        if bool((cache.offset > 0).any()):
+            col = torch.arange(cache.length + 1, device=tok.device)
+            mask = (col[None, :] >= cache.offset[:, None])[:, None, :]
+        pos = (self.plens[self.act] + i)[:, None]
+        h = self.model.encode(tok[:, None], cache, pos, mask)
+        return self.model.logits(h[:, -1])
+
+    def select(self, rows):
+        self.cache, self.act = self.cache.select(rows), self.act[rows]
+
+
+class _ARFull:
+    def __init__(self, model, seq, plens):
+        self.model, self.seq, self.plens = model, seq, plens
+        self.act = torch.arange(len(plens), device=plens.device)
+
+    def _logits(self, i: int) -> torch.Tensor:
+        out = []
+        for r in self.act.tolist():
+            tokens = self.seq[r, : int(self.plens[r]) + i][None]
+            out.append(self.model(tokens)[:, -1])
+        return torch.cat(out)
+
+    def first(self) -> torch.Tensor:
+        return self._logits(0)
+
+    def next(self, tok: torch.Tensor, i: int) -> torch.Tensor:
+        return self._logits(i + 1)  # seq already holds tok
+
+    def select(self, rows):
+        self.act = self.act[rows]
+
+
+# ------------------------------------------------------------------ entry points
 @torch.no_grad()
+def _run(model, prompt, plens, cfg, generator, seeds, decode) -> SampleOutput:
+    mcfg = model.cfg
+    if prompt.dim() != 2 or prompt.dtype != torch.long:
+        raise ValueError(f"prompt must be a LongTensor [batch, P], got {prompt.dtype} {tuple(prompt.shape)}")
+    real = torch.arange(prompt.shape[1], device=prompt.device)[None, :] < plens[:, None]
+    if (prompt[real] == mcfg.mask_token_id).any():
+        raise ValueError(f"prompt contains the mask token {mcfg.mask_token_id}")
+    if real.any() and (prompt[real].min() < 0 or prompt[real].max() >= mcfg.vocab_size):
+        raise ValueError(f"prompt ids must lie in [0, {mcfg.vocab_size}); got "
+                         f"[{int(prompt[real].min())}, {int(prompt[real].max())}]: was it encoded with "
+                         "this model's tokenizer?")
+    _check(model, plens, cfg, decode)
+    batch, device = prompt.shape[0], prompt.device
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (batch,), generator=generator).tolist()
+    elif len(seeds) != batch:
+        raise ValueError(f"seeds has {len(seeds)} entries for {batch} prompts")
+    streams = RowStreams.seeded(seeds, device)
+    prompt = prompt.masked_fill(~real, 0)
+    if mcfg.variant == "ar":
+        return _sample_ar(model, prompt, plens, cfg, streams, decode)
+    if mcfg.variant == "mdlm":
+        return _sample_mdlm(model, prompt, plens, cfg, streams, decode)
+    return _sample_blocks(model, prompt, plens, cfg, streams, decode)
+
+
 def sample(
     model: DiffusionLM,
     prompt: torch.Tensor,
     cfg: SamplerConfig,
     generator: torch.Generator | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> SampleOutput:
-    """Generate ``cfg.max_new_tokens`` tokens after ``prompt [batch, P]`` (see module docstring)."""
-    _check(model, prompt, cfg)
-    mcfg, (batch, P), device = model.cfg, prompt.shape, prompt.device
-    mask_id, total = mcfg.mask_token_id, P + cfg.max_new_tokens
-    if mcfg.variant == "mdlm":
-        n_ctx, S, n_blocks = 0, total, 1
-    else:
-        S = mcfg.block_size
-        n_ctx = P - P % S
-        n_blocks = -(-(total - n_ctx) // S)
-    # Whole blocks are generated; what lies past the budget is cut off at the end.
-    buf = torch.full((batch, n_ctx + n_blocks * S), mask_id, dtype=torch.long, device=device)
-    buf[:, :P] = prompt
-    lengths = torch.full((batch,), total, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    active = torch.arange(batch, device=device)
-    make = _CachedDenoiser if cfg.use_cache and mcfg.variant != "mdlm" else _FullDenoiser
-    denoiser = make(model, buf[:, :n_ctx])
-    times = step_times(cfg.schedule, cfg.steps)
-    nfe_per_block: list[int] = []
-    for b in range(n_blocks):
-        lo = n_ctx + b * S
-        block = buf[active, lo:lo + S]
-        block, nfe = _denoise_block(denoiser, block, cfg, times, mask_id, generator)
-        buf[active, lo:lo + S] = block
-        nfe_per_block.append(nfe)
-        if cfg.eos_token_id is not None:
-            eos_at = _first_eos(block, lo, P, total, cfg.eos_token_id)
-            lengths[active] = torch.where(eos_at >= 0, eos_at + 1, lengths[active])
-            finished[active] = eos_at >= 0
-            keep = (eos_at < 0).nonzero().squeeze(1)
-            if keep.numel() < active.numel():
-                active, block = active[keep], block[keep]
-                denoiser.select(keep)
-        if active.numel() == 0 or b == n_blocks - 1:
-            break
-        denoiser.commit(block)
-    tokens = buf[:, :total]
-    if cfg.eos_token_id is not None:
-        after = torch.arange(total, device=device) >= lengths.unsqueeze(1)
-        tokens = tokens.masked_fill(after, cfg.eos_token_id)
-    return SampleOutput(tokens, lengths, finished, nfe_per_block)
+    """Generate ``cfg.max_new_tokens`` tokens after ``prompt [batch, P]`` (see module docstring).
+
+    ``seeds``: one seed per row (row ``r`` draws only from its own stream); by default they
+    are drawn from ``generator`` (or torch's global generator). ``decode``: token ids to text,
+    needed by ``cfg.stop_strings``.
+    """
+    plens = torch.full((prompt.shape[0],), prompt.shape[1], dtype=torch.long, device=prompt.device)
+    return _run(model, prompt, plens, cfg, generator, seeds, decode)
 
 
 def sample_prompts(
@@ -395,21 +847,18 @@ def sample_prompts(
     prompts: Sequence[Sequence[int]],
     cfg: SamplerConfig,
     generator: torch.Generator | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[list[int]]:
-    """Completions (through EOS, if any) for prompts of different lengths, in input order.
-
-    Prompts are grouped by length and each group is sampled as one batch, in order of first
-    appearance. We group instead of padding because a pad would shift block boundaries and
-    positions, and the block cache has no notion of padding.
-    """
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
+    """Completions (through EOS or the stop string, if any) for prompts of any lengths, in
+    input order, sampled as one batch: each equals its prompt sampled alone with its seed."""
+    if not prompts:
+        return []
     device = next(model.parameters()).device
-    out: list[list[int]] = [[] for _ in prompts]
-    for n, rows in groups.items():
-        batch = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)
-        res = sample(model, batch.view(len(rows), n), cfg, generator)
-        for r, i in enumerate(rows):
-            out[i] = res.tokens[r, n:res.lengths[r]].tolist()
-    return out
+    plens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    padded = torch.zeros(len(prompts), int(plens.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
+    out = _run(model, padded, plens, cfg, generator, seeds, decode)
+    return [out.completion(i) for i in range(len(prompts))]

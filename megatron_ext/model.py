@@ -292,6 +292,7 @@ class ParallelDiffusionLM(MegatronModule):
 
     def _mask(self, spec: masks.AttentionMask, batch: dict[str, torch.Tensor]):
         x0 = batch["x0"]
+        spec = masks.with_prompt_rule(spec, self.cfg.prompt_is_bidirectional)
         return build_mask(spec, x0.shape[1], self.cfg.diffusion_block_size, x0.device,
                           x0.shape[0], batch.get("context_mask"), batch.get("attention_mask"))
 

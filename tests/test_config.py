@@ -18,6 +18,7 @@ from e2d2.errors import ConfigError
     (dict(variant="e2d2", tie_decoder_to_encoder=True), "needs variant='e2d2_shared_kv'"),
     (dict(mask_token_id=999), "mask_token_id"),
     (dict(hidden_size=130, num_attention_heads=4), "set head_dim"),
+    (dict(variant="mdlm", num_decoder_layers=0, bidirectional_prompt=True), "E2D2 and BD3-LM only"),
 ])
 def test_invalid_model_config(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -40,3 +41,10 @@ def test_valid_configs_construct():
     for variant in ("bd3lm", "mdlm", "ar"):
         ModelConfig(variant=variant, num_decoder_layers=0)
     assert ModelConfig(variant="mdlm", num_decoder_layers=0, seq_length=64).diffusion_block_size == 64
+
+
+def test_prompt_reading_follows_the_variant_unless_set():
+    assert ModelConfig(variant="e2d2").prompt_is_bidirectional
+    assert not ModelConfig(variant="bd3lm", num_decoder_layers=0).prompt_is_bidirectional  # the authors'
+    assert ModelConfig(variant="bd3lm", num_decoder_layers=0, bidirectional_prompt=True).prompt_is_bidirectional
+    assert not ModelConfig(variant="e2d2", bidirectional_prompt=False).prompt_is_bidirectional

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from e2d2.config import DiffusionConfig, ModelConfig
+from e2d2.config import SCHEDULES, DiffusionConfig, ModelConfig
 from e2d2.diffusion import DiffusionObjective, noise, sample_block_times, subs_logits, token_nll
-from e2d2.noise import get_schedule
+from e2d2.model import DiffusionLM
+from e2d2.noise import evaluation_schedule, get_schedule
 
 V, MASK = 50, 49
 
@@ -26,9 +27,11 @@ class UniformLogits(nn.Module):
         return torch.zeros(*x0.shape, self.cfg.vocab_size, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("variant,schedule", [("e2d2", "linear"), ("bd3lm", "linear"), ("mdlm", "linear"),
-                                              ("e2d2", "cosine"), ("e2d2", "log")])
+@pytest.mark.parametrize("variant,schedule", [("e2d2", s) for s in SCHEDULES] + [("bd3lm", "linear"),
+                                              ("bd3lm", "clipped_linear"), ("mdlm", "linear")])
 def test_uniform_model_nelbo_is_log_v_minus_1(variant, schedule):
+    """Whatever the training schedule (clipped included), the NELBO of a model that knows
+    nothing is log(V - 1): evaluation integrates t over [0, 1] with the true ELBO weight."""
     cfg = ModelConfig(variant=variant, vocab_size=V, mask_token_id=MASK, seq_length=64, block_size=4,
                       num_decoder_layers=1 if variant == "e2d2" else 0)
     objective = DiffusionObjective(cfg, DiffusionConfig(schedule=schedule))
@@ -37,10 +40,48 @@ def test_uniform_model_nelbo_is_log_v_minus_1(variant, schedule):
     values = objective.nelbo(UniformLogits(cfg), x0, generator=gen).double()
     mean, err = values.mean().item(), values.std().item() / math.sqrt(len(values))
     # The schedule's total mass alpha(eps) - alpha(1) is 1 up to its eps: expected NELBO.
-    alpha, _ = get_schedule(schedule)(torch.tensor([objective.sampling_eps, 1.0], dtype=torch.float64))
+    t = torch.tensor([objective.sampling_eps, 1.0], dtype=torch.float64)
+    alpha, _ = evaluation_schedule(schedule)(t)
     expected = (alpha[0] - alpha[1]).item() * math.log(V - 1)
     assert abs(mean - expected) < 4 * err + 1e-3 * expected, (mean, expected, err)
     assert abs(mean - math.log(V - 1)) < 0.02 * math.log(V - 1)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_one_token_nelbo_is_the_cross_entropy(schedule):
+    """L = S = 1: the decoder sees only [MASK], so its prediction p does not depend on t and the
+    bound is tight: E_t[w(t) 1(masked)] = alpha(eps) - alpha(1), times -log p(x0), exactly.
+    A real (non-uniform) model, its cross-entropy computed directly."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="e2d2", vocab_size=V, mask_token_id=MASK, hidden_size=16, ffn_hidden_size=32,
+                      num_attention_heads=2, num_query_groups=1, num_layers=1, num_decoder_layers=1,
+                      seq_length=1, block_size=1, init_std=0.5)
+    model = DiffusionLM(cfg).double()
+    objective = DiffusionObjective(cfg, DiffusionConfig(schedule=schedule))
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, MASK, (100_000, 1), generator=gen)
+    with torch.no_grad():
+        logits = model(x0, torch.full_like(x0, MASK))
+    ce = token_nll(logits, x0, MASK).mean().item()
+    values = objective.nelbo(model, x0, generator=gen).double()
+    mean, err = values.mean().item(), values.std().item() / math.sqrt(len(values))
+    t = torch.tensor([objective.sampling_eps, 1.0], dtype=torch.float64)
+    alpha, _ = evaluation_schedule(schedule)(t)
+    expected = (alpha[0] - alpha[1]).item() * ce
+    assert ce > math.log(V - 1) + 0.05  # the model is far from uniform: a real check
+    assert abs(mean - expected) < 4 * err, (mean, expected, err)
+    assert err < 0.01 * ce
+
+
+def test_clipping_is_for_training_only():
+    objective = DiffusionObjective(ModelConfig(vocab_size=V, mask_token_id=MASK, seq_length=64),
+                                   DiffusionConfig(schedule="clipped_linear"))
+    x0 = torch.randint(0, MASK, (256, 64), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    train = 1 - objective.noise(x0, train=True, generator=gen).alpha  # mask rates
+    evaluation = 1 - objective.noise(x0, train=False, generator=gen).alpha
+    assert train.min() >= 0.3 - 1e-6 and train.max() <= 0.8 + 1e-6
+    assert evaluation.min() < 0.01 and evaluation.max() > 0.99  # the whole path
 
 
 def test_every_block_has_a_masked_token_in_training_only():
@@ -95,3 +136,34 @@ def test_subs_never_predicts_mask_and_copies_unmasked_tokens():
     masked_positions = xt == MASK
     nll = token_nll(logits, x0, MASK)
     torch.testing.assert_close(nll[masked_positions], -logp.gather(-1, x0[..., None])[..., 0][masked_positions])
+
+
+def test_logits_are_not_changed_in_place():
+    logits = torch.randn(2, 6, V)
+    before = logits.clone()
+    subs_logits(logits, torch.full((2, 6), MASK), MASK)
+    token_nll(logits, torch.zeros(2, 6, dtype=torch.long), MASK)
+    assert torch.equal(logits, before)
+
+
+def test_keep_clean_bos_never_masks_position_0_and_matches_the_ar_targets():
+    cfg = ModelConfig(vocab_size=V, mask_token_id=MASK, seq_length=16)
+    objective = DiffusionObjective(cfg, DiffusionConfig(keep_clean_bos=True))
+    x0 = torch.randint(0, MASK, (512, 16))
+    nb = objective.noise(x0, generator=torch.Generator().manual_seed(0))
+    assert not nb.masked[:, 0].any() and nb.masked[:, 1:].any()
+    # the tokens that count are the AR baseline's next-token targets: positions 1..L-1
+    assert not nb.loss_mask[:, 0].any() and nb.loss_mask[:, 1:].all()
+    assert nb.masked.view(512, 4, 4).any(-1).all()  # block 0 still gets a masked token
+
+
+@pytest.mark.parametrize("remask_prompt_blocks", [True, False])
+def test_prompt_blocks_are_remasked_only_when_asked(remask_prompt_blocks):
+    x0 = torch.randint(0, MASK, (256, 8))
+    ctx = torch.zeros(256, 8, dtype=torch.bool)
+    ctx[:, :2] = True  # block 0 holds a prompt and two targets
+    nb = noise(x0, torch.full((256, 2), 1e-6), get_schedule("linear"), 4, MASK, context_mask=ctx,
+               generator=torch.Generator().manual_seed(0), remask_prompt_blocks=remask_prompt_blocks)
+    assert nb.masked[:, 4:].any(-1).all()  # the prompt-free block always is
+    assert nb.masked[:, :4].any(-1).all() == remask_prompt_blocks
+    assert not nb.masked[:, :2].any()

@@ -122,27 +122,44 @@ def test_shared_kv_backward_skips_the_top_encoder_layer():
     assert ratio[1] == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("name", ["e2d2", "e2d2_shared_kv", "bd3lm", "mdlm"])
+@pytest.mark.parametrize("name", ["e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar"])
 @pytest.mark.parametrize("prompt_length", [0, 6])  # none; a whole block and a tail in block 1
 def test_sampling_flops_match_profiler(name: str, prompt_length: int):
-    """The analytic per-token count reproduces what the real sampler spends, given its NFE."""
+    """The analytic per-token count reproduces what the real sampler spends, given each row's NFE."""
     cfg = small_config(name)
     model = DiffusionLM(cfg)
     batch, new_tokens = 2, 8
+    prompt_length = max(prompt_length, 1) if name == "ar" else prompt_length
     prompt = torch.randint(0, cfg.mask_token_id, (batch, prompt_length), generator=torch.Generator().manual_seed(1))
     sampler = SamplerConfig(strategy="topk", steps=2, temperature=0.0, max_new_tokens=new_tokens)
     with profiler("fused") as counter:
         out = sample(model, prompt, sampler)
-    assert max(out.nfe_per_block) > 1  # several forwards per block, or steps would go uncounted
-    analytic = flops.sampling_flops_per_token(cfg, prompt_length, new_tokens, out.nfe_per_block)
-    assert counter.get_total_flops() == pytest.approx(analytic.dense * new_tokens * batch, rel=REL)
+    if name != "ar":
+        assert max(out.nfe_per_block) > 1  # several forwards per block, or steps would go uncounted
+    analytic = sum((flops.sampling_flops_per_token(cfg, prompt_length, new_tokens, out.row_nfe[r].tolist())
+                    for r in range(batch)), flops.FlopsCount())
+    assert counter.get_total_flops() == pytest.approx(analytic.dense * new_tokens, rel=REL)
 
 
-def test_sampling_rejects_ar_and_a_wrong_number_of_blocks():
-    with pytest.raises(ValueError, match="AR"):
-        flops.sampling_flops_per_token(small_config("ar"), 8, 16, 4)
+def test_sampling_flops_of_a_run_stopped_at_eos():
+    """A row that stops early has fewer blocks: its count covers the blocks it generated."""
+    cfg = small_config("e2d2")
+    model = DiffusionLM(cfg)
+    prompt = torch.randint(0, cfg.mask_token_id, (1, 5), generator=torch.Generator().manual_seed(1))
+    free = sample(model, prompt, SamplerConfig(strategy="topk", steps=2, temperature=0.0, max_new_tokens=16))
+    eos = int(free.tokens[0, 5 + 4])  # a token of the second generated block
+    sampler = SamplerConfig(strategy="topk", steps=2, temperature=0.0, max_new_tokens=16, eos_token_id=eos)
+    with profiler("fused") as counter:
+        out = sample(model, prompt, sampler)
+    assert out.finished[0] and out.num_blocks < 5
+    analytic = flops.sampling_flops_per_token(cfg, 5, 16, out.row_nfe[0].tolist())
+    generated = 3 + 4 * (out.num_blocks - 1)  # the first block holds the prompt's tail
+    assert counter.get_total_flops() == pytest.approx(analytic.dense * generated, rel=REL)
+
+
+def test_sampling_rejects_a_wrong_number_of_blocks():
     with pytest.raises(ValueError, match="entries"):
-        flops.sampling_flops_per_token(small_config("bd3lm"), 8, 16, [4, 4])
+        flops.sampling_flops_per_token(small_config("bd3lm"), 8, 16, [4] * 5)
 
 
 # ------------------------------------------------------------------ masks
@@ -201,11 +218,13 @@ def test_bd3lm_costs_as_much_as_e2d2_with_twice_the_layers(num_decoder_layers: i
 
 
 def test_e2d2_sampling_runs_only_the_decoder_per_step():
-    """Per generated token, BD3-LM's steps cost N layers and E2D2's only N_dec: with many steps
-    per block the ratio tends to N_dec / N; the encoder pass per block is amortized."""
-    e2d2 = flops.sampling_flops_per_token(owt_config("e2d2", 10, 2), 0, 1024, 64)
-    bd3lm = flops.sampling_flops_per_token(owt_config("bd3lm", 12), 0, 1024, 64)
-    assert without_head(e2d2) / without_head(bd3lm) == pytest.approx(2 / 12, rel=0.1)
+    """Per block, BD3-LM's S steps cost N layers each and E2D2's only N_dec, plus one clean pass
+    each (N and N_enc layers). S = 4 forwards per block is the most a block of 4 masks can take
+    (a forward is spent only on a new state, and each has fewer masks): (S N_dec + N_enc) /
+    ((S + 1) N) = 18 / 60 of BD3-LM's layer passes."""
+    e2d2 = flops.sampling_flops_per_token(owt_config("e2d2", 10, 2), 0, 1024, 4)
+    bd3lm = flops.sampling_flops_per_token(owt_config("bd3lm", 12), 0, 1024, 4)
+    assert without_head(e2d2) / without_head(bd3lm) == pytest.approx(18 / 60, rel=0.1)
 
 
 def test_mfu():

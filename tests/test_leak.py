@@ -43,24 +43,33 @@ CONFIGS = {
     "e2d2_shared_kv_tied": dict(variant="e2d2_shared_kv", num_layers=3, num_decoder_layers=2,
                                 tie_decoder_to_encoder=True),
     "bd3lm": dict(variant="bd3lm", num_layers=3, num_decoder_layers=0),
+    "bd3lm_bidirectional_prompt": dict(variant="bd3lm", num_layers=3, num_decoder_layers=0,
+                                       bidirectional_prompt=True),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("padded", [False, True])
 def test_decoder_logits_do_not_see_the_future_or_other_noisy_blocks(name, padded):
+    """One row per prompt length 0..L (mid-block ones included): the logits of block b see no
+    clean target (non-context token) of blocks >= b, and no noisy token of another block."""
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
                       seq_length=L, block_size=S, **CONFIGS[name])
     model = DiffusionLM(cfg).double()
     recorder = RecordingEmbedding(model.embed)
     model.embed = recorder
-    x0 = torch.randint(0, cfg.mask_token_id, (2, L))
-    xt = torch.where(torch.rand(2, L) < 0.5, torch.full_like(x0, cfg.mask_token_id), x0)
-    attention_mask = torch.ones(2, L, dtype=torch.bool)
+    rows = L + 1
+    n_ctx = torch.arange(rows)
+    context = torch.arange(L)[None, :] < n_ctx[:, None]  # row r: a prompt of r tokens
+    x0 = torch.randint(0, cfg.mask_token_id, (rows, L))
+    noised = (torch.rand(rows, L) < 0.5) & ~context  # context is never noised
+    xt = torch.where(noised, torch.full_like(x0, cfg.mask_token_id), x0)
+    attention_mask = torch.ones(rows, L, dtype=torch.bool)
     if padded:
-        attention_mask[1, -3:] = False
-    logits = model(x0, xt, attention_mask=attention_mask if padded else None)
+        attention_mask[::2, -3:] = False
+        context &= attention_mask
+    logits = model(x0, xt, attention_mask=attention_mask if padded else None, context_mask=context)
     (clean, cs), (noisy, ns) = _clean_and_noisy_embeddings(model, recorder)
     probe = torch.randn_like(logits)  # a generic functional of every logit in the block
     for b in range(L // S):
@@ -68,13 +77,16 @@ def test_decoder_logits_do_not_see_the_future_or_other_noisy_blocks(name, padded
         g_clean, g_noisy = torch.autograd.grad(
             (logits[:, block] * probe[:, block]).sum(), (clean, noisy), retain_graph=True, allow_unused=True
         )
-        g_clean = g_clean[:, cs].abs().sum(-1)  # [batch, L]
+        g_clean = g_clean[:, cs].abs().sum(-1)  # [rows, L]
         g_noisy = g_noisy[:, ns].abs().sum(-1)
-        assert torch.all(g_clean[:, b * S :] == 0), f"block {b} sees clean tokens of blocks >= {b}"
+        future_target = (torch.arange(L) >= b * S)[None, :] & ~context
+        leaks = (g_clean > 0) & future_target
+        assert not leaks.any(), (f"block {b} sees clean targets of blocks >= {b} "
+                                 f"(prompt length, position): {leaks.nonzero().tolist()[:4]}")
         other = torch.ones(L, dtype=torch.bool)
         other[block] = False
         assert torch.all(g_noisy[:, other] == 0), f"block {b} sees noisy tokens of other blocks"
         # The test can fail: the allowed inputs do reach the logits.
         assert torch.all(g_noisy[0, block] > 0)
         if b > 0:
-            assert torch.all(g_clean[0, : b * S] > 0)
+            assert torch.all(g_clean[:, : b * S] > 0)

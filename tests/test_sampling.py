@@ -1,4 +1,5 @@
-"""Block-diffusion sampler: cache equivalence, EOS stopping, output reuse, strategy properties."""
+"""Block-diffusion sampler: cache equivalence, prompts as in training, mixed-length batches,
+per-row streams and output reuse, EOS and stop strings, strategy properties."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import e2d2.sampling as sampling
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
 from e2d2.model import DiffusionLM
-from e2d2.sampling import STRATEGIES, SamplerConfig, StepTimes, denoise_step, sample, sample_prompts
+from e2d2.sampling import (
+    STRATEGIES,
+    Distribution,
+    SamplerConfig,
+    StepTimes,
+    denoise_step,
+    sample,
+    sample_prompts,
+)
 
 V, MASK, S = 12, 11, 4  # small vocabulary, so a random model hits any given token often
 EOS = 3
@@ -33,6 +42,8 @@ def tiny_model(name: str) -> DiffusionLM:
     """A random float64 model: float64 makes cached and full forwards agree to ~1e-15."""
     variant = name.removesuffix("_tied")
     n_dec = 1 if variant.startswith("e2d2") else 0
+    if variant == "ar":
+        n_dec = 0
     cfg = ModelConfig(variant=variant, vocab_size=V, mask_token_id=MASK, hidden_size=32,
                       ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, num_layers=2,
                       num_decoder_layers=n_dec, seq_length=64, block_size=S,
@@ -53,8 +64,8 @@ def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, MASK, (batch, length), generator=g)
 
 
-def run(model, prompt, seed=1, **kw) -> sampling.SampleOutput:
-    return sample(model, prompt, SamplerConfig(**kw), torch.Generator().manual_seed(seed))
+def run(model, prompt, seed=1, decode=None, **kw) -> sampling.SampleOutput:
+    return sample(model, prompt, SamplerConfig(**kw), torch.Generator().manual_seed(seed), decode=decode)
 
 
 def record(monkeypatch, obj, name: str) -> list:
@@ -107,8 +118,9 @@ def test_cache_is_really_used(monkeypatch):
     encoded = record(monkeypatch, model, "encode")
     out = run(model, prompts(2, 5), strategy="topk", steps=4, max_new_tokens=11)
     assert len(denoised) == out.nfe and all(args[0].shape == (2, S) for args in denoised)
-    # prompt block once, then every generated block except the last
-    assert [args[0].shape[1] for args in encoded] == [S] * out.num_blocks
+    # the prompt once (its whole block reads the tail too: E2D2 reads prompts bidirectionally),
+    # then every generated block except the last
+    assert [args[0].shape[1] for args in encoded] == [5] + [S] * (out.num_blocks - 1)
 
 
 # ------------------------------------------------------------ EOS and batching
@@ -136,9 +148,10 @@ def test_eos_stops_rows_and_drops_them(monkeypatch):
         assert (out.tokens[row, n:] == EOS).all() and n < total
     # the working batch in block b holds exactly the rows that had not finished before b
     for args in calls:
-        xt, cache = args
+        xt, cache = args[:2]
         b = (cache.length - 4) // S
-        assert xt.shape[0] == sum(d >= b for d in done)
+        assert cache.offset.shape[0] == sum(d >= b for d in done)  # the cache's rows
+        assert xt.shape[0] <= cache.offset.shape[0]  # a step runs the rows that changed
 
 
 def test_eos_does_not_change_the_finished_prefix():
@@ -165,9 +178,9 @@ def test_unchanged_block_reuses_model_output(monkeypatch, use_cache):
     forwards = record(monkeypatch, model, "denoise" if use_cache else "forward")
     states = record(monkeypatch, sampling, "denoise_step")
     steps = 64  # with 4 tokens per block, most steps reveal nothing
-    out = run(model, prompts(2, 4), strategy="ancestral", steps=steps, max_new_tokens=12,
+    out = run(model, prompts(1, 4), strategy="ancestral", steps=steps, max_new_tokens=12,
               use_cache=use_cache)
-    assert len(forwards) == out.nfe
+    assert len(forwards) == out.nfe == int(out.row_nfe.sum())
     assert all(0 < n < steps for n in out.nfe_per_block)
     # per block, NFE equals the number of distinct states the sampler stepped from
     blocks: list[set] = []
@@ -178,6 +191,26 @@ def test_unchanged_block_reuses_model_output(monkeypatch, use_cache):
         blocks[-1].add(tuple(xt.flatten().tolist()))
     assert [len(b) for b in blocks] == out.nfe_per_block
     assert len(states) > out.nfe
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "bd3lm", "mdlm"])
+def test_nfe_per_row_does_not_grow_with_the_batch(monkeypatch, variant):
+    """Only the rows whose block changed are forwarded: with per-row seeds, every row of a
+    batch of 16 spends exactly the forwards it spends alone (and gets the same tokens)."""
+    model = tiny_model(variant)
+    prompt, seeds = prompts(16, 6), list(range(100, 116))
+    kw = dict(strategy="ancestral", steps=16, max_new_tokens=12)
+    rows_forwarded = record(monkeypatch, model, "denoise" if variant != "mdlm" else "forward")
+    batch = sample(model, prompt, SamplerConfig(**kw), seeds=seeds)
+    forwarded = sum(args[0].shape[0] for args in rows_forwarded)
+    assert forwarded == int(batch.row_nfe.sum())  # rows the denoiser really ran
+    for r in range(16):
+        alone = sample(model, prompt[r:r + 1], SamplerConfig(**kw), seeds=[seeds[r]])
+        assert torch.equal(batch.row_nfe[r], alone.row_nfe[0])
+        assert torch.equal(batch.tokens[r], alone.tokens[0])
+    per_row = batch.row_nfe.sum(1).float().mean()
+    assert batch.nfe > per_row  # the batch calls more often than any one row needs ...
+    assert forwarded < 16 * batch.nfe  # ... but does not recompute every row each time
 
 
 # ------------------------------------------------------------ strategies, end to end
@@ -223,8 +256,13 @@ FULL_STEP = StepTimes(alpha_t=0.0, alpha_s=1.0, alpha_start=0.0, last=False)
 
 def _step(strategy, xt, probs, times=FULL_STEP, threshold=0.9, seed=0, greedy=True, n_start=None):
     n_start = (xt == MASK).sum(-1) if n_start is None else n_start
-    return denoise_step(strategy, xt, probs.log(), times, n_start, MASK, greedy, threshold,
-                        torch.Generator().manual_seed(seed))
+    if greedy:
+        dist = Distribution(probs, argmax=probs.argmax(-1), top2=probs.topk(2, dim=-1))
+    else:
+        dist = Distribution(probs, cdf=probs.double().cumsum(-1), top2=probs.topk(2, dim=-1))
+    g = torch.Generator().manual_seed(seed)
+    return denoise_step(strategy, xt, dist, times, n_start, MASK, threshold,
+                        lambda: torch.rand(xt.shape, generator=g, dtype=torch.float64))
 
 
 def _probs(rows: list[list[list[float]]]) -> torch.Tensor:
@@ -255,7 +293,7 @@ def test_topk_and_margin_order_differently():
 def test_topk_follows_the_schedule():
     xt = torch.full((2, 8), MASK)
     logits = torch.randn(2, 8, V, generator=torch.Generator().manual_seed(0))
-    probs = torch.softmax(logits.index_fill(-1, torch.tensor([MASK]), -torch.inf), -1)  # as SUBS
+    probs = torch.softmax(logits.index_fill(-1, torch.tensor([MASK]), -torch.inf), -1)  # [MASK] excluded
     n_start = torch.tensor([8, 8])
     for j, tm in enumerate(sampling.step_times("linear", 4)):
         xt = _step("topk", xt, probs, tm, n_start=n_start)
@@ -294,20 +332,57 @@ def test_last_step_reveals_everything_and_keeps_revealed(strategy):
     assert xs.tolist() == [[2, 7, 2, 2]]
 
 
+# ------------------------------------------------------------ prompts as in training
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS + ("bd3lm_bidirectional",))
+def test_first_block_logits_equal_the_training_forward_with_the_prompt_as_context(monkeypatch, variant):
+    """The sampler encodes a prompt with the training mask: the logits of its first block equal
+    the training forward with that context mask, for every prompt length (mid-block too)."""
+    if variant == "bd3lm_bidirectional":
+        base = tiny_model("bd3lm")
+        model = DiffusionLM(base.cfg.replace(bidirectional_prompt=True)).double()
+        model.load_state_dict(base.state_dict())
+    else:
+        model = tiny_model(variant)
+    calls = record(monkeypatch, model, "denoise")
+    for P in range(0, 3 * S + 1):
+        calls.clear()
+        prompt = prompts(2, P, seed=P)
+        sample(model, prompt, SamplerConfig(strategy="topk", steps=2, max_new_tokens=1), seeds=[0, 1])
+        xt, cache, positions = calls[0][:3]
+        logits = model.denoise(xt, cache, positions)
+        lo = P - P % S
+        x0 = torch.cat((prompt, torch.zeros(2, S - P % S, dtype=torch.long)), 1)
+        noisy = torch.cat((prompt, xt[:, P % S:]), 1)
+        context = torch.arange(lo + S)[None, :].expand(2, -1) < P
+        expected = model(x0, noisy, context_mask=context)[:, lo:]
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10, msg=f"prompt length {P}")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS + ("mdlm", "ar"))
+def test_mixed_length_prompts_equal_each_prompt_alone(variant, temperature):
+    """One batched run for prompts of every length (empty, mid-block, whole blocks): each row's
+    tokens equal those of its prompt sampled alone with its seed."""
+    model = tiny_model(variant)
+    lists = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10], [2, 2, 2, 2], [7] * 9, [8, 1, 5, 5, 0, 2, 4, 6]]
+    if variant != "ar":
+        lists.append([])
+    seeds = list(range(10, 10 + len(lists)))
+    for use_cache in (True, False):
+        cfg = SamplerConfig(strategy="ancestral", steps=3, temperature=temperature, max_new_tokens=10,
+                            eos_token_id=EOS, use_cache=use_cache)
+        got = sample_prompts(model, lists, cfg, seeds=seeds)
+        for p, seed, completion in zip(lists, seeds, got, strict=True):
+            alone = sample(model, torch.tensor([p], dtype=torch.long).view(1, len(p)), cfg, seeds=[seed])
+            assert completion == alone.completion(0), (p, use_cache)
+
+
 # ------------------------------------------------------------ API and validation
-def test_sample_prompts_groups_by_length():
-    model = tiny_model("e2d2")
-    cfg = SamplerConfig(strategy="topk", steps=4, temperature=0.0, max_new_tokens=6)
-    lists = [[1, 2, 3], [4], [5, 6, 7], []]
-    got = sample_prompts(model, lists, cfg)
-    for p, completion in zip(lists, got, strict=True):
-        alone = sample(model, torch.tensor([p], dtype=torch.long).view(1, len(p)), cfg)
-        assert completion == alone.tokens[0, len(p):].tolist()
-
-
 @pytest.mark.parametrize("bad", [
     dict(strategy="beam"), dict(steps=0), dict(schedule="square"), dict(temperature=-1.0),
-    dict(threshold=1.0), dict(max_new_tokens=0), dict(eos_token_id=-2),
+    dict(threshold=1.0), dict(max_new_tokens=0), dict(eos_token_id=-2), dict(top_p=0.0),
+    dict(top_p=1.5), dict(min_t=1.0), dict(block_size=0), dict(stop_strings="END"),
+    dict(stop_strings=[""]), dict(sliding_window=True, use_cache=False),
 ])
 def test_config_is_validated(bad):
     with pytest.raises(ConfigError):
@@ -320,10 +395,14 @@ def test_bad_inputs_raise():
         sample(model, prompts(1, 3), SamplerConfig(eos_token_id=MASK))
     with pytest.raises(ValueError, match="mask token"):
         sample(model, torch.full((1, 3), MASK), SamplerConfig())
-    ar = DiffusionLM(ModelConfig(variant="ar", vocab_size=V, mask_token_id=MASK, hidden_size=32,
-                                 ffn_hidden_size=64, num_layers=1, num_decoder_layers=0))
-    with pytest.raises(ConfigError, match="autoregressive"):
-        sample(ar, prompts(1, 3), SamplerConfig())
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(tiny_model("ar"), prompts(1, 0), SamplerConfig())
+    with pytest.raises(ConfigError, match="decode"):
+        sample(model, prompts(1, 3), SamplerConfig(stop_strings=("ab",), max_new_tokens=4))
+    with pytest.raises(ConfigError, match="no blocks"):
+        sample(tiny_model("mdlm"), prompts(1, 3), SamplerConfig(block_size=2))
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2"):
+        sample(model, prompts(2, 3), SamplerConfig(max_new_tokens=4), seeds=[1])
 
 
 def test_prompt_ids_outside_the_vocabulary_are_one_clear_error():
@@ -336,3 +415,156 @@ def test_prompt_ids_outside_the_vocabulary_are_one_clear_error():
         sample(model, torch.tensor([[3, 25]]), SamplerConfig(max_new_tokens=4))
     with pytest.warns(UserWarning, match="never seen in training"):
         sample(model, torch.tensor([[3, 4]]), SamplerConfig(max_new_tokens=20))
+
+
+# ------------------------------------------------------------ KV cache memory
+def test_cache_is_preallocated_once(monkeypatch):
+    model = tiny_model("e2d2")
+    calls = record(monkeypatch, model, "denoise")
+    run(model, prompts(2, 5), strategy="ancestral", steps=4, max_new_tokens=20)
+    pointers = {args[1].layers[0][0].data_ptr() for args in calls} | {args[1].decoder[0][1].data_ptr()
+                                                                       for args in calls}
+    assert len(pointers) == 2  # the same two buffers from the first step to the last
+
+
+def _step_allocations(model, cache, rows=None) -> int:
+    """Bytes allocated by one denoising step after ``cache``, as the profiler sees them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    xt = torch.full((2, S), MASK)
+    positions = cache.length + torch.arange(S).expand(2, S)
+    with torch.no_grad():
+        model.denoise(xt, cache, positions, rows=rows)  # grows the RoPE table once, outside the count
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model.denoise(xt, cache, positions, rows=rows)
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm"])
+def test_memory_of_a_denoising_step_stays_flat_as_the_prefix_grows(variant):
+    """A step attends views of the preallocated cache: it copies no prefix, so what it
+    allocates does not grow with the number of cached tokens (a torch.cat prefix would add
+    the prefix's K/V of every layer, here 16x the margin allowed). float32: the fused CPU
+    attention kernel, which reads K/V in place (float64 falls back to the math kernel, whose
+    score matrix grows with the prefix by construction)."""
+    cfg = tiny_model(variant).cfg
+    torch.manual_seed(0)
+    model = DiffusionLM(cfg)
+    cache = model.new_cache(2, 1024)
+    with torch.no_grad():
+        model.encode(prompts(2, 8), cache, torch.arange(8).expand(2, 8))
+        short = _step_allocations(model, cache)
+        added = 960
+        tokens = torch.randint(0, MASK, (2, added))
+        model.encode(tokens, cache, (8 + torch.arange(added)).expand(2, added))
+        long = _step_allocations(model, cache)
+        # control: selecting rows copies their prefix (what a torch.cat cache does every step)
+        copying = _step_allocations(model, cache, rows=torch.arange(2))
+    prefix_kv_one_layer = 2 * 2 * cfg.num_query_groups * (8 + added) * cfg.kv_channels * 4  # K and V, float32
+    assert long - short < prefix_kv_one_layer / 8, (short, long, prefix_kv_one_layer)
+    assert copying - long > prefix_kv_one_layer, (copying, long)
+
+
+# ------------------------------------------------------------ filtering, stopping, options
+def test_tiny_top_p_samples_the_argmax():
+    """top_p keeps the smallest set reaching p: with p -> 0 only the most likely token is left,
+    so seeded sampling gives the greedy tokens."""
+    model, prompt = tiny_model("e2d2"), prompts(3, 5)
+    kw = dict(strategy="topk", steps=2, max_new_tokens=8)
+    greedy = run(model, prompt, temperature=0.0, **kw)
+    nucleus = run(model, prompt, temperature=1.0, top_p=1e-9, **kw)
+    free = run(model, prompt, temperature=1.0, **kw)
+    assert torch.equal(nucleus.tokens, greedy.tokens)
+    assert not torch.equal(free.tokens, greedy.tokens)
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
+    kept = sampling._nucleus(probs, 0.75)  # 0.5 + 0.3 reaches it; 0.5 alone does not
+    torch.testing.assert_close(kept, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))
+    torch.testing.assert_close(sampling._nucleus(probs, 1.0), probs)
+
+
+def test_min_t_ends_the_time_grid():
+    grid = sampling.step_times("linear", 4, min_t=0.2)
+    assert grid[0].alpha_t == pytest.approx(0.0) and grid[-1].alpha_s == pytest.approx(0.8)
+    assert [g.last for g in grid] == [False, False, False, True]
+    # top-k keeps (1 - alpha_s) of the masks at each step: min_t changes how many per step
+    model, prompt = tiny_model("bd3lm"), prompts(2, 4)
+    base = run(model, prompt, strategy="topk", steps=4, temperature=0.0, max_new_tokens=8)
+    late = run(model, prompt, strategy="topk", steps=4, temperature=0.0, max_new_tokens=8, min_t=0.5)
+    assert not (late.tokens == MASK).any()
+    assert base.nfe_per_block == [4, 4] and late.nfe_per_block == [3, 3]
+
+
+def _letters(ids: list[int]) -> str:
+    return "".join("abcdefghijkl"[i] for i in ids)
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "mdlm", "ar"])
+def test_stop_strings_end_a_row_at_the_token_that_completes_them(variant):
+    model, prompt = tiny_model(variant), prompts(4, 6, seed=2)
+    kw = dict(strategy="topk", steps=4, temperature=0.0, max_new_tokens=16)
+    free = run(model, prompt, **kw)
+    text = [_letters(free.tokens[r, 6:].tolist()) for r in range(4)]
+    stop = text[0][5:7]  # a string row 0 generates, two tokens long
+    out = run(model, prompt, stop_strings=(stop,), decode=_letters, **kw)
+    for r in range(4):
+        n = text[r].find(stop)
+        expected = 6 + (n + len(stop) if n >= 0 else 16)
+        assert int(out.lengths[r]) == expected and bool(out.finished[r]) == (n >= 0)
+        assert torch.equal(out.tokens[r, :expected], free.tokens[r, :expected])
+        assert (out.tokens[r, expected:] == MASK).all()  # no EOS id: the mask token fills
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm"])
+@pytest.mark.parametrize("block_size", [2, 8])
+def test_inference_block_size(variant, block_size):
+    """Blocks of another size than the trained one: cached equals the uncached forward with
+    that block size's masks, and the blocks tile the budget."""
+    model, prompt = tiny_model(variant), prompts(2, 5)
+    kw = dict(strategy="ancestral", steps=3, max_new_tokens=11, block_size=block_size)
+    cached = run(model, prompt, use_cache=True, **kw)
+    full = run(model, prompt, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, full.tokens)
+    assert cached.num_blocks == -(-(5 % block_size + 11) // block_size)
+    assert not (cached.tokens == MASK).any()
+
+
+# ------------------------------------------------------------ past seq_length
+def test_sliding_window_changes_nothing_while_the_sequence_fits():
+    model, prompt = tiny_model("e2d2"), prompts(2, 6)
+    kw = dict(strategy="ancestral", steps=3, max_new_tokens=40)
+    assert torch.equal(run(model, prompt, sliding_window=True, **kw).tokens, run(model, prompt, **kw).tokens)
+
+
+@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm"])
+def test_sliding_window_generates_past_seq_length_inside_the_trained_positions(monkeypatch, variant):
+    model = tiny_model(variant)  # seq_length 64
+    positions = record(monkeypatch, model, "_rope")
+    lists = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [4], []]
+    cfg = SamplerConfig(strategy="topk", steps=2, max_new_tokens=150, sliding_window=True)
+    got = sample_prompts(model, lists, cfg, seeds=[1, 2, 3])
+    assert [len(c) for c in got] == [150] * 3 and not any(MASK in c for c in got)
+    assert max(int(args[0].max()) for args in positions) < model.cfg.seq_length
+    for p, seed, completion in zip(lists, [1, 2, 3], got, strict=True):  # mixed lengths still exact
+        alone = sample(model, torch.tensor([p], dtype=torch.long).view(1, len(p)), cfg, seeds=[seed])
+        assert completion == alone.completion(0)
+
+
+def test_dropping_a_block_rebases_positions_without_changing_attention():
+    """RoPE scores depend on position differences only: after the oldest block is dropped and
+    the keys rotated back, a block at rebased positions gets the logits it gets at its
+    original positions with the oldest block masked out."""
+    model = tiny_model("e2d2")
+    cache = model.new_cache(2, 64)
+    tokens = prompts(2, 24, seed=4)
+    with torch.no_grad():
+        model.encode(tokens, cache, torch.arange(24).expand(2, 24))
+        xt = torch.full((2, S), MASK)
+        hidden = torch.arange(24 + S) >= S  # the oldest block is out of the window
+        expected = model.denoise(xt, cache, (24 + torch.arange(S)).expand(2, S),
+                                 hidden.expand(2, S, -1).clone())
+        cache.drop_oldest(S, model.cfg.kv_channels, model.cfg.rope_theta)
+        got = model.denoise(xt, cache, (20 + torch.arange(S)).expand(2, S))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # float32 RoPE tables
