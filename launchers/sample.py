@@ -2,7 +2,7 @@
 
 The checkpoint (of any TP/PP/DP layout) is read into the reference model
 (``e2d2.model.DiffusionLM``) on one process, and ``e2d2.sampling`` generates with its KV
-cache. Sampler settings default to the run's ``sampler`` section. ``--json`` prints one
+cache, prompts of any lengths batched together (the AR baseline autoregressively). Sampler settings default to the run's ``sampler`` section. ``--json`` prints one
 object per sample: ``{"prompt", "tokens" (the generated ids), "text" (their decoding)}``.
 """
 
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="override sampler.steps (denoising steps per block)")
     p.add_argument("--temperature", type=float, help="override sampler.temperature (0 = greedy)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     p.add_argument("--ema", action="store_true", help="sample with the EMA weights")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.set_defaults(func=_command)
@@ -78,8 +78,6 @@ def _command(args: argparse.Namespace) -> int:
         raise UserError("--max-new-tokens and --batch-size must be >= 1")
     checkpoint = resolve_checkpoint(args.checkpoint)
     cfg, model = load_reference_model(checkpoint, args.ema)
-    if cfg.model.variant == "ar":
-        raise UserError("e2d2 sample runs the block-diffusion sampler; the AR baseline has none yet")
     tokenizer = run_tokenizer(cfg, checkpoint)
     overrides = {k: v for k, v in (("strategy", args.strategy), ("steps", args.steps),
                                    ("temperature", args.temperature)) if v is not None}
@@ -87,12 +85,13 @@ def _command(args: argparse.Namespace) -> int:
                                   eos_token_id=cfg.sampler.eos_token_id
                                   if cfg.sampler.eos_token_id is not None else tokenizer.eod,
                                   **overrides)
-    generator = torch.Generator().manual_seed(args.seed)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
-        for text, ids in zip(args.prompt[start:], sample_prompts(model, chunk, sampler, generator),
-                             strict=False):
+        # Prompt i draws from seed + i: a sample does not depend on --batch-size.
+        seeds = [args.seed + i for i in range(start, start + len(chunk))]
+        completions = sample_prompts(model, chunk, sampler, seeds=seeds, decode=tokenizer.decode)
+        for text, ids in zip(args.prompt[start:], completions, strict=False):
             completion = tokenizer.decode(ids)
             if args.json:
                 print(json.dumps({"prompt": text, "tokens": ids, "text": completion}))
