@@ -8,13 +8,17 @@
   preempted code, and the resumed run continues exactly;
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
   optimizer's state from DP2 to PP2) with the same losses;
-* a NaN step is skipped and counted; repeated NaN steps abort the run.
+* a NaN step is skipped and counted; repeated NaN steps abort the run;
+* the same command under ``torchrun`` trains identically.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pretrain_helpers import (
@@ -189,3 +193,19 @@ def test_nan_steps_are_skipped_counted_and_abort_when_repeated(setup, tmp_path):
                           "train.max_consecutive_skips=2", env={"E2D2_FAULTS": "nan@2,nan@3"})
     assert result.returncode == 1
     assert "2 consecutive steps had non-finite loss" in result.stderr
+
+
+def test_torchrun_runs_the_same_training_as_the_local_launcher(setup, straight, tmp_path):
+    """``torchrun --standalone --nproc-per-node 2 $(which e2d2) pretrain ...``: the same
+    command under torchrun's rendezvous gives the same losses, bitwise."""
+    _, data, config = setup
+    reference = train_losses(straight("tp2"))
+    run_dir = tmp_path / "torchrun"
+    e2d2 = Path(sys.executable).parent / "e2d2"  # the console script, as `which e2d2` finds it
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(e2d2), "pretrain", str(config), *_args(run_dir, data, "tp2")],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert train_losses(run_dir) == reference
