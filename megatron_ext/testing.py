@@ -80,6 +80,17 @@ def spawn_gloo(
     Results must be picklable (move tensors to CPU, detach them). The first rank
     that raises makes this raise ``WorkerError`` with its traceback.
     """
+    try:
+        return _spawn_gloo(fn, world_size, args, timeout_s)
+    except WorkerError as exc:
+        # The free port was taken by another process between our probe and rank 0's bind
+        # (many worlds start at once under pytest-xdist): once more on a new port.
+        if "EADDRINUSE" not in str(exc):
+            raise
+        return _spawn_gloo(fn, world_size, args, timeout_s)
+
+
+def _spawn_gloo(fn, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
