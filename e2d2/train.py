@@ -20,29 +20,53 @@ from e2d2.errors import require
 from e2d2.evaluate import NelboResult, evaluate_nelbo
 
 
+LR_DECAY_STYLES: tuple[str, ...] = ("cosine", "linear", "constant")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer and loop settings (defaults follow the paper: Adam(0.9, 0.98), clip 1.0)."""
+    """Optimizer and loop settings (defaults follow the paper: Adam(0.9, 0.98), clip 1.0).
+
+    ``batch_size`` is the global batch in sequences: ``micro_batch_size x gradient
+    accumulation x data-parallel size`` in the megatron engine (``micro_batch_size`` unset
+    means no accumulation). The learning rate warms up linearly for ``warmup_steps``, then
+    follows ``lr_decay`` down to ``min_lr_ratio x lr`` at ``steps``. ``ema_decay`` > 0 keeps
+    an exponential moving average of the weights (the paper uses 0.9999), used for
+    evaluation and export. ``max_consecutive_skips`` non-finite steps in a row abort a run.
+    """
 
     steps: int = 600
     batch_size: int = 32
+    micro_batch_size: int | None = None
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    lr_decay: str = "cosine"
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
+    ema_decay: float = 0.0
     eval_every: int = 100
     eval_batches: int = 4
     eval_draws: int = 2
-    seed: int = 0
-    log_dir: str | None = None
+    max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
         require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
+        require(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
+                f"micro_batch_size={self.micro_batch_size} must be in 1..batch_size={self.batch_size}")
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(0 <= self.warmup_steps <= self.steps, "warmup_steps must be in [0, steps]")
+        require(self.lr_decay in LR_DECAY_STYLES,
+                f"unknown lr_decay {self.lr_decay!r}; choose one of {LR_DECAY_STYLES}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"betas must be two numbers in [0, 1), got {self.betas}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
         require(self.eval_every > 0, "eval_every must be positive")
+        require(self.eval_batches > 0 and self.eval_draws > 0, "eval_batches and eval_draws must be positive")
+        require(self.max_consecutive_skips > 0, "max_consecutive_skips must be positive")
 
 
 @dataclass
@@ -60,11 +84,15 @@ def pack_documents(documents: list[list[int]], seq_length: int, eod: int) -> tor
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    """Linear warm-up, then ``cfg.lr_decay`` to ``min_lr_ratio * lr`` (the engine uses
+    megatron's ``OptimizerParamScheduler`` with the same settings)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
 
 def train(
@@ -74,23 +102,25 @@ def train(
     valid_rows: torch.Tensor,
     cfg: TrainConfig,
     on_eval: Callable[[int, NelboResult, float], None] | None = None,
+    seed: int = 0,
+    log_dir: str | None = None,
 ) -> TrainHistory:
     """Train on random batches of ``train_rows [n, L]``; evaluate NELBO on ``valid_rows`` every
     ``eval_every`` steps (and before the first step). Logs to TensorBoard when ``log_dir`` is set."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas,
     )
-    writer = _writer(cfg.log_dir)
+    writer = _writer(log_dir)
     valid_batches = [valid_rows[i : i + cfg.batch_size] for i in range(0, len(valid_rows), cfg.batch_size)]
     valid_batches = valid_batches[: cfg.eval_batches]
     history = TrainHistory()
 
     def evaluate(step: int) -> None:
-        result = evaluate_nelbo(model, objective, valid_batches, draws=cfg.eval_draws, seed=cfg.seed)
+        result = evaluate_nelbo(model, objective, valid_batches, draws=cfg.eval_draws, seed=seed)
         history.evals.append((step, result))
         recent = history.losses[-cfg.eval_every :]
         if writer:

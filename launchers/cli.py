@@ -17,6 +17,7 @@ from e2d2.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.cli import register as register_data
     from launchers.demo import register as register_demo
+    from launchers.pretrain import register as register_pretrain
     from launchers.submit import register as register_submit
     from launchers.sweep.cli import register as register_sweep
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="e2d2", description="E2D2 block-diffusion language models: data, training, sampling."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in (register_demo, register_data, register_submit, register_sweep):
+    for register in (register_demo, register_data, register_pretrain, register_submit,
+                     register_sweep):
         register(sub)
     return parser
 

@@ -1,15 +1,27 @@
-"""Run configurations: one YAML file -> validated dataclasses for every part of a run.
+"""Run configurations: one YAML file plus ``section.key=value`` overrides -> validated dataclasses.
 
-A file has the sections ``model``, ``diffusion``, ``train``, ``sampler`` and ``parallel``;
-each maps onto its dataclass (`ModelConfig`, `DiffusionConfig`, `TrainConfig`,
-`SamplerConfig`, and megatron_ext's `ParallelConfig` less ``world_size``, which is known
-only at launch). A missing section takes its defaults; an unknown section or key is one
-error naming the file, the section and the fix.
+Sections and their dataclasses:
+
+| section | dataclass | what |
+| --- | --- | --- |
+| ``model`` | `e2d2.config.ModelConfig` | architecture and variant |
+| ``diffusion`` | `e2d2.config.DiffusionConfig` | noise schedule and loss weighting |
+| ``train`` | `e2d2.train.TrainConfig` | optimizer, schedule, batch sizes, evaluation |
+| ``sampler`` | `e2d2.sampling.SamplerConfig` | sampling defaults (``e2d2 sample``, export) |
+| ``parallel`` | `ParallelSection` | TP / PP / encoder stages / ... (DP comes from the world size) |
+| ``run`` | `RunSection` | run directory and seed |
+| ``data`` | `DataSection` | preprocessed data directories and blend weights |
+| ``checkpoint`` | `CheckpointSection` | save interval, how many to keep, initial weights |
+| ``log`` | `LogSection` | logging interval, TensorBoard |
+
+A missing section takes its defaults; an unknown section or key is one error that names it
+and lists the valid ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +29,98 @@ from typing import Any
 import yaml
 
 from e2d2.config import DiffusionConfig, ModelConfig
-from e2d2.errors import ConfigError
+from e2d2.errors import ConfigError, require
 from e2d2.sampling import SamplerConfig
 from e2d2.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    """megatron_ext.layout.ParallelConfig less ``world_size``, which is known only at launch."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    encoder_pipeline_stages: int | None = None
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    transformer_impl: str | None = None
+    fp8: str | None = None
+    fp8_format: str = "hybrid"
+
+    def __post_init__(self) -> None:
+        require(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1,
+                "tensor_parallel and pipeline_parallel must be >= 1")
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+
+@dataclass(frozen=True)
+class RunSection:
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``path``: one directory written by ``e2d2 data preprocess`` or a list of them (a blend,
+    with one positive weight each in ``weights``). ``num_workers``: data-loader processes."""
+
+    path: str | list[str] | None = None
+    weights: list[float] | None = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            require(isinstance(self.path, list) and len(self.weights) == len(self.path)
+                    and all(w > 0 for w in self.weights),
+                    f"data.weights {self.weights} needs data.path to be a list of as many "
+                    "directories, and every weight positive")
+        require(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+    @property
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """Save every ``interval`` steps and at the end, keep the newest ``keep``; ``init`` names a
+    checkpoint (iteration directory or run directory) whose weights start a new run."""
+
+    interval: int = 1000
+    keep: int = 3
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        require(self.interval > 0, f"checkpoint.interval must be positive, got {self.interval}")
+        require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    interval: int = 10
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.interval > 0, f"log.interval must be positive, got {self.interval}")
+
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "diffusion": DiffusionConfig,
     "train": TrainConfig,
     "sampler": SamplerConfig,
+    "parallel": ParallelSection,
+    "run": RunSection,
+    "data": DataSection,
+    "checkpoint": CheckpointSection,
+    "log": LogSection,
 }
-# Parallel keys are checked against megatron_ext.layout.ParallelConfig at launch time,
-# where the world size is known; here we only keep them.
-PARALLEL_KEYS = ("tensor_parallel", "pipeline_parallel", "encoder_pipeline_stages", "virtual_pipeline",
-                 "sequence_parallel", "use_distributed_optimizer", "fp8")
 
 
 @dataclass(frozen=True)
@@ -39,17 +129,25 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    parallel: dict[str, Any] = field(default_factory=dict)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data, as written next to checkpoints so a run can be reproduced."""
+        """Plain data (YAML-safe), as saved in the run directory and next to checkpoints."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
         out["train"]["betas"] = list(out["train"]["betas"])
-        out["parallel"] = dict(self.parallel)
         return out
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
 
 
 def _build(cls: type, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -58,32 +156,88 @@ def _build(cls: type, values: dict[str, Any], where: str):
         values = {**values, "betas": tuple(values["betas"])}
     try:
         return cls(**values)
-    except ConfigError as exc:
+    except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
 def run_config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_SECTIONS) - {"parallel"})
+    unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; valid sections are "
-                          f"{sorted([*_SECTIONS, 'parallel'])}")
-    parts = {name: _build(cls, data.get(name) or {}, f"{source} [{name}]") for name, cls in _SECTIONS.items()}
-    parallel = data.get("parallel") or {}
-    bad = sorted(set(parallel) - set(PARALLEL_KEYS))
-    if bad:
-        raise ConfigError(f"{source} [parallel]: unknown key(s) {bad}; valid keys are {list(PARALLEL_KEYS)}")
-    return RunConfig(**parts, parallel=dict(parallel))
+                          f"{sorted(_SECTIONS)}")
+    return RunConfig(**{name: _build(cls, data.get(name) or {}, f"{source} [{name}]")
+                        for name, cls in _SECTIONS.items()})
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run configuration."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return run_config_from_dict(data, str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "data.path=out/kjv"]`` applied to a config mapping (values are
+    parsed as YAML scalars/lists, so ``true``, ``3e-4`` and ``[1, 2]`` work)."""
+    out = {name: dict(values or {}) for name, values in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"override {item!r}: expected section.key=value, for example "
+                              "train.steps=100")
+        if section not in _SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; valid sections "
+                              f"are {sorted(_SECTIONS)}")
+        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        if name not in known:
+            raise ConfigError(f"override {item!r}: unknown key {name!r} in [{section}]; valid "
+                              f"keys are {sorted(known)}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read and validate a YAML run configuration, with ``section.key=value`` overrides."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return run_config_from_dict(apply_overrides(data, list(overrides)), str(path))
+
+
+def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def override_keys() -> dict[str, list[str]]:
+    """Every valid ``section.key``, for help texts and docs."""
+    return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()}
+
+
+# Sections that define the model a checkpoint holds: a run directory whose saved config
+# differs here belongs to another run. (Batch size, steps, logging may change on resume.)
+IDENTITY_SECTIONS: tuple[str, ...] = ("model", "diffusion")
+
+
+def identity_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """``section.key: old -> new`` for every identity key that differs between two configs."""
+    diffs = []
+    for section in IDENTITY_SECTIONS:
+        old, new = dataclasses.asdict(getattr(a, section)), dataclasses.asdict(getattr(b, section))
+        diffs += [f"{section}.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+    return diffs
+

@@ -145,7 +145,7 @@ def _mpi(env: Mapping[str, str]) -> World | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -169,7 +169,7 @@ def discover_world(environ: Mapping[str, str] | None = None) -> World:
     mpi = _mpi(env)
     if mpi is not None:
         return mpi
-    return World(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return World(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def single_reason(environ: Mapping[str, str] | None = None) -> str:

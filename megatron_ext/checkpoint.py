@@ -1,65 +1,236 @@
 """Sharded checkpoints with megatron-core's dist_checkpointing, keyed by reference names.
 
-Every tensor is saved under its reference-model name with its tensor-parallel slice as
-the shard, so a checkpoint written under one TP/PP layout loads under any other, and a
-TP1/PP1 load is the reference state dict. Replicas (data-parallel copies, norms repeated
-over TP ranks, word-embedding copies on several pipeline stages) get distinct
-``replica_id``s with exactly one main copy, which dist_checkpointing writes once.
+Every model tensor is saved under ``model.{reference name}`` with its tensor-parallel slice
+as the shard, so a checkpoint written under one TP/PP layout loads under any other, and a
+single process can read full reference tensors (``read_model_state``). Replicas
+(data-parallel copies, norms repeated over TP ranks, word-embedding copies on several
+pipeline stages) get distinct ``replica_id``s with exactly one main copy, which
+dist_checkpointing writes once.
+
+A training checkpoint (``save_training_state``) adds, in the same directory:
+
+* ``ema.{reference name}``: the EMA of the weights, sharded like the weights;
+* ``optimizer``: megatron's optimizer state. The distributed optimizer uses megatron's
+  ``fully_reshardable`` format, so its state reshards across TP, PP and DP like the model;
+* ``rng``: every rank's RNG states (python, numpy, torch, CUDA, megatron's model-parallel
+  tracker) as one sharded object per rank; restored only on the same layout;
+* common state (``common``): anything picklable the caller passes, written once by rank 0.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
+from e2d2.errors import UserError
 from megatron_ext.mapping import param_maps
 
+MODEL_PREFIX = "model."
+EMA_PREFIX = "ema."
+# megatron's DistributedOptimizer format that reshards over TP, PP and DP.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
-def sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, ShardedTensor]:
-    """This rank's parameters (all model chunks) as ShardedTensors keyed by reference name."""
-    return {key: tensor for stage in chunks for key, tensor in _stage_shards(stage).items()}
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read."""
 
 
-def _stage_shards(stage: torch.nn.Module) -> dict[str, ShardedTensor]:
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    embedding_stages = stage.plan.embedding_stages()
+class ModelMismatchError(CheckpointError):
+    """A readable checkpoint of another model (a tensor missing or of another shape)."""
+
+
+def sharded_state_dict(chunks: list[torch.nn.Module], prefix: str = MODEL_PREFIX,
+                       tensors: list[torch.Tensor] | None = None) -> dict[str, ShardedTensor]:
+    """This rank's parameters (all model chunks) as ShardedTensors keyed ``prefix + name``.
+
+    ``tensors`` (one per parameter, in ``param_maps`` order over the chunks) are saved in the
+    parameters' places instead: the EMA weights.
+    """
     out = {}
-    for m in param_maps(stage):
-        # Only the word embedding lives on several stages; the first holder is the main copy.
-        pp_copy = embedding_stages.index(stage.stage) if m.reference_name == "embed.weight" else 0
+    params = [m for stage in chunks for m in _stage_maps(stage)]
+    if tensors is not None and len(tensors) != len(params):
+        raise ValueError(f"{len(tensors)} tensors for {len(params)} parameters")
+    for index, (m, replica_id) in enumerate(params):
+        data = m.param if tensors is None else tensors[index]
+        key = prefix + m.reference_name
         if m.tp_axis is None:
-            out[m.reference_name] = ShardedTensor.from_rank_offsets(
-                m.reference_name, m.param, replica_id=(pp_copy, tp_rank, dp_rank))
+            out[key] = ShardedTensor.from_rank_offsets(key, data, replica_id=replica_id)
         else:
-            out[m.reference_name] = ShardedTensor.from_rank_offsets(
-                m.reference_name, m.param, (m.tp_axis, tp_rank, tp),
-                replica_id=(pp_copy, 0, dp_rank))
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, data, (m.tp_axis, parallel_state.get_tensor_model_parallel_rank(),
+                            parallel_state.get_tensor_model_parallel_world_size()),
+                replica_id=replica_id)
     return out
 
 
-def save(chunks: list[torch.nn.Module], directory: str) -> None:
-    """Collective over all ranks: write this layout's shards to an empty ``directory``.
+def _stage_maps(stage: torch.nn.Module):
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    embedding_stages = stage.plan.embedding_stages()
+    for m in param_maps(stage):
+        # Only the word embedding lives on several stages; the first holder is the main copy.
+        pp_copy = embedding_stages.index(stage.stage) if m.reference_name == "embed.weight" else 0
+        yield m, ((pp_copy, tp_rank, dp_rank) if m.tp_axis is None else (pp_copy, 0, dp_rank))
 
-    Raises FileExistsError on a non-empty directory: dist_checkpointing would mix the new
-    shards with the old metadata.
-    """
+
+def _prepare(directory: str | Path) -> None:
     path = Path(directory)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"checkpoint directory {directory} is not empty; use a new one")
     torch.distributed.barrier()  # every rank has checked before any rank writes
     path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded_state_dict(chunks), directory)
+
+
+def save(chunks: list[torch.nn.Module], directory: str) -> None:
+    """Collective over all ranks: write this layout's weights to an empty ``directory``.
+
+    Raises FileExistsError on a non-empty directory: dist_checkpointing would mix the new
+    shards with the old metadata.
+    """
+    _prepare(directory)
+    dist_checkpointing.save(sharded_state_dict(chunks), str(directory))
 
 
 def load(chunks: list[torch.nn.Module], directory: str) -> None:
     """Collective over all ranks: fill this rank's model chunks from a checkpoint of any layout."""
-    loaded = dist_checkpointing.load(sharded_state_dict(chunks), directory)
+    _check_shapes(chunks, directory)
+    loaded = dist_checkpointing.load(sharded_state_dict(chunks), str(directory))
+    _copy_into_params(chunks, loaded, MODEL_PREFIX)
+
+
+def _copy_into_params(chunks, loaded: dict, prefix: str) -> None:
     with torch.no_grad():
         for stage in chunks:
             for m in param_maps(stage):
-                m.param.copy_(loaded[m.reference_name])
+                m.param.copy_(loaded[prefix + m.reference_name])
+
+
+def _check_shapes(chunks: list[torch.nn.Module], directory: str | Path) -> None:
+    """One clear error when the checkpoint holds another model (a missing or resized tensor)."""
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(str(directory))
+    except Exception as exc:  # noqa: BLE001 - any unreadable metadata is the same user error
+        raise CheckpointError(f"{directory} is not a readable checkpoint: {exc}") from None
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for stage in chunks:
+        for m in param_maps(stage):
+            key = MODEL_PREFIX + m.reference_name
+            full = list(m.param.shape)
+            if m.tp_axis is not None:
+                full[m.tp_axis] *= tp
+            if key not in saved:
+                raise ModelMismatchError(f"checkpoint {directory} has no tensor {key!r}: it holds "
+                                      "another model (variant or depth changed?)")
+            if tuple(saved[key].global_shape) != tuple(full):
+                raise ModelMismatchError(
+                    f"checkpoint {directory}: {key} has shape {tuple(saved[key].global_shape)}, "
+                    f"this model needs {tuple(full)}; the model config changed since it was saved")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_object(state: dict[str, Any] | None) -> ShardedObject:
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return ShardedObject("rng", state, (world,), (rank,), replica_id=0)
+
+
+def _training_state_dict(chunks, optimizer, ema, common, rng, is_loading: bool) -> dict:
+    model = sharded_state_dict(chunks)
+    state = dict(model)
+    if ema is not None:
+        state.update(sharded_state_dict(chunks, EMA_PREFIX, ema))
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_FORMAT)
+    if rng is not None:
+        state["rng"] = _rng_object(rng)
+    if common is not None:
+        state["common"] = common
+    return state
+
+
+def save_training_state(directory: str | Path, chunks: list[torch.nn.Module], optimizer,
+                        ema: list[torch.Tensor] | None, common: dict[str, Any]) -> None:
+    """Collective: weights, EMA, optimizer, every rank's RNG and ``common`` to an empty
+    ``directory``. Atomicity is the caller's: write to a temporary name, then rename."""
+    _prepare(directory)
+    state = _training_state_dict(chunks, optimizer, ema, common, rng_state(), is_loading=False)
+    dist_checkpointing.save(state, str(directory))
+
+
+def load_training_state(directory: str | Path, chunks: list[torch.nn.Module], optimizer,
+                        ema: list[torch.Tensor] | None, restore_rng: bool) -> dict[str, Any]:
+    """Collective: the inverse of ``save_training_state`` on any layout; returns ``common``.
+
+    ``restore_rng`` only on the layout the checkpoint was saved with (one RNG state per rank).
+    An EMA missing from the checkpoint starts from the loaded weights.
+    """
+    _check_shapes(chunks, directory)
+    saved = dist_checkpointing.load_tensors_metadata(str(directory))
+    has_ema = any(key.startswith(EMA_PREFIX) for key in saved)
+    template = _training_state_dict(chunks, optimizer, ema if has_ema else None, None,
+                                    {} if restore_rng else None, is_loading=True)
+    loaded = dist_checkpointing.load(template, str(directory))
+    _copy_into_params(chunks, loaded, MODEL_PREFIX)
+    if ema is not None:
+        with torch.no_grad():
+            source = (loaded[EMA_PREFIX + m.reference_name] if has_ema else m.param
+                      for stage in chunks for m in param_maps(stage))
+            for tensor, value in zip(ema, source, strict=True):
+                tensor.copy_(value)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if restore_rng:
+        set_rng_state(loaded["rng"])
+    return loaded["common"]
+
+
+def read_common(directory: str | Path) -> dict[str, Any]:
+    """The ``common`` state of a training checkpoint, on one process, without the tensors."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(directory))["common"]
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{directory} is not a readable training checkpoint: {exc}") from None
+
+
+def read_model_state(directory: str | Path, prefix: str = MODEL_PREFIX,
+                     names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full reference tensors ``{name: tensor}`` (``prefix`` stripped) from a checkpoint of any
+    layout, on one process (a gloo world of one, or rank 0 of any world with ``names`` split
+    into calls to bound memory). Nothing is unpickled but the checkpoint's own metadata."""
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(str(directory))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{directory} is not a readable checkpoint: {exc}") from None
+    keys = [k for k in saved if k.startswith(prefix)]
+    if names is not None:
+        keys = [prefix + n for n in names]
+    if not keys:
+        raise CheckpointError(f"checkpoint {directory} holds no {prefix}* tensors")
+    template = {k: ShardedTensor.from_rank_offsets(
+        k, torch.empty(saved[k].global_shape, dtype=saved[k].dtype), replica_id=0) for k in keys}
+    loaded = dist_checkpointing.load(template, str(directory))
+    return {k[len(prefix):]: v for k, v in loaded.items()}

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from functools import partial
 
+import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -40,6 +41,39 @@ def noised_batch(objective: DiffusionObjective, x0: torch.Tensor, attention_mask
         if value is not None:
             batch[name] = value
     return batch
+
+
+def sample_generator(seed: int, *keys: int) -> torch.Generator:
+    """A generator determined by ``(seed, *keys)`` alone (numpy's SeedSequence mixing), so that a
+    sample's noise depends on the run seed and the sample's index, never on the layout, the
+    micro-batch split or how often the run was resumed."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
+
+
+TRAIN_NOISE, EVAL_NOISE = 0, 1  # ``keys`` namespaces of sample_generator
+
+
+def noised_samples(objective: DiffusionObjective, x0: torch.Tensor, sample_ids: list[int],
+                   seed: int, train: bool = True, draw: int = 0) -> Batch:
+    """Noise each row of ``x0 [n, L]`` with its own generator, keyed by its global sample index
+    (``sample_ids``, the dataset index) and, for evaluation, the Monte-Carlo ``draw``.
+
+    Per-row generators make the global batch's noise independent of the data-parallel split,
+    so a resumed or re-laid-out run sees the very noise it would have seen. Antithetic time
+    draws (``DiffusionConfig.antithetic``) stratify the blocks of each row.
+    """
+    if x0.shape[0] != len(sample_ids):
+        raise ValueError(f"{x0.shape[0]} rows for {len(sample_ids)} sample ids")
+    namespace = (TRAIN_NOISE,) if train else (EVAL_NOISE, draw)
+    rows = []
+    for i, sample_id in enumerate(sample_ids):
+        generator = sample_generator(seed, *namespace, sample_id)
+        if objective.model_cfg.variant == "ar":
+            rows.append({"x0": x0[i : i + 1], "loss_mask": loss_mask_of(x0[i : i + 1])})
+        else:
+            nb = objective.noise(x0[i : i + 1], train=train, generator=generator)
+            rows.append(dataclasses.asdict(nb))
+    return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
 
 
 def micro_batches(batch: Batch, micro_batch_size: int) -> list[Batch]:
@@ -71,31 +105,49 @@ def vocab_parallel_token_nll(logits: torch.Tensor, target: torch.Tensor,
     return vocab_parallel_cross_entropy(logits, target)
 
 
+def _reduced(per_sequence: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Micro-batch mean for the backward pass; the detached mean (``loss``) and per-sequence
+    values (``per_sequence``, evaluation) for what the schedule returns."""
+    loss = per_sequence.mean()
+    return loss, {"loss": loss.detach().clone(), "per_sequence": per_sequence.detach().clone()}
+
+
 def diffusion_loss(batch: Batch, logits: torch.Tensor, *, mask_token_id: int,
                    weighting: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Micro-batch mean of ``e2d2.diffusion.per_sequence_loss`` (the reference's reduction)."""
+    """Micro-batch mean of ``e2d2.diffusion.per_sequence_loss`` (the reference's reduction).
+    With ``weighting="elbo"`` on evaluation noise, ``per_sequence`` is each row's NELBO."""
     nll = vocab_parallel_token_nll(logits, batch["x0"], mask_token_id)
     fields = {f.name: batch[f.name] for f in dataclasses.fields(NoisedBatch)}
-    loss = per_sequence_loss(nll, NoisedBatch(**fields), weighting).mean()
-    return loss, {"loss": loss.detach().clone()}
+    return _reduced(per_sequence_loss(nll, NoisedBatch(**fields), weighting))
 
 
 def ar_loss(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token loss: vocab-parallel NLL, reduced by ``e2d2.diffusion.ar_per_sequence_loss``."""
     x0 = batch["x0"]
     nll = vocab_parallel_token_nll(logits[:, :-1], x0[:, 1:])
-    loss = ar_per_sequence_loss(nll, batch["loss_mask"]).mean()
-    return loss, {"loss": loss.detach().clone()}
+    return _reduced(ar_per_sequence_loss(nll, batch["loss_mask"]))
 
 
-def make_forward_step(objective: DiffusionObjective) -> Callable:
-    """``forward_step(data_iterator, model) -> (output, loss_func)`` for megatron's schedules."""
+def make_forward_step(objective: DiffusionObjective, evaluation: bool = False,
+                      poison_loss: bool = False) -> Callable:
+    """``forward_step(data_iterator, model) -> (output, loss_func)`` for megatron's schedules.
+
+    ``evaluation``: the NELBO's ELBO weighting (feed it evaluation noise), whatever the
+    training weighting. ``poison_loss`` multiplies the loss by NaN: fault injection for the
+    tests of non-finite step handling.
+    """
     cfg = objective.model_cfg
     if cfg.variant == "ar":
         loss_of = ar_loss
     else:
         loss_of = partial(diffusion_loss, mask_token_id=cfg.mask_token_id,
-                          weighting=objective.cfg.loss_weighting)
+                          weighting="elbo" if evaluation else objective.cfg.loss_weighting)
+    if poison_loss:
+        clean_loss_of = loss_of
+
+        def loss_of(batch, logits):
+            loss, reduced = clean_loss_of(batch, logits)
+            return loss * float("nan"), {k: v * float("nan") for k, v in reduced.items()}
 
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         # The micro-batch goes to the model's device (CUDA after build_chunks on a GPU;

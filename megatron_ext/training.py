@@ -7,6 +7,7 @@ and a ``forward_step_func``) trains through ``train_step``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,9 +15,11 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
+from e2d2.train import TrainConfig
 from megatron_ext.layout import ParallelConfig
 
 
@@ -49,6 +52,99 @@ def build_optimizer(
     return get_megatron_optimizer(config, chunks)
 
 
+def build_training_optimizer(chunks: list[DistributedDataParallel], parallel: ParallelConfig,
+                             train: TrainConfig) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    """megatron's Adam with ``train``'s settings and its ``OptimizerParamScheduler``: linear
+    warm-up from 0, then ``train.lr_decay`` to ``min_lr_ratio x lr`` at ``train.steps``.
+    Weight decay skips norms (megatron's default rule for 1-D parameters)."""
+    optimizer = build_optimizer(
+        chunks, parallel, lr=train.lr, min_lr=train.lr * train.min_lr_ratio,
+        weight_decay=train.weight_decay, adam_beta1=train.betas[0], adam_beta2=train.betas[1],
+        clip_grad=train.grad_clip)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.lr * train.min_lr_ratio,
+        lr_warmup_steps=train.warmup_steps,
+        lr_decay_steps=max(train.steps, train.warmup_steps + 1),  # megatron needs warm-up < decay
+        lr_decay_style=train.lr_decay, start_wd=train.weight_decay, end_wd=train.weight_decay,
+        wd_incr_steps=train.steps, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, the same on every rank."""
+
+    loss: float  # mean over micro-batches and data-parallel ranks (NaN if non-finite)
+    grad_norm: float | None  # before clipping; None when skipped
+    skipped: bool  # non-finite loss or gradients: no update was made
+
+
+def _forward_backward(chunks, forward_step_func, micro_batches, seq_length, micro_batch_size,
+                      forward_only=False) -> list[dict]:
+    iterators = [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def last_stage_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` of the last pipeline stage summed over its data-parallel ranks (once per
+    TP group), on every rank of the world: the last stage computes losses, rank 0 logs them.
+    Collective over the world; float64."""
+    contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                   and parallel_state.get_tensor_model_parallel_rank() == 0)
+    out = values.double() if contributes else torch.zeros_like(values, dtype=torch.float64)
+    torch.distributed.all_reduce(out)
+    return out
+
+
+def _nonfinite_grads(chunks: list[torch.nn.Module]) -> bool:
+    """Whether any rank holds a non-finite gradient (collective over the world)."""
+    bad = any(not torch.isfinite(p.main_grad).all()
+              for chunk in chunks for p in chunk.parameters() if p.requires_grad)
+    flag = torch.tensor([float(bad)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def guarded_train_step(chunks: list[torch.nn.Module], optimizer: MegatronOptimizer,
+                       forward_step_func: Callable, micro_batches: Sequence[Any], *,
+                       seq_length: int, micro_batch_size: int) -> StepResult:
+    """Forward, backward and one update, skipped (and reported) if the loss or any gradient
+    is non-finite on any rank: megatron's fp32 optimizers would clip a NaN norm into the
+    weights. Collective over the world."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = _forward_backward(chunks, forward_step_func, micro_batches, seq_length,
+                               micro_batch_size)
+    local = (torch.stack([item["loss"] for item in losses]).mean().reshape(1) if losses
+             else torch.zeros(1))
+    loss = (last_stage_sum(local) / parallel_state.get_data_parallel_world_size()).item()
+    if not torch.isfinite(torch.tensor(loss)) or _nonfinite_grads(chunks):
+        return StepResult(float("nan"), None, True)
+    succeeded, grad_norm, _ = optimizer.step()
+    if not succeeded:
+        return StepResult(loss, None, True)
+    return StepResult(loss, None if grad_norm is None else float(grad_norm), False)
+
+
+def forward_only(chunks: list[torch.nn.Module], forward_step_func: Callable,
+                 micro_batches: Sequence[Any], *, seq_length: int, micro_batch_size: int
+                 ) -> list[dict]:
+    """The loss functions' outputs for every micro-batch, on the last pipeline stage (empty
+    elsewhere), without gradients: evaluation through the same schedules."""
+    with torch.no_grad():
+        return _forward_backward(chunks, forward_step_func, micro_batches, seq_length,
+                                 micro_batch_size, forward_only=True)
+
+
 def train_step(
     chunks: list[torch.nn.Module],
     optimizer: MegatronOptimizer | None,
@@ -74,16 +170,8 @@ def train_step(
         chunk.zero_grad_buffer()
     if optimizer is not None:
         optimizer.zero_grad()
-    iterators = [iter(micro_batches) for _ in chunks]
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=iterators if len(chunks) > 1 else iterators[0],
-        model=chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    losses = _forward_backward(chunks, forward_step_func, micro_batches, seq_length,
+                               micro_batch_size)
     if optimizer is not None:
         succeeded, _, _ = optimizer.step()
         if not succeeded:

@@ -1,0 +1,147 @@
+"""A run's checkpoints: ``RUN/checkpoints/iter_NNNNNNN/`` directories and a ``latest`` file.
+
+* A checkpoint is written to ``iter_NNNNNNN.partial``, and renamed to ``iter_NNNNNNN`` only
+  after every rank has finished writing; then rank 0 replaces ``latest`` atomically. So a
+  crash (even ``kill -9``) mid-write leaves ``latest`` naming the previous, complete one,
+  and a directory named ``iter_*`` without a suffix is always complete.
+* Each iteration directory holds megatron's dist_checkpointing files (see
+  ``megatron_ext.checkpoint``) and a plain ``config.yaml``, the resolved run config.
+* ``keep`` newest checkpoints are kept; older ones are deleted after ``latest`` moves on.
+* Resume (``load``) tries ``latest`` first, then older complete checkpoints, newest first,
+  saying which one it falls back to and why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from e2d2.errors import UserError
+from launchers.config import RunConfig, save_run_config
+from megatron_ext import checkpoint as engine_checkpoint
+
+ITER_DIR = re.compile(r"^iter_(\d{7})$")
+LATEST = "latest"
+
+
+def iteration_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete iteration directories under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and ITER_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The directory ``latest`` names (None when there is none)."""
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    return root / latest.read_text().strip()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An iteration directory from an iteration directory, a ``checkpoints`` directory or a
+    run directory (its ``latest``)."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    if (path / "metadata.json").is_file():
+        return path
+    raise UserError(f"{path} is neither a checkpoint (iter_* directory with metadata.json) nor "
+                    "a run directory with checkpoints/latest")
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunCheckpoints:
+    """Save, prune and resume the checkpoints of one run directory. Collective methods must be
+    called on every rank."""
+
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.root = run_dir / "checkpoints"
+        self.keep = keep
+
+    def save(self, step: int, cfg: RunConfig, chunks, optimizer, ema, common: dict[str, Any]) -> Path:
+        """Collective: the full training state at ``step``; returns the iteration directory."""
+        final = iteration_dir(self.root, step)
+        partial = final.with_name(final.name + ".partial")
+        if _is_rank0():
+            self.root.mkdir(parents=True, exist_ok=True)
+            # A partial write of an earlier (killed) attempt at this step, or a complete
+            # checkpoint of an abandoned future (a resume from an older one): replace it.
+            for stale in (partial, final):
+                if stale.exists():
+                    shutil.rmtree(stale)
+        torch.distributed.barrier()
+        engine_checkpoint.save_training_state(partial, chunks, optimizer, ema, common)
+        torch.distributed.barrier()  # every rank's shards are on disk
+        if _is_rank0():
+            save_run_config(cfg, partial / "config.yaml")
+            os.replace(partial, final)
+            _write_atomic(self.root / LATEST, final.name + "\n")
+            for old in complete_checkpoints(self.root)[self.keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+        return final
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to resume from, in order of preference: ``latest``, then older ones."""
+        latest = latest_checkpoint(self.root)
+        ordered = complete_checkpoints(self.root)
+        if latest is not None:
+            ordered = [latest] + [p for p in ordered if p != latest and p.name < latest.name]
+        return ordered
+
+    def load(self, candidates: list[Path], chunks, optimizer, ema, same_layout) -> tuple[Path, dict]:
+        """Collective: load the first candidate every rank can read; ``same_layout(common)``
+        says whether RNG states can be restored. Raises UserError when none loads."""
+        failures = []
+        for path in candidates:
+            error = None
+            try:
+                common = engine_checkpoint.read_common(path)
+                engine_checkpoint.load_training_state(path, chunks, optimizer, ema,
+                                                      restore_rng=same_layout(common))
+            except engine_checkpoint.ModelMismatchError:
+                raise  # another model: an older checkpoint of this run would not help
+            except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as anything
+                error = f"{type(exc).__name__}: {exc}"
+            if _all_ranks_ok(error is None):
+                return path, common
+            failures.append(f"{path.name}: {error or 'unreadable on another rank'}")
+            if _is_rank0():
+                print(f"e2d2: checkpoint {path} could not be loaded ({failures[-1]}); "
+                      "falling back to the previous one", file=sys.stderr)
+        raise UserError("no checkpoint could be loaded: " + "; ".join(failures)
+                        + ". Resume from a good one with --resume PATH or start over with "
+                        "--resume none and a new run.dir")
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    flag = torch.tensor([0.0 if ok else 1.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0

@@ -1,0 +1,115 @@
+"""The pretraining data of a run: preprocessed directories -> this rank's micro-batches.
+
+Built on ``data_tools.batches`` (megatron-core's GPTDataset, BlendedMegatronDatasetBuilder,
+and the data-parallel batch order). Step ``s`` consumes the global samples
+``[s x B, (s + 1) x B)`` (``B = train.batch_size``), whatever the layout: micro-batch ``j`` of
+data-parallel rank ``r`` holds samples ``s x B + j x mb x DP + r x mb + [0, mb)``. A run
+resumed from ``consumed_samples`` therefore continues exactly. The train dataset is sized
+to ``train.steps x B`` samples; megatron adds shuffled epochs deterministically (from
+``run.seed``) when one epoch is shorter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from data_tools.batches import DataConfig, PretrainingBatchSampler, build_gpt_datasets, make_dataloader
+from data_tools.tokenizer import E2D2Tokenizer, load_tokenizer
+from e2d2.config import ModelConfig
+from e2d2.errors import UserError
+from launchers.config import RunConfig
+
+MicroBatch = tuple[torch.Tensor, list[int]]  # tokens [mb, L] and their global sample ids
+
+
+def _check_directory(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"data.path {path} does not exist; create it with `e2d2 data preprocess "
+                        f"--input ... --tokenizer ... --output {path}`")
+    missing = [name for name in ("train.bin", "train.idx", "valid.bin", "valid.idx",
+                                 "manifest.json", "tokenizer") if not (path / name).exists()]
+    if missing:
+        raise UserError(f"data.path {path} is not a complete `e2d2 data preprocess` output: "
+                        f"{', '.join(missing)} missing; re-run preprocess into it")
+    manifest = json.loads((path / "manifest.json").read_text())
+    counts = {split: manifest.get(split, {}).get("documents") for split in ("train", "valid")}
+    empty = [split for split, n in counts.items() if n == 0]
+    if empty:
+        raise UserError(f"data.path {path}: the {'/'.join(empty)} split has no documents; "
+                        "re-run `e2d2 data preprocess` with more input (or --valid-docs)")
+
+
+def load_run_tokenizer(cfg: RunConfig) -> E2D2Tokenizer:
+    """The tokenizer of the run's data, checked against the model's vocabulary."""
+    paths = [Path(p) for p in cfg.data.paths]
+    if not paths:
+        raise UserError("data.path is not set: pass data.path=DIR, a directory written by "
+                        "`e2d2 data preprocess --output DIR`")
+    for path in paths:
+        _check_directory(path)
+    tokenizer = load_tokenizer(paths[0] / "tokenizer")
+    for path in paths[1:]:
+        other = load_tokenizer(path / "tokenizer")
+        if other.sha256 != tokenizer.sha256:
+            raise UserError(f"data.path {path} was tokenized with another tokenizer than "
+                            f"{paths[0]}; a blend needs one tokenizer")
+    check_vocabulary(tokenizer, cfg.model, str(paths[0]))
+    return tokenizer
+
+
+def check_vocabulary(tokenizer: E2D2Tokenizer, model: ModelConfig, where: str) -> None:
+    if tokenizer.id_bound > model.vocab_size or tokenizer.mask_id != model.mask_token_id:
+        raise UserError(
+            f"the tokenizer of {where} (ids < {tokenizer.id_bound}, [MASK] = {tokenizer.mask_id}) "
+            f"does not fit the model (vocab_size={model.vocab_size}, mask_token_id="
+            f"{model.mask_token_id}); set model.vocab_size={tokenizer.id_bound} (or more) and "
+            f"model.mask_token_id={tokenizer.mask_id}")
+
+
+class PretrainData:
+    """This rank's training and evaluation micro-batches (collective to build)."""
+
+    def __init__(self, cfg: RunConfig, tokenizer: E2D2Tokenizer, dp_rank: int, dp_size: int,
+                 micro_batch_size: int, cache_dir: Path) -> None:
+        self.cfg, self.dp_rank, self.dp_size, self.mb = cfg, dp_rank, dp_size, micro_batch_size
+        self.global_batch = cfg.train.batch_size
+        self.accumulation = self.global_batch // (micro_batch_size * dp_size)
+        paths = [Path(p) for p in cfg.data.paths]
+        weights = tuple(cfg.data.weights) if cfg.data.weights else None
+        config = DataConfig(
+            tuple(str(p / "train") for p in paths), tuple(str(p / "valid") for p in paths),
+            seq_length=cfg.model.seq_length, block_size=cfg.model.diffusion_block_size,
+            seed=cfg.run.seed, train_weights=weights, cache_dir=str(cache_dir))
+        self.train, self.valid = build_gpt_datasets(
+            config, tokenizer, train_samples=cfg.train.steps * self.global_batch)
+        per_round = micro_batch_size * dp_size
+        wanted = cfg.train.eval_batches * self.global_batch
+        self.eval_samples = min(wanted, len(self.valid) // per_round * per_round)
+        if self.eval_samples == 0:
+            raise UserError(f"the valid split has {len(self.valid)} samples of "
+                            f"{cfg.model.seq_length} tokens, fewer than one micro-batch per "
+                            f"data-parallel rank ({per_round}); preprocess with more --valid-docs")
+
+    def _stream(self, dataset, consumed: int) -> Iterator[MicroBatch]:
+        # The loader iterates the same sampler arithmetic; the sampler gives the sample ids.
+        ids = PretrainingBatchSampler(len(dataset), consumed, self.mb, self.dp_rank, self.dp_size)
+        loader = make_dataloader(dataset, consumed, self.mb, self.dp_rank, self.dp_size,
+                                 self.cfg.data.num_workers)
+        for sample_ids, batch in zip(ids, loader, strict=True):
+            yield batch["tokens"].long(), sample_ids
+
+    def train_steps(self, consumed_samples: int) -> Iterator[list[MicroBatch]]:
+        """This rank's micro-batches of every global step after ``consumed_samples``."""
+        stream = self._stream(self.train, consumed_samples)
+        while True:
+            yield list(itertools.islice(stream, self.accumulation))
+
+    def eval_batches(self) -> list[MicroBatch]:
+        """This rank's share of the first ``eval_samples`` validation samples."""
+        rounds = self.eval_samples // (self.mb * self.dp_size)
+        return list(itertools.islice(self._stream(self.valid, 0), rounds))

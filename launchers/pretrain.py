@@ -1,0 +1,456 @@
+"""``e2d2 pretrain``: the training loop on the megatron-core engine.
+
+    e2d2 pretrain CONFIG.yaml [section.key=value ...] [--resume auto|none|PATH]
+    torchrun --standalone --nproc-per-node N $(which e2d2) pretrain CONFIG.yaml ...
+    e2d2 pretrain --nproc-per-node N CONFIG.yaml ...
+
+One step: this rank's micro-batches (``launchers.data``), noised per sample
+(``megatron_ext.objective.noised_samples``: the noise of a sample depends only on the run
+seed and its index), megatron's schedules with DDP and (distributed) optimizer
+(``megatron_ext.training.guarded_train_step``), the LR from megatron's
+``OptimizerParamScheduler``, an optional EMA. Every ``train.eval_every`` steps the NELBO is
+evaluated on the held-out split through the same engine, with seeded Monte-Carlo draws.
+
+The run directory holds ``config.yaml``, ``metrics.jsonl`` (``launchers.metrics``),
+``checkpoints/`` (``launchers.checkpointing``), ``tensorboard/`` and, once the last step
+is done, ``summary.json``.
+
+Exit codes: 0 done; 2 bad input (one message); ``PREEMPTED_EXIT_CODE`` (75) after SIGTERM or
+SIGUSR1: the step in flight finished and a checkpoint was saved, requeue the job; 1 anything
+else, such as ``train.max_consecutive_skips`` non-finite steps in a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from e2d2 import flops
+from e2d2.diffusion import DiffusionObjective
+from e2d2.errors import ConfigError, UserError
+from e2d2.model import DiffusionLM
+from launchers.checkpointing import RunCheckpoints, resolve_checkpoint
+from launchers.config import (
+    RunConfig,
+    identity_differences,
+    load_run_config,
+    save_run_config,
+)
+from launchers.data import PretrainData, load_run_tokenizer
+from launchers.metrics import RunLogger
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch template requeues on it
+# Comma-separated steps (1-based) whose loss is made NaN: fault injection for the tests and
+# for checking a cluster's handling of bad steps. Unset in normal runs.
+INJECT_NAN_ENV = "E2D2_INJECT_NAN_STEPS"
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (too many non-finite steps in a row)."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain on the megatron-core engine (any TP/PP/DP layout)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. run.dir=runs/x train.steps=100 data.path=DIR")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from checkpoints/latest if any (default); none: start "
+                        "fresh (refused if run.dir already has checkpoints); PATH: a checkpoint "
+                        "or run directory to continue from")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start this many local ranks (gloo on CPU, NCCL on GPUs)")
+    p.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args.config, args.overrides)  # fail here, before ranks start
+    if args.nproc_per_node:
+        from launchers.local_launch import launch_local
+
+        argv = ["pretrain", args.config, *args.overrides, "--resume", args.resume]
+        return launch_local(args.nproc_per_node, argv, PREEMPTED_EXIT_CODE)
+    try:
+        return pretrain(cfg, args.resume)
+    except TrainingAborted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def pretrain(cfg: RunConfig, resume: str = "auto") -> int:
+    """Run (or continue) the training described by ``cfg`` on this process's world."""
+    from launchers.world import init_world
+    from megatron_ext import cpu_compat
+
+    cpu_compat.install()  # a no-op where CUDA is available
+    init_world()
+    try:
+        return _Trainer(cfg, resume).run()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint's common state carries besides the tensors."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_total: int = 0
+    consecutive_skips: int = 0
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 set a flag; every rank sees it after the step in flight."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        """Collective: whether any rank was signalled."""
+        flag = torch.tensor([float(self.flag)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _injected_nan_steps() -> set[int]:
+    raw = os.environ.get(INJECT_NAN_ENV, "").strip()
+    try:
+        return {int(s) for s in raw.split(",") if s.strip()}
+    except ValueError:
+        raise ConfigError(f"{INJECT_NAN_ENV}={raw!r}: expected comma-separated step numbers") from None
+
+
+def _layout_of(parallel) -> dict:
+    return {"world_size": parallel.world_size, "tensor_parallel": parallel.tensor_parallel,
+            "pipeline_parallel": parallel.pipeline_parallel,
+            "virtual_pipeline": parallel.virtual_pipeline,
+            "encoder_pipeline_stages": parallel.encoder_pipeline_stages}
+
+
+def resume_candidates(cfg: RunConfig, resume: str) -> list[Path]:
+    """Checkpoints to continue from, best first (empty: start fresh). Refuses a run directory
+    that holds another run's config, and ``--resume none`` over existing checkpoints."""
+    run_dir = Path(cfg.run.dir)
+    own = RunCheckpoints(run_dir, cfg.checkpoint.keep)
+    if resume == "none":
+        if own.candidates():
+            raise UserError(f"run.dir {run_dir} already holds checkpoints; continue it with "
+                            "--resume auto, or start a new run with a new run.dir")
+        return []
+    saved_config = run_dir / "config.yaml"
+    if saved_config.is_file():
+        diffs = identity_differences(load_run_config(saved_config), cfg)
+        if diffs:
+            raise UserError(f"run.dir {run_dir} belongs to a different config ({'; '.join(diffs)}); "
+                            "use a new run.dir with --resume none, or the config it was started with")
+    if resume == "auto":
+        return own.candidates()
+    path = resolve_checkpoint(resume)
+    if (path / "config.yaml").is_file():
+        diffs = identity_differences(load_run_config(path / "config.yaml"), cfg)
+        if diffs:
+            raise UserError(f"checkpoint {path} holds another model ({'; '.join(diffs)})")
+    return [path]
+
+
+def _parameter_counts(cfg) -> tuple[int, int]:
+    """(all, non-embedding) parameters of the reference model."""
+    with torch.device("meta"):
+        model = DiffusionLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for n, p in model.named_parameters()
+                    if n.startswith(("embed.", "lm_head.")))
+    return total, total - embedding
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class _Trainer:
+    def __init__(self, cfg: RunConfig, resume: str) -> None:
+        from megatron_ext.layout import ParallelConfig, PipelinePlan
+
+        self.cfg, self.resume = cfg, resume
+        self.rank = torch.distributed.get_rank()
+        self.parallel = ParallelConfig(torch.distributed.get_world_size(),
+                                       **dataclasses.asdict(cfg.parallel))
+        self.plan = PipelinePlan(cfg.model, self.parallel)
+        dp, batch = self.parallel.data_parallel, cfg.train.batch_size
+        self.micro_batch = cfg.train.micro_batch_size or batch // dp
+        if self.micro_batch < 1 or batch % (self.micro_batch * dp):
+            raise ConfigError(
+                f"train.batch_size={batch} must be a multiple of train.micro_batch_size x "
+                f"data-parallel size = {cfg.train.micro_batch_size or 'batch_size/DP'} x {dp}")
+        self.run_dir = Path(cfg.run.dir)
+        self.checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep)
+        self.objective = DiffusionObjective(cfg.model, cfg.diffusion)
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    def run(self) -> int:
+        from megatron_ext.testing import megatron_layout
+
+        candidates = resume_candidates(self.cfg, self.resume)
+        tokenizer = load_run_tokenizer(self.cfg)
+        with megatron_layout(self.parallel, seed=self.cfg.run.seed,
+                             get_embedding_ranks=self.plan.get_embedding_ranks):
+            self._describe_layout()
+            self._build_model()
+            state = self._restore(candidates)
+            from megatron.core import parallel_state
+
+            self.data = PretrainData(self.cfg, tokenizer, parallel_state.get_data_parallel_rank(),
+                                     self.parallel.data_parallel, self.micro_batch,
+                                     self.run_dir / "cache")
+            if self.rank == 0:
+                save_run_config(self.cfg, self.run_dir / "config.yaml")
+            logger = RunLogger(self.run_dir, self.rank == 0, self.cfg.log.tensorboard, state.step)
+            try:
+                return self._loop(state, logger)
+            finally:
+                logger.close()
+
+    # -- setup ------------------------------------------------------------------------------
+    def _describe_layout(self) -> None:
+        roles = []
+        for index, layers in enumerate(self.plan.stages()):
+            parts = [f"{name} layers {r.start}..{r.stop - 1}"
+                     for name, r in (("encoder" if self.cfg.model.is_e2d2 else "main", layers.encoder),
+                                     ("decoder", layers.decoder)) if len(r)]
+            roles.append(f"stage {index}: " + ", ".join(parts))
+        self.log(f"e2d2 pretrain: {self.cfg.model.variant} on {self.parallel.name} "
+                 f"(world {self.parallel.world_size}); " + "; ".join(roles))
+
+    def _build_model(self) -> None:
+        from megatron_ext import checkpoint as engine_checkpoint
+        from megatron_ext.mapping import load_reference_state, param_maps, reference_state_at_seed
+        from megatron_ext.model import build_chunks
+        from megatron_ext.training import build_training_optimizer, wrap_ddp
+
+        cfg = self.cfg
+        self.stages = build_chunks(cfg.model, self.parallel)
+        initial = reference_state_at_seed(cfg.model, cfg.run.seed)
+        for stage in self.stages:
+            load_reference_state(stage, initial)
+        del initial
+        if cfg.checkpoint.init is not None:
+            engine_checkpoint.load(self.stages, resolve_checkpoint(cfg.checkpoint.init))
+        self.chunks = wrap_ddp(self.stages, self.stages[0].config, self.parallel)
+        self.optimizer, self.scheduler = build_training_optimizer(self.chunks, self.parallel,
+                                                                  cfg.train)
+        self.params = [m.param for stage in self.stages for m in param_maps(stage)]
+        self.ema = ([p.detach().clone() for p in self.params] if cfg.train.ema_decay > 0
+                    else None)
+
+    def _restore(self, candidates: list[Path]) -> TrainState:
+        if not candidates:
+            return TrainState()
+        layout = _layout_of(self.parallel)
+        path, common = self.checkpoints.load(
+            candidates, self.stages, self.optimizer, self.ema,
+            same_layout=lambda common: common.get("layout") == layout)
+        self.scheduler.load_state_dict(common["scheduler"])
+        state = TrainState(**common["state"])
+        changed = "" if common.get("layout") == layout else (
+            f" (saved on {common.get('layout')}: resharded, RNG states re-seeded)")
+        self.log(f"e2d2 pretrain: resumed from {path} at step {state.step}{changed}")
+        return state
+
+    def _save(self, state: TrainState) -> None:
+        common = {"state": dataclasses.asdict(state), "scheduler": self.scheduler.state_dict(),
+                  "config": self.cfg.to_dict(), "layout": _layout_of(self.parallel)}
+        path = self.checkpoints.save(state.step, self.cfg, self.stages, self.optimizer,
+                                     self.ema, common)
+        self.log(f"e2d2 pretrain: saved {path}")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loop(self, state: TrainState, logger: RunLogger) -> int:
+        from tqdm.auto import tqdm
+
+        from megatron_ext.objective import make_forward_step, noised_samples
+        from megatron_ext.training import guarded_train_step
+
+        cfg, train = self.cfg, self.cfg.train
+        preemption = _Preemption()
+        poisoned = _injected_nan_steps()
+        forward = make_forward_step(self.objective)
+        poisoned_forward = make_forward_step(self.objective, poison_loss=True)
+        tokens_per_step = train.batch_size * cfg.model.seq_length
+        flops_per_token = flops.training_flops_per_token(cfg.model).masked
+        seq_length = self.stages[0].stream_length()
+        if state.step == 0:
+            self._evaluate(0, logger)
+        batches = self.data.train_steps(state.consumed_samples)
+        bar = tqdm(total=train.steps, initial=state.step, desc="pretrain", unit="step",
+                   disable=self.rank != 0, dynamic_ncols=True)
+        saved_at = state.step
+        while state.step < train.steps:
+            start = time.perf_counter()
+            micro = next(batches)
+            data_wait = time.perf_counter() - start
+            noised = [noised_samples(self.objective, x0, ids, cfg.run.seed) for x0, ids in micro]
+            self.scheduler.step(1)  # warm-up from lr/warmup at the first step, not from 0
+            lr = self.optimizer.param_groups[0]["lr"]
+            result = guarded_train_step(
+                self.chunks, self.optimizer,
+                poisoned_forward if state.step + 1 in poisoned else forward, noised,
+                seq_length=seq_length, micro_batch_size=self.micro_batch)
+            state.step += 1
+            state.consumed_samples += train.batch_size
+            if result.skipped:
+                state.skipped_total += 1
+                state.consecutive_skips += 1
+            else:
+                state.consecutive_skips = 0
+                if self.ema is not None:
+                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.params],
+                                         1.0 - train.ema_decay)
+            elapsed = time.perf_counter() - start
+            tokens_per_s = tokens_per_step / elapsed
+            record = {"step": state.step, "loss": result.loss, "lr": lr,
+                      "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+                      "skipped": result.skipped, "skipped_total": state.skipped_total,
+                      "data_wait_s": data_wait}
+            scalars = {}
+            if state.step % cfg.log.interval == 0 or state.step == train.steps:
+                scalars = self._scalars(result, lr, tokens_per_s, flops_per_token, data_wait)
+            logger.record(record, scalars)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if result.skipped:
+                self.log(f"step {state.step}: non-finite loss or gradients, step skipped "
+                         f"({state.consecutive_skips} in a row, {state.skipped_total} in all)")
+            if state.consecutive_skips >= train.max_consecutive_skips:
+                raise TrainingAborted(
+                    f"{state.consecutive_skips} consecutive steps had non-finite loss or "
+                    f"gradients (train.max_consecutive_skips={train.max_consecutive_skips}) at "
+                    f"step {state.step}; lower train.lr, check the data, or resume from an "
+                    "earlier checkpoint")
+            if state.step % train.eval_every == 0 or state.step == train.steps:
+                self._evaluate(state.step, logger)
+            if state.step % cfg.checkpoint.interval == 0 or state.step == train.steps:
+                self._save(state)
+                saved_at = state.step
+            if preemption.requested():
+                if saved_at != state.step:
+                    self._save(state)
+                self.log(f"e2d2 pretrain: preempted at step {state.step}; checkpoint saved, "
+                         f"exiting with code {PREEMPTED_EXIT_CODE} (requeue to continue)")
+                bar.close()
+                return PREEMPTED_EXIT_CODE
+        bar.close()
+        self._write_summary(state)
+        return 0
+
+    def _scalars(self, result, lr, tokens_per_s, flops_per_token, data_wait) -> dict[str, float]:
+        achieved = tokens_per_s * flops_per_token
+        scalars = {"train/loss": result.loss, "train/lr": lr,
+                   "train/grad_norm": result.grad_norm if result.grad_norm is not None else math.nan,
+                   "perf/tokens_per_s": tokens_per_s, "perf/tflops": achieved / 1e12,
+                   "perf/peak_memory_gb": _peak_memory_gb(), "perf/data_wait_s": data_wait}
+        if torch.cuda.is_available():
+            per_gpu = tokens_per_s / self.parallel.world_size
+            scalars["perf/mfu"] = flops.mfu(per_gpu, flops_per_token)
+        return scalars
+
+    # -- evaluation -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _evaluation_weights(self):
+        """The EMA weights in the model while evaluating, when an EMA is kept."""
+        if self.ema is None:
+            yield
+            return
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, backup)
+
+    def _eval_inputs(self) -> list[list[dict]]:
+        """Noised validation micro-batches per Monte-Carlo draw: seeded, so every evaluation
+        of a run (and of any layout) sees the same noise."""
+        if not hasattr(self, "_eval_cache"):
+            from megatron_ext.objective import noised_samples
+
+            batches = self.data.eval_batches()
+            self._eval_cache = [
+                [noised_samples(self.objective, x0, ids, self.cfg.run.seed, train=False, draw=d)
+                 for x0, ids in batches]
+                for d in range(self.cfg.train.eval_draws)]
+        return self._eval_cache
+
+    def _evaluate(self, step: int, logger: RunLogger) -> None:
+        from megatron_ext.objective import make_forward_step
+        from megatron_ext.training import forward_only, last_stage_sum
+
+        forward = make_forward_step(self.objective, evaluation=True)
+        values = []
+        with self._evaluation_weights():
+            for chunk in self.chunks:
+                chunk.eval()
+            for draw in self._eval_inputs():
+                outputs = forward_only(self.chunks, forward, draw,
+                                       seq_length=self.stages[0].stream_length(),
+                                       micro_batch_size=self.micro_batch)
+                values += [out["per_sequence"] for out in outputs]
+            for chunk in self.chunks:
+                chunk.train()
+        local = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64)
+        total, squares, count = last_stage_sum(
+            torch.stack([local.sum(), (local**2).sum(), torch.tensor(float(local.numel()))]))
+        nelbo = (total / count).item()
+        variance = max((squares / count).item() - nelbo**2, 0.0)
+        std_error = math.sqrt(variance / count.item()) if count > 1 else math.nan
+        ppl = math.exp(min(nelbo, 700.0))
+        record = {"step": step, "nelbo": nelbo, "ppl": ppl, "nelbo_std_error": std_error,
+                  "eval_sequences": int(count.item()) // self.cfg.train.eval_draws}
+        logger.record(record, {"valid/nelbo": nelbo, "valid/ppl": ppl})
+        self.last_eval = record
+        self.log(f"step {step:6d}  valid NELBO {nelbo:.4f} ± {std_error:.4f} nats/token "
+                 f"(ppl <= {ppl:.2f})")
+
+    def _write_summary(self, state: TrainState) -> None:
+        if self.rank != 0:
+            return
+        params, non_embedding = _parameter_counts(self.cfg.model)
+        tokens = state.consumed_samples * self.cfg.model.seq_length
+        summary = {"step": state.step, "nelbo": self.last_eval["nelbo"],
+                   "ppl": self.last_eval["ppl"], "params": params,
+                   "non_embedding_params": non_embedding,
+                   "train_flops": flops.training_flops_per_token(self.cfg.model).masked * tokens,
+                   "tokens": tokens, "skipped_steps": state.skipped_total}
+        path = self.run_dir / "summary.json"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, path)
+
