@@ -9,6 +9,7 @@ template (``render_pretrain``) once per point or once for an array.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import shutil
@@ -18,14 +19,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from e2d2.errors import ConfigError, UserError
+from launchers.config import RunConfig, load_run_config
+from launchers.pretrain import PREEMPTED_EXIT_CODE  # the template requeues on it
 
-# `e2d2 pretrain`'s documented exit code after a SIGTERM/SIGUSR1 checkpoint: requeue on it.
-PREEMPTED_EXIT_CODE = 75
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # sbatch --time: [D-]H[:M[:S]] or minutes
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
@@ -145,70 +143,26 @@ def write_text_atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------- configs
 
 
-def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``section.key=value`` (value in YAML syntax) -> ``{"section.key": value}``."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key.count(".") != 1 or not all(key.split(".")):
-            raise ConfigError(f"override {item!r} is not section.key=value "
-                              "(e.g. train.steps=1000)")
-        out[key] = yaml.safe_load(value) if value else None
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    merged = {section: dict(values or {}) for section, values in data.items()}
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        merged.setdefault(section, {})[name] = value
-    return merged
-
-
-def run_config(data: dict[str, Any], source: str):
-    """The validated ``RunConfig`` of plain config data."""
-    from launchers.config import run_config_from_dict
-
-    # Until the pretraining loop's sections exist in launchers.config, they are checked there
-    # only for being mappings. (Removed when `e2d2 pretrain` lands.)
-    loop = {k: data[k] for k in ("run", "data", "checkpoint", "log") if k in data}
-    return run_config_from_dict({k: v for k, v in data.items() if k not in loop}, source)
-
-
-def validate_config(data: dict[str, Any], source: str, world_size: int | None = None) -> None:
-    """One ``ConfigError`` for an invalid run config (and, with ``world_size``, layout)."""
+def validate_layout(cfg: RunConfig, world_size: int, source: str) -> None:
+    """The layout check ``e2d2 pretrain`` makes at start, made before submitting."""
     from megatron_ext.layout import ParallelConfig, PipelinePlan
 
-    cfg = run_config(data, source)
-    if world_size is not None:
-        try:
-            PipelinePlan(cfg.model, ParallelConfig(world_size, **cfg.parallel))
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: layout on {world_size} ranks: {exc}") from None
-
-
-def resolve_config(path: str | Path, overrides: Sequence[str] = (),
-                   world_size: int | None = None) -> dict[str, Any]:
-    """The YAML file with its overrides applied, validated; plain data."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections")
-    data = apply_overrides(data, parse_overrides(overrides))
-    validate_config(data, str(path), world_size)
-    return data
+        PipelinePlan(cfg.model, ParallelConfig(world_size, **dataclasses.asdict(cfg.parallel)))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: layout on {world_size} ranks: {exc}") from None
 
 
-def run_dir_of(config: Mapping[str, Any], source: str) -> Path:
-    run_dir = (config.get("run") or {}).get("dir")
-    if not run_dir:
-        raise ConfigError(f"{source}: no run directory: set run.dir (e.g. run.dir=runs/my-run)")
-    return Path(run_dir).resolve()
+def validate_data(cfgs: Sequence[RunConfig]) -> None:
+    """The data directories (and tokenizer/vocabulary fit) the runs will read, checked once."""
+    from launchers.data import load_run_tokenizer
+
+    seen = set()
+    for cfg in cfgs:
+        key = (tuple(cfg.data.paths), cfg.model.vocab_size)
+        if key not in seen:
+            seen.add(key)
+            load_run_tokenizer(cfg)
 
 
 # ----------------------------------------------------------------------- CLI
@@ -243,8 +197,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     resources = resources_from_args(args)
     config_path = Path(args.config).resolve()
-    config = resolve_config(config_path, args.overrides, resources.world_size)
-    run_dir = run_dir_of(config, args.config)
+    cfg = load_run_config(config_path, args.overrides)
+    validate_layout(cfg, resources.world_size, args.config)
+    validate_data([cfg])
+    run_dir = Path(cfg.run.dir).resolve()
     logs = run_dir.parent / "slurm-logs"
     name = args.job_name or f"e2d2-{run_dir.name}"
     train = [*e2d2_command(), "pretrain", str(config_path), *args.overrides, "--resume", "auto"]

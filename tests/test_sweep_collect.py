@@ -9,10 +9,10 @@ import os
 import subprocess
 
 import pytest
-import yaml
 from test_sweep_spec import write_spec
 
 from launchers.cli import main
+from launchers.config import save_run_config
 from launchers.sweep import status as status_module
 from launchers.sweep.bench import sampling_benchmark
 from launchers.sweep.collect import best_depth_per_budget, pareto
@@ -28,7 +28,7 @@ def finish_point(point, nelbo: float, tokens_per_s: float, flops: float, params:
     """What a successful `e2d2 pretrain` run plus the benchmark leave in a run directory."""
     run = point.run_dir
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(point.config))
+    save_run_config(point.config, run / "config.yaml")
     records = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "grad_norm": 1.0,
                 "tokens_per_s": 100.0, "skipped": 0} for s in (1, 2, 3)]
     records.append({"step": 3, "nelbo": nelbo, "ppl": 2.718281828 ** nelbo})

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.submit import run_config, write_text_atomic
+from launchers.submit import write_text_atomic
 from launchers.sweep.bench import RESULT_FILE
 from launchers.sweep.fit import PARAMS, PowerLawFit, bootstrap_fit
 from launchers.sweep.spec import AXES, SweepSpec
@@ -57,7 +57,7 @@ def point_rows(spec: SweepSpec) -> tuple[list[dict], list[str]]:
             continue
         summary = json.loads((point.run_dir / SUMMARY_FILE).read_text())
         sampling = json.loads((point.run_dir / RESULT_FILE).read_text())
-        cfg = run_config(point.config, point.name)
+        cfg = point.config
         rows.append({
             "point": point.name, "variant": cfg.model.variant,
             "decoder_layers": cfg.model.num_decoder_layers, "encoder_layers": cfg.model.num_layers,

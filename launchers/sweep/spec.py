@@ -4,9 +4,9 @@ A spec is a YAML file::
 
     name: dec-depth                     # default: the file's stem
     base: ../tiny-cpu.yaml              # run config, relative to the spec file
-    overrides:                          # section.key: value, applied to every point
-      train.steps: 2000
-      data.path: data/owt
+    overrides:                          # section.key=value, as on the command line,
+      - train.steps=2000                #   applied to every point
+      - data.path=data/owt
     grid:                               # the cross product is the set of points
       decoder_layers: [1, 2, 4, 8]      # required: the sweep is over decoder depth
       encoder_layers: [12]              # optional axes: encoder_layers, hidden_size,
@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from e2d2.errors import ConfigError
-from launchers.submit import Resources, apply_overrides, run_config, validate_config
+from launchers.config import RunConfig, apply_overrides, run_config_from_dict
+from launchers.submit import Resources, validate_layout
 
 # grid axis -> (config key, short name used in point names)
 AXES: dict[str, tuple[str, str]] = {
@@ -57,11 +58,11 @@ class Point:
     index: int
     name: str
     values: dict[str, int]  # grid axis -> value
-    config: dict[str, Any]  # the resolved run config, run.dir included
+    config: RunConfig  # the resolved run config, run.dir included
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.config["run"]["dir"])
+        return Path(self.config.run.dir)
 
 
 @dataclass(frozen=True)
@@ -124,19 +125,20 @@ def _point_name(values: Mapping[str, int]) -> str:
     return "-".join(f"{AXES[axis][1]}{short(v)}" for axis, v in values.items())
 
 
-def _point_config(base: dict, overrides: Mapping[str, Any], values: Mapping[str, int],
-                  run_dir: Path, where: str) -> dict[str, Any]:
-    settings = {AXES[a][0]: v for a, v in values.items() if a != "train_tokens"}
-    config = apply_overrides(base, {**overrides, **settings, "run.dir": str(run_dir)})
+def _point_config(base: dict, overrides: list[str], values: Mapping[str, int],
+                  run_dir: Path, source: str) -> RunConfig:
+    settings = [f"{AXES[a][0]}={v}" for a, v in values.items() if a != "train_tokens"]
+    settings += [f"run.dir={run_dir}"]
+    cfg = run_config_from_dict(apply_overrides(base, [*overrides, *settings]), source)
     if "train_tokens" in values:
-        cfg = run_config(config, where)
         per_step = cfg.train.batch_size * cfg.model.seq_length
         tokens = values["train_tokens"]
         if tokens % per_step:
             raise ConfigError(f"train_tokens={tokens} is not a whole number of steps of "
                               f"{per_step} tokens (train.batch_size x model.seq_length)")
-        config = apply_overrides(config, {"train.steps": tokens // per_step})
-    return config
+        settings.append(f"train.steps={tokens // per_step}")
+        cfg = run_config_from_dict(apply_overrides(base, [*overrides, *settings]), source)
+    return cfg
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -158,10 +160,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not base_path.is_file():
         raise ConfigError(f"{where}: base config {base_path} does not exist")
     base = yaml.safe_load(base_path.read_text()) or {}
-    overrides = raw.get("overrides") or {}
-    if not isinstance(overrides, Mapping) or any(str(k).count(".") != 1 for k in overrides):
-        raise ConfigError(f"{where} [overrides]: expected section.key: value entries "
-                          "(e.g. train.steps: 1000)")
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{where} [overrides]: expected a list of section.key=value strings "
+                          "(e.g. - train.steps=1000)")
     grid = _grid(where, raw.get("grid"))
     slurm = dict(raw.get("slurm") or {})
     _unknown(f"{where} [slurm]", slurm, SLURM_KEYS)
@@ -176,8 +178,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         point_name = _point_name(values)
         label = f"{where}: point {point_name} ({', '.join(f'{a}={v}' for a, v in values.items())})"
         try:
-            config = _point_config(base, overrides, values, output / "points" / point_name, label)
-            validate_config(config, str(base_path), resources.world_size)
+            config = _point_config(base, overrides, values, output / "points" / point_name,
+                                   str(base_path))
+            validate_layout(config, resources.world_size, str(base_path))
         except ConfigError as exc:
             raise ConfigError(f"{label} is invalid: {exc}") from None
         points.append(Point(index, point_name, values, config))

@@ -14,8 +14,7 @@ import shlex
 import subprocess
 import time
 
-import yaml
-
+from launchers.config import save_run_config
 from launchers.submit import (
     e2d2_command,
     job_setup,
@@ -42,8 +41,7 @@ def _write_point_files(spec: SweepSpec, points: list[Point]) -> None:
     """Each point's resolved config, and the bash lines its job sources (``jobs/INDEX.sh``,
     indexed like array tasks)."""
     for point in points:
-        write_text_atomic(spec.output / "configs" / f"{point.name}.yaml",
-                          yaml.safe_dump(point.config, sort_keys=False))
+        save_run_config(point.config, spec.output / "configs" / f"{point.name}.yaml")
         train, after = _commands(spec, point)
         write_text_atomic(spec.output / "jobs" / f"{point.index}.sh",
                           job_setup(point.run_dir, train, after) + "\n")
