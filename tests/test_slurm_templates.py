@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from infra.tiny_run import make_data_dir
+import yaml
+from infra.tiny_run import make_data_dir, write_config
 
 from launchers.cli import main
 from launchers.submit import PREEMPTED_EXIT_CODE, Resources, job_setup, render_pretrain
@@ -94,3 +95,16 @@ def test_missing_sbatch_is_one_error_and_nothing_is_written(tmp_path, data):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_preprocess_template_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / "preprocess.sbatch")]).returncode == 0
+
+
+def test_sweep_submit_without_sbatch_fails_before_anything_is_written(tmp_path, data):
+    base = write_config(tmp_path / "tiny.yaml", data)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"base": str(base), "output": str(tmp_path / "sweep"),
+                                    "grid": {"decoder_layers": [1]}}))
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "launchers.cli", "sweep", "submit", str(spec)],
+                          env=env, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "error: sbatch is not on PATH" in done.stderr
+    assert not (tmp_path / "sweep").exists()

@@ -21,6 +21,7 @@ from launchers.submit import (
     render_pretrain,
     require_sbatch,
     sbatch,
+    validate_data,
     write_text_atomic,
 )
 from launchers.sweep.spec import Point, SweepSpec
@@ -80,6 +81,7 @@ def submit_slurm(spec: SweepSpec, dry_run: bool = False) -> list[str]:
         require_sbatch()
     statuses = sweep_status(spec)
     points = to_submit(statuses)
+    validate_data([p.config for p in points])
     queued = [s for s in statuses if s.state in ("pending", "running") and s.submitted]
     messages = [f"{len(statuses) - len(points) - len(queued)} done, {len(queued)} queued, "
                 f"{len(points)} to submit"]
@@ -91,6 +93,7 @@ def submit_slurm(spec: SweepSpec, dry_run: bool = False) -> list[str]:
         return messages + [script for script, _ in scripts] + [
             "sbatch " + shlex.join(_collect_options(spec, ["<point jobs>"]))]
     _write_point_files(spec, points)
+    (spec.output / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create it
     state = read_state(spec)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     new_jobs = []
@@ -122,6 +125,7 @@ def submit_local(spec: SweepSpec) -> list[str]:
 
     statuses = sweep_status(spec)
     points = [s.point for s in statuses if s.state != "done"]
+    validate_data([p.config for p in points])
     world = spec.resources.world_size
     _write_point_files(spec, points)
     messages = []
