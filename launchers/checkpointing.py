@@ -16,11 +16,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import traceback
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from e2d2.errors import UserError
 from launchers.config import RunConfig, save_run_config
@@ -85,8 +88,12 @@ class RunCheckpoints:
         self.root = run_dir / "checkpoints"
         self.keep = keep
 
-    def save(self, step: int, cfg: RunConfig, chunks, optimizer, ema, common: dict[str, Any]) -> Path:
-        """Collective: the full training state at ``step``; returns the iteration directory."""
+    def save(self, step: int, cfg: RunConfig, chunks, optimizer, ema, common: dict[str, Any],
+             kill_after_write: bool = False) -> Path:
+        """Collective: the full training state at ``step``; returns the iteration directory.
+        ``kill_after_write`` (fault injection) SIGKILLs this rank's process group (the rank
+        and the writer processes dist_checkpointing started, as when a node dies) once its
+        shards are written, before the checkpoint is complete."""
         final = iteration_dir(self.root, step)
         partial = final.with_name(final.name + ".partial")
         if _is_rank0():
@@ -98,6 +105,8 @@ class RunCheckpoints:
                     shutil.rmtree(stale)
         torch.distributed.barrier()
         engine_checkpoint.save_training_state(partial, chunks, optimizer, ema, common)
+        if kill_after_write:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
         torch.distributed.barrier()  # every rank's shards are on disk
         if _is_rank0():
             save_run_config(cfg, partial / "config.yaml")
@@ -128,8 +137,10 @@ class RunCheckpoints:
                                                       restore_rng=same_layout(common))
             except engine_checkpoint.ModelMismatchError:
                 raise  # another model: an older checkpoint of this run would not help
-            except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as anything
-                error = f"{type(exc).__name__}: {exc}"
+            # A corrupt file surfaces as anything; torch's CheckpointException is a BaseException.
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                error = f"{type(exc).__name__} at {where.filename}:{where.lineno}: {exc}"
             if _all_ranks_ok(error is None):
                 return path, common
             failures.append(f"{path.name}: {error or 'unreadable on another rank'}")

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_tools.cli import register as register_data
     from launchers.demo import register as register_demo
     from launchers.pretrain import register as register_pretrain
+    from launchers.sample import register as register_sample
     from launchers.submit import register as register_submit
     from launchers.sweep.cli import register as register_sweep
 
@@ -25,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="e2d2", description="E2D2 block-diffusion language models: data, training, sampling."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in (register_demo, register_data, register_pretrain, register_submit,
-                     register_sweep):
+    for register in (register_demo, register_data, register_pretrain, register_sample,
+                     register_submit, register_sweep):
         register(sub)
     return parser
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core warns at import on every machine without TE/Apex; the FP8 path checks for
     # TE itself and fails with a clear error, so the warning is only noise on the CLI.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # megatron-core's own deprecation noise about options this project never sets.
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

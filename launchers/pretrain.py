@@ -52,9 +52,10 @@ from launchers.data import PretrainData, load_run_tokenizer
 from launchers.metrics import RunLogger
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch template requeues on it
-# Comma-separated steps (1-based) whose loss is made NaN: fault injection for the tests and
-# for checking a cluster's handling of bad steps. Unset in normal runs.
-INJECT_NAN_ENV = "E2D2_INJECT_NAN_STEPS"
+# Fault injection, for the tests and for rehearsing a cluster's failure handling; unset in
+# normal runs. Comma-separated ``nan@STEP`` (that step's loss is NaN) and ``kill_in_save@STEP``
+# (SIGKILL the rank's process group while the checkpoint of STEP is half written).
+FAULTS_ENV = "E2D2_FAULTS"
 
 
 class TrainingAborted(RuntimeError):
@@ -96,10 +97,14 @@ def pretrain(cfg: RunConfig, resume: str = "auto") -> int:
     from launchers.world import init_world
     from megatron_ext import cpu_compat
 
+    # Everything that can be checked without the other ranks fails here, on every rank alike.
+    candidates = resume_candidates(cfg, resume)
+    tokenizer = load_run_tokenizer(cfg)
+    faults = injected_faults()
     cpu_compat.install()  # a no-op where CUDA is available
     init_world()
     try:
-        return _Trainer(cfg, resume).run()
+        return _Trainer(cfg, faults).run(candidates, tokenizer)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -132,12 +137,17 @@ class _Preemption:
         return bool(flag.item())
 
 
-def _injected_nan_steps() -> set[int]:
-    raw = os.environ.get(INJECT_NAN_ENV, "").strip()
-    try:
-        return {int(s) for s in raw.split(",") if s.strip()}
-    except ValueError:
-        raise ConfigError(f"{INJECT_NAN_ENV}={raw!r}: expected comma-separated step numbers") from None
+def injected_faults() -> dict[str, set[int]]:
+    """``{"nan": {steps}, "kill_in_save": {steps}}`` from ``E2D2_FAULTS``."""
+    faults: dict[str, set[int]] = {"nan": set(), "kill_in_save": set()}
+    raw = os.environ.get(FAULTS_ENV, "")
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        kind, _, step = item.partition("@")
+        if kind not in faults or not step.isdigit():
+            raise ConfigError(f"{FAULTS_ENV}={raw!r}: expected comma-separated nan@STEP or "
+                              "kill_in_save@STEP")
+        faults[kind].add(int(step))
+    return faults
 
 
 def _layout_of(parallel) -> dict:
@@ -173,6 +183,15 @@ def resume_candidates(cfg: RunConfig, resume: str) -> list[Path]:
     return [path]
 
 
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """A copy of the run's tokenizer (``e2d2 sample`` and export read it), written atomically."""
+    if directory.is_dir():
+        return
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    tokenizer.save(tmp)
+    os.replace(tmp, directory)
+
+
 def _parameter_counts(cfg) -> tuple[int, int]:
     """(all, non-embedding) parameters of the reference model."""
     with torch.device("meta"):
@@ -190,10 +209,10 @@ def _peak_memory_gb() -> float:
 
 
 class _Trainer:
-    def __init__(self, cfg: RunConfig, resume: str) -> None:
+    def __init__(self, cfg: RunConfig, faults: dict[str, set[int]]) -> None:
         from megatron_ext.layout import ParallelConfig, PipelinePlan
 
-        self.cfg, self.resume = cfg, resume
+        self.cfg, self.faults = cfg, faults
         self.rank = torch.distributed.get_rank()
         self.parallel = ParallelConfig(torch.distributed.get_world_size(),
                                        **dataclasses.asdict(cfg.parallel))
@@ -214,11 +233,9 @@ class _Trainer:
 
             tqdm.write(message, file=sys.stderr)
 
-    def run(self) -> int:
+    def run(self, candidates: list[Path], tokenizer) -> int:
         from megatron_ext.testing import megatron_layout
 
-        candidates = resume_candidates(self.cfg, self.resume)
-        tokenizer = load_run_tokenizer(self.cfg)
         with megatron_layout(self.parallel, seed=self.cfg.run.seed,
                              get_embedding_ranks=self.plan.get_embedding_ranks):
             self._describe_layout()
@@ -231,6 +248,7 @@ class _Trainer:
                                      self.run_dir / "cache")
             if self.rank == 0:
                 save_run_config(self.cfg, self.run_dir / "config.yaml")
+                _save_tokenizer(tokenizer, self.run_dir / "tokenizer")
             logger = RunLogger(self.run_dir, self.rank == 0, self.cfg.log.tensorboard, state.step)
             try:
                 return self._loop(state, logger)
@@ -276,7 +294,10 @@ class _Trainer:
         path, common = self.checkpoints.load(
             candidates, self.stages, self.optimizer, self.ema,
             same_layout=lambda common: common.get("layout") == layout)
-        self.scheduler.load_state_dict(common["scheduler"])
+        # The schedule's shape comes from this run's config (a longer train.steps re-shapes
+        # the decay); only the position in it comes from the checkpoint.
+        self.scheduler.num_steps = common["scheduler"]["num_steps"]
+        self.scheduler.step(0)
         state = TrainState(**common["state"])
         changed = "" if common.get("layout") == layout else (
             f" (saved on {common.get('layout')}: resharded, RNG states re-seeded)")
@@ -286,8 +307,9 @@ class _Trainer:
     def _save(self, state: TrainState) -> None:
         common = {"state": dataclasses.asdict(state), "scheduler": self.scheduler.state_dict(),
                   "config": self.cfg.to_dict(), "layout": _layout_of(self.parallel)}
+        kill = state.step in self.faults["kill_in_save"]
         path = self.checkpoints.save(state.step, self.cfg, self.stages, self.optimizer,
-                                     self.ema, common)
+                                     self.ema, common, kill_after_write=kill)
         self.log(f"e2d2 pretrain: saved {path}")
 
     # -- the loop ---------------------------------------------------------------------------
@@ -299,7 +321,7 @@ class _Trainer:
 
         cfg, train = self.cfg, self.cfg.train
         preemption = _Preemption()
-        poisoned = _injected_nan_steps()
+        poisoned = self.faults["nan"]
         forward = make_forward_step(self.objective)
         poisoned_forward = make_forward_step(self.objective, poison_loss=True)
         tokens_per_step = train.batch_size * cfg.model.seq_length

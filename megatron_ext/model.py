@@ -400,14 +400,31 @@ def build_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[ParallelD
 
 
 def _tagged(stage: ParallelDiffusionLM) -> ParallelDiffusionLM:
-    # megatron's parallel layers tag their weights as tensor-parallel only inside their own
-    # initialisation, which perform_initialization=False skips. Untagged, gradient clipping
-    # counts a split weight as a TP duplicate (norm from rank 0's shard only) and the
-    # optimizer treats it as replicated.
-    # With sequence parallelism a replicated weight (the norms) sees only this rank's
-    # positions; megatron's finalize_model_grads sums the gradients of weights tagged so.
-    # Transformer Engine's linears tag their own weights (and megatron's setter asserts the
-    # attributes are unset), so weights already tagged are left as they are.
+    """Set the parameter attributes that megatron's own modules would have set: DDP, the
+    optimizer, gradient clipping and ``finalize_model_grads`` read them.
+
+    megatron-core 0.16.1 sets, and here:
+
+    * ``tensor_model_parallel``, ``partition_dim``, ``partition_stride``: column/row-parallel
+      linears and ``VocabParallelEmbedding``, but only inside their own initialisation
+      (``_initialize_affine_weight_*``), which ``perform_initialization=False`` skips; set
+      here on every split weight. Untagged, gradient clipping counts a split weight as a TP
+      duplicate (the norm of TP rank 0's shard only) and the optimizer treats it as
+      replicated. Transformer Engine's linears tag their own (megatron's setter asserts the
+      attributes are unset), so weights already tagged are left alone.
+    * ``sequence_parallel``: megatron's ``FusedLayerNorm`` (and TE's linears in duplicated
+      mode) on their weights, from ``config.sequence_parallel``; set here on every
+      replicated weight (the norms), which with sequence parallelism see only this TP
+      rank's positions, so ``finalize_model_grads`` sums their gradients over TP.
+    * ``allreduce``: the linears set it themselves (True); the embedding and norms leave it
+      unset, which reads as True. Only MoE experts differ: nothing to do.
+    * ``is_embedding_or_output_parameter``, ``shared``, ``shared_embedding``,
+      ``zero_out_wgrad``: ``LanguageModule.setup_embeddings_and_output_layer``, which this
+      stage (not a ``LanguageModule``) reproduces in ``_tag_embedding``.
+    * Not applicable: ``expert_tp`` and ``is_qkv`` (MoE / fused-QKV Muon),
+      ``average_gradients_across_tp_domain`` (HuggingFace wrappers), ``pipeline_parallel``
+      (conditional embedders).
+    """
     for m in param_maps(stage):
         if hasattr(m.param, "tensor_model_parallel"):
             continue
@@ -415,8 +432,34 @@ def _tagged(stage: ParallelDiffusionLM) -> ParallelDiffusionLM:
             set_tensor_model_parallel_attributes(m.param, is_parallel=True, dim=m.tp_axis, stride=1)
         else:
             m.param.sequence_parallel = stage.config.sequence_parallel
-    # Word-embedding copies after the first are megatron "shared" parameters: counted once in
-    # the gradient norm, exactly as megatron marks a tied output layer on the last stage.
-    if hasattr(stage, "embed") and stage.stage != stage.plan.embedding_stages()[0]:
-        stage.embed.weight.shared = True
+    _tag_embedding(stage)
     return stage
+
+
+def _tag_embedding(stage: ParallelDiffusionLM) -> None:
+    """megatron's ``LanguageModule.setup_embeddings_and_output_layer`` tagging, generalised
+    from its two copies (first and last stage) to ``PipelinePlan.embedding_stages()`` (E2D2
+    adds the first decoder stage, tied or untied)."""
+    here, tied = stage.layers_here, stage.cfg.tie_word_embeddings
+    if here.holds_head and not tied:
+        stage.lm_head.weight.is_embedding_or_output_parameter = True  # for decoupled_lr
+    if not hasattr(stage, "embed"):
+        return
+    weight = stage.embed.weight
+    weight.is_embedding_or_output_parameter = True
+    if stage.share_embeddings_and_output_weights:  # copies on several stages
+        # Each copy in its own DDP bucket: with the distributed optimizer every DP rank then
+        # owns the same slice of the embedding on every stage, so the embedding-group
+        # all-reduce that follows the DP reduce-scatter adds fully reduced slices only.
+        # Without it the copies sit at different offsets of their stages' buffers, the DP
+        # shards cut them differently, and fully reduced slices get added to partial ones.
+        weight.shared_embedding = True
+        if stage.stage != stage.plan.embedding_stages()[0]:
+            # Counted once in the gradient norm, as megatron marks the last stage's copy.
+            weight.shared = True
+    if here.holds_embedding and here.holds_head and tied:
+        # Token lookup and tied LM head on one stage (megatron: PP=1; here also an E2D2 last
+        # stage that embeds xt). With gradient_accumulation_fusion (off in
+        # transformer_config) the head's wgrad goes straight to main_grad and DDP would drop
+        # the lookup's .grad; this flag keeps both. No effect without the fusion.
+        weight.zero_out_wgrad = True

@@ -49,12 +49,15 @@ class Run:
 
 
 def tiny_model_config(variant: str, **overrides) -> ModelConfig:
-    """A model small enough for many layouts per minute on 2 CPU cores."""
-    base = dict(variant=variant, vocab_size=64, mask_token_id=63, hidden_size=32,
+    """A model small enough for many layouts per minute on 2 CPU cores. ``[MASK]`` is the
+    last id of the vocabulary (also of an overridden ``vocab_size``)."""
+    base = dict(variant=variant, vocab_size=64, hidden_size=32,
                 ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, num_layers=2,
                 num_decoder_layers=2 if variant.startswith("e2d2") else 0, seq_length=16,
                 block_size=4)
-    return ModelConfig(**(base | overrides))
+    settings = base | overrides
+    settings.setdefault("mask_token_id", settings["vocab_size"] - 1)
+    return ModelConfig(**settings)
 
 
 def _objective(cfg: ModelConfig) -> DiffusionObjective:
@@ -204,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--layers", type=int, default=None, help="main-stack (encoder) layers")
     p.add_argument("--decoder-layers", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size (the last id is [MASK]); default 64. A larger one "
+                   "(e.g. 1024) makes the embedding straddle the distributed optimizer's DP shards")
     p.add_argument("--prompt-and-padding", action="store_true")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (of 4 per DP rank)")
     p.add_argument("--atol", type=float, default=1e-5)
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("num_layers", args.layers),
-                                   ("num_decoder_layers", args.decoder_layers)) if v is not None}
+                                   ("num_decoder_layers", args.decoder_layers),
+                                   ("vocab_size", args.vocab_size)) if v is not None}
     try:
         cfg = tiny_model_config(args.variant, **overrides)
         parallel = ParallelConfig(args.world, args.tp, args.pp, args.encoder_stages,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ def test_shipped_config_validates(path):
     assert cfg.model.seq_length % cfg.model.block_size == 0
     from megatron_ext.layout import ParallelConfig, PipelinePlan
 
-    par = {k: v for k, v in cfg.parallel.items() if k != "fp8"}  # FP8 needs TE: checked separately
-    tp, pp = par.get("tensor_parallel", 1), par.get("pipeline_parallel", 1)
-    PipelinePlan(cfg.model, ParallelConfig(world_size=tp * pp, **par))
+    par = {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
+           if k not in ("fp8", "transformer_impl")}  # FP8 needs TE: checked separately
+    PipelinePlan(cfg.model, ParallelConfig(world_size=cfg.parallel.model_parallel, **par))
+    dp = 2
+    assert cfg.train.batch_size % ((cfg.train.micro_batch_size or 1) * dp) == 0
 
 
 def test_roundtrip_through_dict():
@@ -33,6 +36,8 @@ def test_roundtrip_through_dict():
     ({"model": {"hidden": 3}}, r"\[model\]: unknown key"),
     ({"model": {"seq_length": 130, "block_size": 4}}, r"\[model\]: seq_length=130 is not a multiple"),
     ({"parallel": {"tp": 2}}, r"\[parallel\]: unknown key"),
+    ({"checkpoint": {"interval": 0}}, r"\[checkpoint\]: checkpoint.interval must be positive"),
+    ({"train": {"lr_decay": "exp"}}, r"\[train\]: unknown lr_decay"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_config_is_one_clear_error(data, match):
@@ -49,7 +54,9 @@ def test_missing_and_invalid_files(tmp_path):
         load_run_config(bad)
 
 
-def test_demo_default_equals_the_tiny_cpu_config():
-    from launchers.demo import DEMO_CONFIG
 
-    assert load_run_config(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml") == DEMO_CONFIG
+def test_owt_baselines_have_equal_total_layers():
+    configs = {p.stem: load_run_config(p) for p in CONFIGS if p.stem.startswith("owt-")}
+    assert sorted(configs) == ["owt-ar", "owt-bd3lm", "owt-e2d2", "owt-mdlm"]
+    totals = {name: c.model.num_layers + c.model.num_decoder_layers for name, c in configs.items()}
+    assert set(totals.values()) == {28}, totals

@@ -1,7 +1,9 @@
 """The parallel model equals the single-process reference model: loss, every parameter's
 gradient, and three optimizer steps with clipping, under TP2, PP2 (one encoder + one decoder
 stage), DP2, TP2xPP2, sequence parallelism, the interleaved schedule, the distributed
-optimizer; a TP2xPP2 checkpoint loads at TP1 and PP2.
+optimizer (also with PP > 1 and an embedding that straddles its DP shards); a TP2xPP2
+checkpoint loads at TP1 and PP2; the parameter attributes megatron reads are those its own
+GPTModel sets.
 
 The comparison itself is ``megatron_ext.verify`` (also a command line for a single layout);
 here the layouts are batched into one spawn per world size, because starting ranks
@@ -84,30 +86,104 @@ def _world2(rank: int) -> dict:
 
 
 SAVED_LAYOUT = "tp2-pp2-dp1-enc1"
+# A 1024-token vocabulary (a 32768-value embedding) straddles the distributed optimizer's DP
+# shards, and 3 encoder + 1 decoder layers put the embedding copies at different offsets of
+# their stages' grad buffers: the copies need their own DDP buckets (megatron's
+# ``shared_embedding``) for the DP shards to line up. The default 64-token embedding lies in
+# one shard on every stage, which hid it.
+BIG_VOCAB = dict(vocab_size=1024, num_layers=3, num_decoder_layers=1)
+PP2_DISTOPT = dict(pipeline_parallel=2, encoder_pipeline_stages=1, use_distributed_optimizer=True)
+WORLD4 = {  # name: (model config, layouts)
+    "e2d2": (model_config("e2d2"), [
+        ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2, encoder_pipeline_stages=1),
+        # middle stages: an encoder stage and a decoder stage in between
+        ParallelConfig(4, pipeline_parallel=4, encoder_pipeline_stages=2),
+        ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2, encoder_pipeline_stages=1,
+                       sequence_parallel=True),
+    ]),
+    "e2d2_shared_kv": (model_config("e2d2_shared_kv"),
+                       [ParallelConfig(4, tensor_parallel=2, use_distributed_optimizer=True)]),
+    "bd3lm": (model_config("bd3lm"), [ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2)]),
+    "e2d2_vocab1024": (model_config("e2d2", **BIG_VOCAB), [
+        ParallelConfig(4, **PP2_DISTOPT),
+        ParallelConfig(4, tensor_parallel=2, **PP2_DISTOPT),  # configs/h100-1b-e2d2.yaml at DP1
+    ]),
+    # Untied: copies on stage 0 (x0) and stage 1 (xt), the LM head separate.
+    "e2d2_vocab1024_untied": (model_config("e2d2", tie_word_embeddings=False, **BIG_VOCAB),
+                              [ParallelConfig(4, **PP2_DISTOPT)]),
+    # Interleaved: copies on virtual stages 0 and 3, the last in a chunk without bucketing.
+    "e2d2_vocab1024_interleaved": (model_config("e2d2", vocab_size=1024, num_layers=3), [
+        ParallelConfig(4, pipeline_parallel=2, virtual_pipeline=2, encoder_pipeline_stages=2,
+                       use_distributed_optimizer=True),
+    ]),
+}
+# Layouts under which the parameter attributes are compared with megatron's GPTModel.
+ATTRIBUTE_LAYOUTS = (ParallelConfig(4), ParallelConfig(4, pipeline_parallel=2),
+                     ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2))
+# How megatron reads an absent attribute (``getattr(param, "allreduce", True)`` etc.).
+ATTRIBUTE_DEFAULTS = {"allreduce": True, "sequence_parallel": False}
+
+
+def _attributes(param: torch.nn.Parameter | None) -> dict | None:
+    return None if param is None else ATTRIBUTE_DEFAULTS | vars(param)
+
+
+def param_attributes(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[dict, dict]:
+    """The attributes of this rank's word-embedding copy, untied LM head, a column- and a
+    row-parallel weight and a norm: ours, and those of megatron's own GPTModel (same sizes,
+    layout and tying, megatron's initialisation) on the same pipeline rank."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_ext.model import build_chunks, transformer_config
+
+    tied = cfg.tie_word_embeddings
+    plan = PipelinePlan(cfg, parallel)
+    with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
+        (stage,) = build_chunks(cfg, parallel)
+        config = dataclasses.replace(transformer_config(cfg, parallel), perform_initialization=True,
+                                     normalization="RMSNorm", qk_layernorm=False)
+        gpt = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"),
+                       vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
+                       position_embedding_type="rope", pre_process=stage.pre_process,
+                       post_process=stage.post_process, share_embeddings_and_output_weights=tied)
+        layer, gpt_layer = stage.layers[0], gpt.decoder.layers[0]
+        ours = {
+            "embedding": stage.embed.weight if hasattr(stage, "embed") else None,
+            "head": None if tied or not stage.post_process else stage.lm_head.weight,
+            "column": layer.attn.q_proj.weight, "row": layer.attn.o_proj.weight,
+            "norm": layer.input_norm.weight,
+        }
+        megatrons = {
+            "embedding": gpt.embedding.word_embeddings.weight if gpt.pre_process else (
+                gpt.output_layer.weight if tied else None),  # the tied head is the copy
+            "head": None if tied or not gpt.post_process else gpt.output_layer.weight,
+            "column": gpt_layer.self_attention.linear_qkv.weight,
+            "row": gpt_layer.self_attention.linear_proj.weight,
+            "norm": gpt_layer.input_layernorm.weight,
+        }
+        return ({k: _attributes(v) for k, v in ours.items()},
+                {k: _attributes(v) for k, v in megatrons.items()})
 
 
 def _world4(rank: int, ckpt_dir: str) -> dict:
     out = {}
-    for variant in ("e2d2", "e2d2_shared_kv", "bd3lm"):
-        cfg = model_config(variant)
-        if variant == "e2d2_shared_kv":
-            layouts = [ParallelConfig(4, tensor_parallel=2, use_distributed_optimizer=True)]
-        else:
-            layouts = [ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2,
-                                      encoder_pipeline_stages=1 if cfg.is_e2d2 else None)]
-        if variant == "e2d2":  # middle stages: an encoder stage and a decoder stage in between
-            layouts.append(ParallelConfig(4, pipeline_parallel=4, encoder_pipeline_stages=2))
-            layouts.append(ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2,
-                                          encoder_pipeline_stages=1, sequence_parallel=True))
-        out[variant] = {"reference": reference_run(cfg, PLAIN)}
+    for case, (cfg, layouts) in WORLD4.items():
+        out[case] = {"reference": reference_run(cfg, PLAIN)}
         for parallel in layouts:
-            save_to = ckpt_dir if parallel.name == SAVED_LAYOUT and variant == "e2d2" else None
+            save_to = ckpt_dir if parallel.name == SAVED_LAYOUT and case == "e2d2" else None
             run = _micro2(PLAIN) if parallel.sequence_parallel else PLAIN
-            out[variant][parallel.name] = parallel_run(cfg, parallel, run, save_to=save_to)
+            out[case][parallel.name] = parallel_run(cfg, parallel, run, save_to=save_to)
     cfg = model_config("e2d2")
     for parallel in (ParallelConfig(4), ParallelConfig(4, pipeline_parallel=2,
                                                        encoder_pipeline_stages=1)):
         out["e2d2"]["load-" + parallel.name] = loaded_params(cfg, parallel, ckpt_dir)
+    # A single stack has megatron's roles: the embedding on the first stage, the head on the last.
+    out["attributes"] = {
+        f"{parallel.name}-{tie}": param_attributes(
+            model_config("bd3lm", tie_word_embeddings=tie == "tied"), parallel)
+        for parallel in ATTRIBUTE_LAYOUTS for tie in ("tied", "untied")
+    }
     return out
 
 
@@ -142,9 +218,17 @@ def test_tp2_pp2_dp2_match_reference(world2, variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["e2d2", "e2d2_shared_kv", "bd3lm"])
+@pytest.mark.parametrize("variant", list(WORLD4))
 def test_four_ranks_match_reference(world4, variant):
     _check(world4, variant)
+
+
+@pytest.mark.slow
+def test_parameter_attributes_match_megatron_gptmodel(world4):
+    for rank, result in enumerate(world4):
+        for layout, (ours, megatrons) in result["attributes"].items():
+            for role in ours:
+                assert ours[role] == megatrons[role], f"rank {rank} {layout} {role}"
 
 
 @pytest.mark.slow
@@ -158,3 +242,8 @@ def test_checkpoint_tp2pp2_loads_at_tp1_and_pp2(world4):
             assert loaded.keys() == saved.keys()
             for name in saved:
                 assert torch.equal(loaded[name], saved[name]), f"{layout} rank {rank}: {name}"
+
+
+def test_tiny_model_with_a_bigger_vocabulary_keeps_mask_the_last_id():
+    cfg = model_config("e2d2", **BIG_VOCAB)
+    assert (cfg.vocab_size, cfg.mask_token_id) == (1024, 1023)

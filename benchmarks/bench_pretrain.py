@@ -1,0 +1,172 @@
+"""The pretraining engine's cost on this CPU: overhead over the reference trainer, and the four
+variants through ``e2d2 pretrain`` beside their analytic FLOPs ratios.
+
+1. Engine overhead: one training step (forward, backward, clipped Adam update) of the
+   megatron-core engine at TP1/PP1 (DDP, megatron's optimizer and schedule, vocab-parallel
+   loss, NaN guard) against the single-process reference trainer's step (``e2d2.train``:
+   the reference model, torch AdamW), same model, same noised batch, timed interleaved.
+   Goal: engine / reference <= 1.10.
+2. ``e2d2 pretrain`` on each variant at equal total depth (E2D2 N - N_dec + N_dec, BD3-LM N,
+   MDLM N, AR N), one process each, run in turn: median tokens/s over the steps after
+   warm-up, and the ratio to E2D2 beside the analytic training-FLOPs ratio (``e2d2.flops``,
+   dense attention: what CPU SDPA with a boolean mask computes).
+
+    .venv/bin/python -m benchmarks.bench_pretrain               # about 4 minutes
+    .venv/bin/python -m benchmarks.bench_pretrain --skip-variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.common import (
+    add_model_args,
+    environment_line,
+    interleaved_medians,
+    model_config,
+    setup,
+    table,
+)
+from e2d2 import flops
+from e2d2.config import DiffusionConfig
+from e2d2.diffusion import DiffusionObjective, NoisedBatch, per_sequence_loss, token_nll
+from e2d2.model import DiffusionLM
+from e2d2.train import TrainConfig
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--variant-steps", type=int, default=30, help="steps per e2d2 pretrain run")
+    p.add_argument("--skip-variants", action="store_true")
+    return p.parse_args()
+
+
+def engine_overhead(args: argparse.Namespace) -> str:
+    from launchers.world import World, free_port, init_world
+    from megatron_ext import cpu_compat
+    from megatron_ext.layout import ParallelConfig
+    from megatron_ext.mapping import load_reference_state, reference_state_at_seed
+    from megatron_ext.model import build_chunks
+    from megatron_ext.objective import make_forward_step, noised_batch
+    from megatron_ext.testing import megatron_layout
+    from megatron_ext.training import build_training_optimizer, guarded_train_step, wrap_ddp
+
+    cfg = model_config(args, "e2d2", args.layers, args.seq_len)
+    train = TrainConfig(steps=1000, batch_size=args.batch, warmup_steps=0, lr=1e-4)
+    objective = DiffusionObjective(cfg, DiffusionConfig())
+    x0 = torch.randint(0, cfg.vocab_size - 1, (args.batch, cfg.seq_length),
+                       generator=torch.Generator().manual_seed(0))
+    batch = noised_batch(objective, x0, generator=torch.Generator().manual_seed(1))
+    nb = NoisedBatch(**{k: batch[k] for k in NoisedBatch.__dataclass_fields__})
+
+    reference = DiffusionLM(cfg)
+    reference.load_state_dict(reference_state_at_seed(cfg, 0))
+    adamw = torch.optim.AdamW(reference.parameters(), lr=train.lr, betas=train.betas,
+                              weight_decay=train.weight_decay)
+
+    def reference_step():
+        adamw.zero_grad(set_to_none=True)
+        logits = reference(x0, nb.xt)
+        per_sequence_loss(token_nll(logits, x0, cfg.mask_token_id), nb, "none").mean().backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), train.grad_clip)
+        adamw.step()
+
+    cpu_compat.install()
+    init_world(World(0, 1, 0, "127.0.0.1", free_port(), "local"))
+    parallel = ParallelConfig(1)
+    with megatron_layout(parallel):
+        stages = build_chunks(cfg, parallel)
+        load_reference_state(stages[0], reference_state_at_seed(cfg, 0))
+        chunks = wrap_ddp(stages, stages[0].config, parallel)
+        optimizer, _ = build_training_optimizer(chunks, parallel, train)
+        forward = make_forward_step(objective)
+
+        def engine_step():
+            guarded_train_step(chunks, optimizer, forward, [batch],
+                               seq_length=stages[0].stream_length(), micro_batch_size=args.batch)
+
+        times = interleaved_medians({"reference trainer": reference_step,
+                                     "engine (TP1/PP1)": engine_step}, args.warmup, args.repeats)
+    torch.distributed.destroy_process_group()
+    ref = times["reference trainer"][0]
+    rows = [[name, f"{t * 1e3:.1f}", f"{spread:.0%}", f"{t / ref:.3f}"]
+            for name, (t, spread) in times.items()]
+    return (f"E2D2 {cfg.num_layers}+{cfg.num_decoder_layers}, hidden {cfg.hidden_size}, vocab "
+            f"{cfg.vocab_size}, L={cfg.seq_length}, batch {args.batch}\n"
+            + table(["step", "median ms", "p10-p90 spread", "/ reference"], rows))
+
+
+def _data_dir(root: Path) -> Path:
+    from launchers.cli import main as e2d2
+
+    corpus, data = root / "kjv.jsonl", root / "data"
+    assert e2d2(["data", "corpus", "kjv", "--output", str(corpus)]) == 0
+    assert e2d2(["data", "preprocess", "--input", str(corpus), "--tokenizer", "bytes",
+                 "--output", str(data)]) == 0
+    return data
+
+
+def variants_through_pretrain(args: argparse.Namespace) -> str:
+    n = args.layers
+    rows_of = {f"E2D2 {n - args.dec_layers}+{args.dec_layers}": "e2d2", f"BD3-LM {n}": "bd3lm",
+               f"MDLM {n}": "mdlm", f"AR {n}": "ar"}
+    # The bytes tokenizer (260 ids, [MASK] = 259) of the embedded corpus.
+    vocab_args = argparse.Namespace(**{**vars(args), "vocab": 260})
+    measured, analytic = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = _data_dir(root)
+        for label, variant in rows_of.items():
+            cfg = model_config(vocab_args, variant, n, args.seq_len)
+            config = {"model": {k: getattr(cfg, k) for k in (
+                "variant", "vocab_size", "mask_token_id", "hidden_size", "ffn_hidden_size",
+                "num_attention_heads", "num_query_groups", "num_layers", "num_decoder_layers",
+                "seq_length", "block_size")},
+                "train": {"steps": args.variant_steps, "batch_size": args.batch,
+                          "warmup_steps": 1, "eval_every": 10**6, "eval_batches": 1,
+                          "eval_draws": 1},
+                "checkpoint": {"interval": 10**6}, "log": {"tensorboard": False}}
+            path = root / f"{variant}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            run_dir = root / variant
+            subprocess.run([sys.executable, "-m", "launchers.cli", "pretrain", str(path),
+                            f"run.dir={run_dir}", f"data.path={data}"], check=True,
+                           capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+            speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][5:]
+            measured[label] = statistics.median(speeds)
+            analytic[label] = flops.training_flops_per_token(cfg).dense
+    base = next(iter(rows_of))
+    rows = [[label, f"{measured[label]:,.0f}", f"{measured[base] / measured[label]:.2f}",
+             f"{analytic[label] / analytic[base]:.2f}"] for label in rows_of]
+    return (f"e2d2 pretrain, one process, hidden {args.hidden}, L={args.seq_len}, batch "
+            f"{args.batch}, {args.variant_steps} steps (median after 5)\n"
+            + table(["variant", "tokens/s", "time / E2D2's", "FLOPs / E2D2's (dense)"], rows))
+
+
+def main() -> None:
+    args = parse_args()
+    setup(args)
+    print(environment_line(args))
+    print(engine_overhead(args))
+    if not args.skip_variants:
+        print(variants_through_pretrain(args))
+
+
+if __name__ == "__main__":
+    main()

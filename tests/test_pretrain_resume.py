@@ -1,0 +1,187 @@
+"""``e2d2 pretrain`` survives preemption: real processes, killed and resumed.
+
+* killed with ``kill -9`` after a checkpoint, a run resumed with ``--resume auto`` repeats
+  the uninterrupted run's losses bitwise (one process, TP2, PP2 with one encoder and one
+  decoder stage);
+* ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
+* SIGTERM (through the local launcher, as SLURM's ``--signal`` would) saves, exits with the
+  preempted code, and the resumed run continues exactly;
+* a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
+  optimizer's state from DP2 to PP2) with the same losses;
+* a NaN step is skipped and counted; repeated NaN steps abort the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from pretrain_helpers import (
+    make_data_dir,
+    records,
+    run_pretrain,
+    start_pretrain,
+    train_losses,
+    wait_for,
+    write_config,
+)
+
+from launchers.pretrain import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+LAYOUTS = {
+    "single": (1, []),
+    "tp2": (2, ["parallel.tensor_parallel=2"]),
+    "pp2": (2, ["parallel.pipeline_parallel=2", "parallel.encoder_pipeline_stages=1"]),
+    "dp2-distopt": (2, ["parallel.use_distributed_optimizer=true"]),
+    "pp2-distopt": (2, ["parallel.pipeline_parallel=2", "parallel.encoder_pipeline_stages=1",
+                        "parallel.use_distributed_optimizer=true"]),
+}
+KILLED = ["single", "tp2", "pp2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    data = make_data_dir(root)
+    config = write_config(root / "tiny.yaml", train={"steps": STEPS},
+                          checkpoint={"interval": 2, "keep": 10})
+    return root, data, config
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    """Uninterrupted runs, one per layout, made on first use."""
+    root, data, config = setup
+    done = {}
+
+    def get(layout: str):
+        if layout not in done:
+            nproc, parallel = LAYOUTS[layout]
+            run_dir = root / f"straight-{layout}"
+            result = run_pretrain(config, f"run.dir={run_dir}", f"data.path={data}", *parallel,
+                                  nproc=nproc)
+            assert result.returncode == 0, result.stderr
+            losses = train_losses(run_dir)
+            assert sorted(losses) == list(range(1, STEPS + 1))
+            done[layout] = run_dir
+        return done[layout]
+
+    return get
+
+
+def _args(run_dir, data, layout):
+    return [f"run.dir={run_dir}", f"data.path={data}", *LAYOUTS[layout][1]]
+
+
+@pytest.mark.parametrize("layout", KILLED)
+def test_resume_after_kill_9_repeats_the_losses_bitwise(layout, setup, straight, tmp_path):
+    _, data, config = setup
+    reference = train_losses(straight(layout))
+    run_dir = tmp_path / "killed"
+    nproc = LAYOUTS[layout][0]
+    proc = start_pretrain(config, *_args(run_dir, data, layout), nproc=nproc)
+    latest = run_dir / "checkpoints" / "latest"
+    wait_for(latest.is_file, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(latest.read_text().strip().removeprefix("iter_"))
+    assert resumed_from < STEPS, "the run finished before it could be killed"
+    result = run_pretrain(config, *_args(run_dir, data, layout), nproc=nproc, resume="auto")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {latest.parent / f'iter_{resumed_from:07d}'}" in result.stderr
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # records after the checkpoint replaced
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert losses[step] == reference[step], (step, losses[step], reference[step])
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(setup, straight, tmp_path):
+    _, data, config = setup
+    reference = train_losses(straight("single"))
+    run_dir = tmp_path / "torn"
+    result = run_pretrain(config, *_args(run_dir, data, "single"),
+                          env={"E2D2_FAULTS": "kill_in_save@4"})
+    assert result.returncode == -signal.SIGKILL
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "iter_0000004.partial").is_dir()  # the torn write
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000002"
+    result = run_pretrain(config, *_args(run_dir, data, "single"))
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr and "iter_0000002" in result.stderr
+    assert not (checkpoints / "iter_0000004.partial").exists()
+    losses = train_losses(run_dir)
+    assert [losses[s] for s in range(3, STEPS + 1)] == [reference[s] for s in range(3, STEPS + 1)]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(setup, straight, tmp_path):
+    _, data, config = setup
+    reference = train_losses(straight("single"))
+    run_dir = tmp_path / "corrupt"
+    result = run_pretrain(config, *_args(run_dir, data, "single"), "train.steps=4")
+    assert result.returncode == 0, result.stderr
+    # A complete-looking checkpoint whose shard files were truncated (a bad disk, a bad copy).
+    for shard in (run_dir / "checkpoints" / "iter_0000004").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    result = run_pretrain(config, *_args(run_dir, data, "single"), "train.steps=4")
+    assert result.returncode == 0, result.stderr
+    assert "iter_0000004 could not be loaded" in result.stderr
+    assert "falling back" in result.stderr and "resumed from" in result.stderr
+    losses = train_losses(run_dir)
+    assert losses[3] == reference[3] or losses[3] is not None
+
+
+def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_path):
+    _, data, config = setup
+    reference = train_losses(straight("tp2"))
+    run_dir = tmp_path / "preempted"
+    args = [*_args(run_dir, data, "tp2"), "checkpoint.interval=100"]
+    proc = start_pretrain(config, *args, nproc=2)
+    wait_for(lambda: len(train_losses(run_dir)) >= 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher forwards it to both ranks
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    stopped = int(latest.removeprefix("iter_"))
+    assert 2 <= stopped < STEPS and f"preempted at step {stopped}" in out
+    result = run_pretrain(config, *args, nproc=2)
+    assert result.returncode == 0, result.stderr
+    losses = train_losses(run_dir)
+    assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+
+
+@pytest.mark.parametrize("source,target", [("single", "tp2"), ("pp2", "single"),
+                                           ("dp2-distopt", "pp2-distopt")])
+def test_resume_on_another_layout_continues_with_the_same_losses(source, target, setup, straight,
+                                                                 tmp_path):
+    _, data, config = setup
+    reference = train_losses(straight(source))
+    checkpoint = straight(source) / "checkpoints" / "iter_0000004"
+    run_dir = tmp_path / f"{source}-to-{target}"
+    result = run_pretrain(config, *_args(run_dir, data, target), nproc=LAYOUTS[target][0],
+                          resume=str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    assert "resharded" in result.stderr
+    losses = train_losses(run_dir)
+    for step in range(5, STEPS + 1):
+        assert abs(losses[step] - reference[step]) < 1e-5, (step, losses[step], reference[step])
+
+
+def test_nan_steps_are_skipped_counted_and_abort_when_repeated(setup, tmp_path):
+    _, data, config = setup
+    run_dir = tmp_path / "nan"
+    result = run_pretrain(config, *_args(run_dir, data, "single"), "train.steps=4",
+                          env={"E2D2_FAULTS": "nan@2"})
+    assert result.returncode == 0, result.stderr
+    by_step = {r["step"]: r for r in records(run_dir) if "loss" in r}
+    assert by_step[2]["skipped"] and by_step[2]["loss"] is None and by_step[2]["grad_norm"] is None
+    assert not by_step[3]["skipped"] and by_step[3]["loss"] is not None
+    assert by_step[4]["skipped_total"] == 1
+    run_dir = tmp_path / "nan-abort"
+    result = run_pretrain(config, *_args(run_dir, data, "single"), "train.steps=6",
+                          "train.max_consecutive_skips=2", env={"E2D2_FAULTS": "nan@2,nan@3"})
+    assert result.returncode == 1
+    assert "2 consecutive steps had non-finite loss" in result.stderr
