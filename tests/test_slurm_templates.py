@@ -15,7 +15,6 @@ from launchers.cli import main
 from launchers.submit import PREEMPTED_EXIT_CODE, Resources, job_setup, render_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +22,15 @@ def data(tmp_path_factory) -> Path:
     return make_data_dir(tmp_path_factory.mktemp("data"), documents=40)
 
 
+@pytest.fixture(scope="module")
+def tiny(data, tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("config") / "tiny.yaml", data)
+
+
 @pytest.fixture
-def _submit(capsys, data):
+def _submit(capsys, tiny):
     def submit(*args: str) -> tuple[int, str, str]:
-        code = main(["submit", str(TINY), f"data.path={data}", *args])
+        code = main(["submit", str(tiny), *args])
         out = capsys.readouterr()
         return code, out.out, out.err
 
@@ -81,10 +85,10 @@ def test_bad_submit_input_is_one_error_before_submitting(_submit, tmp_path, args
     assert not any(tmp_path.iterdir())
 
 
-def test_missing_sbatch_is_one_error_and_nothing_is_written(tmp_path, data):
+def test_missing_sbatch_is_one_error_and_nothing_is_written(tmp_path, tiny):
     env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "launchers.cli", "submit", str(TINY),
-                           f"run.dir={tmp_path / 'r'}", f"data.path={data}",
+    done = subprocess.run([sys.executable, "-m", "launchers.cli", "submit", str(tiny),
+                           f"run.dir={tmp_path / 'r'}",
                            "--gpus-per-node", "0"],
                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2, done.stderr

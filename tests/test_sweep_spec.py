@@ -6,17 +6,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from infra.tiny_run import TINY, write_config
 
 from e2d2.errors import ConfigError
 from launchers.cli import main
 from launchers.sweep.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny-cpu.yaml"
 
 
 def write_spec(tmp_path: Path, **fields) -> Path:
-    spec = {"base": str(TINY), "output": str(tmp_path / "out"),
+    """A spec over the tiny config (its data directory is not read until submit)."""
+    base = write_config(tmp_path / "base.yaml", tmp_path / "data")
+    spec = {"base": str(base), "output": str(tmp_path / "out"),
             "overrides": ["train.steps=100"], "grid": {"decoder_layers": [1, 2, 4]},
             "slurm": {"gpus_per_node": 0}} | fields
     path = tmp_path / "spec.yaml"
@@ -29,7 +31,7 @@ def test_points_are_the_grid_cross_product_as_full_configs(tmp_path):
                                                 "block_size": [4, 8]}))
     assert [p.name for p in spec.points] == ["dec1-bs4", "dec1-bs8", "dec2-bs4", "dec2-bs8"]
     assert [p.index for p in spec.points] == [0, 1, 2, 3]
-    base = yaml.safe_load(TINY.read_text())
+    base = TINY
     for point in spec.points:
         cfg = point.config
         assert cfg.model.num_decoder_layers == point.values["decoder_layers"]
@@ -40,7 +42,7 @@ def test_points_are_the_grid_cross_product_as_full_configs(tmp_path):
 
 
 def test_train_tokens_become_steps(tmp_path):
-    base = yaml.safe_load(TINY.read_text())
+    base = TINY
     per_step = base["train"]["batch_size"] * base["model"]["seq_length"]
     spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1],
                                                 "train_tokens": [per_step * 100]}))
