@@ -152,3 +152,22 @@ def test_sampling_benchmark_counts_one_denoiser_call_per_token():
     # topk with steps = block_size reveals one token per step: block_size calls per block
     assert (result["new_tokens"], result["nfe"]) == (32, 32)
     assert result["tokens_per_s"] == pytest.approx(4 * 32 / result["seconds"])
+
+
+@pytest.mark.slow
+def test_local_rerun_benchmarks_a_trained_point_without_training_it_again(tmp_path, capsys):
+    """--local: a point with summary.json but no benchmark runs only the benchmark (a real
+    `e2d2 sweep bench` process); a done point is skipped; then the results are collected."""
+    spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 2]}))
+    for point in spec.points:
+        finish_point(point, 3.0, 10.0, 1e12, 1000)
+    trained = spec.points[1]
+    (trained.run_dir / "sampling.json").unlink()
+    before = (trained.run_dir / "metrics.jsonl").read_text()
+    assert main(["sweep", "submit", str(spec.path), "--local"]) == 0
+    out = capsys.readouterr().out
+    assert "point dec2: exit code 0" in out and "point dec1" not in out
+    result = json.loads((trained.run_dir / "sampling.json").read_text())
+    assert result["tokens_per_s"] > 0 and result["device"] == "cpu"
+    assert (trained.run_dir / "metrics.jsonl").read_text() == before  # not trained again
+    assert (spec.results_dir / "points.csv").read_text().count("\ndec") == 2

@@ -25,11 +25,22 @@ from launchers.submit import (
     write_text_atomic,
 )
 from launchers.sweep.spec import Point, SweepSpec
-from launchers.sweep.status import PointStatus, read_state, sweep_status, write_state
+from launchers.sweep.status import (
+    SUMMARY_FILE,
+    PointStatus,
+    read_state,
+    sweep_status,
+    write_state,
+)
 
 
 def to_submit(statuses: list[PointStatus]) -> list[Point]:
     return [s.point for s in statuses if s.state == "failed" or not s.submitted]
+
+
+def _check_data(points: list[Point]) -> None:
+    """The data of the points that will train (not of those trained already)."""
+    validate_data([p.config for p in points if not (p.run_dir / SUMMARY_FILE).is_file()])
 
 
 def _commands(spec: SweepSpec, point: Point) -> tuple[list[str], list[str]]:
@@ -44,8 +55,10 @@ def _write_point_files(spec: SweepSpec, points: list[Point]) -> None:
     for point in points:
         save_run_config(point.config, spec.output / "configs" / f"{point.name}.yaml")
         train, after = _commands(spec, point)
+        # a point trained already (only its benchmark is missing) is not trained again
+        skip = f'[ -f "$RUN_DIR/{SUMMARY_FILE}" ] && TRAIN=(true)'
         write_text_atomic(spec.output / "jobs" / f"{point.index}.sh",
-                          job_setup(point.run_dir, train, after) + "\n")
+                          job_setup(point.run_dir, train, after) + f"\n{skip}\n")
 
 
 def _point_scripts(spec: SweepSpec, points: list[Point]) -> list[tuple[str, str | None]]:
@@ -81,7 +94,7 @@ def submit_slurm(spec: SweepSpec, dry_run: bool = False) -> list[str]:
         require_sbatch()
     statuses = sweep_status(spec)
     points = to_submit(statuses)
-    validate_data([p.config for p in points])
+    _check_data(points)
     queued = [s for s in statuses if s.state in ("pending", "running") and s.submitted]
     messages = [f"{len(statuses) - len(points) - len(queued)} done, {len(queued)} queued, "
                 f"{len(points)} to submit"]
@@ -125,7 +138,7 @@ def submit_local(spec: SweepSpec) -> list[str]:
 
     statuses = sweep_status(spec)
     points = [s.point for s in statuses if s.state != "done"]
-    validate_data([p.config for p in points])
+    _check_data(points)
     world = spec.resources.world_size
     _write_point_files(spec, points)
     messages = []
@@ -138,7 +151,8 @@ def submit_local(spec: SweepSpec) -> list[str]:
             train += ["--nproc-per-node", str(world)]
         print(f"sweep {spec.name}: point {point.name} ({point.index + 1}/{len(spec.points)})",
               flush=True)
-        rc = subprocess.run(train).returncode
+        trained = (point.run_dir / SUMMARY_FILE).is_file()
+        rc = 0 if trained else subprocess.run(train).returncode
         if rc == 0:
             rc = subprocess.run(after).returncode
         state = read_state(spec)
