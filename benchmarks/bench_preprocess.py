@@ -1,36 +1,48 @@
-"""Preprocessing throughput beside the raw ``tokenizers`` encode rate on the same text.
+"""Preprocessing throughput at corpus scale, beside the raw ``tokenizers`` encode rate.
 
-    .venv/bin/python benchmarks/bench_preprocess.py [--corpus kjv shakespeare] [--copies 4]
-        [--workers 1 2] [--repeats 3] [--no-cli]
+    .venv/bin/python benchmarks/bench_preprocess.py [--size-mb 300] [--files 8]
+        [--workers 1 2] [--inputs one several zst] [--data-dir benchmarks/data]
 
-The corpus (the embedded kjv + shakespeare, written ``--copies`` times as JSON lines into a
-temporary directory, about 38 MB at 4 copies) is tokenized with the GPT-2 tokenizer.
+The corpus: the embedded kjv + shakespeare + pydoc texts, repeated with per-copy variation
+(each copy shuffles the document order and rotates every document's lines by a random amount,
+so no two copies hold the same documents and zstd cannot reference a previous copy) until
+``--size-mb`` of JSON lines. It is written once into ``--data-dir`` (git-ignored, reused while
+its parameters match) three ways: ``one.jsonl``, ``several/part-*.jsonl`` (the same documents in
+``--files`` files) and ``one.jsonl.zst``; plus a small prefix of it, ``small.jsonl{,.zst}``.
+Whole copies are written, so the corpus is ``--size-mb`` rounded up to a copy (~10 MB).
 
-* raw: ``encode_batch_fast`` on the documents in the pipeline's chunks, in memory, no I/O, one
-  thread (``TOKENIZERS_PARALLELISM=false``). This is the per-worker limit. It is measured on one
-  copy of the corpus right before every pipeline run, so each ratio compares rates taken
-  seconds apart (the machine may be shared). "threaded" is the same with tokenizers' own
-  thread pool, for reference.
-* in-process: ``preprocess()`` called in this (already warm) process, all copies: tokenizer
-  load, worker start-up, reading, encoding, writing, hashing, merge.
-* steady state: the marginal rate between a 1-copy and an N-copy run, (tokens_N - tokens_1) /
-  (seconds_N - seconds_1): what each further byte costs once fixed costs are paid.
-* CPU efficiency: the CPU seconds the raw encoder needs for the corpus over the CPU seconds
-  the pipeline used (its own process plus its workers). Unlike wall-clock ratios it does not
-  depend on how many cores other users leave free.
-* CLI: a fresh ``python -m e2d2.cli data preprocess`` process (what a user runs, including
-  interpreter start and imports), and the same through a router that registers only the
-  ``data`` commands (what it would cost without the ``e2d2`` router's other imports).
+Every measurement is a fresh ``e2d2 data preprocess`` process (GPT-2 tokenizer,
+``TOKENIZERS_PARALLELISM=false``: one core per worker), timed in wall-clock and in CPU seconds
+(user + sys) of the main process and of its workers separately.
 
-Every pipeline run here has ``TOKENIZERS_PARALLELISM=false``: one core per worker, the
-comparison the target (>= 0.8x raw per worker) is about. Medians over ``--repeats`` are printed.
+* steady state: the marginal rate between the small input and the full one,
+  (tokens_full - tokens_small) / (seconds_full - seconds_small): what each further byte costs
+  once start-up (imports, tokenizer load, worker spawn) is paid. Likewise for CPU seconds.
+* raw: ``encode_batch_fast`` on the first ``--raw-mb`` of the corpus's documents, in the
+  pipeline's chunks, in memory, no I/O, in a fresh process whose tokenizers thread pool has as
+  many threads as the run has workers (``RAYON_NUM_THREADS``). It is measured right before each
+  pipeline run, so each ratio compares rates taken seconds apart (the machine may be shared).
+* per core, wall: steady tokens/s / raw tokens/s at the same thread count.
+* per core, CPU: the raw encoder's CPU seconds per token (1 thread) times the tokens, over the
+  CPU seconds the pipeline used for them (steady state, all processes). Unlike wall-clock
+  ratios it does not depend on how many cores other users leave free, but on a shared
+  machine CPU seconds inflate too (the other hyperthread of the core, caches).
+* in-run encoder share: the pipeline's own ``encode_batch`` calls are timed (thread CPU time,
+  and wall time) in the main process and in every worker; "encoder CPU share" is their CPU
+  seconds over all CPU seconds of the run, "encoders busy" their wall seconds over
+  workers x wall seconds (steady state, like the rest). Both are measured within one run, so
+  other users' load shifts numerator and denominator alike: the most load-independent
+  numbers here. A perfect pipeline scores 1.0 on both.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,71 +50,161 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _chunks(texts: list[str]) -> list[list[str]]:
-    from data_tools.shard import CHUNK_CHARS, CHUNK_DOCS
-
-    chunks, current, chars = [], [], 0
-    for text in texts:
-        current.append(text)
-        chars += len(text)
-        if len(current) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
-            chunks.append(current)
-            current, chars = [], 0
-    return chunks + [current] if current else chunks
+HERE = Path(__file__).resolve()
+CORPORA = ("kjv", "shakespeare", "pydoc")
+SMALL_MB = 8
 
 
-def _raw_rate(tokenizer, chunks: list[list[str]], threads: str) -> tuple[float, float]:
-    """Tokens per wall-clock second and per CPU second of this process."""
-    os.environ["TOKENIZERS_PARALLELISM"] = threads
-    start, cpu = time.perf_counter(), time.process_time()
-    tokens = 0
+def _variant(texts: list[str], copy: int) -> list[str]:
+    """Copy ``copy`` of the documents: shuffled, each document's lines rotated."""
+    rng = random.Random(copy)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    out = []
+    for index in order:
+        lines = texts[index].split("\n")
+        turn = rng.randrange(len(lines))
+        out.append("\n".join(lines[turn:] + lines[:turn]))
+    return out
+
+
+def _build(data_dir: Path, size_mb: int, files: int) -> dict:
+    """Write the corpus files (unless ``data_dir`` already holds these); return their stamp."""
+    import zstandard
+
+    from data_tools.corpus import iter_documents
+
+    stamp = {"size_mb": size_mb, "files": files, "corpora": CORPORA, "version": 1}
+    stamp_path = data_dir / "corpus.json"
+    if stamp_path.is_file() and json.loads(stamp_path.read_text())["stamp"] == stamp:
+        return json.loads(stamp_path.read_text())
+    shutil.rmtree(data_dir, ignore_errors=True)
+    (data_dir / "several").mkdir(parents=True)
+    texts = [t for name in CORPORA for t in iter_documents(name)]
+    target, written, documents, copy = size_mb * 10**6, 0, 0, 0
+    parts = [open(data_dir / "several" / f"part-{i:03d}.jsonl", "wb") for i in range(files)]
+    start = time.perf_counter()
+    with open(data_dir / "one.jsonl", "wb") as one, open(data_dir / "small.jsonl", "wb") as small:
+        while written < target:
+            for text in _variant(texts, copy):
+                line = (json.dumps({"text": text}) + "\n").encode()
+                one.write(line)
+                parts[min(files - 1, written * files // target)].write(line)
+                if written < SMALL_MB * 10**6:
+                    small.write(line)
+                written += len(line)
+                documents += 1
+            copy += 1
+    for part in parts:
+        part.close()
+    compressor = zstandard.ZstdCompressor(level=3, threads=-1)  # zstd's default level
+    for name in ("one.jsonl", "small.jsonl"):
+        with open(data_dir / name, "rb") as src, open(data_dir / f"{name}.zst", "wb") as dst:
+            compressor.copy_stream(src, dst)
+    info = {"stamp": stamp, "bytes": written, "documents": documents, "copies": copy,
+            "zst_bytes": (data_dir / "one.jsonl.zst").stat().st_size,
+            "build_s": round(time.perf_counter() - start, 1)}
+    stamp_path.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _raw(sample: Path, threads: int, raw_mb: int) -> dict:
+    """Raw encode rate in a fresh process with ``threads`` tokenizer threads."""
+    env = os.environ | {"RAYON_NUM_THREADS": str(threads),
+                        "TOKENIZERS_PARALLELISM": "true" if threads > 1 else "false"}
+    out = subprocess.run([sys.executable, str(HERE), "--raw-child", str(sample), str(raw_mb)],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def _raw_child(sample: str, raw_mb: int) -> None:
+    from data_tools.tokenizer import load_tokenizer
+    from data_tools.work import CHUNK_CHARS, CHUNK_DOCS
+
+    tokenizer = load_tokenizer("gpt2")
+    chunks, current, chars, nbytes = [], [], 0, 0
+    with open(sample, "rb") as f:
+        for line in f:
+            if nbytes >= raw_mb * 10**6:
+                break
+            nbytes += len(line)
+            current.append(json.loads(line)["text"])
+            chars += len(current[-1])
+            if len(current) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
+                chunks.append(current)
+                current, chars = [], 0
+    chunks += [current] if current else []
+    tokenizer.encode_batch(chunks[0])  # warm up the thread pool
+    before, start, tokens = _cpu(resource.RUSAGE_SELF), time.perf_counter(), 0
     for chunk in chunks:
         tokens += sum(map(len, tokenizer.encode_batch(chunk))) + len(chunk)  # + one EOD each
-    rates = tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    return rates
+    wall, cpu = time.perf_counter() - start, _cpu(resource.RUSAGE_SELF) - before
+    print(json.dumps({"tokens": tokens, "wall": wall, "cpu": cpu}))
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """CPU seconds used so far by this process and by its finished child processes."""
-    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
-                                                         resource.RUSAGE_CHILDREN))
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
-def _in_process(inputs: list[str], tokenizer: str, output: Path, workers: int) -> tuple:
-    """(tokens, wall seconds, CPU seconds of this process, CPU seconds of the workers)."""
-    from data_tools.preprocess import preprocess
-    from data_tools.shard import PreprocessConfig
-
-    config = PreprocessConfig(inputs=inputs, tokenizer=tokenizer, output=output,
-                              workers=workers, valid_docs=100, overwrite=True)
-    cpu_before, start = _cpu_seconds(), time.perf_counter()
-    manifest = preprocess(config)
-    seconds = time.perf_counter() - start
-    cpu = [after - before for after, before in zip(_cpu_seconds(), cpu_before, strict=True)]
-    return manifest["train"]["tokens"] + manifest["valid"]["tokens"], seconds, *cpu
-
-
-def _cli(router: list[str], inputs: list[str], tokenizer: str, output: Path, workers: int):
-    """(wall seconds, CPU seconds of the process and its workers) of a fresh CLI process."""
-    command = [sys.executable, *router, "data", "preprocess", "--input", *inputs, "--tokenizer",
-               tokenizer, "--output", str(output), "--workers", str(workers), "--valid-docs",
-               "100", "--overwrite"]
-    cpu, start = _cpu_seconds()[1], time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start, _cpu_seconds()[1] - cpu
+def _pipeline(inputs: list[Path], workers: int, output: Path) -> dict:
+    """A fresh ``e2d2 data preprocess`` process: tokens, wall and CPU seconds (main, workers)."""
+    command = [sys.executable, str(HERE), "--cli-child", "data", "preprocess", "--input",
+               *map(str, inputs), "--tokenizer", "gpt2", "--output", str(output), "--workers",
+               str(workers), "--valid-docs", "100", "--overwrite"]
+    log_dir = output.with_name(output.name + "-encode")
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", ENCODE_LOG: str(log_dir)}
+    start = time.perf_counter()
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - start
+    cpu = json.loads(out.splitlines()[-1])
+    manifest = json.loads((output / "manifest.json").read_text())
+    tokens = manifest["train"]["tokens"] + manifest["valid"]["tokens"]
+    encode = [json.loads(p.read_text()) for p in log_dir.iterdir()]
+    return {"tokens": tokens, "wall": wall, **cpu, "encode_wall": sum(e[0] for e in encode),
+            "encode_cpu": sum(e[1] for e in encode)}
 
 
-def _data_only_cli() -> int:
-    """``e2d2 data ...`` with only the data commands registered (no e2d2.demo import)."""
-    from data_tools.cli import register
+def _cli_child(args: list[str]) -> None:
+    """Run the real command line in this process, then report its CPU use as JSON."""
+    from launchers.cli import main
 
-    parser = argparse.ArgumentParser(prog="e2d2")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(sys.argv[2:])
-    return int(args.func(args) or 0)
+    status = main(args)
+    print(json.dumps({"main_cpu": _cpu(resource.RUSAGE_SELF),
+                      "worker_cpu": _cpu(resource.RUSAGE_CHILDREN)}))
+    sys.exit(status)
+
+
+ENCODE_LOG = "E2D2_BENCH_ENCODE_LOG"
+
+
+def _time_encoder(log_dir: Path) -> None:
+    """Accumulate the wall and thread-CPU seconds of every ``encode_batch`` call in this
+    process into ``log_dir/PID`` (rewritten after each call: pool workers are terminated,
+    so an exit hook would never run)."""
+    from data_tools.tokenizer import E2D2Tokenizer
+
+    real = E2D2Tokenizer.encode_batch
+    totals = [0.0, 0.0]
+    path = log_dir / str(os.getpid())
+
+    def encode_batch(self, texts):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        ids = real(self, texts)
+        totals[0] += time.perf_counter() - wall
+        totals[1] += time.thread_time() - cpu
+        path.write_text(json.dumps(totals))
+        return ids
+
+    E2D2Tokenizer.encode_batch = encode_batch
+
+
+# Runs in the --cli-child process and, since spawned workers import the parent's main script
+# as __mp_main__, in every encoder worker it starts.
+if os.environ.get(ENCODE_LOG):
+    _time_encoder(Path(os.environ[ENCODE_LOG]))
 
 
 def _load() -> str:
@@ -110,102 +212,81 @@ def _load() -> str:
 
 
 def main() -> None:
-    from data_tools.corpus import iter_documents, write_corpus
-    from data_tools.tokenizer import load_tokenizer
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", nargs="+", default=["kjv", "shakespeare"])
-    parser.add_argument("--copies", type=int, default=4, help="corpus repetitions (>= 2)")
+    parser.add_argument("--size-mb", type=int, default=300, help="corpus size (1000 for ~1 GB)")
+    parser.add_argument("--files", type=int, default=8, help="files of the 'several' input")
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--tokenizer", default="gpt2")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-cli", action="store_true", help="skip the fresh-process runs")
+    parser.add_argument("--inputs", nargs="+", default=["one", "several", "zst"],
+                        choices=("one", "several", "zst"))
+    parser.add_argument("--raw-mb", type=int, default=16, help="text for each raw measurement")
+    parser.add_argument("--data-dir", type=Path, default=HERE.parent / "data")
     args = parser.parse_args()
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-    tokenizer = load_tokenizer(args.tokenizer)
-    texts = [t for name in args.corpus for t in iter_documents(name)]
-    chunks = _chunks(texts)
-    mb_copy = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    results: dict[str, list[float]] = {}
-
-    def note(key: str, value: float) -> None:
-        results.setdefault(key, []).append(value)
-
+    info = _build(args.data_dir, args.size_mb, args.files)
+    data = args.data_dir
+    full = {"one": [data / "one.jsonl"], "several": sorted((data / "several").glob("*.jsonl")),
+            "zst": [data / "one.jsonl.zst"]}
+    small = {"one": [data / "small.jsonl"], "several": [data / "small.jsonl"],
+             "zst": [data / "small.jsonl.zst"]}
+    print(f"corpus: {info['bytes'] / 1e6:,.0f} MB of JSON lines, {info['documents']:,} documents "
+          f"({info['copies']} varied copies of {'+'.join(CORPORA)}); one.jsonl.zst "
+          f"{info['zst_bytes'] / 1e6:,.0f} MB; 'several' = {args.files} files; small = first "
+          f"{SMALL_MB} MB; {os.cpu_count()} CPU cores; load average at start {_load()}",
+          flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        one = []
-        for name in args.corpus:
-            one.append(str(tmp / f"c0-{name}.jsonl"))
-            write_corpus(name, one[-1])
-        full = list(one)
-        for copy in range(1, args.copies):
-            for name, path in zip(args.corpus, one, strict=True):
-                full.append(str(tmp / f"c{copy}-{name}.jsonl"))
-                os.link(path, full[-1])
-        mb_full = mb_copy * args.copies
-        print(f"corpus {'+'.join(args.corpus)} x{args.copies}: {len(texts) * args.copies:,} "
-              f"documents, {mb_full:.1f} MB of text in {len(full)} jsonl files; tokenizer "
-              f"{args.tokenizer}; {os.cpu_count()} CPU cores; load average at start {_load()}")
-        here = str(Path(__file__).resolve())
-        for repeat in range(args.repeats):
-            note("threaded", _raw_rate(tokenizer, chunks, "true")[0])
-            for workers in args.workers:
-                raw, raw_per_cpu_s = _raw_rate(tokenizer, chunks, "false")
-                note("raw", raw)
-                small_tokens, small_s, _, _ = _in_process(one, args.tokenizer, tmp / "out",
-                                                          workers)
-                tokens, seconds, main_cpu, worker_cpu = _in_process(full, args.tokenizer,
-                                                                    tmp / "out", workers)
-                note(f"w{workers} main cpu", main_cpu)
-                note(f"w{workers} worker cpu", worker_cpu)
-                # Load-independent: CPU the raw encoder needs for these tokens / CPU used.
-                note(f"w{workers} efficiency", tokens / raw_per_cpu_s / (main_cpu + worker_cpu))
-                steady = (tokens - small_tokens) / (seconds - small_s)
-                note(f"w{workers} in-process", tokens / seconds / workers / raw)
-                note(f"w{workers} in-process tok/s", tokens / seconds)
-                note(f"w{workers} in-process s", seconds)
-                note(f"w{workers} steady", steady / workers / raw)
-                note(f"w{workers} steady tok/s", steady)
-                if not args.no_cli:
-                    e2e, e2e_cpu = _cli(["-m", "e2d2.cli"], full, args.tokenizer, tmp / "cli",
-                                        workers)
-                    data, data_cpu = _cli([here, "--data-cli"], full, args.tokenizer,
-                                          tmp / "cli", workers)
-                    note(f"w{workers} cli cpu", e2e_cpu)
-                    note(f"w{workers} cli efficiency", tokens / raw_per_cpu_s / e2e_cpu)
-                    note(f"w{workers} data-cli cpu", data_cpu)
-                    note(f"w{workers} data-cli efficiency", tokens / raw_per_cpu_s / data_cpu)
-                    note(f"w{workers} cli s", e2e)
-                    note(f"w{workers} cli", tokens / e2e / workers / raw)
-                    note(f"w{workers} data-cli s", data)
-                    note(f"w{workers} data-cli", tokens / data / workers / raw)
-            print(f"  repeat {repeat + 1}/{args.repeats} done, load average {_load()}", flush=True)
+        for workers in args.workers:
+            for name in args.inputs:
+                raw = _raw(data / "one.jsonl", workers, args.raw_mb)
+                raw1 = raw if workers == 1 else _raw(data / "one.jsonl", 1, args.raw_mb)
+                little = _pipeline(small[name], workers, Path(tmp) / "small")
+                big = _pipeline(full[name], workers, Path(tmp) / "full")
+                tokens = big["tokens"] - little["tokens"]
+                wall = big["wall"] - little["wall"]
+                marginal = {k: big[k] - little[k] for k in big}
+                cpu = marginal["main_cpu"] + marginal["worker_cpu"]
+                rate, raw_rate = tokens / wall, raw["tokens"] / raw["wall"]
+                raw_cpu_per_token = raw1["cpu"] / raw1["tokens"]
+                row = {"input": name, "workers": workers, "tokens": big["tokens"],
+                       "wall": big["wall"], "main_cpu": big["main_cpu"],
+                       "worker_cpu": big["worker_cpu"], "steady": rate, "raw": raw_rate,
+                       "raw1_cpu_rate": 1 / raw_cpu_per_token,
+                       "per_core_wall": rate / raw_rate,
+                       "per_core_cpu": tokens * raw_cpu_per_token / cpu,
+                       "encoder_cpu_share": marginal["encode_cpu"] / cpu,
+                       "encoders_busy": marginal["encode_wall"] / (workers * wall),
+                       "load": _load()}
+                rows.append(row)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                  for k, v in row.items()}), flush=True)
 
-    med = {key: statistics.median(values) for key, values in results.items()}
-    print(f"raw encode_batch, 1 thread : {med['raw']:10,.0f} tok/s "
-          f"(min {min(results['raw']):,.0f}, max {max(results['raw']):,.0f})")
-    print(f"raw encode_batch, threaded : {med['threaded']:10,.0f} tok/s")
-    print("per-worker ratio = pipeline tok/s / workers / raw 1-thread tok/s of the same repeat")
-    for w in args.workers:
-        rate = med[f"w{w} in-process tok/s"]
-        seconds = med[f"w{w} in-process s"]
-        print(f"--workers {w}: in-process {rate:10,.0f} tok/s {mb_full / seconds:5.2f} MB/s "
-              f"{seconds:5.1f} s, per worker {med[f'w{w} in-process']:.2f}x; "
-              f"steady state {med[f'w{w} steady tok/s']:10,.0f} tok/s, per worker "
-              f"{med[f'w{w} steady']:.2f}x")
-        print(f"             CPU seconds: main process {med[f'w{w} main cpu']:.1f}, worker "
-              f"processes {med[f'w{w} worker cpu']:.1f}; CPU efficiency (raw encoder's CPU "
-              f"seconds for these tokens / all CPU seconds used) {med[f'w{w} efficiency']:.2f}")
-        if not args.no_cli:
-            for key, label in (("cli", "e2d2 CLI        "), ("data-cli", "data-only router")):
-                print(f"             fresh process, {label}: {med[f'w{w} {key} s']:5.1f} s "
-                      f"({med[f'w{w} {key}']:.2f}x per worker), {med[f'w{w} {key} cpu']:5.1f} "
-                      f"CPU s, CPU efficiency {med[f'w{w} {key} efficiency']:.2f}")
-    print(f"load average at end {_load()}")
+    print("\n| input | workers | tokens | wall s | CPU s main + workers | steady tok/s | raw "
+          "tok/s (same threads) | per core, wall | per core, CPU | encoder CPU share | "
+          "encoders busy | load after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['input']} | {r['workers']} | {r['tokens'] / 1e6:,.1f} M | {r['wall']:.1f} | "
+              f"{r['main_cpu']:.1f} + {r['worker_cpu']:.1f} | {r['steady']:,.0f} | "
+              f"{r['raw']:,.0f} | {r['per_core_wall']:.2f} | {r['per_core_cpu']:.2f} | "
+              f"{r['encoder_cpu_share']:.2f} | {r['encoders_busy']:.2f} | "
+              f"{r['load'].split()[0]} |")
+    by = {(r["input"], r["workers"]): r for r in rows}
+    for workers in args.workers:
+        if ("zst", workers) in by and ("one", workers) in by:
+            zst, one = by[("zst", workers)], by[("one", workers)]
+            print(f"zst / plain one file, {workers} worker(s): steady tok/s "
+                  f"{zst['steady'] / one['steady']:.2f}, CPU per token "
+                  f"{one['per_core_cpu'] / zst['per_core_cpu']:.2f}, encoder CPU share "
+                  f"{zst['encoder_cpu_share'] / one['encoder_cpu_share']:.2f}")
+    print(f"raw 1-thread rate, median over runs: "
+          f"{statistics.median(r['raw1_cpu_rate'] for r in rows):,.0f} tok per CPU second; "
+          f"load average at end {_load()}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--data-cli"]:
-        sys.exit(_data_only_cli())
-    main()
+    if sys.argv[1:2] == ["--raw-child"]:
+        _raw_child(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--cli-child"]:
+        _cli_child(sys.argv[2:])
+    else:
+        main()

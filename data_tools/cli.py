@@ -85,7 +85,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _add_record_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="jsonl/json/txt/parquet files, globs, directories, datasets dirs")
+                        help="jsonl/json/txt (also .gz/.bz2/.xz/.zst) and parquet files, globs, "
+                             "directories, datasets dirs")
     parser.add_argument("--text-key", default="text", help="record field holding the text")
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="count and skip malformed records instead of stopping")

@@ -1,7 +1,8 @@
-"""Texts to packed token arrays, in this process or in a pool of worker processes.
+"""Texts to packed token arrays; tasks run in order in this process or in a pool of workers.
 
-Kept free of megatron imports: spawned encoder workers import this module only, and a light
-import keeps their start-up short (the shard writer in the parent does the megatron I/O).
+Kept free of megatron imports: spawned encoder workers import this module (and
+``data_tools.work``) only, and a light import keeps their start-up short (the shard writer in
+the parent does the megatron I/O).
 """
 
 from __future__ import annotations
@@ -52,56 +53,55 @@ class ChunkEncoder:
         return np.array(flat, dtype=self.dtype), lengths
 
 
-_WORKER_ENCODER: ChunkEncoder | None = None
+_WORKER_FUNCTION: Callable | None = None
 
 
-def _init_worker(encoder: ChunkEncoder) -> None:
+def _init_worker(function: Callable) -> None:
     # N processes each using every core through tokenizers' own threads would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = encoder
+    global _WORKER_FUNCTION
+    _WORKER_FUNCTION = function
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return _WORKER_ENCODER(texts)
+def _run_in_worker(task):
+    return _WORKER_FUNCTION(task)
 
 
-def _in_order(submit: Callable, result: Callable, chunks: Iterable, window: int) -> Iterator:
-    """Submit chunks with at most ``window`` in flight; yield their results in input order."""
+def _in_order(submit: Callable, result: Callable, tasks: Iterable, window: int) -> Iterator:
+    """Submit tasks with at most ``window`` in flight; yield their results in input order."""
     pending: deque = deque()
-    for chunk in chunks:
-        pending.append(submit(chunk))
+    for task in tasks:
+        pending.append(submit(task))
         if len(pending) >= window:
             yield result(pending.popleft())
     while pending:
         yield result(pending.popleft())
 
 
-def encode_chunks(
-    encoder: ChunkEncoder, chunks: Iterable[list[str]], workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Encoded chunks in input order, whatever the worker count (so the output is identical).
+def run_in_order(function: Callable, tasks: Iterable, workers: int) -> Iterator:
+    """``function(task)`` for each task, in input order whatever the worker count (so the
+    output is identical). ``function`` must be picklable.
 
-    ``workers == 1``: one encoding thread in this process, so reading and writing (Python,
-    holding the GIL) overlap with encoding (Rust, which releases it). Otherwise a pool of
-    spawned processes with at most ``4 * workers`` chunks in flight (Pool.imap would read the
-    whole input ahead).
+    ``workers == 1``: one thread in this process, so reading and writing (Python, holding the
+    GIL) overlap with encoding (Rust, which releases it). Otherwise a pool of spawned
+    processes with at most ``4 * workers`` tasks in flight (Pool.imap would read the whole
+    input ahead).
     """
     if workers <= 1:
         pool = ThreadPoolExecutor(1, thread_name_prefix="e2d2-encode")
         try:
             yield from _in_order(
-                lambda chunk: pool.submit(encoder, chunk), Future.result, chunks, window=2
+                lambda task: pool.submit(function, task), Future.result, tasks, window=2
             )
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return
     # spawn, not fork: forking a process that holds tokenizers' threads (or MPI) is unsafe.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(function,)) as pool:
         yield from _in_order(
-            lambda chunk: pool.apply_async(_encode_in_worker, (chunk,)),
+            lambda task: pool.apply_async(_run_in_worker, (task,)),
             lambda async_result: async_result.get(),
-            chunks,
+            tasks,
             window=4 * workers,
         )

@@ -78,6 +78,7 @@ def read_shards(shards_dir: Path) -> list[tuple[Path, dict]]:
         shards.append((path.with_suffix(""), json.loads(path.read_text())))
     first = shards[0][1]
     for prefix, record in shards[1:]:
+        _check_same_inputs(first["inputs"], prefix, record["inputs"])
         for key in ("tokenizer", "dtype", "split"):
             if record[key] != first[key]:
                 raise UserError(
@@ -85,6 +86,25 @@ def read_shards(shards_dir: Path) -> list[tuple[Path, dict]]:
                     "shards with the same options"
                 )
     return shards
+
+
+def _check_same_inputs(first: list, prefix: Path, inputs: list) -> None:
+    """Shards split the inputs by their sizes: all must have seen the same files, unchanged."""
+    if inputs == first:
+        return
+    seen = {path: (size, mtime) for path, size, mtime in inputs}
+    for path, size, mtime in first:
+        now = seen.get(path)
+        if now != (size, mtime):
+            change = "does not see it" if now is None else f"saw {now[0]:,} bytes, mtime {now[1]}"
+            raise UserError(
+                f"{path}: shard 0 saw {size:,} bytes, mtime {mtime} (ns), but {prefix} "
+                f"{change}: the input changed between the shards' runs. Re-run every shard "
+                "on inputs that no longer change"
+            )
+    raise UserError(
+        f"{prefix} read other input files than shard 0; re-run every shard with the same --input"
+    )
 
 
 def valid_count(split: dict, documents: int) -> int:

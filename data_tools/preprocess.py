@@ -18,8 +18,9 @@ from pathlib import Path
 from data_tools.atomic import atomic_path, remove
 from data_tools.encode import choose_dtype
 from data_tools.merge import SHARDS_DIR, check_output_free, merge
-from data_tools.shard import PreprocessConfig, assign_sources, shard_prefix, write_shard
+from data_tools.shard import PreprocessConfig, shard_prefix, write_shard
 from data_tools.sources import expand_inputs
+from data_tools.split import assign_pieces
 from data_tools.tokenizer import load_tokenizer
 from e2d2.errors import UserError
 
@@ -69,9 +70,8 @@ def _write_own_shard(config: PreprocessConfig, shards_dir: Path):
         remove(shards_dir / "tokenizer")
         with atomic_path(shards_dir / "tokenizer") as tmp:
             tokenizer.save(tmp)
-    write_shard(
-        config, assign_sources(sources, config.num_shards, config.shard_index), tokenizer, prefix
-    )
+    pieces = assign_pieces(sources, config.num_shards, config.shard_index)
+    write_shard(config, sources, pieces, tokenizer, prefix)
     return tokenizer
 
 

@@ -3,10 +3,11 @@
 Chunks of documents are encoded in one ``encode_batch`` call each and appended through
 megatron-core's ``IndexedDatasetBuilder`` (see ``data_tools.indexed``).
 
-A shard is a contiguous run of the (sorted) input sources, so concatenating the shards in
-order gives exactly the single-process output. Each shard is written as
-``shard-IIIII-of-NNNNN.{bin,idx}`` plus a ``.json`` record (counts, skip positions, sources),
-all under temporary names first; the ``.json`` appears last and marks the shard complete.
+A shard is a contiguous run of the (sorted) input records (see ``data_tools.split``), so
+concatenating the shards in order gives exactly the single-process output. Each shard is
+written as ``shard-IIIII-of-NNNNN.{bin,idx}`` plus a ``.json`` record (counts, skip
+positions, the inputs' first look, the sources it began), all under temporary names first;
+the ``.json`` appears last and marks the shard complete.
 """
 
 from __future__ import annotations
@@ -15,20 +16,17 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from data_tools.atomic import atomic_path, temp_name
-from data_tools.encode import DTYPES, ChunkEncoder, choose_dtype, encode_chunks
+from data_tools.encode import DTYPES, ChunkEncoder, choose_dtype, run_in_order
 from data_tools.indexed import IndexedWriter
-from data_tools.sources import Source, iter_records
+from data_tools.sources import Piece, Source, check_text_key
+from data_tools.work import TaskRunner, make_tasks
 from e2d2.errors import ConfigError
-
-CHUNK_DOCS = 512  # documents per unit of work sent to a worker
-CHUNK_CHARS = 1 << 20  # ... or fewer, for long documents: bounds memory in flight
 
 
 @dataclass(frozen=True)
@@ -113,77 +111,38 @@ def shard_prefix(shards_dir: Path, index: int, count: int) -> Path:
     return Path(shards_dir) / f"shard-{index:05d}-of-{count:05d}"
 
 
-def assign_sources(sources: list[Source], num_shards: int, index: int) -> list[Source]:
-    """Shard ``index``'s contiguous run of sources, balanced by bytes (a source is never split)."""
-    total = sum(s.size for s in sources) or 1
-    mine, before = [], 0
-    for source in sources:
-        # A source belongs to the shard that holds its midpoint: monotone, hence contiguous.
-        owner = min(num_shards - 1, int((before + source.size / 2) * num_shards / total))
-        if owner == index:
-            mine.append(source)
-        before += source.size
-    return mine
-
-
-class _Chunker:
-    """Reads records into chunks of texts, noting where each skip or repair happened.
-
-    An event's position is the number of documents kept before it (for a repaired
-    document, its own index), which tells merge which split the event belongs to.
-    """
-
-    def __init__(self, sources: list[Source], config: PreprocessConfig, bar: tqdm) -> None:
-        self.sources = sources
-        self.config = config
-        self.bar = bar
-        self.documents = 0
-        self.events: dict[str, list[int]] = defaultdict(list)
-
-    def __iter__(self) -> Iterator[list[str]]:
-        texts: list[str] = []
-        chars = 0
-        for source in self.sources:
-            records = iter_records(
-                source, self.config.text_key, self.config.skip_bad_records, self.bar.update
-            )
-            for text, event in records:
-                if event is not None:
-                    self.events[event].append(self.documents)
-                if text is None:
-                    continue
-                self.documents += 1
-                texts.append(text)
-                chars += len(text)
-                if len(texts) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
-                    yield texts
-                    texts, chars = [], 0
-        if texts:
-            yield texts
-
-
 def write_shard(
-    config: PreprocessConfig, sources: list[Source], tokenizer, prefix: Path
+    config: PreprocessConfig, sources: list[Source], pieces: list[Piece], tokenizer, prefix: Path
 ) -> dict:
-    """Tokenize ``sources`` into ``prefix.{bin,idx,json}``; return the shard record."""
+    """Tokenize ``pieces`` (this shard's part of ``sources``) into ``prefix.{bin,idx,json}``;
+    return the shard record."""
     dtype = choose_dtype(tokenizer.id_bound, config.dtype)
+    for piece in pieces:  # fail before any work: every file this shard begins is checked
+        if piece.start == 0:
+            check_text_key(piece, config.text_key, config.skip_bad_records)
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     tmp_bin, tmp_idx = temp_name(bin_path), temp_name(idx_path)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     desc = f"shard {config.shard_index + 1}/{config.num_shards}"
-    bar = tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True, desc=desc)
-    chunker = _Chunker(sources, config, bar)
+    bar = tqdm(total=sum(p.end - p.start for p in pieces), unit="B", unit_scale=True, desc=desc)
+    runner = TaskRunner(ChunkEncoder(tokenizer, dtype), config.text_key, config.skip_bad_records)
+    tasks = make_tasks(pieces, config.workers, runner, bar.update)
     writer = IndexedWriter(tmp_bin, dtype)
+    documents, events = 0, defaultdict(list)
     start = time.perf_counter()
     try:
-        encoder = ChunkEncoder(tokenizer, dtype)
-        for flat, lengths in encode_chunks(encoder, chunker, config.workers):
-            writer.add_documents(flat, lengths)
+        for encoded in run_in_order(runner, tasks, config.workers):
+            writer.add_documents(encoded.flat, encoded.lengths)
+            for reason, positions in encoded.events.items():
+                events[reason] += [documents + p for p in positions]
+            documents += len(encoded.lengths)
+            bar.update(encoded.input_bytes)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(
-                f"{chunker.documents / elapsed:,.0f} docs/s, {writer.tokens / elapsed:,.0f} tok/s",
+                f"{documents / elapsed:,.0f} docs/s, {writer.tokens / elapsed:,.0f} tok/s",
                 refresh=False,
             )
+        described = [p.source.describe() for p in pieces if p.start == 0]
         writer.finalize(tmp_idx)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
@@ -194,17 +153,18 @@ def write_shard(
         raise
     finally:
         bar.close()
-    tokens = writer.tokens
     record = {
         "shard_index": config.shard_index,
         "num_shards": config.num_shards,
-        "documents": chunker.documents,
-        "tokens": tokens,
-        "events": dict(chunker.events),
+        "documents": documents,
+        "tokens": writer.tokens,
+        "events": dict(events),
         "dtype": dtype.__name__,
         "tokenizer": tokenizer.identity,
         "split": config.split,
-        "sources": [s.describe() for s in sources],
+        # what every shard planned its part from: merge checks that all saw the same inputs
+        "inputs": [source.first_look() for source in sources],
+        "sources": described,  # each source described by one shard, the one reading its start
         "command": config.command,
     }
     with atomic_path(f"{prefix}.json") as tmp:

@@ -34,7 +34,7 @@ MIN_VOCAB = 256 + len(DEFAULT_SPECIALS)  # every byte plus the specials
 
 def _texts(inputs: list[str], text_key: str, skip_bad: bool) -> Iterator[str]:
     for source in expand_inputs(inputs):
-        for text, _ in iter_records(source, text_key, skip_bad):
+        for text, _ in iter_records(source.whole(), text_key, skip_bad):
             if text is not None:
                 yield text
 

@@ -19,7 +19,6 @@ from e2d2.diffusion import DiffusionObjective
 from e2d2.errors import require
 from e2d2.evaluate import NelboResult, evaluate_nelbo
 
-
 LR_DECAY_STYLES: tuple[str, ...] = ("cosine", "linear", "constant")
 
 
@@ -57,7 +56,7 @@ class TrainConfig:
                 f"micro_batch_size={self.micro_batch_size} must be in 1..batch_size={self.batch_size}")
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        require(0 <= self.warmup_steps <= self.steps, "warmup_steps must be in [0, steps]")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.lr_decay in LR_DECAY_STYLES,
                 f"unknown lr_decay {self.lr_decay!r}; choose one of {LR_DECAY_STYLES}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

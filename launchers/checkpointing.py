@@ -17,8 +17,8 @@ import os
 import re
 import shutil
 import signal
-import traceback
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 

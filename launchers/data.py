@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from data_tools.batches import DataConfig, PretrainingBatchSampler, build_gpt_datasets, make_dataloader
+from data_tools.batches import (
+    DataConfig,
+    PretrainingBatchSampler,
+    build_gpt_datasets,
+    make_dataloader,
+)
 from data_tools.tokenizer import E2D2Tokenizer, load_tokenizer
 from e2d2.config import ModelConfig
 from e2d2.errors import UserError

@@ -5,7 +5,9 @@
 2. ``e2d2 pretrain configs/tiny-cpu.yaml`` on 2 gloo ranks, the encoder on pipeline stage 0
    and the decoder on stage 1;
 3. the validation NELBO and perplexity bound;
-4. ``e2d2 sample`` from the checkpoint (block sampler with KV cache).
+4. ``e2d2 sample`` from the checkpoint (block sampler with KV cache);
+5. ``e2d2 export-hf``, then a fresh process loads the export with
+   ``transformers.AutoModelForMaskedLM`` (offline) and generates one sample.
 
 Everything goes under ``--run-dir`` (default ``runs/demo``), which a later demo replaces; a
 directory that is not a demo's own is never touched.
@@ -14,7 +16,10 @@ directory that is not a demo's own is never touched.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from e2d2.errors import UserError
@@ -75,5 +80,27 @@ def run(args: argparse.Namespace) -> int:
     print("== 4. sample from the checkpoint", flush=True)
     prompts = [arg for text in PROMPTS for arg in ("--prompt", text)]
     code = e2d2(["sample", str(run_dir), *prompts, "--max-new-tokens", "48"])
+    if code != 0:
+        return code
+    print("== 5. export to Hugging Face format and load it back with transformers", flush=True)
+    hf_dir = root / "hf"
+    code = e2d2(["export-hf", str(run_dir), str(hf_dir)])
+    if code != 0:
+        return code
+    loaded = subprocess.run([sys.executable, "-c", _HF_LOAD, str(hf_dir), PROMPTS[0]],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     print(f"TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}")
-    return code
+    return loaded.returncode
+
+
+# What a user of the export runs: transformers alone, offline.
+_HF_LOAD = """
+import sys
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+path, prompt = sys.argv[1:]
+model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=32, strategy="topk", steps=4, temperature=0.7)
+print("transformers:", repr(tokenizer.decode(out[0])))
+"""

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -50,8 +49,8 @@ from launchers.config import (
 )
 from launchers.data import PretrainData, load_run_tokenizer
 from launchers.metrics import RunLogger
+from launchers.preemption import PREEMPTED_EXIT_CODE, Preemption
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch template requeues on it
 # Fault injection, for the tests and for rehearsing a cluster's failure handling; unset in
 # normal runs. Comma-separated ``nan@STEP`` (that step's loss is NaN) and ``kill_in_save@STEP``
 # (SIGKILL the rank's process group while the checkpoint of STEP is half written).
@@ -117,24 +116,6 @@ class TrainState:
     consumed_samples: int = 0
     skipped_total: int = 0
     consecutive_skips: int = 0
-
-
-class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; every rank sees it after the step in flight."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.flag = True
-
-    def requested(self) -> bool:
-        """Collective: whether any rank was signalled."""
-        flag = torch.tensor([float(self.flag)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def injected_faults() -> dict[str, set[int]]:
@@ -320,7 +301,7 @@ class _Trainer:
         from megatron_ext.training import guarded_train_step
 
         cfg, train = self.cfg, self.cfg.train
-        preemption = _Preemption()
+        preemption = Preemption()
         poisoned = self.faults["nan"]
         forward = make_forward_step(self.objective)
         poisoned_forward = make_forward_step(self.objective, poison_loss=True)

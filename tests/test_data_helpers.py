@@ -43,3 +43,21 @@ def output_files(directory: Path) -> dict[str, bytes]:
         manifest.pop(key)
     files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     return files
+
+
+def sharded_equals_single(args: list, tmp_path: Path, num_shards: int) -> list[int]:
+    """Run ``e2d2 *args`` once as one process and once as ``num_shards`` manual shards plus
+    ``merge``; assert both give the same output; return each shard's document count."""
+    assert e2d2(*args, "--output", tmp_path / "single") == 0
+    sharded = tmp_path / "sharded"
+    for index in range(num_shards):
+        assert e2d2(*args, "--output", sharded, "--num-shards", num_shards,
+                    "--shard-index", index) == 0
+    shard_docs = [json.loads(p.read_text())["documents"]
+                  for p in sorted((sharded / "shards").glob("*.json"))]
+    assert e2d2("data", "merge", sharded) == 0
+    merged = output_files(sharded)
+    assert {k: v for k, v in merged.items() if not k.startswith("shards/")} == output_files(
+        tmp_path / "single"
+    )
+    return shard_docs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -41,9 +42,20 @@ def test_mpi_shards_merge_to_the_single_process_output(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install 'e2d2[mpi]')")
-def test_mpi_with_one_input_file_merges_an_empty_shard(tmp_path):
-    """`mpirun -n 2` with one file: rank 1 owns no source and writes a 0-document shard."""
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", pydoc_texts(12))
+@pytest.mark.parametrize("name", ["corpus.jsonl", "corpus.jsonl.gz"])
+def test_mpi_with_one_input_file(tmp_path, name):
+    """`mpirun -n 2` with one file: a jsonl is split by byte range over both ranks; a
+    compressed file cannot be split, so rank 1 owns nothing and writes a 0-document shard."""
+    from data_tools.sources import expand_inputs
+    from data_tools.split import assign_pieces
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", pydoc_texts(12))
+    corpus = tmp_path / name
+    corpus.write_bytes(gzip.compress(plain.read_bytes()) if name.endswith(".gz")
+                       else plain.read_bytes())
+    sources = expand_inputs([str(corpus)])
+    ranks_with_work = sum(bool(assign_pieces(sources, 2, rank)) for rank in range(2))
+    assert ranks_with_work == (1 if name.endswith(".gz") else 2)
     args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 2]
     assert e2d2(*args, "--output", tmp_path / "single") == 0
     env = os.environ | {

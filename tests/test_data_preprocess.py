@@ -7,7 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from test_data_helpers import e2d2, output_files, pydoc_texts, read_documents, write_jsonl
+from test_data_helpers import (
+    e2d2,
+    output_files,
+    pydoc_texts,
+    read_documents,
+    sharded_equals_single,
+    write_jsonl,
+)
 
 from data_tools.tokenizer import load_tokenizer
 
@@ -60,7 +67,7 @@ def test_manifest_counts_equal_the_files(tmp_path, data_corpus):
 @pytest.mark.slow  # spawns worker processes
 def test_byte_identical_at_1_and_2_workers(tmp_path, data_corpus, monkeypatch):
     _, corpus = data_corpus
-    monkeypatch.setattr("data_tools.shard.CHUNK_DOCS", 3)  # 10 chunks: both workers get work
+    monkeypatch.setattr("data_tools.work.CHUNK_DOCS", 3)  # 10 chunks: both workers get work
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
@@ -166,11 +173,13 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
 
 
 def test_missing_text_key_is_an_error(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "c.jsonl", pydoc_texts(2), key="content")
+    texts = pydoc_texts(2)
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": texts[0]}) + "\n" + json.dumps({"content": texts[1]}))
     assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes",
                 "--output", tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert f"{path}:1: no key 'text' (keys: content)" in err and "--text-key" in err
+    assert f"{path}:2: no key 'text' (keys: content)" in err and "--text-key" in err
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
@@ -242,7 +251,7 @@ def test_interrupt_leaves_no_complete_looking_output(tmp_path, data_corpus, monk
     from data_tools.indexed import IndexedWriter
 
     _, corpus = data_corpus
-    monkeypatch.setattr("data_tools.shard.CHUNK_DOCS", 1)  # one document per write
+    monkeypatch.setattr("data_tools.work.CHUNK_DOCS", 1)  # one document per write
     calls = []
     real = IndexedWriter.add_documents
 
@@ -335,28 +344,21 @@ def test_inspect_reports_counts_histogram_and_sample(tmp_path, data_corpus, caps
 
 
 def test_empty_shards_merge(tmp_path):
-    """One input file over 3 shards: two shards own no sources (an empty .bin each); another
-    case: a shard whose only source has nothing but skipped records."""
+    """One compressed file (never split) over 3 shards: two shards own no sources (an empty
+    .bin each); another case: a shard whose only records are skipped ones."""
+    import gzip
+
     texts = pydoc_texts(30)
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", texts)
-    common = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 4]
-    assert e2d2(*common, "--output", tmp_path / "single") == 0
-    sharded = tmp_path / "sharded"
-    for index in range(3):
-        assert e2d2(*common, "--output", sharded, "--num-shards", 3, "--shard-index", index) == 0
-    shard_docs = [json.loads(p.read_text())["documents"]
-                  for p in sorted((sharded / "shards").glob("*.json"))]
-    assert sorted(shard_docs) == [0, 0, 30]
-    assert e2d2("data", "merge", sharded) == 0
-    merged = output_files(sharded)
-    assert {k: v for k, v in merged.items() if not k.startswith("shards/")} == output_files(
-        tmp_path / "single"
-    )
+    corpus = tmp_path / "corpus.jsonl.gz"
+    corpus.write_bytes(gzip.compress(write_jsonl(tmp_path / "c.jsonl", texts).read_bytes()))
+    args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 4]
+    assert sorted(sharded_equals_single(args, tmp_path, 3)) == [0, 0, 30]
 
     src = tmp_path / "src"
     src.mkdir()
-    write_jsonl(src / "a.jsonl", texts)
-    write_jsonl(src / "b.jsonl", [" ", "\n", ""] * 200)  # big enough to own shard 1: all empty
+    size = write_jsonl(src / "a.jsonl", texts).stat().st_size
+    empties = [" ", "\n", ""] * (size // 30)  # more bytes than a.jsonl: shard 1 is all empty
+    write_jsonl(src / "b.jsonl", empties)
     out = tmp_path / "skipped"
     common = ["data", "preprocess", "--input", src, "--tokenizer", "bytes", "--valid-docs", 2,
               "--skip-bad-records", "--output", out, "--num-shards", 2]
@@ -366,7 +368,7 @@ def test_empty_shards_merge(tmp_path):
     assert e2d2("data", "merge", out) == 0
     manifest = _manifest(out)
     assert manifest["train"]["documents"] == 28 and manifest["valid"]["documents"] == 2
-    assert manifest["valid"]["skipped"]["empty"] == 600
+    assert manifest["valid"]["skipped"]["empty"] == len(empties)
 
 
 @pytest.mark.parametrize("flag", ["--valid-docs", "--valid-fraction"])

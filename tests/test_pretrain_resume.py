@@ -4,7 +4,7 @@
   the uninterrupted run's losses bitwise (one process, TP2, PP2 with one encoder and one
   decoder stage);
 * ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
-* SIGTERM (through the local launcher, as SLURM's ``--signal`` would) saves, exits with the
+* SIGTERM to every process of the run (as SLURM's ``--signal`` does) saves, exits with the
   preempted code, and the resumed run continues exactly;
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
   optimizer's state from DP2 to PP2) with the same losses;
@@ -138,15 +138,19 @@ def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_
     _, data, config = setup
     reference = train_losses(straight("tp2"))
     run_dir = tmp_path / "preempted"
-    args = [*_args(run_dir, data, "tp2"), "checkpoint.interval=100"]
+    args = _args(run_dir, data, "tp2")
     proc = start_pretrain(config, *args, nproc=2)
-    wait_for(lambda: len(train_losses(run_dir)) >= 2, proc)
-    os.kill(proc.pid, signal.SIGTERM)  # the launcher forwards it to both ranks
+    # After a first checkpoint, so that dist_checkpointing's helper processes exist.
+    wait_for((run_dir / "checkpoints" / "latest").is_file, proc)
+    # To every process of the run, as SLURM signals a job step: the launcher (which forwards
+    # it), both ranks, and the helpers dist_checkpointing spawns to write the checkpoint.
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT_CODE, out
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     stopped = int(latest.removeprefix("iter_"))
-    assert 2 <= stopped < STEPS and f"preempted at step {stopped}" in out
+    assert f"preempted at step {stopped}" in out
+    assert 2 <= stopped < STEPS, "the run finished before the signal"
     result = run_pretrain(config, *args, nproc=2)
     assert result.returncode == 0, result.stderr
     losses = train_losses(run_dir)
