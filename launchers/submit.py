@@ -22,7 +22,7 @@ from pathlib import Path
 
 from e2d2.errors import ConfigError, UserError
 from launchers.config import RunConfig, load_run_config
-from launchers.pretrain import PREEMPTED_EXIT_CODE  # the template requeues on it
+from launchers.preemption import PREEMPTED_EXIT_CODE  # the template requeues on it
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # sbatch --time: [D-]H[:M[:S]] or minutes
