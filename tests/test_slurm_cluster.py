@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from infra.slurm import slurm_cluster
-from infra.tiny_run import make_data_dir, write_config
+from pretrain_helpers import make_data_dir, write_config
 from test_data_helpers import output_files, pydoc_texts, write_jsonl
 
 from e2d2 import flops
@@ -96,7 +96,7 @@ def _final_losses(run_dir: Path) -> dict[int, float]:
 def _preempt_and_resume(cluster, data, tmp_path, preempt) -> None:
     """Submit a TP2 run with `e2d2 submit`, preempt it after its first checkpoint, and check
     that the job requeued itself, resumed, and ended with the uninterrupted run's losses."""
-    config = write_config(tmp_path / "tiny.yaml", data, train={"steps": 6},
+    config = write_config(tmp_path / "tiny.yaml", data={"path": str(data)}, train={"steps": 6},
                           checkpoint={"interval": 2, "keep": 2},
                           parallel={"tensor_parallel": 2})
     submitted = cluster.run(*E2D2, "submit", config, f"run.dir={tmp_path / 'run'}",
@@ -143,7 +143,7 @@ def test_decoder_depth_sweep_end_to_end_then_rerun_resubmits_only_the_failed(
     monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
-    base = write_config(tmp_path / "tiny.yaml", data, train={"steps": 4},
+    base = write_config(tmp_path / "tiny.yaml", data={"path": str(data)}, train={"steps": 4},
                         checkpoint={"interval": 4, "keep": 1})
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from infra.tiny_run import make_data_dir, write_config
+from pretrain_helpers import make_data_dir, write_config
 
 from launchers.cli import main
 from launchers.submit import PREEMPTED_EXIT_CODE, Resources, job_setup, render_pretrain
@@ -24,7 +24,8 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(data, tmp_path_factory) -> Path:
-    return write_config(tmp_path_factory.mktemp("config") / "tiny.yaml", data)
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    return write_config(path, data={"path": str(data)})
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_preprocess_template_is_valid_bash():
 
 
 def test_sweep_submit_without_sbatch_fails_before_anything_is_written(tmp_path, data):
-    base = write_config(tmp_path / "tiny.yaml", data)
+    base = write_config(tmp_path / "tiny.yaml", data={"path": str(data)})
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({"base": str(base), "output": str(tmp_path / "sweep"),
                                     "grid": {"decoder_layers": [1]}}))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from infra.tiny_run import TINY, write_config
+from pretrain_helpers import TINY, write_config
 
 from e2d2.errors import ConfigError
 from launchers.cli import main
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_spec(tmp_path: Path, **fields) -> Path:
     """A spec over the tiny config (its data directory is not read until submit)."""
-    base = write_config(tmp_path / "base.yaml", tmp_path / "data")
+    base = write_config(tmp_path / "base.yaml", data={"path": str(tmp_path / "data")})
     spec = {"base": str(base), "output": str(tmp_path / "out"),
             "overrides": ["train.steps=100"], "grid": {"decoder_layers": [1, 2, 4]},
             "slurm": {"gpus_per_node": 0}} | fields
