@@ -20,13 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     from launchers.hf.cli import register_export_hf, register_import_hf
     from launchers.pretrain import register as register_pretrain
     from launchers.sample import register as register_sample
+    from launchers.submit import register as register_submit
+    from launchers.sweep.cli import register as register_sweep
 
     parser = argparse.ArgumentParser(
         prog="e2d2", description="E2D2 block-diffusion language models: data, training, sampling."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for register in (register_demo, register_data, register_pretrain, register_sample,
-                     register_export_hf, register_import_hf):
+                     register_export_hf, register_import_hf, register_submit, register_sweep):
         register(sub)
     return parser
 

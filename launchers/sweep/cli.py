@@ -1,0 +1,67 @@
+"""``e2d2 sweep {submit,status,collect,bench}``: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from launchers.sweep.spec import load_spec
+    from launchers.sweep.submit import submit_local, submit_slurm
+
+    spec = load_spec(args.spec)
+    messages = submit_local(spec) if args.local else submit_slurm(spec, args.dry_run)
+    print("\n".join(messages))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from launchers.sweep.spec import load_spec
+    from launchers.sweep.status import format_status, sweep_status
+
+    print(format_status(sweep_status(load_spec(args.spec))))
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from launchers.sweep.collect import collect
+    from launchers.sweep.spec import load_spec
+
+    print(collect(load_spec(args.spec), draws=args.draws))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from launchers.sweep.bench import RESULT_FILE, run_benchmark
+
+    result = run_benchmark(Path(args.run_dir))
+    print(f"sampling: {result['tokens_per_s']:.1f} tokens/s ({result['new_tokens']} new tokens "
+          f"x {result['batch_size']}, {result['nfe']} denoiser calls, {result['device']}); "
+          f"wrote {Path(args.run_dir) / RESULT_FILE}")
+    return 0
+
+
+def register(subparsers) -> None:
+    sweep = subparsers.add_parser("sweep", help="scaling-law sweeps over decoder depth")
+    sub = sweep.add_subparsers(dest="sweep_command", required=True)
+
+    p = sub.add_parser("submit", help="submit the points that are not done (and a collect job)")
+    p.add_argument("spec", help="sweep spec YAML (see configs/sweeps/)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="run the points here, in turn")
+    mode.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("status", help="pending / running / done / failed, per point")
+    p.add_argument("spec")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("collect", help="tables, power-law fits, Pareto frontiers, plots")
+    p.add_argument("spec")
+    p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples per fit")
+    p.set_defaults(func=_collect)
+
+    p = sub.add_parser("bench", help="the fixed sampling benchmark of one finished run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_bench)
