@@ -221,7 +221,9 @@ class _Trainer:
 
         with megatron_layout(self.parallel, seed=self.cfg.run.seed,
                              get_embedding_ranks=self.plan.get_embedding_ranks):
-            self._describe_layout()
+            from launchers.world import log_layout
+
+            log_layout(self.plan)
             self._build_model()
             state = self._restore(candidates)
             from megatron.core import parallel_state
@@ -239,16 +241,6 @@ class _Trainer:
                 logger.close()
 
     # -- setup ------------------------------------------------------------------------------
-    def _describe_layout(self) -> None:
-        roles = []
-        for index, layers in enumerate(self.plan.stages()):
-            parts = [f"{name} layers {r.start}..{r.stop - 1}"
-                     for name, r in (("encoder" if self.cfg.model.is_e2d2 else "main", layers.encoder),
-                                     ("decoder", layers.decoder)) if len(r)]
-            roles.append(f"stage {index}: " + ", ".join(parts))
-        self.log(f"e2d2 pretrain: {self.cfg.model.variant} on {self.parallel.name} "
-                 f"(world {self.parallel.world_size}); " + "; ".join(roles))
-
     def _build_model(self) -> None:
         from megatron_ext import checkpoint as engine_checkpoint
         from megatron_ext.mapping import load_reference_state, param_maps, reference_state_at_seed
@@ -371,6 +363,8 @@ class _Trainer:
                 bar.close()
                 return PREEMPTED_EXIT_CODE
         bar.close()
+        if self.last_eval is None:  # resumed a run that had already finished
+            self._evaluate(state.step, logger)
         self._write_summary(state)
         return 0
 

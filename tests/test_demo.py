@@ -23,7 +23,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
                   "== 4. sample", "== 5. export", "transformers: 'And God said, "):
         assert stage in out, (stage, out)
     assert (run_dir / "run" / "checkpoints" / "iter_0000004").is_dir()
-    assert "stage 0: encoder layers 0..3; stage 1: decoder layers 0..1" in result.stderr
+    assert "pipeline stage 0: ranks [0]: encoder layers 0-3" in result.stderr, result.stderr
+    assert "pipeline stage 1: ranks [1]: decoder layers 0-1" in result.stderr
     # A second demo replaces its own directory; a foreign directory is refused.
     foreign = tmp_path / "mine"
     foreign.mkdir()
