@@ -245,7 +245,8 @@ class _Trainer:
                                      ("decoder", layers.decoder)) if len(r)]
             roles.append(f"stage {index}: " + ", ".join(parts))
         self.log(f"e2d2 pretrain: {self.cfg.model.variant} on {self.parallel.name} "
-                 f"(world {self.parallel.world_size}); " + "; ".join(roles))
+                 f"(world {self.parallel.world_size}); " + "; ".join(roles)
+                 + "; predicted forward FLOPs: " + self.plan.describe_shares())
 
     def _build_model(self) -> None:
         from megatron_ext import checkpoint as engine_checkpoint
