@@ -6,6 +6,7 @@ whatever the backend needs and runs the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -21,8 +22,23 @@ except ImportError:  # pragma: no cover - torch < 2.5
 Mask = "torch.Tensor | BlockMask | None"
 
 
+_SDPA_ONLY = False
+
+
 def use_flex(device: torch.device) -> bool:
-    return device.type == "cuda" and flex_attention is not None
+    return device.type == "cuda" and flex_attention is not None and not _SDPA_ONLY
+
+
+@contextlib.contextmanager
+def sdpa_only():
+    """Inside it, masks are built dense and attention runs through SDPA even on CUDA: the
+    reference path that FlexAttention is checked against (``benchmarks/gpu_check.py``)."""
+    global _SDPA_ONLY
+    previous, _SDPA_ONLY = _SDPA_ONLY, True
+    try:
+        yield
+    finally:
+        _SDPA_ONLY = previous
 
 
 def build_mask(
