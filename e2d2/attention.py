@@ -50,10 +50,28 @@ def build_mask(
     context: torch.Tensor | None = None,
     padding: torch.Tensor | None = None,
 ):
-    """The mask in the form the backend on ``device`` wants: a BlockMask on CUDA, dense bool on CPU."""
+    """The mask in the form the backend on ``device`` wants: a BlockMask on CUDA, dense bool on CPU.
+
+    Without ``context`` and ``padding`` the mask depends only on ``(spec, seq_len,
+    block_size)``, so it is built once and reused (``static_mask``): a training run then
+    pays for ``create_block_mask`` once per mask instead of once per micro-batch.
+    """
+    device = torch.device(device)
+    if context is None and padding is None:
+        return static_mask(spec, seq_len, block_size, device, use_flex(device))
     if use_flex(device):
         return spec.block_mask(seq_len, block_size, batch_size, context, padding, device=device)
     return spec.dense(seq_len, block_size, context, padding, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def static_mask(spec: AttentionMask, seq_len: int, block_size: int, device: torch.device,
+                flex: bool):
+    """The batch-independent mask, cached: a BlockMask (``flex``) broadcast over the batch,
+    or ``bool[Lq, Lk]``. Callers must not modify it (nothing here does)."""
+    if flex:
+        return spec.block_mask(seq_len, block_size, None, device=device)
+    return spec.dense(seq_len, block_size, device=device)
 
 
 @functools.cache
