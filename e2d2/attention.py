@@ -87,6 +87,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     Returns ``[batch, heads, Lq, head_dim]``.
     """
     if BlockMask is not None and isinstance(mask, BlockMask):
+        if torch.is_autocast_enabled(q.device.type):
+            # FlexAttention is not an autocast op, and fp32 RoPE tables promote q and k to
+            # fp32 while v stays bf16: cast all three as autocast casts SDPA's inputs.
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     if mask is not None and mask.dim() == 3:
         mask = mask[:, None]  # broadcast over heads
