@@ -6,6 +6,7 @@ whatever the backend needs and runs the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -21,8 +22,23 @@ except ImportError:  # pragma: no cover - torch < 2.5
 Mask = "torch.Tensor | BlockMask | None"
 
 
+_SDPA_ONLY = False
+
+
 def use_flex(device: torch.device) -> bool:
-    return device.type == "cuda" and flex_attention is not None
+    return device.type == "cuda" and flex_attention is not None and not _SDPA_ONLY
+
+
+@contextlib.contextmanager
+def sdpa_only():
+    """Inside it, masks are built dense and attention runs through SDPA even on CUDA: the
+    reference path that FlexAttention is checked against (``benchmarks/gpu_check.py``)."""
+    global _SDPA_ONLY
+    previous, _SDPA_ONLY = _SDPA_ONLY, True
+    try:
+        yield
+    finally:
+        _SDPA_ONLY = previous
 
 
 def build_mask(
@@ -34,10 +50,28 @@ def build_mask(
     context: torch.Tensor | None = None,
     padding: torch.Tensor | None = None,
 ):
-    """The mask in the form the backend on ``device`` wants: a BlockMask on CUDA, dense bool on CPU."""
+    """The mask in the form the backend on ``device`` wants: a BlockMask on CUDA, dense bool on CPU.
+
+    Without ``context`` and ``padding`` the mask depends only on ``(spec, seq_len,
+    block_size)``, so it is built once and reused (``static_mask``): a training run then
+    pays for ``create_block_mask`` once per mask instead of once per micro-batch.
+    """
+    device = torch.device(device)
+    if context is None and padding is None:
+        return static_mask(spec, seq_len, block_size, device, use_flex(device))
     if use_flex(device):
         return spec.block_mask(seq_len, block_size, batch_size, context, padding, device=device)
     return spec.dense(seq_len, block_size, context, padding, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def static_mask(spec: AttentionMask, seq_len: int, block_size: int, device: torch.device,
+                flex: bool):
+    """The batch-independent mask, cached: a BlockMask (``flex``) broadcast over the batch,
+    or ``bool[Lq, Lk]``. Callers must not modify it (nothing here does)."""
+    if flex:
+        return spec.block_mask(seq_len, block_size, None, device=device)
+    return spec.dense(seq_len, block_size, device=device)
 
 
 @functools.cache
@@ -53,6 +87,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     Returns ``[batch, heads, Lq, head_dim]``.
     """
     if BlockMask is not None and isinstance(mask, BlockMask):
+        if torch.is_autocast_enabled(q.device.type):
+            # FlexAttention is not an autocast op, and fp32 RoPE tables promote q and k to
+            # fp32 while v stays bf16: cast all three as autocast casts SDPA's inputs.
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     if mask is not None and mask.dim() == 3:
         mask = mask[:, None]  # broadcast over heads

@@ -152,19 +152,46 @@ def _kv_of_clean(cfg: ModelConfig, tokens: int) -> FlopsCount:
 
 
 # ------------------------------------------------------------------ training
-def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
-    """One training forward (``DiffusionLM.forward``) of one sequence of ``seq_len`` tokens."""
+@dataclass(frozen=True)
+class LayerCosts:
+    """Forward FLOPs of one training sequence, per piece a pipeline stage can hold.
+
+    ``layer``: one layer of the main stack (E2D2: one encoder layer). ``decoder_layer``: one
+    E2D2 decoder layer, with its K/V projection of ``h_enc`` (zero for single-stack variants).
+    ``embedding``: the token lookup, a gather with no matmul, so zero under this module's
+    conventions (kept so that placement names every piece). ``head``: final norm, LM head
+    and loss; only the vocabulary projection is a matmul.
+    """
+
+    layer: FlopsCount
+    decoder_layer: FlopsCount
+    embedding: FlopsCount
+    head: FlopsCount
+
+
+def layer_costs(cfg: ModelConfig, seq_len: int | None = None) -> LayerCosts:
+    """Per-layer forward FLOPs of one sequence of ``seq_len`` tokens (``DiffusionLM.forward``)."""
     L, S = seq_len or cfg.seq_length, cfg.block_size
-    N = cfg.num_layers
     if cfg.variant in ("mdlm", "ar"):
         mask = masks.MDLM if cfg.variant == "mdlm" else masks.AR
-        return _stack(cfg, N, L, L, visible_pairs(mask, L, S)) + _head(cfg, L)
-    if cfg.variant == "bd3lm":
+        layer, decoder_layer = _stack(cfg, 1, L, L, visible_pairs(mask, L, S)), FlopsCount()
+    elif cfg.variant == "bd3lm":
         # One stack over [x0 ; xt]; logits only for the noisy half.
-        return _stack(cfg, N, 2 * L, 2 * L, visible_pairs(masks.BD3LM, L, S)) + _head(cfg, L)
-    encoder = _stack(cfg, N, L, L, visible_pairs(masks.E2D2_ENCODER, L, S))
-    decoder = _stack(cfg, cfg.num_decoder_layers, L, 2 * L, visible_pairs(masks.E2D2_DECODER, L, S))
-    return encoder + _kv_of_clean(cfg, L) + decoder + _head(cfg, L)
+        layer = _stack(cfg, 1, 2 * L, 2 * L, visible_pairs(masks.BD3LM, L, S))
+        decoder_layer = FlopsCount()
+    else:
+        layer = _stack(cfg, 1, L, L, visible_pairs(masks.E2D2_ENCODER, L, S))
+        decoder_layer = _stack(cfg, 1, L, 2 * L, visible_pairs(masks.E2D2_DECODER, L, S))
+        if cfg.variant == "e2d2":  # K/V of h_enc (shared-KV reuses the encoder's)
+            decoder_layer += FlopsCount(linear=L * _kv_per_token(cfg))
+    return LayerCosts(layer, decoder_layer, FlopsCount(), _head(cfg, L))
+
+
+def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
+    """One training forward (``DiffusionLM.forward``) of one sequence of ``seq_len`` tokens."""
+    costs = layer_costs(cfg, seq_len)
+    return (cfg.num_layers * costs.layer + cfg.num_decoder_layers * costs.decoder_layer
+            + costs.embedding + costs.head)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:

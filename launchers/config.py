@@ -47,6 +47,7 @@ class ParallelSection:
     transformer_impl: str | None = None
     fp8: str | None = None
     fp8_format: str = "hybrid"
+    pipeline_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         require(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1,

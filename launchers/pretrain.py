@@ -224,6 +224,7 @@ class _Trainer:
             from launchers.world import log_layout
 
             log_layout(self.plan)
+            self.log("e2d2 pretrain: predicted forward FLOPs: " + self.plan.describe_shares())
             self._build_model()
             state = self._restore(candidates)
             from megatron.core import parallel_state

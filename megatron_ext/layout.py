@@ -7,8 +7,17 @@ Placement (``PipelinePlan``) over ``N = P x V`` (virtual) stages (``V = virtual_
 chunks per rank for megatron's interleaved schedule, else 1; virtual stage ``v`` is chunk
 ``v // P`` of pipeline rank ``v % P``): for E2D2 stages ``0..k-1`` hold the encoder layers
 and stages ``k..N-1`` the decoder layers, ``k = encoder_pipeline_stages``; single-stack
-variants spread their layers over all stages. Layers are split as evenly as possible,
-earlier stages taking the remainder.
+variants spread their layers over all stages.
+
+How many layers each stage holds: by default the split that minimizes the predicted slowest
+stage (max stage / mean stage), from ``e2d2.flops.layer_costs``: the forward FLOPs of a
+(main-stack or encoder) layer, a decoder layer, the embedding and the LM head with its loss,
+which sits on the last stage. Encoder and decoder stages are balanced as two groups (the
+boundary stays between stages k-1 and k; encoder stages may hold different numbers of
+layers); every stage holds at least one layer; among equally good splits earlier stages
+take more. ``ParallelConfig.pipeline_layers`` overrides it with explicit counts. Placement
+only decides which reference layers a stage holds: parameters are mapped and checkpointed
+by reference name (``megatron_ext.mapping``), so they load under any placement.
 
 Where E2D2 embeds the noisy stream ``xt``: without interleaving, on the first decoder
 stage, so the word embedding has copies on stage 0, stage ``k`` and (tied head) the last
@@ -23,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from e2d2 import flops
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
 
@@ -50,6 +60,9 @@ class ParallelConfig:
     construction it always holds the resolved name.
     ``fp8`` names a megatron-core FP8 recipe (``FP8_RECIPES``) and ``fp8_format`` the FP8
     format (megatron's ``TransformerConfig.fp8``); FP8 needs the Transformer Engine layers.
+    ``pipeline_layers``: layers per (virtual) stage in pipeline order, overriding the
+    FLOPs-balanced default (E2D2: the ``k`` encoder stages' counts, then the decoder stages');
+    checked against the model in ``PipelinePlan``.
     """
 
     world_size: int
@@ -62,6 +75,7 @@ class ParallelConfig:
     transformer_impl: str | None = None
     fp8: str | None = None
     fp8_format: str = "hybrid"
+    pipeline_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("world_size", "tensor_parallel", "pipeline_parallel"):
@@ -90,6 +104,16 @@ class ParallelConfig:
                 f"1..{stages - 1} ({stages} pipeline stages): "
                 "the encoder and the decoder each need at least one stage"
             )
+        if self.pipeline_layers is not None:
+            object.__setattr__(self, "pipeline_layers", tuple(self.pipeline_layers))
+            if self.pipeline_parallel < 2:
+                raise ConfigError("pipeline_layers only applies with pipeline_parallel > 1; "
+                                  "unset it")
+            if len(self.pipeline_layers) != stages or min(self.pipeline_layers) < 1:
+                raise ConfigError(
+                    f"pipeline_layers={list(self.pipeline_layers)} must give {stages} counts "
+                    f"(one per (virtual) pipeline stage), each >= 1"
+                )
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
         if self.transformer_impl is None:
@@ -134,6 +158,8 @@ class ParallelConfig:
             parts.append(f"enc{self.encoder_pipeline_stages}")
         if self.virtual_pipeline is not None:
             parts.append(f"vp{self.virtual_pipeline}")
+        if self.pipeline_layers is not None:
+            parts.append("layers" + "x".join(map(str, self.pipeline_layers)))
         if self.sequence_parallel:
             parts.append("sp")
         if self.use_distributed_optimizer:
@@ -156,14 +182,31 @@ class StageLayers:
     embeds_noisy: bool  # E2D2: this stage embeds xt (see the module docstring)
 
 
-def _split(num_layers: int, num_stages: int) -> list[range]:
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for stage in range(num_stages):
-        stop = start + base + (1 if stage < extra else 0)
-        ranges.append(range(start, stop))
-        start = stop
-    return ranges
+def _ranges(counts: list[int]) -> list[range]:
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [range(start, start + n) for start, n in zip(starts, counts, strict=True)]
+
+
+def _balanced_counts(num_layers: int, layer_cost: float, fixed: list[float]) -> list[int]:
+    """Layers per stage (each >= 1) minimizing ``max(fixed[s] + count[s] * layer_cost)``;
+    among optima, earlier stages take more. ``fixed``: what each stage holds besides its
+    layers (the LM head on the last stage). A dynamic program over suffixes: tiny sizes."""
+    m = len(fixed)
+    # best[s][n]: least possible slowest stage when stages s.. hold the last n layers.
+    best = [[float("inf")] * (num_layers + 1) for _ in range(m + 1)]
+    best[m][0] = 0.0
+    for s in range(m - 1, -1, -1):
+        for n in range(m - s, num_layers + 1):
+            best[s][n] = min(max(fixed[s] + c * layer_cost, best[s + 1][n - c])
+                             for c in range(1, n - (m - s - 1) + 1))
+    counts, left = [], num_layers
+    for s in range(m):
+        target = best[s][left]
+        count = max(c for c in range(1, left - (m - s - 1) + 1)
+                    if max(fixed[s] + c * layer_cost, best[s + 1][left - c]) <= target * (1 + 1e-12))
+        counts.append(count)
+        left -= count
+    return counts
 
 
 @dataclass(frozen=True)
@@ -225,25 +268,69 @@ class PipelinePlan:
                     f"more pipeline stages than layers: {n} (virtual) pipeline "
                     f"stages for num_layers={model.num_layers}"
                 )
+        if par.pipeline_layers is not None:
+            groups = self._groups()
+            given = list(par.pipeline_layers)
+            for name, stages, want in groups:
+                got = sum(given[stages.start:stages.stop])
+                if got != want:
+                    where = "" if len(groups) == 1 else f" (stages {stages.start}..{stages.stop - 1})"
+                    raise ConfigError(
+                        f"pipeline_layers={given} puts {got} layers on the {name} stages{where} "
+                        f"but the model has {want}; make them sum to {want}"
+                    )
 
     @property
     def num_stages(self) -> int:
         """Virtual pipeline stages: ``pipeline_parallel x virtual_pipeline``."""
         return self.parallel.pipeline_parallel * (self.parallel.virtual_pipeline or 1)
 
+    def _groups(self) -> list[tuple[str, range, int]]:
+        """(name, stages, layers) of each group of stages balanced on its own: E2D2's encoder
+        and decoder stages, or every stage of a single stack."""
+        model, n = self.model, self.num_stages
+        if model.is_e2d2 and n > 1:
+            k = self.parallel.encoder_pipeline_stages
+            return [("encoder", range(k), model.num_layers),
+                    ("decoder", range(k, n), model.num_decoder_layers)]
+        return [("main", range(n), model.num_layers)]
+
+    def _noisy_embedder(self) -> int:
+        """The stage that embeds E2D2's ``xt`` (see the module docstring)."""
+        if self.model.is_e2d2 and self.num_stages > 1 and not self.parallel.virtual_pipeline:
+            return self.parallel.encoder_pipeline_stages
+        return 0
+
+    def layer_counts(self) -> list[int]:
+        """Layers per (virtual) stage: ``pipeline_layers`` if given, else FLOPs-balanced."""
+        if self.parallel.pipeline_layers is not None:
+            return list(self.parallel.pipeline_layers)
+        if self.num_stages == 1:
+            return [self.model.num_layers]
+        costs, n = flops.layer_costs(self.model), self.num_stages
+        embedders = (0, self._noisy_embedder())
+        counts = []
+        for name, stages, layers in self._groups():
+            per_layer = costs.decoder_layer if name == "decoder" else costs.layer
+            fixed = [(costs.embedding.masked if s in embedders else 0.0)
+                     + (costs.head.masked if s == n - 1 else 0.0) for s in stages]
+            counts += _balanced_counts(layers, per_layer.masked, fixed)
+        return counts
+
     def stages(self) -> list[StageLayers]:
         """Layers of every (virtual) stage, in pipeline order."""
         model, pp = self.model, self.num_stages
+        counts = self.layer_counts()
         if model.is_e2d2 and pp > 1:
             k = self.parallel.encoder_pipeline_stages
-            enc = _split(model.num_layers, k) + [range(model.num_layers, model.num_layers)] * (pp - k)
-            dec = [range(0, 0)] * k + _split(model.num_decoder_layers, pp - k)
-            noisy_embedder = 0 if self.parallel.virtual_pipeline else k
+            empty_enc = range(model.num_layers, model.num_layers)
+            enc = _ranges(counts[:k]) + [empty_enc] * (pp - k)
+            dec = [range(0, 0)] * k + _ranges(counts[k:])
         else:
-            enc = _split(model.num_layers, pp)
+            enc = _ranges(counts)
             full_dec = range(model.num_decoder_layers)
             dec = [full_dec if stage == pp - 1 else range(0, 0) for stage in range(pp)]
-            noisy_embedder = 0  # single-stack, or E2D2 on one stage
+        noisy_embedder = self._noisy_embedder()
         return [
             StageLayers(
                 encoder=enc[s],
@@ -254,6 +341,33 @@ class PipelinePlan:
             )
             for s in range(pp)
         ]
+
+    def stage_flops(self) -> list[float]:
+        """Predicted forward FLOPs of one training sequence on each (virtual) stage
+        (``e2d2.flops.layer_costs``, attention counted over the visible pairs)."""
+        costs = flops.layer_costs(self.model)
+        out = []
+        for layers in self.stages():
+            total = len(layers.encoder) * costs.layer + len(layers.decoder) * costs.decoder_layer
+            if layers.holds_embedding:
+                total += costs.embedding
+            if layers.holds_head:
+                total += costs.head
+            out.append(total.masked)
+        return out
+
+    def imbalance(self) -> float:
+        """Predicted slowest stage over the mean stage (1.0 is perfectly balanced)."""
+        per_stage = self.stage_flops()
+        return max(per_stage) * len(per_stage) / sum(per_stage)
+
+    def describe_shares(self) -> str:
+        """``"stage 0 47.1%, stage 1 52.9% (max/mean 1.06)"``: each stage's predicted share of
+        the forward FLOPs, for the run's start-up log."""
+        per_stage = self.stage_flops()
+        shares = ", ".join(f"stage {s} {100 * f / sum(per_stage):.1f}%"
+                           for s, f in enumerate(per_stage))
+        return f"{shares} (max/mean {self.imbalance():.2f})"
 
     def embedding_stages(self) -> list[int]:
         """Stages with a copy of the word embedding; their gradients are all-reduced.

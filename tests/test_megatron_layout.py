@@ -3,6 +3,8 @@ process group exists; valid ones place encoder layers before decoder layers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -176,3 +178,108 @@ def test_e2d2_interleaved_embeds_both_streams_on_stage_zero():
     with pytest.raises(ConfigError, match=r"must be in 1\.\.3"):
         ParallelConfig(world_size=2, pipeline_parallel=2, virtual_pipeline=2,
                        encoder_pipeline_stages=4)
+
+
+# ------------------------------------------------------------------ balanced placement
+def _one_b():
+    from launchers.config import load_run_config
+
+    return load_run_config("configs/h100-1b-e2d2.yaml").model
+
+
+def _all_placements(total: int, stages: int):
+    """Every split of ``total`` layers over ``stages`` contiguous stages, each >= 1."""
+    if stages == 1:
+        yield (total,)
+        return
+    for first in range(1, total - stages + 2):
+        for rest in _all_placements(total - first, stages - 1):
+            yield (first, *rest)
+
+
+def test_stage_flops_add_up_to_the_model_and_match_the_issue_numbers():
+    from e2d2.flops import forward_flops_per_sequence
+
+    cfg = _one_b()
+    plan = PipelinePlan(cfg, ParallelConfig(world_size=2, pipeline_parallel=2,
+                                            encoder_pipeline_stages=1))
+    per_stage = plan.stage_flops()
+    assert sum(per_stage) == pytest.approx(forward_flops_per_sequence(cfg).masked, rel=1e-12)
+    # Issue 12's hand count: 24 encoder layers ~ 5.35 TF, 4 decoder layers + head ~ 2.23 TF.
+    assert per_stage == pytest.approx([5.35e12, 2.23e12], rel=0.01)
+    assert plan.imbalance() > 1.4  # one encoder stage cannot balance PP2
+    assert plan.describe_shares().startswith("stage 0 70.6%, stage 1 29.4% (max/mean 1.41)")
+
+
+@pytest.mark.parametrize("pp, k", [(2, 1), (3, 1), (3, 2), (4, 2), (4, 3)])
+def test_default_placement_is_the_best_possible(pp, k):
+    """The default equals the minimum imbalance over every placement that keeps the
+    encoder/decoder boundary (built through the pipeline_layers override)."""
+    cfg = _one_b()
+    base = dict(world_size=pp, pipeline_parallel=pp, encoder_pipeline_stages=k)
+    default = PipelinePlan(cfg, ParallelConfig(**base)).imbalance()
+    best = min(
+        PipelinePlan(cfg, ParallelConfig(**base, pipeline_layers=enc + dec)).imbalance()
+        for enc in _all_placements(cfg.num_layers, k)
+        for dec in _all_placements(cfg.num_decoder_layers, pp - k))
+    assert default == pytest.approx(best, rel=1e-12)
+
+
+def test_one_b_balances_within_15_percent_where_the_layer_counts_allow():
+    """1B (24 + 4 layers, a 1.27 TF LM head): of PP 2..8, only three stages with two encoder
+    stages reach <= 1.15; PP4 with three encoder stages comes closest otherwise (1.18)."""
+    cfg = _one_b()
+    plan = PipelinePlan(cfg, ParallelConfig(world_size=6, tensor_parallel=2, pipeline_parallel=3,
+                                            encoder_pipeline_stages=2))
+    assert plan.layer_counts() == [12, 12, 4]
+    assert plan.imbalance() <= 1.15
+    assert [(list(s.encoder), list(s.decoder)) for s in plan.stages()] == [
+        (list(range(12)), []), (list(range(12, 24)), []), ([], [0, 1, 2, 3])]
+    interleaved = PipelinePlan(cfg, ParallelConfig(world_size=2, pipeline_parallel=2,
+                                                   virtual_pipeline=2, encoder_pipeline_stages=3))
+    assert interleaved.layer_counts() == [8, 8, 8, 4]
+    assert interleaved.imbalance() == pytest.approx(1.178, abs=1e-3)
+
+
+def test_balanced_placement_moves_layers_off_the_head_stage():
+    plan = PipelinePlan(BD3.replace(num_layers=6, vocab_size=4096, mask_token_id=4095),
+                        ParallelConfig(world_size=2, pipeline_parallel=2))
+    assert plan.layer_counts() == [4, 2]  # even split would be [3, 3] + the head
+
+
+def test_pipeline_layers_override():
+    parallel = ParallelConfig(world_size=3, pipeline_parallel=3, encoder_pipeline_stages=2,
+                              pipeline_layers=[1, 2, 2])
+    plan = PipelinePlan(E2D2, parallel)
+    assert [list(s.encoder) for s in plan.stages()] == [[0], [1, 2], []]
+    assert [list(s.decoder) for s in plan.stages()] == [[], [], [0, 1]]
+    assert parallel.name == "tp1-pp3-dp1-enc2-layers1x2x2"
+
+
+@pytest.mark.parametrize("model, kwargs, message", [
+    (E2D2, dict(world_size=1, pipeline_layers=[3]), "only applies with pipeline_parallel > 1"),
+    (E2D2, dict(world_size=2, pipeline_parallel=2, encoder_pipeline_stages=1,
+                pipeline_layers=[3]), "must give 2 counts"),
+    (E2D2, dict(world_size=2, pipeline_parallel=2, encoder_pipeline_stages=1,
+                pipeline_layers=[5, 0]), "each >= 1"),
+    # 4 + 1 layers in total, but 4 of them cannot be encoder layers: the boundary holds.
+    (E2D2, dict(world_size=2, pipeline_parallel=2, encoder_pipeline_stages=1,
+                pipeline_layers=[4, 1]), r"puts 4 layers on the encoder stages \(stages 0..0\) "
+                                         "but the model has 3"),
+    (BD3, dict(world_size=2, pipeline_parallel=2, pipeline_layers=[1, 1]),
+     "puts 2 layers on the main stages but the model has 3"),
+])
+def test_invalid_pipeline_layers(model, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PipelinePlan(model, ParallelConfig(**kwargs))
+
+
+def test_pipeline_layers_from_a_run_config():
+    from launchers.config import load_run_config
+
+    cfg = load_run_config("configs/h100-1b-e2d2.yaml", ["parallel.pipeline_parallel=3",
+                                                         "parallel.encoder_pipeline_stages=2",
+                                                         "parallel.pipeline_layers=[10, 14, 4]",
+                                                         "parallel.fp8=null"])  # no TE here
+    parallel = ParallelConfig(world_size=6, **dataclasses.asdict(cfg.parallel))
+    assert PipelinePlan(cfg.model, parallel).layer_counts() == [10, 14, 4]

@@ -69,6 +69,7 @@ def straight(setup):
             result = run_pretrain(config, f"run.dir={run_dir}", f"data.path={data}", *parallel,
                                   nproc=nproc)
             assert result.returncode == 0, result.stderr
+            assert "predicted forward FLOPs: stage 0 " in result.stderr  # the start-up shares
             losses = train_losses(run_dir)
             assert sorted(losses) == list(range(1, STEPS + 1))
             done[layout] = run_dir
