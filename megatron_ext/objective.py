@@ -29,13 +29,14 @@ Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/co
 
 
 def noised_batch(objective: DiffusionObjective, x0: torch.Tensor, attention_mask=None,
-                 context_mask=None, generator: torch.Generator | None = None) -> Batch:
-    """Noise ``x0 [batch, L]`` with the reference objective (training mode) into a schedule
-    micro-batch source. AR gets only ``x0`` and its loss mask."""
+                 context_mask=None, generator: torch.Generator | None = None,
+                 train: bool = True) -> Batch:
+    """Noise ``x0 [batch, L]`` with the reference objective (training or evaluation noise)
+    into a schedule micro-batch source. AR gets only ``x0`` and its loss mask."""
     if objective.model_cfg.variant == "ar":
         batch = {"x0": x0, "loss_mask": loss_mask_of(x0, attention_mask, context_mask)}
     else:
-        nb = objective.noise(x0, attention_mask, context_mask, train=True, generator=generator)
+        nb = objective.noise(x0, attention_mask, context_mask, train=train, generator=generator)
         batch = dataclasses.asdict(nb)
     for name, value in (("attention_mask", attention_mask), ("context_mask", context_mask)):
         if value is not None:
@@ -65,14 +66,9 @@ def noised_samples(objective: DiffusionObjective, x0: torch.Tensor, sample_ids: 
     if x0.shape[0] != len(sample_ids):
         raise ValueError(f"{x0.shape[0]} rows for {len(sample_ids)} sample ids")
     namespace = (TRAIN_NOISE,) if train else (EVAL_NOISE, draw)
-    rows = []
-    for i, sample_id in enumerate(sample_ids):
-        generator = sample_generator(seed, *namespace, sample_id)
-        if objective.model_cfg.variant == "ar":
-            rows.append({"x0": x0[i : i + 1], "loss_mask": loss_mask_of(x0[i : i + 1])})
-        else:
-            nb = objective.noise(x0[i : i + 1], train=train, generator=generator)
-            rows.append(dataclasses.asdict(nb))
+    rows = [noised_batch(objective, x0[i : i + 1], train=train,
+                         generator=sample_generator(seed, *namespace, sample_id))
+            for i, sample_id in enumerate(sample_ids)]
     return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
 
 
