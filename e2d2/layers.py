@@ -77,17 +77,30 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, n, self.head_dim).transpose(1, 2)
 
+    # The two projection hooks: a subclass may compute them differently (the engine fuses
+    # them into one tensor-parallel linear), the math around them stays this class's.
+    def qkv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [batch, len, hidden]`` -> flat q ``[batch, len, heads * head_dim]``, k and v
+        ``[batch, len, groups * head_dim]``."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def kv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat k and v only (another stream's keys/values: no query is computed)."""
+        return self.k_proj(x), self.v_proj(x)
+
+    def _rotated_kv(self, k: torch.Tensor, v: torch.Tensor, rope) -> KV:
+        return apply_rotary(self.k_norm(self._heads(k, self.groups)), rope), self._heads(v, self.groups)
+
     def project_kv(self, x: torch.Tensor, rope) -> KV:
         """Keys/values of already-normed hidden states ``x [batch, len, hidden]``."""
-        k = apply_rotary(self.k_norm(self._heads(self.k_proj(x), self.groups)), rope)
-        v = self._heads(self.v_proj(x), self.groups)
-        return k, v
+        return self._rotated_kv(*self.kv_projections(x), rope)
 
     def forward(self, x: torch.Tensor, rope, mask, prefix: KV | KVSlot | None = None) -> tuple[torch.Tensor, KV]:
         """x: normed ``[batch, len, hidden]``. Keys are ``[prefix ; own]``; a `KVSlot` prefix
         lives in a KV cache. Returns output and own K/V."""
-        q = apply_rotary(self.q_norm(self._heads(self.q_proj(x), self.heads)), rope)
-        own = self.project_kv(x, rope)
+        q, k, v = self.qkv_projections(x)
+        q = apply_rotary(self.q_norm(self._heads(q, self.heads)), rope)
+        own = self._rotated_kv(k, v, rope)
         if isinstance(prefix, KVSlot):
             k, v = prefix.extend(own)
         elif prefix is None:
@@ -106,8 +119,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection hook (fused in the engine): ``x [batch, len, hidden]`` -> gate and
+        up, each ``[batch, len, ffn]``."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TransformerLayer(nn.Module):
