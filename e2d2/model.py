@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2d2 import masks
+from e2d2 import masks, shift
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
 from e2d2.layers import KV, KVSlot, TransformerLayer, apply_rotary, rotary, run_layers
@@ -149,12 +149,15 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         block_size: int | None = None,
+        anneal: float = 1.0,
     ) -> torch.Tensor:
         """Logits for every position of the noisy stream (AR: of the next token).
 
         x0, xt: ``[batch, L]`` clean / noisy tokens; attention_mask (1 = real) and
         context_mask (1 = prompt): ``[batch, L]`` or None. ``block_size`` overrides the
-        trained one (sampling with another block size). Returns ``[batch, L, vocab]``.
+        trained one (sampling with another block size). ``anneal``: the attention annealing
+        ratio (`e2d2.masks.with_anneal`; 1 = the variant's mask). Returns ``[batch, L,
+        vocab]``; with ``cfg.shift`` aligned with the targets (`e2d2.shift`).
         """
         cfg, (batch, L), device = self.cfg, x0.shape, x0.device
         S = block_size or cfg.diffusion_block_size
@@ -162,12 +165,21 @@ class DiffusionLM(nn.Module):
         rope = self._rope(pos)
 
         def mask_of(spec: masks.AttentionMask):
-            spec = masks.with_prompt_rule(spec, cfg.prompt_is_bidirectional)
+            spec = masks.for_model(spec, bidirectional_prompt=cfg.prompt_is_bidirectional,
+                                   shift=cfg.shift, anneal=anneal)
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
         if cfg.variant == "ar":
             h, _ = run_layers(self.layers, self.embed(x0), rope, mask_of(masks.AR))
             return self.logits(h)
+        if cfg.shift:
+            noisy = shift.noisy_input(cfg.variant, x0, xt, S)
+            return shift.align_logits(self._diffusion_forward(x0, noisy, rope, pos, mask_of))
+        return self._diffusion_forward(x0, xt, rope, pos, mask_of)
+
+    def _diffusion_forward(self, x0, xt, rope, pos, mask_of) -> torch.Tensor:
+        """The diffusion variants' forward: one output per noisy slot, ``[batch, L, vocab]``."""
+        cfg, L = self.cfg, x0.shape[1]
         if cfg.variant == "mdlm":
             h, _ = run_layers(self.layers, self.embed(xt), rope, mask_of(masks.MDLM))
             return self.logits(h)
