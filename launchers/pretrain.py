@@ -313,7 +313,8 @@ class _Trainer:
             start = time.perf_counter()
             micro = next(batches)
             data_wait = time.perf_counter() - start
-            noised = [noised_samples(self.objective, x0, ids, cfg.run.seed) for x0, ids in micro]
+            noised = [noised_samples(self.objective, x0, ids, cfg.run.seed, step=state.step)
+                      for x0, ids in micro]
             self.scheduler.step(1)  # warm-up from lr/warmup at the first step, not from 0
             lr = self.optimizer.param_groups[0]["lr"]
             result = guarded_train_step(
@@ -336,6 +337,8 @@ class _Trainer:
                       "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
                       "skipped": result.skipped, "skipped_total": state.skipped_total,
                       "data_wait_s": data_wait}
+            if cfg.diffusion.anneal_steps:  # the ratio the step trained with
+                record["anneal_ratio"] = self.objective.anneal_ratio(state.step - 1)
             scalars = {}
             if state.step % cfg.log.interval == 0 or state.step == train.steps:
                 scalars = self._scalars(result, lr, tokens_per_s, flops_per_token, data_wait)

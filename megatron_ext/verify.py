@@ -39,6 +39,10 @@ class Run:
     lr: float = 1e-2
     clip: float = 1.0
     prompt_and_padding: bool = False
+    # The annealed mask (``diffusion.anneal_steps``) at training step ``anneal_at``: every
+    # step of the run uses the ratio ``anneal_at / anneal_steps``.
+    anneal_steps: int = 0
+    anneal_at: int = 0
 
     def __post_init__(self) -> None:
         if min(self.global_batch, self.micro_batch) < 1 or self.global_batch % self.micro_batch:
@@ -60,8 +64,12 @@ def tiny_model_config(variant: str, **overrides) -> ModelConfig:
     return ModelConfig(**settings)
 
 
-def _objective(cfg: ModelConfig) -> DiffusionObjective:
-    return DiffusionObjective(cfg, DiffusionConfig())
+def _objective(cfg: ModelConfig, run: Run) -> DiffusionObjective:
+    return DiffusionObjective(cfg, DiffusionConfig(anneal_steps=run.anneal_steps))
+
+
+def _anneal_step(run: Run) -> int | None:
+    return run.anneal_at if run.anneal_steps else None
 
 
 def _global_batch(cfg: ModelConfig, run: Run) -> dict[str, torch.Tensor]:
@@ -87,12 +95,13 @@ def reference_run(cfg: ModelConfig, run: Run) -> dict:
     step's update) and the weights after the last step."""
     model = DiffusionLM(cfg)
     model.load_state_dict(reference_state_at_seed(cfg, run.seed))
-    objective = _objective(cfg)
+    objective = _objective(cfg, run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
     losses, grads = [], None
     for _ in range(run.steps):
         optimizer.zero_grad()
-        loss = objective.loss(model, **_global_batch(cfg, run), generator=_noise_generator(run))
+        loss = objective.loss(model, **_global_batch(cfg, run), generator=_noise_generator(run),
+                              step=_anneal_step(run))
         loss.backward()
         if grads is None:
             # Parameters the loss does not reach (shared-KV: the top encoder layer's MLP) have
@@ -125,12 +134,13 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
         for stage in stages:
             load_reference_state(stage, reference_state_at_seed(cfg, run.seed))
         chunks = wrap_ddp(stages, stages[0].config, parallel)
-        objective = _objective(cfg)
+        objective = _objective(cfg, run)
         forward_step = make_forward_step(objective)
         per_rank = run.global_batch // parallel.data_parallel
         rows = slice(parallel_state.get_data_parallel_rank() * per_rank,
                      (parallel_state.get_data_parallel_rank() + 1) * per_rank)
-        batch = noised_batch(objective, **_global_batch(cfg, run), generator=_noise_generator(run))
+        batch = noised_batch(objective, **_global_batch(cfg, run), generator=_noise_generator(run),
+                             step=_anneal_step(run))
         mine = micro_batches({k: v[rows] for k, v in batch.items()}, run.micro_batch)
         kwargs = dict(seq_length=stages[0].stream_length(), micro_batch_size=run.micro_batch)
 
