@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2d2 import masks, shift
+from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
 from e2d2.layers import KV, KVSlot, TransformerLayer, apply_rotary, rotary, run_layers
+from e2d2.shift import align_logits, noisy_input
 
 
 @dataclass
@@ -173,8 +174,8 @@ class DiffusionLM(nn.Module):
             h, _ = run_layers(self.layers, self.embed(x0), rope, mask_of(masks.AR))
             return self.logits(h)
         if cfg.shift:
-            noisy = shift.noisy_input(cfg.variant, x0, xt, S)
-            return shift.align_logits(self._diffusion_forward(x0, noisy, rope, pos, mask_of))
+            noisy = noisy_input(cfg.variant, x0, xt, S)
+            return align_logits(self._diffusion_forward(x0, noisy, rope, pos, mask_of))
         return self._diffusion_forward(x0, xt, rope, pos, mask_of)
 
     def _diffusion_forward(self, x0, xt, rope, pos, mask_of) -> torch.Tensor:
