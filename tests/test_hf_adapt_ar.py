@@ -7,19 +7,14 @@ process with only torch, transformers and safetensors: the logits and greedy sam
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from pretrain_helpers import make_data_dir, records, run_pretrain, write_config
-from test_hf_helpers import MASK, clean_site, run_clean
+from test_hf_helpers import MASK, clean_site, cli, run_clean, trained_model
 
-from e2d2.model import DiffusionLM
 from e2d2.sampling import SamplerConfig, sample
-from launchers.hf.checkpoints import TensorReader, locate, single_process_group
 from megatron_ext.checkpoint import MODEL_PREFIX
 
 transformers = pytest.importorskip("transformers")
@@ -41,12 +36,6 @@ print(json.dumps({"variant": config.variant, "shift": config.shift}))
 """
 
 
-def _cli(*args: str) -> None:
-    e2d2 = Path(sys.executable).with_name("e2d2")
-    done = subprocess.run([str(e2d2), *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 @pytest.mark.slow
 def test_import_adapt_with_anneal_and_shift_export_and_load_clean(tmp_path):
     data = make_data_dir(tmp_path)  # bytes tokenizer: vocabulary 260, mask 259
@@ -56,7 +45,7 @@ def test_import_adapt_with_anneal_and_shift_export_and_load_clean(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True))
     qwen.save_pretrained(tmp_path / "qwen3")
     imported = tmp_path / "imported"
-    _cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2_shared_kv",
+    cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2_shared_kv",
          "--decoder-layers", "2", "--mask-token-id", "259", "--seq-length", "32")
     model_section = yaml.safe_load((imported / "config.yaml").read_text())["model"] | {"shift": True}
     run = tmp_path / "run"
@@ -70,16 +59,11 @@ def test_import_adapt_with_anneal_and_shift_export_and_load_clean(tmp_path):
     assert [r["anneal_ratio"] for r in trained] == [0.0, 0.5, 1.0]  # causal -> the variant's mask
 
     out = tmp_path / "exported"
-    _cli("export-hf", str(run), str(out))
+    cli("export-hf", str(run), str(out))
     assert json.loads((out / "config.json").read_text())["shift"] is True
 
-    ckpt = locate(run)
+    ckpt, model = trained_model(run, MODEL_PREFIX)
     assert ckpt.config.model.shift and ckpt.config.diffusion.anneal_steps == 2
-    with single_process_group():
-        reader = TensorReader(ckpt.directory, MODEL_PREFIX)
-        state = reader.read(sorted(reader.shapes))
-    model = DiffusionLM(ckpt.config.model).eval()
-    model.load_state_dict(state)
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, MASK, (2, 16), generator=g)

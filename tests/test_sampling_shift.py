@@ -9,28 +9,18 @@ import functools
 
 import pytest
 import torch
+from test_sampling import EOS, MASK, tiny_model
 
-from e2d2.config import ModelConfig
 from e2d2.model import DiffusionLM
 from e2d2.sampling import SamplerConfig, sample, sample_prompts
-
-V, MASK, S, EOS = 12, 11, 4, 3
 
 
 @functools.cache
 def shifted_model(variant: str) -> DiffusionLM:
-    """A random float64 model (cached and full forwards agree to ~1e-15), with weights
-    scaled up so that greedy and top-k choices are not decided by rounding."""
-    cfg = ModelConfig(variant=variant, vocab_size=V, mask_token_id=MASK, hidden_size=32,
-                      ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, num_layers=2,
-                      num_decoder_layers=1 if variant.startswith("e2d2") else 0, seq_length=64,
-                      block_size=S, shift=True)
-    torch.manual_seed(0)
-    model = DiffusionLM(cfg).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(25.0)
+    """tests/test_sampling.py's tiny float64 model with ``shift``, on the same weights."""
+    base = tiny_model(variant)
+    model = DiffusionLM(base.cfg.replace(shift=True)).double()
+    model.load_state_dict(base.state_dict())
     return model
 
 
