@@ -139,13 +139,18 @@ class AttentionMask:
         block_size: int,
         context: torch.Tensor | None = None,
         padding: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
     ) -> MaskMod:
-        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``; context/padding are ``[B, L]``."""
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``; context/padding are ``[B, L]``.
+        ``device``: where the indices will live (the annealing threshold is a tensor there)."""
         L, S = seq_len, block_size
         ctx = None if context is None or not self.bidirectional_context else _as_batch(context)
         pad = None if padding is None else _as_batch(padding)
-        # u < r as integers: hash < r * 2**32 (monotone in r; every pair is visible at r = 1)
-        threshold = None if self.anneal >= 1 else int(self.anneal * 2**32)
+        # u < r as integers: hash < r * 2**32 (monotone in r; every pair is visible at r = 1).
+        # A captured tensor, not a Python int: a compiled FlexAttention would guard on an
+        # int's value and recompile for every step's ratio.
+        threshold = None if self.anneal >= 1 else torch.tensor(
+            int(self.anneal * 2**32), dtype=torch.long, device=device)
 
         def mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             allowed = self.rule(q, k, L, S, int(self.shift))
@@ -181,7 +186,7 @@ class AttentionMask:
         k = torch.arange(lk, device=device).view(1, 1, lk)
         n_batch = _batch_size(context, padding)
         b = torch.arange(n_batch, device=device).view(n_batch, 1, 1)
-        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device))
+        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device), device)
         out = mod(b, torch.zeros((), dtype=torch.long, device=device), q, k)
         out = out.expand(n_batch, lq, lk)
         return out if batched else out[0]
@@ -200,7 +205,7 @@ class AttentionMask:
 
         lq, lk = self.shape(seq_len)
         batched = context is not None or padding is not None
-        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device))
+        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device), device)
         return create_block_mask(
             mod, B=batch_size if batched else None, H=None, Q_LEN=lq, KV_LEN=lk, device=device
         )
