@@ -46,8 +46,9 @@ def test_import_adapt_with_anneal_and_shift_export_and_load_clean(tmp_path):
     qwen.save_pretrained(tmp_path / "qwen3")
     imported = tmp_path / "imported"
     cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2_shared_kv",
-         "--decoder-layers", "2", "--mask-token-id", "259", "--seq-length", "32")
-    model_section = yaml.safe_load((imported / "config.yaml").read_text())["model"] | {"shift": True}
+         "--decoder-layers", "2", "--mask-token-id", "259", "--seq-length", "32", "--shift")
+    model_section = yaml.safe_load((imported / "config.yaml").read_text())["model"]
+    assert model_section["shift"] is True
     run = tmp_path / "run"
     config = write_config(tmp_path / "adapt.yaml", model=model_section,
                           diffusion={"anneal_steps": 2}, train={"steps": 3},

@@ -73,9 +73,15 @@ def test_position_zero_is_never_a_target():
     assert nb.masked[:, 1:].any()
 
 
-def test_shift_with_ar_is_one_clear_error():
+def test_shift_with_ar_is_one_clear_error(qwen3, tmp_path):
+    from e2d2.errors import UserError
+    from launchers.hf.import_hf import import_hf
+
     with pytest.raises(ConfigError, match="shift"):
         ModelConfig(variant="ar", num_decoder_layers=0, shift=True)
+    with pytest.raises(UserError, match="shift"):
+        import_hf(qwen3[1], tmp_path / "ar", "ar", shift=True)
+    assert not (tmp_path / "ar").exists()
 
 
 # ------------------------------------------------------------- AR equivalence from Qwen3
@@ -102,15 +108,17 @@ def qwen3(tmp_path_factory):
 
 
 def _adapted(hf_dir, tmp_path, variant: str, block_size: int, **import_kwargs) -> DiffusionLM:
-    """``e2d2 import-hf`` as ``variant``, then the imported weights in a shifted model."""
+    """``e2d2 import-hf --shift`` as ``variant``, loaded in the reference model."""
     from launchers.config import load_run_config
     from launchers.hf.checkpoints import TensorReader, single_process_group
     from launchers.hf.import_hf import import_hf
     from megatron_ext.checkpoint import MODEL_PREFIX
 
     out = import_hf(hf_dir, tmp_path / f"{variant}-{block_size}-{len(import_kwargs)}", variant,
-                    block_size=block_size, seq_length=L, mask_token_id=VOCAB - 1, **import_kwargs)
-    cfg = load_run_config(out / "config.yaml").model.replace(shift=True)
+                    block_size=block_size, seq_length=L, mask_token_id=VOCAB - 1, shift=True,
+                    **import_kwargs)
+    cfg = load_run_config(out / "config.yaml").model
+    assert cfg.shift
     with single_process_group():
         reader = TensorReader(out, MODEL_PREFIX)
         state = reader.read(sorted(reader.shapes))

@@ -55,8 +55,9 @@ def _rope(hf: dict[str, Any], where: str) -> float:
 
 def model_config_from_hf(hf: dict[str, Any], where: str, variant: str, decoder_layers: int,
                          tie_decoder: bool, block_size: int, seq_length: int | None,
-                         mask_token_id: int) -> ModelConfig:
-    """Our ModelConfig for a Qwen3 / Llama ``config.json`` (as a dict)."""
+                         mask_token_id: int, shift: bool = False) -> ModelConfig:
+    """Our ModelConfig for a Qwen3 / Llama ``config.json`` (as a dict); ``shift``: the
+    DiffuLLaMA shift of an adapted AR model (docs/hf.md)."""
     archs = hf.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES or hf.get("model_type") != ARCHITECTURES[archs[0]]:
         raise UserError(f"{where}: unsupported architecture {archs} (model_type "
@@ -86,6 +87,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str, variant: str, decoder_l
             qk_layernorm=ARCHITECTURES[archs[0]] == "qwen3",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             tie_decoder_to_encoder=tie_decoder,
+            shift=shift,
             rope_theta=_rope(hf, where),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             init_std=float(hf.get("initializer_range", 0.02)),
@@ -180,8 +182,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
               tie_decoder: bool = False, decoder_from: str = "top", tp: int = 1, pp: int = 1,
               encoder_pipeline_stages: int | None = None, block_size: int = 4,
               seq_length: int | None = None, mask_token_id: int | None = None,
-              allow_pickle: bool = False, overwrite: bool = False) -> Path:
-    """Convert ``hf_dir`` into the new checkpoint directory ``out``; returns ``out``."""
+              allow_pickle: bool = False, overwrite: bool = False, shift: bool = False) -> Path:
+    """Convert ``hf_dir`` into the new checkpoint directory ``out``; returns ``out``.
+    ``shift`` goes into the written config (``model.shift``, adapting an AR model)."""
     from megatron_ext.layout import ParallelConfig, PipelinePlan
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -196,7 +199,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
     hf = json.loads(config_path.read_text())
     mask = _mask_token_id(hf_dir, hf.get("vocab_size", 0), variant, mask_token_id)
     cfg = model_config_from_hf(hf, str(config_path), variant, decoder_layers, tie_decoder,
-                               block_size, seq_length, mask)
+                               block_size, seq_length, mask, shift)
     if pp > 1 and cfg.variant == "e2d2" and encoder_pipeline_stages is None:
         encoder_pipeline_stages = pp - 1
     parallel = {"tensor_parallel": tp, "pipeline_parallel": pp,
