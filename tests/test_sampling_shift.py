@@ -55,3 +55,16 @@ def test_mixed_length_prompts_equal_each_prompt_alone(variant):
 def test_an_empty_prompt_is_one_clear_error():
     with pytest.raises(ValueError, match="at least one token"):
         sample(shifted_model("e2d2"), torch.zeros(1, 0, dtype=torch.long), SamplerConfig())
+
+
+def test_sliding_window_past_seq_length():
+    """Dropping the oldest cached block keeps the window's last-cached-column rule: mixed
+    lengths still equal each prompt alone, with no mask left (seq_length is 64)."""
+    model = shifted_model("bd3lm")
+    lists = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [4]]
+    cfg = SamplerConfig(strategy="topk", steps=2, max_new_tokens=90, sliding_window=True)
+    got = sample_prompts(model, lists, cfg, seeds=[1, 2])
+    assert [len(c) for c in got] == [90] * 2 and not any(MASK in c for c in got)
+    for p, seed, completion in zip(lists, [1, 2], got, strict=True):
+        alone = sample(model, torch.tensor([p], dtype=torch.long), cfg, seeds=[seed])
+        assert completion == alone.completion(0)
