@@ -96,8 +96,9 @@ _U32 = 0xFFFFFFFF
 def pair_hash(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """A fixed hash of each (query position, key position) pair, uniform on ``[0, 2**32)``
     (int64, elementwise integer ops only, so it also runs inside a FlexAttention mask_mod):
-    the pair is packed into 32 bits and mixed by Wellons' ``lowbias32`` xorshift-multiply
-    rounds. Products wrap modulo 2**64 and are cut to their low 32 bits, which is exact."""
+    the pair is combined into 32 bits with two odd multipliers, then mixed by Wellons'
+    ``lowbias32`` xorshift-multiply rounds. Products wrap modulo 2**64 and are cut to their
+    low 32 bits, which is exact (the same on CPU, CUDA and in Triton)."""
     x = (q_pos.long() * 0x9E3779B1 + k_pos.long() * 0x85EBCA77 + 0x165667B1) & _U32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _U32
