@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2d2 import init, masks
+from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
+from e2d2.init import initialize_, seed_from_global_rng
 from e2d2.layers import KV, KVSlot, TransformerLayer, apply_rotary, rotary, run_layers
 
 
@@ -105,7 +106,7 @@ class DiffusionLM(nn.Module):
         """The weights of ``seed`` (``e2d2.init``: norms ones, Normal(0, init_std), output
         projections scaled by 1/sqrt(2 * depth)), the same as the megatron engine's shards of
         that seed under any layout. ``seed=None`` draws one from torch's global generator."""
-        init.initialize_(self, self.cfg, init.seed_from_global_rng() if seed is None else seed)
+        initialize_(self, self.cfg, seed_from_global_rng() if seed is None else seed)
 
     # ------------------------------------------------------------- helpers
     def decoder_layer(self, k: int) -> TransformerLayer:
