@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,6 +188,8 @@ def analytic_flops(cfg: ModelConfig, names: list[str], batch: int) -> dict[str, 
 
 # ------------------------------------------------------------------ the models
 def _deepspeed_profiler():
+    if not torch.cuda.is_available():  # what DeepSpeed would detect, without its warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         from deepspeed.profiling.flops_profiler import FlopsProfiler
         from deepspeed.profiling.flops_profiler.profiler import (
@@ -359,7 +362,10 @@ def profile(run_cfg, model: str = "reference", stage: int | None = None, steps: 
                 backward += runner.step(batch, sync)
             profiler.stop_profile()
             timer.seconds[""] = backward  # the whole backward pass
-            rows = _rows(cfg, modules, batch_size, steps, timer, get_module_flops,
+            # Counted over every module, so that a stack's total does not depend on --depth.
+            analytic = analytic_flops(cfg, [n for n, _ in net.named_modules()] + ["lm_head"],
+                                      batch_size)
+            rows = _rows(cfg, modules, analytic, steps, timer, get_module_flops,
                          get_module_duration, model == "reference")
         finally:
             timer.remove()
@@ -370,9 +376,8 @@ def profile(run_cfg, model: str = "reference", stage: int | None = None, steps: 
     return ProfileReport(title, rows)
 
 
-def _rows(cfg, modules, batch_size, steps, timer, get_module_flops, get_module_duration,
+def _rows(cfg, modules, analytic, steps, timer, get_module_flops, get_module_duration,
           reference: bool) -> list[Row]:
-    analytic = analytic_flops(cfg, [*modules, "lm_head"], batch_size)
     rows = []
     for name, module in modules.items():
         if reference and name == "lm_head":
