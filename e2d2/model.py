@@ -18,7 +18,6 @@ Layer parameters: ``input_norm``, ``attn.{q,k,v,o}_proj``, ``attn.{q,k}_norm``, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
+from e2d2.init import initialize_, seed_from_global_rng
 from e2d2.layers import KV, KVSlot, TransformerLayer, apply_rotary, rotary, run_layers
 from e2d2.shift import align_logits, noisy_input
 
@@ -87,7 +87,7 @@ class KVCache:
 class DiffusionLM(nn.Module):
     """E2D2 (last-hidden or shared-KV), BD3-LM, MDLM or AR, chosen by ``cfg.variant``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -100,20 +100,14 @@ class DiffusionLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ init
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * depth) (GPT-2 / Megatron)."""
-        cfg = self.cfg
-        out_std = cfg.init_std / math.sqrt(2.0 * (cfg.num_layers + cfg.num_decoder_layers))
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=cfg.init_std)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """The weights of ``seed`` (``e2d2.init``: norms ones, Normal(0, init_std), output
+        projections scaled by 1/sqrt(2 * depth)), the same as the megatron engine's shards of
+        that seed under any layout. ``seed=None`` draws one from torch's global generator."""
+        initialize_(self, self.cfg, seed_from_global_rng() if seed is None else seed)
 
     # ------------------------------------------------------------- helpers
     def decoder_layer(self, k: int) -> TransformerLayer:

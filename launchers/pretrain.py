@@ -244,16 +244,14 @@ class _Trainer:
     # -- setup ------------------------------------------------------------------------------
     def _build_model(self) -> None:
         from megatron_ext import checkpoint as engine_checkpoint
-        from megatron_ext.mapping import load_reference_state, param_maps, reference_state_at_seed
+        from megatron_ext.mapping import initialize_at_seed, param_maps
         from megatron_ext.model import build_chunks
         from megatron_ext.training import build_training_optimizer, wrap_ddp
 
         cfg = self.cfg
         self.stages = build_chunks(cfg.model, self.parallel)
-        initial = reference_state_at_seed(cfg.model, cfg.run.seed)
-        for stage in self.stages:
-            load_reference_state(stage, initial)
-        del initial
+        for stage in self.stages:  # only this rank's shards are ever in memory
+            initialize_at_seed(stage, cfg.model, cfg.run.seed)
         if cfg.checkpoint.init is not None:
             engine_checkpoint.load(self.stages, resolve_checkpoint(cfg.checkpoint.init))
         self.chunks = wrap_ddp(self.stages, self.stages[0].config, self.parallel)

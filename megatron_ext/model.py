@@ -84,8 +84,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # when PP=2, and the two tensors can swap; megatron's unbatched p2p path keeps the order.
         batch_p2p_comm=_backend() != "gloo",
         pipeline_dtype=torch.float32,
-        # Weights come from full reference tensors (see megatron_ext.mapping); megatron's own
-        # per-shard init would depend on the layout.
+        # Weights come from megatron_ext.mapping.initialize_at_seed (layout-invariant, per
+        # shard); megatron's own init would depend on the layout. Only shards are allocated.
         perform_initialization=False,
         use_cpu_initialization=True,
         gradient_accumulation_fusion=False,
@@ -395,7 +395,8 @@ class ParallelDiffusionLM(MegatronModule):
 def build_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[ParallelDiffusionLM]:
     """This rank's model chunks, in schedule order (after ``megatron_layout`` /
     ``initialize_model_parallel``): one stage, or ``virtual_pipeline`` interleaved stages.
-    Weights are uninitialised: load them with ``megatron_ext.mapping.load_reference_state``.
+    Weights are uninitialised: draw them with ``megatron_ext.mapping.initialize_at_seed`` or
+    load them with ``load_reference_state`` / ``megatron_ext.checkpoint.load``.
 
     Built on CPU in fp32 (``use_cpu_initialization``); when CUDA is available the chunks
     are then moved to ``torch.cuda.current_device()`` (still fp32: bf16 is not supported

@@ -23,7 +23,6 @@ from e2d2.diffusion import DiffusionObjective
 from e2d2.errors import ConfigError
 from e2d2.model import DiffusionLM
 from megatron_ext.layout import ParallelConfig, PipelinePlan
-from megatron_ext.mapping import reference_state_at_seed
 from megatron_ext.testing import megatron_layout, spawn_gloo
 
 
@@ -93,8 +92,7 @@ def _noise_generator(run: Run) -> torch.Generator:
 def reference_run(cfg: ModelConfig, run: Run) -> dict:
     """Single process: step-0 gradients, the loss of every AdamW step (measured before that
     step's update) and the weights after the last step."""
-    model = DiffusionLM(cfg)
-    model.load_state_dict(reference_state_at_seed(cfg, run.seed))
+    model = DiffusionLM(cfg, seed=run.seed)
     objective = _objective(cfg, run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
     losses, grads = [], None
@@ -123,7 +121,7 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
     from megatron.core import parallel_state
 
     from megatron_ext import checkpoint
-    from megatron_ext.mapping import gather_reference_state, load_reference_state
+    from megatron_ext.mapping import gather_reference_state, initialize_at_seed
     from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step, micro_batches, noised_batch
     from megatron_ext.training import build_optimizer, train_step, wrap_ddp
@@ -132,7 +130,7 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
     with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
         stages = build_chunks(cfg, parallel)
         for stage in stages:
-            load_reference_state(stage, reference_state_at_seed(cfg, run.seed))
+            initialize_at_seed(stage, cfg, run.seed)  # the reference's weights, shard by shard
         chunks = wrap_ddp(stages, stages[0].config, parallel)
         objective = _objective(cfg, run)
         forward_step = make_forward_step(objective)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,26 @@ class _Weights:
         return self._handles[name].get_tensor(name)
 
 
+class _Converted(Mapping):
+    """Reference name -> fp32 tensor, read from the HF files only when asked for, so the
+    conversion holds the model being written and one source tensor, not a second copy."""
+
+    def __init__(self, weights: _Weights, sources: dict[str, str]):
+        self._weights, self._sources = weights, sources
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._weights.get(self._sources[name]).to(torch.float32)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._sources
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
 def _tokenizer_ids(directory: Path) -> tuple[int, int | None] | None:
     """(number of ids, mask id or None) of the tokenizer in ``directory``, if it has one."""
     path = directory / "tokenizer.json"
@@ -223,7 +244,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
     shapes = reference_shapes(cfg)
     sources = param_mapping.plan(shapes, names, source_layer, str(hf_dir))
     check_tensors(shapes, {ours: names[hf] for ours, hf in sources.items()}, str(hf_dir))
-    state = {ours: weights.get(hf).to(torch.float32) for ours, hf in sources.items()}
+    state = _Converted(weights, sources)
     run_config = run_config_from_dict({"model": dataclasses.asdict(cfg), "parallel": parallel},
                                       str(hf_dir))
     with staged_directory(out, overwrite) as stage:
