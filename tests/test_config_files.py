@@ -20,8 +20,10 @@ def test_shipped_config_validates(path):
     from megatron_ext.layout import ParallelConfig, PipelinePlan
 
     par = {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
-           if k not in ("fp8", "transformer_impl")}  # FP8 needs TE: checked separately
-    PipelinePlan(cfg.model, ParallelConfig(world_size=cfg.parallel.model_parallel, **par))
+           if k != "transformer_impl"}  # FP8 needs TE: checked separately, so bf16 here
+    precision = "bf16" if cfg.train.precision == "fp8" else cfg.train.precision
+    PipelinePlan(cfg.model, ParallelConfig(world_size=cfg.parallel.model_parallel,
+                                           precision=precision, **par))
     dp = 2
     assert cfg.train.batch_size % ((cfg.train.micro_batch_size or 1) * dp) == 0
 
