@@ -160,18 +160,18 @@ class RunConfig:
 def _build(cls: type, values: dict[str, Any], where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-    if cls is TrainConfig and "betas" in values:
-        values = {**values, "betas": tuple(values["betas"])}
     if cls is ParallelSection and "fp8" in values:
         # Before train.precision existed; resolved configs of old runs hold ``fp8: null``.
         values = dict(values)
         if values.pop("fp8") is not None:
             raise ConfigError(f"{where}: parallel.fp8 was replaced by train.precision: fp8 with "
                               "parallel.fp8_recipe (the recipe name)")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+    if cls is TrainConfig and "betas" in values:
+        values = {**values, "betas": tuple(values["betas"])}
     try:
         return cls(**values)
     except (ConfigError, TypeError) as exc:

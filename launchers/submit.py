@@ -9,7 +9,6 @@ template (``render_pretrain``) once per point or once for an array.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import shlex
 import shutil

@@ -3,8 +3,6 @@ process group exists; valid ones place encoder layers before decoder layers."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 

@@ -22,8 +22,6 @@ from megatron_ext.testing import spawn_gloo
 from megatron_ext.verify import Run, parallel_run, reference_run
 from megatron_ext.verify import tiny_model_config as model_config
 
-pytestmark = pytest.mark.slow
-
 RUN = Run()
 E2D2 = model_config("e2d2")
 # E2D2 with a 1024-token vocabulary: the embedding straddles the distributed optimizer's
@@ -164,6 +162,21 @@ def _world4(rank: int) -> dict:
             for layout in OVERLAP_WORLD4}
 
 
+def test_rms_norm_in_bf16_reduces_in_fp32_and_rounds_once():
+    """What the engine relies on for its norms in bf16 (torch's ``rms_norm``, not ours)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 512, generator=g) * 3 + 1).bfloat16()
+    weight = (torch.randn(512, generator=g) * 0.1 + 1).bfloat16()
+    norm = torch.nn.RMSNorm(512, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    xf = x.float()
+    in_fp32 = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.float()
+    assert torch.equal(norm(x), in_fp32.bfloat16())
+    in_bf16 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    assert not torch.equal(norm(x), in_bf16)  # the check can tell the two apart
+
+
 @pytest.fixture(scope="module")
 def world1() -> list[dict]:
     return spawn_gloo(_world1, 1)
@@ -199,6 +212,7 @@ def _check_bf16(reference: dict, per_rank: list[dict]) -> None:
         assert max(errors.values()) <= BF16_GRAD_RTOL, sorted(errors.items(), key=lambda e: -e[1])[:3]
 
 
+@pytest.mark.slow
 def test_bf16_is_megatron_mixed_precision_with_fp32_main_weights_and_grads(world1):
     built = world1[0]["built"]
     assert built["bf16"] == {"optimizer": {"Float16OptimizerWithFloat16Params"},
@@ -209,6 +223,7 @@ def test_bf16_is_megatron_mixed_precision_with_fp32_main_weights_and_grads(world
                              "main": {torch.float32}}
 
 
+@pytest.mark.slow
 def test_bf16_single_process_matches_the_fp32_reference_within_bf16_tolerance(world1):
     (result,) = world1
     _check_bf16(result["reference"], [result["bf16"]])
@@ -217,6 +232,7 @@ def test_bf16_single_process_matches_the_fp32_reference_within_bf16_tolerance(wo
     assert any(not torch.equal(bf16["grads"][n], fp32["grads"][n]) for n in fp32["grads"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [p.name for p in BF16_WORLD2])
 def test_bf16_across_ranks_matches_the_fp32_reference_within_bf16_tolerance(world2, layout):
     _check_bf16(world2[0]["reference"], [r["bf16"][layout] for r in world2])
@@ -237,6 +253,7 @@ def _assert_identical(a: dict, b: dict, atol: float = 0.0, params_atol: float = 
             assert err <= (atol if what == "grads" else params_atol), f"{what} {name} off by {err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [ParallelConfig(**d).name for d in OVERLAP_WORLD2])
 def test_overlapped_grad_reduce_and_param_gather_equal_no_overlap_dp2(world2, layout):
     for result in world2:
@@ -247,6 +264,7 @@ def test_overlapped_grad_reduce_and_param_gather_equal_no_overlap_dp2(world2, la
         _assert_identical(plain, overlapped)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [ParallelConfig(**d).name for d in OVERLAP_WORLD4])
 def test_overlapped_grad_reduce_and_param_gather_equal_no_overlap_pp2_dp2(world4, layout):
     for result in world4:
@@ -254,6 +272,7 @@ def test_overlapped_grad_reduce_and_param_gather_equal_no_overlap_pp2_dp2(world4
         _assert_identical(plain, overlapped)
 
 
+@pytest.mark.slow
 def test_recompute_matches_no_recompute_single_process(world1):
     (result,) = world1
     layers = E2D2.num_layers + E2D2.num_decoder_layers
@@ -264,6 +283,7 @@ def test_recompute_matches_no_recompute_single_process(world1):
         _assert_identical(result["fp32"], recomputed, RECOMPUTE_ATOL, RECOMPUTE_PARAMS_ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [ParallelConfig(**d).name for d in RECOMPUTE_WORLD2])
 def test_recompute_matches_no_recompute_tp2_pp2(world2, layout):
     for result in world2:

@@ -2,7 +2,7 @@
 
 * killed with ``kill -9`` after a checkpoint, a run resumed with ``--resume auto`` repeats
   the uninterrupted run's losses bitwise (one process, TP2, PP2 with one encoder and one
-  decoder stage);
+  decoder stage; bf16 on one process and on DP2 with the distributed optimizer);
 * ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
 * SIGTERM to every process of the run (as SLURM's ``--signal`` does) saves, exits with the
   preempted code, and the resumed run continues exactly;
@@ -43,8 +43,12 @@ LAYOUTS = {
     "dp2-distopt": (2, ["parallel.use_distributed_optimizer=true"]),
     "pp2-distopt": (2, ["parallel.pipeline_parallel=2", "parallel.encoder_pipeline_stages=1",
                         "parallel.use_distributed_optimizer=true"]),
+    # The fp32 main weights (and moments) of megatron's mixed-precision optimizer and of the
+    # distributed optimizer round-trip: bf16 weights alone would not repeat the run.
+    "single-bf16": (1, ["train.precision=bf16"]),
+    "dp2-distopt-bf16": (2, ["parallel.use_distributed_optimizer=true", "train.precision=bf16"]),
 }
-KILLED = ["single", "tp2", "pp2"]
+KILLED = ["single", "tp2", "pp2", "single-bf16", "dp2-distopt-bf16"]
 
 
 @pytest.fixture(scope="module")
