@@ -270,6 +270,7 @@ class _Trainer:
     def _restore(self, candidates: list[Path]) -> TrainState:
         if not candidates:
             return TrainState()
+        self._check_precision(candidates[0])
         layout = _layout_of(self.parallel)
         path, common = self.checkpoints.load(
             candidates, self.stages, self.optimizer, self.ema,
@@ -284,12 +285,29 @@ class _Trainer:
         self.log(f"e2d2 pretrain: resumed from {path} at step {state.step}{changed}")
         return state
 
+    def _check_precision(self, path: Path) -> None:
+        """megatron's fp32 and mixed-precision optimizers keep different states (only the
+        distributed optimizer's loads across precisions): one clear error, not a KeyError."""
+        from megatron_ext.checkpoint import CheckpointError, read_common
+
+        try:
+            saved = read_common(path).get("precision", "fp32")  # older checkpoints: fp32
+        except CheckpointError:
+            return  # unreadable: the loader reports it and falls back
+        now = self.cfg.train.precision
+        if not self.parallel.use_distributed_optimizer and (saved == "fp32") != (now == "fp32"):
+            raise UserError(f"checkpoint {path} was saved with train.precision={saved}, this run "
+                            f"has train.precision={now}: the optimizer states differ. Resume "
+                            f"with train.precision={saved}, or start a new run from its weights "
+                            f"with checkpoint.init={path} and --resume none")
+
     def _save(self, state: TrainState) -> None:
         from megatron_ext.training import sync_params
 
         sync_params(self.chunks)  # the weights of this step, not of the previous one
         common = {"state": dataclasses.asdict(state), "scheduler": self.scheduler.state_dict(),
-                  "config": self.cfg.to_dict(), "layout": _layout_of(self.parallel)}
+                  "config": self.cfg.to_dict(), "layout": _layout_of(self.parallel),
+                  "precision": self.cfg.train.precision}
         kill = state.step in self.faults["kill_in_save"]
         path = self.checkpoints.save(state.step, self.cfg, self.stages, self.optimizer,
                                      self.ema, common, kill_after_write=kill)

@@ -7,7 +7,8 @@
 * SIGTERM to every process of the run (as SLURM's ``--signal`` does) saves, exits with the
   preempted code, and the resumed run continues exactly;
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
-  optimizer's state from DP2 to PP2) with the same losses;
+  optimizer's state from DP2 to PP2) with the same losses; at another precision without the
+  distributed optimizer it is refused with one message;
 * a NaN step is skipped and counted; repeated NaN steps abort the run;
 * the same command under ``torchrun`` trains identically.
 """
@@ -181,6 +182,15 @@ def test_resume_on_another_layout_continues_with_the_same_losses(source, target,
     losses = train_losses(run_dir)
     for step in range(5, STEPS + 1):
         assert abs(losses[step] - reference[step]) < 1e-5, (step, losses[step], reference[step])
+
+
+def test_resume_at_another_precision_is_one_clear_error_without_the_distributed_optimizer(
+        setup, straight, tmp_path):
+    _, data, config = setup
+    checkpoint = straight("single-bf16") / "checkpoints" / "iter_0000004"
+    result = run_pretrain(config, *_args(tmp_path / "fp32", data, "single"), resume=str(checkpoint))
+    assert result.returncode == 2
+    assert "was saved with train.precision=bf16, this run has train.precision=fp32" in result.stderr
 
 
 def test_nan_steps_are_skipped_counted_and_abort_when_repeated(setup, tmp_path):
