@@ -2,14 +2,15 @@
 
 * bf16 (megatron's ``Float16Module``, fp32 gradient buffers, the mixed-precision and the
   distributed optimizer with fp32 main parameters) against the fp32 reference model within
-  bf16 tolerance: one process, TP2, PP2 and DP2 with the distributed optimizer (gloo
-  all-reduces, all-gathers, reduce-scatters and sends bf16 on this torch build);
+  bf16 tolerance: one process, TP2 (also with sequence parallelism), PP2, DP2 with the
+  distributed optimizer and interleaved PP2 x DP2 (gloo all-reduces, all-gathers, reduce-scatters and sends bf16 on
+  this torch build);
 * ``overlap_grad_reduce`` / ``overlap_param_gather`` on == off, bitwise: DP2 (DDP and the
   distributed optimizer, where the reductions are checked to start inside the backward
   pass), PP2 x DP2 with the distributed optimizer, and the interleaved schedule (its
   ``grad_sync_func`` / ``param_sync_func``);
 * activation recomputation, full and selective, gives the gradients and the trained weights
-  of no recomputation: one process, TP2 and PP2.
+  of no recomputation: one process, TP2 (also with sequence parallelism) and PP2.
 """
 
 from __future__ import annotations
@@ -100,10 +101,12 @@ def _world1(rank: int) -> dict:
 
 
 BF16_WORLD2 = [_bf16(world_size=2, tensor_parallel=2),
+               _bf16(world_size=2, tensor_parallel=2, sequence_parallel=True),
                _bf16(world_size=2, pipeline_parallel=2, encoder_pipeline_stages=1),
                _bf16(world_size=2, use_distributed_optimizer=True)]
 OVERLAP_WORLD2 = [dict(world_size=2), dict(world_size=2, use_distributed_optimizer=True)]
 RECOMPUTE_WORLD2 = [dict(world_size=2, tensor_parallel=2),
+                    dict(world_size=2, tensor_parallel=2, sequence_parallel=True),
                     dict(world_size=2, pipeline_parallel=2, encoder_pipeline_stages=1)]
 
 
@@ -156,10 +159,17 @@ OVERLAP_WORLD4 = [
 ]
 
 
+# Float16Module on interleaved chunks (its first/last-stage casts read the chunk's vp_stage).
+BF16_WORLD4 = _bf16(**OVERLAP_WORLD4[1])
+
+
 def _world4(rank: int) -> dict:
-    return {ParallelConfig(**layout).name: (parallel_run(E2D2_BIG, ParallelConfig(**layout), RUN),
-                                            parallel_run(E2D2_BIG, _overlapped(layout), RUN))
-            for layout in OVERLAP_WORLD4}
+    out = {ParallelConfig(**layout).name: (parallel_run(E2D2_BIG, ParallelConfig(**layout), RUN),
+                                           parallel_run(E2D2_BIG, _overlapped(layout), RUN))
+           for layout in OVERLAP_WORLD4}
+    out["reference"] = reference_run(E2D2_BIG, RUN)
+    out["bf16"] = parallel_run(E2D2_BIG, BF16_WORLD4, RUN)
+    return out
 
 
 def test_rms_norm_in_bf16_reduces_in_fp32_and_rounds_once():
@@ -236,6 +246,11 @@ def test_bf16_single_process_matches_the_fp32_reference_within_bf16_tolerance(wo
 @pytest.mark.parametrize("layout", [p.name for p in BF16_WORLD2])
 def test_bf16_across_ranks_matches_the_fp32_reference_within_bf16_tolerance(world2, layout):
     _check_bf16(world2[0]["reference"], [r["bf16"][layout] for r in world2])
+
+
+@pytest.mark.slow
+def test_bf16_interleaved_pp2_dp2_matches_the_fp32_reference_within_bf16_tolerance(world4):
+    _check_bf16(world4[0]["reference"], [r["bf16"] for r in world4])
 
 
 def _assert_identical(a: dict, b: dict, atol: float = 0.0, params_atol: float = 0.0) -> None:
