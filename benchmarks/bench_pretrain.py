@@ -31,6 +31,7 @@ import yaml
 
 from benchmarks.common import (
     add_model_args,
+    e2d2_training_inputs,
     environment_line,
     interleaved_medians,
     model_config,
@@ -38,10 +39,8 @@ from benchmarks.common import (
     table,
 )
 from e2d2 import flops
-from e2d2.config import DiffusionConfig
-from e2d2.diffusion import DiffusionObjective, NoisedBatch, per_sequence_loss, token_nll
+from e2d2.diffusion import NoisedBatch, per_sequence_loss, token_nll
 from e2d2.model import DiffusionLM
-from e2d2.train import TrainConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,16 +61,11 @@ def engine_overhead(args: argparse.Namespace) -> str:
     from megatron_ext.layout import ParallelConfig
     from megatron_ext.mapping import load_reference_state, reference_state_at_seed
     from megatron_ext.model import build_chunks
-    from megatron_ext.objective import make_forward_step, noised_batch
+    from megatron_ext.objective import make_forward_step
     from megatron_ext.testing import megatron_layout
     from megatron_ext.training import build_training_optimizer, guarded_train_step, wrap_ddp
 
-    cfg = model_config(args, "e2d2", args.layers, args.seq_len)
-    train = TrainConfig(steps=1000, batch_size=args.batch, warmup_steps=0, lr=1e-4)
-    objective = DiffusionObjective(cfg, DiffusionConfig())
-    x0 = torch.randint(0, cfg.vocab_size - 1, (args.batch, cfg.seq_length),
-                       generator=torch.Generator().manual_seed(0))
-    batch = noised_batch(objective, x0, generator=torch.Generator().manual_seed(1))
+    cfg, train, objective, x0, batch = e2d2_training_inputs(args)
     nb = NoisedBatch(**{k: batch[k] for k in NoisedBatch.__dataclass_fields__})
 
     reference = DiffusionLM(cfg)

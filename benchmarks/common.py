@@ -64,6 +64,23 @@ def model_config(args: argparse.Namespace, variant: str, layers: int, seq_length
     )
 
 
+def e2d2_training_inputs(args: argparse.Namespace):
+    """The E2D2 model, training settings, objective and one noised batch the engine
+    benchmarks time a step on: ``(cfg, train, objective, x0, batch)``."""
+    from e2d2.config import DiffusionConfig
+    from e2d2.diffusion import DiffusionObjective
+    from e2d2.train import TrainConfig
+    from megatron_ext.objective import noised_batch
+
+    cfg = model_config(args, "e2d2", args.layers, args.seq_len)
+    train = TrainConfig(steps=1000, batch_size=args.batch, warmup_steps=0, lr=1e-4)
+    objective = DiffusionObjective(cfg, DiffusionConfig())
+    x0 = torch.randint(0, cfg.vocab_size - 1, (args.batch, cfg.seq_length),
+                       generator=torch.Generator().manual_seed(0))
+    batch = noised_batch(objective, x0, generator=torch.Generator().manual_seed(1))
+    return cfg, train, objective, x0, batch
+
+
 def setup(args: argparse.Namespace) -> None:
     quiet_malloc()
     torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ masks (FlexAttention is used on CUDA only) and MFU is not computed (no known pea
 proves that the script runs and prints its report, not any number.
 
 What it does not do: FP8 through Transformer Engine needs TE's linears, which only the
-megatron engine has (``parallel.fp8``); running it needs a process group and is left to
+megatron engine has (``train.precision: fp8``); running it needs a process group and is left to
 ``e2d2 pretrain`` on a GPU. The report says whether TE is importable.
 """
 
@@ -261,7 +261,7 @@ def fp8() -> list[str]:
     state = "importable" if transformer_engine_available() else "not importable"
     return ["## 4. FP8 (Transformer Engine)",
             f"Transformer Engine: {state}; FP8 is not measured by this script (it needs the "
-            "megatron engine's TE linears: run `e2d2 pretrain` with parallel.fp8 set)."]
+            "megatron engine's TE linears: run `e2d2 pretrain` with train.precision=fp8)."]
 
 
 def report(args: argparse.Namespace) -> str:

@@ -88,6 +88,11 @@ class Attention(nn.Module):
         """Flat k and v only (another stream's keys/values: no query is computed)."""
         return self.k_proj(x), self.v_proj(x)
 
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """The hook around ``softmax(q k^T) v`` (the engine may recompute it in the backward
+        pass): q ``[batch, heads, Lq, head_dim]``, k, v ``[batch, groups, Lk, head_dim]``."""
+        return attend(q, k, v, mask)
+
     def _rotated_kv(self, k: torch.Tensor, v: torch.Tensor, rope) -> KV:
         return apply_rotary(self.k_norm(self._heads(k, self.groups)), rope), self._heads(v, self.groups)
 
@@ -107,7 +112,7 @@ class Attention(nn.Module):
             k, v = own
         else:
             k, v = torch.cat((prefix[0], own[0]), 2), torch.cat((prefix[1], own[1]), 2)
-        out = attend(q, k, v, mask)
+        out = self.core_attention(q, k, v, mask)
         b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), own
 

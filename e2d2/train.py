@@ -20,6 +20,9 @@ from e2d2.errors import require
 from e2d2.evaluate import NelboResult, evaluate_nelbo
 
 LR_DECAY_STYLES: tuple[str, ...] = ("cosine", "linear", "constant")
+# Training precision of the megatron engine (megatron_ext.layout.ParallelConfig.precision);
+# this module's single-process trainer always runs fp32.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class TrainConfig:
     follows ``lr_decay`` down to ``min_lr_ratio x lr`` at ``steps``. ``ema_decay`` > 0 keeps
     an exponential moving average of the weights (the paper uses 0.9999), used for
     evaluation and export. ``max_consecutive_skips`` non-finite steps in a row abort a run.
+    ``precision`` (``PRECISIONS``) is the engine's: fp32, bf16 mixed precision (fp32 main
+    parameters and gradients), or fp8 (bf16 plus FP8 linears, needs Transformer Engine).
     """
 
     steps: int = 600
@@ -49,6 +54,7 @@ class TrainConfig:
     eval_batches: int = 4
     eval_draws: int = 2
     max_consecutive_skips: int = 5
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
@@ -66,6 +72,8 @@ class TrainConfig:
         require(self.eval_every > 0, "eval_every must be positive")
         require(self.eval_batches > 0 and self.eval_draws > 0, "eval_batches and eval_draws must be positive")
         require(self.max_consecutive_skips > 0, "max_consecutive_skips must be positive")
+        require(self.precision in PRECISIONS,
+                f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
 
 
 @dataclass

@@ -36,7 +36,9 @@ from e2d2.train import TrainConfig
 
 @dataclass(frozen=True)
 class ParallelSection:
-    """megatron_ext.layout.ParallelConfig less ``world_size``, which is known only at launch."""
+    """megatron_ext.layout.ParallelConfig less ``world_size``, which is known only at launch,
+    and ``precision``, which is ``train.precision`` (``fp8_recipe``/``fp8_format`` apply when
+    it is ``fp8``)."""
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -45,9 +47,12 @@ class ParallelSection:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     transformer_impl: str | None = None
-    fp8: str | None = None
+    fp8_recipe: str = "delayed"
     fp8_format: str = "hybrid"
     pipeline_layers: list[int] | None = None
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
         require(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1,
@@ -56,6 +61,12 @@ class ParallelSection:
     @property
     def model_parallel(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel
+
+    def engine(self, world_size: int, precision: str):
+        """The engine's ``ParallelConfig`` for ``world_size`` ranks at ``train.precision``."""
+        from megatron_ext.layout import ParallelConfig
+
+        return ParallelConfig(world_size, precision=precision, **dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,12 @@ class RunConfig:
 def _build(cls: type, values: dict[str, Any], where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
+    if cls is ParallelSection and "fp8" in values:
+        # Before train.precision existed; resolved configs of old runs hold ``fp8: null``.
+        values = dict(values)
+        if values.pop("fp8") is not None:
+            raise ConfigError(f"{where}: parallel.fp8 was replaced by train.precision: fp8 with "
+                              "parallel.fp8_recipe (the recipe name)")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

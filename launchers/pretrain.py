@@ -101,6 +101,9 @@ def pretrain(cfg: RunConfig, resume: str = "auto") -> int:
     tokenizer = load_run_tokenizer(cfg)
     faults = injected_faults()
     cpu_compat.install()  # a no-op where CUDA is available
+    from megatron_ext.training import enable_tf32
+
+    enable_tf32()
     init_world()
     try:
         return _Trainer(cfg, faults).run(candidates, tokenizer)
@@ -191,12 +194,12 @@ def _peak_memory_gb() -> float:
 
 class _Trainer:
     def __init__(self, cfg: RunConfig, faults: dict[str, set[int]]) -> None:
-        from megatron_ext.layout import ParallelConfig, PipelinePlan
+        from megatron_ext.layout import PipelinePlan
 
         self.cfg, self.faults = cfg, faults
         self.rank = torch.distributed.get_rank()
-        self.parallel = ParallelConfig(torch.distributed.get_world_size(),
-                                       **dataclasses.asdict(cfg.parallel))
+        self.parallel = cfg.parallel.engine(torch.distributed.get_world_size(),
+                                            cfg.train.precision)
         self.plan = PipelinePlan(cfg.model, self.parallel)
         dp, batch = self.parallel.data_parallel, cfg.train.batch_size
         self.micro_batch = cfg.train.micro_batch_size or batch // dp
@@ -258,12 +261,14 @@ class _Trainer:
         self.optimizer, self.scheduler = build_training_optimizer(self.chunks, self.parallel,
                                                                   cfg.train)
         self.params = [m.param for stage in self.stages for m in param_maps(stage)]
-        self.ema = ([p.detach().clone() for p in self.params] if cfg.train.ema_decay > 0
+        # fp32 even for bf16 weights: a bf16 average would drop updates of (1 - decay) ~ 1e-4.
+        self.ema = ([p.detach().float() for p in self.params] if cfg.train.ema_decay > 0
                     else None)
 
     def _restore(self, candidates: list[Path]) -> TrainState:
         if not candidates:
             return TrainState()
+        self._check_precision(candidates[0])
         layout = _layout_of(self.parallel)
         path, common = self.checkpoints.load(
             candidates, self.stages, self.optimizer, self.ema,
@@ -278,9 +283,29 @@ class _Trainer:
         self.log(f"e2d2 pretrain: resumed from {path} at step {state.step}{changed}")
         return state
 
+    def _check_precision(self, path: Path) -> None:
+        """megatron's fp32 and mixed-precision optimizers keep different states (only the
+        distributed optimizer's loads across precisions): one clear error, not a KeyError."""
+        from megatron_ext.checkpoint import CheckpointError, read_common
+
+        try:
+            saved = read_common(path).get("precision", "fp32")  # older checkpoints: fp32
+        except CheckpointError:
+            return  # unreadable: the loader reports it and falls back
+        now = self.cfg.train.precision
+        if not self.parallel.use_distributed_optimizer and (saved == "fp32") != (now == "fp32"):
+            raise UserError(f"checkpoint {path} was saved with train.precision={saved}, this run "
+                            f"has train.precision={now}: the optimizer states differ. Resume "
+                            f"with train.precision={saved}, or start a new run from its weights "
+                            f"with checkpoint.init={path} and --resume none")
+
     def _save(self, state: TrainState) -> None:
+        from megatron_ext.training import sync_params
+
+        sync_params(self.chunks)  # the weights of this step, not of the previous one
         common = {"state": dataclasses.asdict(state), "scheduler": self.scheduler.state_dict(),
-                  "config": self.cfg.to_dict(), "layout": _layout_of(self.parallel)}
+                  "config": self.cfg.to_dict(), "layout": _layout_of(self.parallel),
+                  "precision": self.cfg.train.precision}
         kill = state.step in self.faults["kill_in_save"]
         path = self.checkpoints.save(state.step, self.cfg, self.stages, self.optimizer,
                                      self.ema, common, kill_after_write=kill)
@@ -291,7 +316,7 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         from megatron_ext.objective import make_forward_step, noised_samples
-        from megatron_ext.training import guarded_train_step
+        from megatron_ext.training import guarded_train_step, sync_params
 
         cfg, train = self.cfg, self.cfg.train
         preemption = Preemption()
@@ -327,7 +352,8 @@ class _Trainer:
             else:
                 state.consecutive_skips = 0
                 if self.ema is not None:
-                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.params],
+                    sync_params(self.chunks)  # gives up overlap_param_gather's overlap
+                    torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
                                          1.0 - train.ema_decay)
             elapsed = time.perf_counter() - start
             tokens_per_s = tokens_per_step / elapsed
@@ -412,9 +438,10 @@ class _Trainer:
 
     def _evaluate(self, step: int, logger: RunLogger) -> None:
         from megatron_ext.objective import make_forward_step
-        from megatron_ext.training import forward_only, last_stage_sum
+        from megatron_ext.training import forward_only, last_stage_sum, sync_params
 
         forward = make_forward_step(self.objective, evaluation=True)
+        sync_params(self.chunks)
         values = []
         with self._evaluation_weights():
             for chunk in self.chunks:

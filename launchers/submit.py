@@ -9,7 +9,6 @@ template (``render_pretrain``) once per point or once for an array.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import shlex
 import shutil
@@ -145,10 +144,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def validate_layout(cfg: RunConfig, world_size: int, source: str) -> None:
     """The layout check ``e2d2 pretrain`` makes at start, made before submitting."""
-    from megatron_ext.layout import ParallelConfig, PipelinePlan
+    from megatron_ext.layout import PipelinePlan
 
     try:
-        PipelinePlan(cfg.model, ParallelConfig(world_size, **dataclasses.asdict(cfg.parallel)))
+        PipelinePlan(cfg.model, cfg.parallel.engine(world_size, cfg.train.precision))
     except ConfigError as exc:
         raise ConfigError(f"{source}: layout on {world_size} ranks: {exc}") from None
 

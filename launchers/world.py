@@ -304,7 +304,8 @@ def describe_layout(plan: PipelinePlan) -> str:
     par = plan.parallel
     hosts = sorted({r["host"] for r in everyone})
     lines = [f"layout {par.name} ({plan.model.variant}) on {len(everyone)} ranks, "
-             f"{len(hosts)} host(s): {', '.join(hosts)}"]
+             f"{len(hosts)} host(s): {', '.join(hosts)}",
+             f"  precision: {par.describe_precision()}"]
     for p in range(par.pipeline_parallel):
         holders = [r["rank"] for r in everyone if r["pp"] == p]
         lines.append(f"  pipeline stage {p}: ranks {holders}: {_stage_role(plan, p)}")

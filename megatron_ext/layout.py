@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from e2d2 import flops
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
+from e2d2.train import PRECISIONS
 
 # megatron-core's TransformerConfig.fp8_recipe values ("custom" needs a quantizer factory: not offered).
 FP8_RECIPES: tuple[str, ...] = ("delayed", "tensorwise", "mxfp8", "blockwise")
@@ -42,6 +43,9 @@ FP8_RECIPES: tuple[str, ...] = ("delayed", "tensorwise", "mxfp8", "blockwise")
 FP8_FORMATS: tuple[str, ...] = ("hybrid", "e4m3")
 # megatron-core's TransformerConfig.transformer_impl values this model supports.
 TRANSFORMER_IMPLS: tuple[str, ...] = ("local", "transformer_engine")
+# Activation recomputation: none, core attention only (megatron's "selective" default), or
+# every Transformer layer (megatron's "full" with the uniform method, one layer per checkpoint).
+RECOMPUTE: tuple[str, ...] = ("none", "selective", "full")
 
 
 def transformer_engine_available() -> bool:
@@ -54,15 +58,22 @@ class ParallelConfig:
 
     ``encoder_pipeline_stages`` (k) only applies to E2D2 with ``pipeline_parallel > 1`` and
     counts virtual stages (``1..P x V - 1``);
+    ``precision`` (``e2d2.train.PRECISIONS``): ``"fp32"``; ``"bf16"``: bf16 parameters and
+    activations through megatron's ``Float16Module``, fp32 gradient buffers and fp32 main
+    parameters in megatron's mixed-precision (or distributed) optimizer; ``"fp8"``: bf16 plus
+    Transformer Engine FP8 linears with ``fp8_recipe`` (``FP8_RECIPES``) and ``fp8_format``
+    (``FP8_FORMATS``, megatron's ``TransformerConfig.fp8``).
     ``transformer_impl`` picks the attention/MLP linears: megatron-core's ``"local"`` ones or
     Transformer Engine's (``"transformer_engine"``, needs TE importable); unset, it is
-    ``"transformer_engine"`` when ``fp8`` is set and ``"local"`` otherwise, and after
+    ``"transformer_engine"`` for ``precision="fp8"`` and ``"local"`` otherwise, and after
     construction it always holds the resolved name.
-    ``fp8`` names a megatron-core FP8 recipe (``FP8_RECIPES``) and ``fp8_format`` the FP8
-    format (megatron's ``TransformerConfig.fp8``); FP8 needs the Transformer Engine layers.
     ``pipeline_layers``: layers per (virtual) stage in pipeline order, overriding the
     FLOPs-balanced default (E2D2: the ``k`` encoder stages' counts, then the decoder stages');
     checked against the model in ``PipelinePlan``.
+    ``overlap_grad_reduce`` / ``overlap_param_gather``: megatron DDP's bucketed gradient
+    reduction during the backward pass / parameter all-gather during the next forward (the
+    latter needs the distributed optimizer). ``recompute`` (``RECOMPUTE``): activation
+    recomputation in the backward pass.
     """
 
     world_size: int
@@ -73,9 +84,13 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     transformer_impl: str | None = None
-    fp8: str | None = None
+    fp8_recipe: str = "delayed"
     fp8_format: str = "hybrid"
     pipeline_layers: tuple[int, ...] | None = None
+    precision: str = "fp32"
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("world_size", "tensor_parallel", "pipeline_parallel"):
@@ -116,29 +131,37 @@ class ParallelConfig:
                 )
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"unknown recompute {self.recompute!r}; choose one of {RECOMPUTE}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("overlap_param_gather needs use_distributed_optimizer=true (the "
+                              "parameters are all-gathered only from its shards); set both, "
+                              "or unset overlap_param_gather")
         if self.transformer_impl is None:
             object.__setattr__(self, "transformer_impl",
-                               "local" if self.fp8 is None else "transformer_engine")
+                               "transformer_engine" if self.precision == "fp8" else "local")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"unknown transformer_impl {self.transformer_impl!r}; "
                               f"choose one of {TRANSFORMER_IMPLS}")
-        if self.fp8 is not None:
-            if self.fp8 not in FP8_RECIPES:
-                raise ConfigError(f"unknown fp8 recipe {self.fp8!r}; choose one of {FP8_RECIPES}")
-            if self.fp8_format not in FP8_FORMATS:
-                raise ConfigError(f"unknown fp8_format {self.fp8_format!r}; "
-                                  f"choose one of {FP8_FORMATS}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"unknown fp8 recipe {self.fp8_recipe!r}; choose one of {FP8_RECIPES}")
+        if self.fp8_format not in FP8_FORMATS:
+            raise ConfigError(f"unknown fp8_format {self.fp8_format!r}; "
+                              f"choose one of {FP8_FORMATS}")
+        if self.precision == "fp8":
             if self.transformer_impl == "local":
                 raise ConfigError(
-                    f"fp8={self.fp8!r} with transformer_impl='local': megatron-core's local "
+                    "precision='fp8' with transformer_impl='local': megatron-core's local "
                     "layers have no FP8 path; use transformer_impl='transformer_engine' (or "
-                    "leave it unset) or set fp8=None"
+                    "leave it unset) or precision='bf16'"
                 )
             if not transformer_engine_available():
                 raise ConfigError(
-                    f"fp8={self.fp8!r} needs Transformer Engine, which is not importable here; "
-                    "install transformer-engine[pytorch] on a GPU machine or set fp8=None "
-                    "(this never falls back to bf16 silently)"
+                    f"precision='fp8' (recipe {self.fp8_recipe!r}) needs Transformer Engine, "
+                    "which is not importable here; install transformer-engine[pytorch] on a "
+                    "GPU machine or use precision='bf16' (this never falls back to bf16 silently)"
                 )
         elif self.transformer_impl == "transformer_engine" and not transformer_engine_available():
             raise ConfigError(
@@ -146,6 +169,30 @@ class ParallelConfig:
                 "importable here; install transformer-engine[pytorch] on a GPU machine or use "
                 "transformer_impl='local'"
             )
+
+    @property
+    def fp8(self) -> str | None:
+        """The FP8 recipe when ``precision="fp8"``, else None."""
+        return self.fp8_recipe if self.precision == "fp8" else None
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 parameters and activations (``precision`` bf16, or fp8 outside the FP8 GEMMs)."""
+        return self.precision != "fp32"
+
+    def describe_precision(self) -> str:
+        """One line for the start-up report: the precision of each part of the step."""
+        if not self.bf16:
+            text = "fp32 (weights, activations, gradients, optimizer)"
+        else:
+            text = ("bf16 weights and activations, fp32 gradient buffers, main weights, Adam "
+                    "moments and loss")
+            if self.fp8:
+                text = f"fp8 linears (recipe {self.fp8}, format {self.fp8_format}), otherwise {text}"
+        overlap = [name for name, on in (("grad reduce", self.overlap_grad_reduce),
+                                         ("param gather", self.overlap_param_gather)) if on]
+        return (f"{text}; recompute {self.recompute}; overlapped "
+                f"{' and '.join(overlap) if overlap else 'nothing'}")
 
     @property
     def data_parallel(self) -> int:
@@ -168,6 +215,14 @@ class ParallelConfig:
             parts.append("te")
         if self.fp8 is not None:
             parts.append(f"fp8-{self.fp8}-{self.fp8_format}")
+        elif self.bf16:
+            parts.append("bf16")
+        if self.overlap_grad_reduce:
+            parts.append("overlapgrad")
+        if self.overlap_param_gather:
+            parts.append("overlapparam")
+        if self.recompute != "none":
+            parts.append(f"recompute{self.recompute}")
         return "-".join(parts)
 
 

@@ -31,6 +31,16 @@ streams separately, BD3-LM its ``[x0 ; xt]`` stack as one), so norms and residua
 megatron's column-parallel linears all-gather the positions on input and the row-parallel
 ones reduce-scatter them on output (along dim 0, hence the transposes in ``_Column``/
 ``_Row``); attention itself always sees whole sequences.
+
+Precision (``ParallelConfig.precision``): with bf16 (and fp8) the chunks are built in bf16
+(``TransformerConfig.params_dtype``) and ``megatron_ext.training.wrap_ddp`` wraps each in
+megatron's ``Float16Module``, which returns fp32 logits on the last stage; norms reduce in
+fp32 inside torch's ``rms_norm``, SDPA accumulates its softmax in fp32.
+
+Activation recomputation (``ParallelConfig.recompute``, megatron's
+``TransformerConfig.recompute_granularity``): megatron's ``tensor_parallel.checkpoint`` (RNG
+states saved and restored, megatron's tracker included) around each layer (``"full"``) or
+around the core attention ``softmax(q k^T) v`` (``"selective"``), in training only.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    checkpoint,
     scatter_to_sequence_parallel_region,
     set_tensor_model_parallel_attributes,
 )
@@ -53,7 +64,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from e2d2 import masks, shift
-from e2d2.attention import build_mask
+from e2d2.attention import attend, build_mask
 from e2d2.config import ModelConfig
 from e2d2.layers import MLP, Attention, TransformerLayer, rotary, run_layers
 from megatron_ext.layout import ParallelConfig, PipelinePlan, StageLayers
@@ -61,7 +72,10 @@ from megatron_ext.mapping import param_maps
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """megatron's TransformerConfig for the parallel linears, DDP and the schedules (fp32, CPU init)."""
+    """megatron's TransformerConfig for the parallel linears, DDP and the schedules (CPU init;
+    fp32, or bf16 parameters and inter-stage tensors with ``parallel.bf16``)."""
+    dtype = torch.bfloat16 if parallel.bf16 else torch.float32
+    full = parallel.recompute == "full"
     return TransformerConfig(
         num_layers=model.num_layers + model.num_decoder_layers,
         hidden_size=model.hidden_size,
@@ -78,12 +92,19 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # Which linears the attention/MLP use (see linear_classes) and, with TE, FP8.
         transformer_impl=parallel.transformer_impl,
         fp8=parallel.fp8_format if parallel.fp8 else None,
-        fp8_recipe=parallel.fp8 or "delayed",  # megatron's default; ignored while fp8 is None
+        fp8_recipe=parallel.fp8_recipe,  # ignored while fp8 is None
+        bf16=parallel.bf16,
+        params_dtype=dtype,
+        # Every layer is one recompute unit (megatron's "uniform" method, one layer each);
+        # "selective" recomputes the core attention (megatron's default recompute_modules).
+        recompute_granularity=None if parallel.recompute == "none" else parallel.recompute,
+        recompute_method="uniform" if full else None,
+        recompute_num_layers=1 if full else None,
         # gloo pairs messages between two ranks in posting order. In a batched exchange of the
         # interleaved schedule a rank sends to its previous and its next stage, the same peer
         # when PP=2, and the two tensors can swap; megatron's unbatched p2p path keeps the order.
         batch_p2p_comm=_backend() != "gloo",
-        pipeline_dtype=torch.float32,
+        pipeline_dtype=dtype,
         # Weights come from megatron_ext.mapping.initialize_at_seed (layout-invariant, per
         # shard); megatron's own init would depend on the layout. Only shards are allocated.
         perform_initialization=False,
@@ -190,6 +211,7 @@ class ParallelAttention(Attention):
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig):
         nn.Module.__init__(self)
+        self.config = config
         tp, d = config.tensor_model_parallel_size, cfg.kv_channels
         h, g = cfg.num_attention_heads, cfg.num_query_groups
         self.heads, self.groups, self.head_dim = h // tp, g // tp, d
@@ -204,6 +226,13 @@ class ParallelAttention(Attention):
     @property
     def q_norm(self) -> nn.Module:
         return self.q_layernorm
+
+    def core_attention(self, q, k, v, mask) -> torch.Tensor:
+        """``recompute="selective"``: the attention scores are recomputed in the backward pass
+        instead of kept (the mask, never differentiated, stays out of the checkpoint's inputs)."""
+        if self.config.recompute_granularity != "selective" or not torch.is_grad_enabled():
+            return attend(q, k, v, mask)
+        return checkpoint(lambda q, k, v: attend(q, k, v, mask), False, q, k, v)
 
     @property
     def k_norm(self) -> nn.Module:
@@ -226,10 +255,27 @@ class ParallelTransformerLayer(TransformerLayer):
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig):
         nn.Module.__init__(self)
+        self.config = config
         self.input_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = ParallelAttention(cfg, config)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = ParallelMLP(cfg, config)
+
+    def forward(self, x: torch.Tensor, rope, mask, prefix=None):
+        """The reference layer; with ``recompute="full"`` (training only) under megatron's
+        ``checkpoint``: only the layer's input is kept, everything inside is recomputed in the
+        backward pass. The checkpoint takes tensors only, so the prefix K/V (differentiated)
+        go in flat and the layer's own K/V come out flat; RoPE tables and mask (not
+        differentiated) stay in the closure."""
+        if self.config.recompute_granularity != "full" or not torch.is_grad_enabled():
+            return super().forward(x, rope, mask, prefix)
+
+        def run(x, *prefix_kv):
+            out, (k, v) = TransformerLayer.forward(self, x, rope, mask, prefix_kv or None)
+            return out, k, v
+
+        out, k, v = checkpoint(run, False, x, *(prefix or ()))
+        return out, (k, v)
 
 
 class ParallelDiffusionLM(MegatronModule):
@@ -244,6 +290,8 @@ class ParallelDiffusionLM(MegatronModule):
     def __init__(self, cfg: ModelConfig, plan: PipelinePlan, stage: int, config: TransformerConfig):
         super().__init__(config)
         self.cfg, self.plan, self.stage = cfg, plan, stage
+        # The chunk index (megatron's name), read by Float16Module for first/last-stage casts.
+        self.vp_stage = stage // plan.parallel.pipeline_parallel if plan.parallel.virtual_pipeline else None
         # Both streams travel in one tensor, so to megatron's schedules this is a plain
         # single-stack model (upstream's own encoder-decoder pipeline support was removed).
         self.model_type = ModelType.encoder_or_decoder
@@ -381,9 +429,9 @@ class ParallelDiffusionLM(MegatronModule):
         if not self.post_process:
             return h.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:  # positions are gathered only inside the LM head
-            # A slice such as BD3-LM's ``[:, L:]`` is not contiguous once batch > 1, and
-            # megatron's vocab-parallel cross-entropy ``.view``s its input.
-            return self._logits(h)[:, predicted].contiguous()
+            # Sequence-first logits seen batch-first: a slice of positions stays contiguous
+            # sequence-first, as the loss wants it (megatron_ext.objective).
+            return self._logits(h)[:, predicted]
         return self._logits(h[:, predicted])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -398,13 +446,15 @@ def build_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[ParallelD
     Weights are uninitialised: draw them with ``megatron_ext.mapping.initialize_at_seed`` or
     load them with ``load_reference_state`` / ``megatron_ext.checkpoint.load``.
 
-    Built on CPU in fp32 (``use_cpu_initialization``); when CUDA is available the chunks
-    are then moved to ``torch.cuda.current_device()`` (still fp32: bf16 is not supported
-    yet). The CUDA move is not verified on a GPU (see docs/parallel.md)."""
+    Built on CPU (``use_cpu_initialization``) in the parameter dtype (fp32, or bf16 with
+    ``parallel.bf16``: norms included, as megatron's ``Float16Module`` would cast them);
+    when CUDA is available the chunks are then moved to ``torch.cuda.current_device()``.
+    The CUDA move is not verified on a GPU (see docs/parallel.md)."""
     plan = PipelinePlan(model, parallel)
     config = transformer_config(model, parallel)
     rank, pp = parallel_state.get_pipeline_model_parallel_rank(), parallel.pipeline_parallel
-    chunks = [_tagged(ParallelDiffusionLM(model, plan, chunk * pp + rank, config))
+    # Module.to keeps the Parameter objects (and so the attributes _tagged set).
+    chunks = [_tagged(ParallelDiffusionLM(model, plan, chunk * pp + rank, config)).to(config.params_dtype)
               for chunk in range(parallel.virtual_pipeline or 1)]
     if torch.cuda.is_available():
         # Module.to keeps the Parameter objects (and so the attributes _tagged set).

@@ -94,19 +94,28 @@ def vocab_parallel_token_nll(logits: torch.Tensor, target: torch.Tensor,
                              exclude_token: int | None = None) -> torch.Tensor:
     """``-log softmax(logits)[target]`` for logits split over TP ranks on the vocab dim.
 
-    logits ``[batch, L, vocab / TP]``, target ``[batch, L]`` -> ``[batch, L]`` float32.
-    ``exclude_token`` gets logit ``-inf`` first (SUBS: ``[MASK]`` is never predicted), on
-    the one rank whose vocab slice holds it, like ``e2d2.diffusion.token_nll``.
+    logits ``[batch, L, vocab / TP]``, contiguous or a sequence-first tensor seen batch-first
+    (the LM head's output under sequence parallelism; megatron ``.view``s its input, so the
+    cross-entropy runs sequence-first there, as in megatron's GPT), target ``[batch, L]`` ->
+    ``[batch, L]`` float32. ``exclude_token`` gets logit ``-inf`` first
+    (SUBS: ``[MASK]`` is never predicted), on the one rank whose vocab slice holds it, like
+    ``e2d2.diffusion.token_nll``.
+
+    **Consumes ``logits``** (no copy is made): the ``-inf`` is written into them and megatron's
+    cross-entropy turns them into the softmax in place, which it keeps for the backward pass.
+    That is safe for the model's output, which nothing else reads: the LM head's backward
+    needs its input and weight, not its output. fp32 logits are used as they are (bf16 runs
+    get fp32 logits from ``Float16Module``, the one upcast); lower-precision logits are
+    upcast once inside megatron's cross-entropy.
     """
-    # A fresh contiguous copy on every rank: megatron's CE works in place on its input
-    # (which must not be the model's logits) and ``.view``s it (slices such as BD3-LM's
-    # predicted half or AR's ``[:, :-1]`` are not contiguous).
-    logits = logits.float().clone(memory_format=torch.contiguous_format)
     if exclude_token is not None:
         local = logits.shape[-1]
         start = parallel_state.get_tensor_model_parallel_rank() * local
         if start <= exclude_token < start + local:
             logits[..., exclude_token - start] = float("-inf")
+    if not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous():
+        nll = vocab_parallel_cross_entropy(logits.transpose(0, 1), target.t().contiguous())
+        return nll.t()
     return vocab_parallel_cross_entropy(logits, target)
 
 
@@ -127,9 +136,13 @@ def diffusion_loss(batch: Batch, logits: torch.Tensor, *, mask_token_id: int,
 
 
 def ar_loss(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token loss: vocab-parallel NLL, reduced by ``e2d2.diffusion.ar_per_sequence_loss``."""
+    """Next-token loss: vocab-parallel NLL, reduced by ``e2d2.diffusion.ar_per_sequence_loss``.
+    The last position has no next token; its NLL (against a dummy target) is computed with
+    the rest and dropped, so that the logits are used whole instead of copied out of a
+    non-contiguous ``[:, :-1]`` slice. Dropped, it gets a zero gradient."""
     x0 = batch["x0"]
-    nll = vocab_parallel_token_nll(logits[:, :-1], x0[:, 1:])
+    targets = torch.cat((x0[:, 1:], torch.zeros_like(x0[:, :1])), dim=1)
+    nll = vocab_parallel_token_nll(logits, targets)[:, :-1]
     return _reduced(ar_per_sequence_loss(nll, batch["loss_mask"]))
 
 

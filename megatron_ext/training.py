@@ -2,6 +2,14 @@
 
 Model-agnostic: anything that megatron's schedules accept (a list of model chunks
 and a ``forward_step_func``) trains through ``train_step``.
+
+The wrapping is megatron's own (its ``training.get_model`` order): each chunk in
+``Float16Module`` when ``config.bf16`` (bf16 compute, fp32 logits out of the last stage),
+then in megatron's DDP (fp32 gradient buffers, optionally overlapped reduction); the
+optimizer keeps fp32 main parameters (``Float16OptimizerWithFloat16Params`` or the
+distributed optimizer). The unwrapped stages stay the caller's handles for the name
+mapping and checkpoints (``megatron_ext.mapping``, ``megatron_ext.checkpoint``): the
+wrappers hold the same Parameter objects.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
 from e2d2.train import TrainConfig
 from megatron_ext.layout import ParallelConfig
@@ -26,27 +35,79 @@ from megatron_ext.layout import ParallelConfig
 def wrap_ddp(
     chunks: list[torch.nn.Module], config: TransformerConfig, parallel: ParallelConfig
 ) -> list[DistributedDataParallel]:
-    """Wrap model chunks in megatron's DDP (fp32 grad buffers, mean over data-parallel ranks)."""
+    """Wrap model chunks in megatron's ``Float16Module`` (with ``config.bf16``) and DDP (fp32
+    grad buffers, mean over data-parallel ranks), and give ``config`` the hooks megatron's
+    ``training.py`` gives the schedules."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        # With several chunks the interleaved schedule dispatches each chunk's all-gather
+        # (param_sync_func below); otherwise each forward pre-hook dispatches the next bucket.
+        align_param_gather=parallel.overlap_param_gather and len(chunks) > 1,
     )
     # The schedules call this after the last micro-batch; without it the DP, sequence-parallel
     # and tied-embedding gradient reductions never run.
     config.finalize_model_grads_func = finalize_model_grads
-    return [
-        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+    wrapped = [
+        DistributedDataParallel(config, ddp_config, Float16Module(config, chunk) if config.bf16
+                                else chunk, disable_bucketing=index > 0)
         for index, chunk in enumerate(chunks)
     ]
+    _set_sync_funcs(config, wrapped, ddp_config)
+    return wrapped
+
+
+def _set_sync_funcs(config: TransformerConfig, chunks: list[DistributedDataParallel],
+                    ddp_config: DistributedDataParallelConfig) -> None:
+    """megatron's ``training.py`` (0.16.1, default ``align_grad_reduce``): with overlapped
+    reduction the schedules keep DDP from reducing before the last micro-batch
+    (``no_sync_func``) and, interleaved, start each chunk's reduction when its last backward
+    is done (``grad_sync_func``); with aligned overlapped all-gathers they start each chunk's
+    (``param_sync_func``). One function for one chunk, a list for several."""
+    def per_chunk(method: str):
+        funcs = [getattr(chunk, method) for chunk in chunks]
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    config.no_sync_func = config.grad_sync_func = config.param_sync_func = None
+    if ddp_config.overlap_grad_reduce:
+        config.no_sync_func = per_chunk("no_sync")
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = per_chunk("start_param_sync")
+
+
+def sync_params(chunks: list[DistributedDataParallel]) -> None:
+    """Finish the parameter all-gather now. With ``overlap_param_gather`` the distributed
+    optimizer's step leaves the updated parameters in its shards and the next forward
+    gathers them (DDP's forward pre-hooks), so anything that reads the weights between steps
+    (evaluation, checkpoints, the EMA, ``gather_reference_state``) calls this first, as
+    megatron's ``training.py`` forces a sync before saving. A no-op otherwise."""
+    for chunk in chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
+def enable_tf32() -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions on Ampere and later (what remains in fp32
+    under bf16: nothing large; under fp32: everything). No effect on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def build_optimizer(
     chunks: list[DistributedDataParallel], parallel: ParallelConfig, **adam: float
 ) -> MegatronOptimizer:
-    """megatron's Adam (torch AdamW on CPU) with fp32 params; ``adam`` overrides OptimizerConfig."""
+    """megatron's Adam (torch AdamW on CPU); ``adam`` overrides OptimizerConfig. With
+    ``parallel.bf16`` it is megatron's mixed-precision optimizer: fp32 main parameters (and
+    Adam moments) updated from the fp32 gradient buffers, then copied into the bf16 weights;
+    no loss scaling (bf16 has fp32's exponent range)."""
     config = OptimizerConfig(
         optimizer="adam",
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        bf16=parallel.bf16,
+        params_dtype=torch.bfloat16 if parallel.bf16 else torch.float32,
         **adam,
     )
     return get_megatron_optimizer(config, chunks)

@@ -124,7 +124,7 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
     from megatron_ext.mapping import gather_reference_state, initialize_at_seed
     from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step, micro_batches, noised_batch
-    from megatron_ext.training import build_optimizer, train_step, wrap_ddp
+    from megatron_ext.training import build_optimizer, sync_params, train_step, wrap_ddp
 
     plan = PipelinePlan(cfg, parallel)
     with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
@@ -151,6 +151,7 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
                                     clip_grad=run.clip)
         losses = [train_step(chunks, optimizer, forward_step, mine, **kwargs)
                   for _ in range(run.steps)]
+        sync_params(chunks)
         if save_to is not None:
             checkpoint.save(stages, save_to)
         return {"first_loss": first_loss, "losses": losses, "grads": grads,

@@ -20,8 +20,10 @@ def test_shipped_config_validates(path):
     from megatron_ext.layout import ParallelConfig, PipelinePlan
 
     par = {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
-           if k not in ("fp8", "transformer_impl")}  # FP8 needs TE: checked separately
-    PipelinePlan(cfg.model, ParallelConfig(world_size=cfg.parallel.model_parallel, **par))
+           if k != "transformer_impl"}  # FP8 needs TE: checked separately, so bf16 here
+    precision = "bf16" if cfg.train.precision == "fp8" else cfg.train.precision
+    PipelinePlan(cfg.model, ParallelConfig(world_size=cfg.parallel.model_parallel,
+                                           precision=precision, **par))
     dp = 2
     assert cfg.train.batch_size % ((cfg.train.micro_batch_size or 1) * dp) == 0
 
@@ -38,11 +40,19 @@ def test_roundtrip_through_dict():
     ({"parallel": {"tp": 2}}, r"\[parallel\]: unknown key"),
     ({"checkpoint": {"interval": 0}}, r"\[checkpoint\]: checkpoint.interval must be positive"),
     ({"train": {"lr_decay": "exp"}}, r"\[train\]: unknown lr_decay"),
+    ({"train": {"precision": "fp16"}}, r"\[train\]: unknown precision 'fp16'"),
+    ({"parallel": {"fp8": "tensorwise"}}, r"parallel.fp8 was replaced by train.precision: fp8 "
+                                          "with parallel.fp8_recipe"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_config_is_one_clear_error(data, match):
     with pytest.raises(ConfigError, match=match):
         run_config_from_dict(data, "x.yaml")
+
+
+def test_resolved_config_of_a_run_from_before_train_precision_still_loads():
+    cfg = run_config_from_dict({"parallel": {"fp8": None, "tensor_parallel": 2}})
+    assert (cfg.parallel.tensor_parallel, cfg.train.precision) == (2, "fp32")
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -3,8 +3,6 @@ process group exists; valid ones place encoder layers before decoder layers."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -31,7 +29,10 @@ def _no_process_group():
         (dict(world_size=4, pipeline_parallel=2, encoder_pipeline_stages=2), r"must be in 1\.\.1"),
         (dict(world_size=4, pipeline_parallel=2, encoder_pipeline_stages=0), r"must be in 1\.\.1"),
         (dict(world_size=2, sequence_parallel=True), "sequence_parallel needs tensor_parallel"),
-        (dict(world_size=1, fp8="nonsense"), "unknown fp8 recipe"),
+        (dict(world_size=1, fp8_recipe="nonsense"), "unknown fp8 recipe"),
+        (dict(world_size=1, precision="fp16"), "unknown precision 'fp16'"),
+        (dict(world_size=1, recompute="some"), "unknown recompute 'some'"),
+        (dict(world_size=2, overlap_param_gather=True), "needs use_distributed_optimizer"),
         (dict(world_size=2, pipeline_parallel=2, virtual_pipeline=1), "virtual_pipeline=1"),
         (dict(world_size=0), "world_size must be >= 1"),
     ],
@@ -44,7 +45,7 @@ def test_invalid_parallel_config(kwargs, message):
 def test_fp8_without_transformer_engine_fails_clearly(monkeypatch):
     monkeypatch.setattr(layout, "transformer_engine_available", lambda: False)
     with pytest.raises(ConfigError, match="needs Transformer Engine.*never falls back"):
-        ParallelConfig(world_size=1, fp8="delayed")
+        ParallelConfig(world_size=1, precision="fp8")
 
 
 @pytest.mark.parametrize(
@@ -108,8 +109,8 @@ def test_transformer_engine_without_it_fails_clearly(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(transformer_impl="apex"), "unknown transformer_impl 'apex'"),
-    (dict(fp8="delayed", fp8_format="e5m2"), "unknown fp8_format 'e5m2'"),
-    (dict(fp8="delayed", transformer_impl="local"), "local layers have no FP8 path"),
+    (dict(precision="fp8", fp8_format="e5m2"), "unknown fp8_format 'e5m2'"),
+    (dict(precision="fp8", transformer_impl="local"), "local layers have no FP8 path"),
 ])
 def test_invalid_implementation(monkeypatch, kwargs, message):
     monkeypatch.setattr(layout, "transformer_engine_available", lambda: True)
@@ -120,7 +121,7 @@ def test_invalid_implementation(monkeypatch, kwargs, message):
 def test_implementation_defaults_to_local_and_fp8_implies_transformer_engine(monkeypatch):
     assert ParallelConfig(world_size=1).transformer_impl == "local"
     monkeypatch.setattr(layout, "transformer_engine_available", lambda: True)
-    parallel = ParallelConfig(world_size=1, fp8="tensorwise")
+    parallel = ParallelConfig(world_size=1, precision="fp8", fp8_recipe="tensorwise")
     assert parallel.transformer_impl == "transformer_engine"
     assert parallel.name == "tp1-pp1-dp1-te-fp8-tensorwise-hybrid"
     PipelinePlan(E2D2, parallel)  # the plan no longer refuses FP8
@@ -130,12 +131,13 @@ def test_transformer_config_carries_fp8(monkeypatch):
     from megatron_ext.model import transformer_config
 
     monkeypatch.setattr(layout, "transformer_engine_available", lambda: True)
-    config = transformer_config(E2D2, ParallelConfig(world_size=1, fp8="delayed",
+    config = transformer_config(E2D2, ParallelConfig(world_size=1, precision="fp8",
                                                      fp8_format="e4m3"))
     assert (config.transformer_impl, config.fp8, config.fp8_recipe) == (
         "transformer_engine", "e4m3", "delayed")
-    local = transformer_config(E2D2, ParallelConfig(world_size=1))
-    assert (local.transformer_impl, local.fp8) == ("local", None)
+    assert (config.bf16, config.params_dtype) == (True, torch.bfloat16)  # FP8 is bf16 + FP8 GEMMs
+    local = transformer_config(E2D2, ParallelConfig(world_size=1, fp8_recipe="tensorwise"))
+    assert (local.transformer_impl, local.fp8, local.bf16) == ("local", None, False)
 
 
 @pytest.mark.parametrize("model, kwargs, message", [
@@ -280,6 +282,6 @@ def test_pipeline_layers_from_a_run_config():
     cfg = load_run_config("configs/h100-1b-e2d2.yaml", ["parallel.pipeline_parallel=3",
                                                          "parallel.encoder_pipeline_stages=2",
                                                          "parallel.pipeline_layers=[10, 14, 4]",
-                                                         "parallel.fp8=null"])  # no TE here
-    parallel = ParallelConfig(world_size=6, **dataclasses.asdict(cfg.parallel))
+                                                         "train.precision=bf16"])  # no TE here
+    parallel = cfg.parallel.engine(6, cfg.train.precision)
     assert PipelinePlan(cfg.model, parallel).layer_counts() == [10, 14, 4]

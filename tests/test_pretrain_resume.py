@@ -2,12 +2,13 @@
 
 * killed with ``kill -9`` after a checkpoint, a run resumed with ``--resume auto`` repeats
   the uninterrupted run's losses bitwise (one process, TP2, PP2 with one encoder and one
-  decoder stage);
+  decoder stage; bf16 on one process and on DP2 with the distributed optimizer);
 * ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
 * SIGTERM to every process of the run (as SLURM's ``--signal`` does) saves, exits with the
   preempted code, and the resumed run continues exactly;
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
-  optimizer's state from DP2 to PP2) with the same losses;
+  optimizer's state from DP2 to PP2) with the same losses; at another precision without the
+  distributed optimizer it is refused with one message;
 * a NaN step is skipped and counted; repeated NaN steps abort the run;
 * the same command under ``torchrun`` trains identically.
 """
@@ -43,8 +44,12 @@ LAYOUTS = {
     "dp2-distopt": (2, ["parallel.use_distributed_optimizer=true"]),
     "pp2-distopt": (2, ["parallel.pipeline_parallel=2", "parallel.encoder_pipeline_stages=1",
                         "parallel.use_distributed_optimizer=true"]),
+    # The fp32 main weights (and moments) of megatron's mixed-precision optimizer and of the
+    # distributed optimizer round-trip: bf16 weights alone would not repeat the run.
+    "single-bf16": (1, ["train.precision=bf16"]),
+    "dp2-distopt-bf16": (2, ["parallel.use_distributed_optimizer=true", "train.precision=bf16"]),
 }
-KILLED = ["single", "tp2", "pp2"]
+KILLED = ["single", "tp2", "pp2", "single-bf16", "dp2-distopt-bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +182,15 @@ def test_resume_on_another_layout_continues_with_the_same_losses(source, target,
     losses = train_losses(run_dir)
     for step in range(5, STEPS + 1):
         assert abs(losses[step] - reference[step]) < 1e-5, (step, losses[step], reference[step])
+
+
+def test_resume_at_another_precision_is_one_clear_error_without_the_distributed_optimizer(
+        setup, straight, tmp_path):
+    _, data, config = setup
+    checkpoint = straight("single-bf16") / "checkpoints" / "iter_0000004"
+    result = run_pretrain(config, *_args(tmp_path / "fp32", data, "single"), resume=str(checkpoint))
+    assert result.returncode == 2
+    assert "was saved with train.precision=bf16, this run has train.precision=fp32" in result.stderr
 
 
 def test_nan_steps_are_skipped_counted_and_abort_when_repeated(setup, tmp_path):

@@ -143,7 +143,7 @@ def _layout_body(rank: int) -> list[str]:
     cfg = tiny_model_config("e2d2", num_layers=3, num_decoder_layers=2)
     texts = []
     for parallel in (ParallelConfig(2, pipeline_parallel=2, encoder_pipeline_stages=1),
-                     ParallelConfig(2, tensor_parallel=2)):
+                     ParallelConfig(2, tensor_parallel=2, precision="bf16", recompute="full")):
         plan = PipelinePlan(cfg, parallel)
         with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
             texts.append(describe_layout(plan))
@@ -156,6 +156,10 @@ def test_layout_report_names_stages_groups_and_devices():
     assert per_rank[0] == per_rank[1]  # every rank gets the same report
     pipeline, tensor = per_rank[0]
     assert "layout tp1-pp2-dp1-enc1 (e2d2) on 2 ranks" in pipeline
+    assert ("precision: fp32 (weights, activations, gradients, optimizer); recompute none; "
+            "overlapped nothing\n") in pipeline
+    assert ("precision: bf16 weights and activations, fp32 gradient buffers, main weights, "
+            "Adam moments and loss; recompute full") in tensor
     assert "pipeline stage 0: ranks [0]: encoder layers 0-2\n" in pipeline
     assert "pipeline stage 1: ranks [1]: decoder layers 0-1, embeds xt, LM head" in pipeline
     assert "tensor-parallel groups: [0] [1]" in pipeline
