@@ -592,12 +592,10 @@ class _CachedDenoiser:
             mcfg = self.run.model.cfg
             cache.drop_oldest(self.S, mcfg.kv_channels, mcfg.rope_theta)
         self._positions, self._mask = self.positions(), self._visible()
+        self._forward = self.run.model.block_forward(cache, self._positions, self._mask)
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        pos, mask = self._positions, self._mask
-        if rows is not None:
-            pos, mask = pos[rows], None if mask is None else mask[rows]
-        return self.run.model.denoise(x, self.cache, pos, mask, rows)
+        return (self._forward if rows is None else self._forward.select(rows))(x)
 
     def commit(self, block: torch.Tensor, j: int) -> None:
         mask = self._mask
@@ -618,6 +616,7 @@ class _CachedDenoiser:
         self.tail = self.tail[rows]
         self._positions = self._positions[rows]
         self._mask = None if self._mask is None else self._mask[rows]
+        self._forward = self.run.model.block_forward(self.cache, self._positions, self._mask)
 
 
 class _ShiftedCachedDenoiser(_CachedDenoiser):
