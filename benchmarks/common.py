@@ -70,13 +70,11 @@ def setup(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
 
 
-def interleaved_medians(
+def interleaved_times(
     steps: dict[str, Callable[[], object]], warmup: int, repeats: int
-) -> dict[str, tuple[float, float]]:
-    """Run each callable ``warmup`` times, then ``repeats`` rounds of one call each.
-
-    Returns ``{name: (median seconds, spread)}``, spread = (p90 - p10) / median over the rounds.
-    """
+) -> dict[str, list[float]]:
+    """Run each callable ``warmup`` times, then ``repeats`` rounds of one call each: ``{name:
+    seconds of each round}`` (round ``i`` of every name ran back to back: pair them for ratios)."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -86,12 +84,21 @@ def interleaved_medians(
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        deciles = statistics.quantiles(ts, n=10) if len(ts) > 1 else [med] * 9
-        out[name] = (med, (deciles[-1] - deciles[0]) / med)
-    return out
+    return times
+
+
+def median_spread(values: list[float]) -> tuple[float, float]:
+    """(median, (p90 - p10) / median)."""
+    med = statistics.median(values)
+    deciles = statistics.quantiles(values, n=10) if len(values) > 1 else [med] * 9
+    return med, (deciles[-1] - deciles[0]) / med
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """`interleaved_times` as ``{name: (median seconds, spread)}``, spread = (p90 - p10) / median."""
+    return {name: median_spread(ts) for name, ts in interleaved_times(steps, warmup, repeats).items()}
 
 
 def environment_line(args: argparse.Namespace) -> str:

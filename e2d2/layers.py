@@ -8,8 +8,8 @@ Sampling runs a second, inference-only form of the same layer (`TransformerLayer
 batch-1 denoising steps of a few tokens are bound by the number of small ops per layer, not
 by FLOPs, so it uses projection weights concatenated once per model (`FusedWeights`, cached
 and rebuilt when a parameter changes), RMSNorm weights folded into them, a cheap RMSNorm
-(`inference_rms`), RoPE on queries and keys in one op (`RopeTables`, built once per block) and the
-cache's preallocated views. `tests/test_sampling.py` checks it against the training forward.
+(`inference_rms`), RoPE on queries and keys at once (`RopeTables`, built once per block)
+and the cache's preallocated views. `tests/test_sampling.py` checks it against the training forward.
 """
 
 from __future__ import annotations
@@ -77,35 +77,42 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
 class RopeTables:
     """RoPE for the inference path, built once per block and shared by every layer.
 
-    ``cos`` and ``sin`` ``[len, 1, head_dim]`` (``[batch, len, 1, head_dim]`` for per-row
-    positions) broadcast over the heads of a ``[batch, len, heads, head_dim]`` tensor; ``sin``
-    carries rotate-half's sign, so that rotating is ``x * cos + x.roll(head_dim / 2) * sin``
-    (`TransformerLayer.infer`), the same numbers as `apply_rotary`.
+    ``cos`` and ``sin`` ``[len, head_dim]`` (``[batch, 1, len, head_dim]`` for per-row
+    positions), as `apply_rotary` takes them, but ``sin`` carries rotate-half's sign, so that
+    rotating is ``x * cos + x.roll(head_dim / 2) * sin`` (`TransformerLayer.infer`): one op
+    fewer, the same numbers.
     """
 
     __slots__ = ("cos", "sin")
 
     def __init__(self, rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype):
-        cos, sin = (r.to(dtype).unsqueeze(-2) for r in rope)
-        if cos.dim() == 5:  # per-row tables come as [batch, 1, len, head_dim]
-            cos, sin = cos.squeeze(1), sin.squeeze(1)
+        cos, sin = (r.to(dtype) for r in rope)
         half = sin.shape[-1] // 2
         self.cos, self.sin = cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)
 
     def rows(self, rows: torch.Tensor | None) -> RopeTables:
-        if rows is None or self.cos.dim() == 3:
+        if rows is None or self.cos.dim() == 2:
             return self
         out = RopeTables.__new__(RopeTables)
         out.cos, out.sin = self.cos[rows], self.sin[rows]
         return out
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [batch, heads, len, head_dim]`` rotated."""
+        return torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, -1), self.sin)
 
-def inference_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / sqrt(sum(x^2) + n * eps)`` over the last dim (size ``n``): RMSNorm divided by
-    ``sqrt(n)``, which `FusedWeights` folds into the next weight. Five small ops instead of
-    the ~20 of ``F.rms_norm``'s CPU composite (3.5x faster on a ``[4, 128]`` input)."""
-    n = x.shape[-1]
-    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(n * eps).rsqrt_()
+
+def inference_rms(x: torch.Tensor, eps_term: torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(sum(x^2) + n * eps)`` over the last dim (size ``n``; ``eps_term``: the 0-dim
+    ``sqrt(n * eps)``, see `rms_eps_term`): RMSNorm divided by ``sqrt(n)``, which the caller
+    folds into the next weight. Three small ops instead of the ~20 of ``F.rms_norm``'s CPU
+    composite (3x faster on a ``[4, 128]`` input)."""
+    return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps_term)
+
+
+def rms_eps_term(n: int, eps: float, like: torch.Tensor) -> torch.Tensor:
+    """`inference_rms`'s ``sqrt(n * eps)`` as a 0-dim tensor of ``like``'s dtype and device."""
+    return torch.tensor((n * eps) ** 0.5, dtype=like.dtype, device=like.device)
 
 
 class FusedWeights:
@@ -113,10 +120,11 @@ class FusedWeights:
 
     * ``qkv [(heads + 2 groups) * head_dim, hidden]``: q|k|v projections concatenated, the
       input RMSNorm's weight (and `inference_rms`'s ``sqrt(hidden)``) folded into their columns;
-    * ``qk_norm [heads + groups, head_dim]``: the q- and k-norm weights per head, times
+    * ``qk_norm [heads + groups, 1, head_dim]``: the q- and k-norm weights per head, times
       ``sqrt(head_dim)`` (None without QK-norm);
     * ``o_t``, ``down_t``: the output projections transposed (views, for ``addmm``);
-    * ``gate_up [2 ffn, hidden]``: gate|up, the MLP RMSNorm's weight folded in.
+    * ``gate_up [2 ffn, hidden]``: gate|up, the MLP RMSNorm's weight folded in;
+    * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes.
 
     ``key`` identifies the parameters it was made from (storage and version counter), so a
     cached copy is rebuilt after any in-place update (optimizer step, ``load_state_dict``).
@@ -132,11 +140,13 @@ class FusedWeights:
         self.qk_norm = None
         if isinstance(attn.q_norm, nn.RMSNorm):
             d = attn.head_dim
-            self.qk_norm = torch.cat((attn.q_norm.weight.expand(attn.heads, d),
-                                      attn.k_norm.weight.expand(attn.groups, d))) * d**0.5
+            self.qk_norm = torch.cat((attn.q_norm.weight.expand(attn.heads, 1, d),
+                                      attn.k_norm.weight.expand(attn.groups, 1, d))) * d**0.5
         self.o_t = attn.o_proj.weight.t()
         self.gate_up = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)) * scale_mlp
         self.down_t = mlp.down_proj.weight.t()
+        self.eps_hidden = rms_eps_term(hidden, layer.eps, self.qkv)
+        self.eps_head = rms_eps_term(attn.head_dim, layer.eps, self.qkv)
 
 
 class Attention(nn.Module):
@@ -220,6 +230,12 @@ class TransformerLayer(nn.Module):
         """This layer's keys/values for another stream ``x [batch, len, hidden]`` (e.g. ``h_enc``)."""
         return self.attn.project_kv(self.input_norm(x), rope)
 
+    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | KVSlot | None = None) -> tuple[torch.Tensor, KV]:
+        """x: ``[batch, len, hidden]`` -> (``[batch, len, hidden]``, own K/V for caches)."""
+        attn_out, own_kv = self.attn(self.input_norm(x), rope, mask, prefix)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), own_kv
+
     # ------------------------------------------------------------- inference path
     def fused_weights(self) -> FusedWeights:
         """This layer's `FusedWeights`, made once and kept until a parameter changes."""
@@ -231,33 +247,27 @@ class TransformerLayer(nn.Module):
             self.__dict__["_fused"] = fused  # a plain attribute: not a parameter, buffer or state
         return fused
 
-    def _rotated_qk(self, qk: torch.Tensor, w: FusedWeights, rope: RopeTables) -> torch.Tensor:
-        """QK-norm and RoPE of queries and keys together: ``[batch, len, heads + groups, head_dim]``."""
-        if w.qk_norm is not None:
-            qk = inference_rms(qk, self.eps) * w.qk_norm
-        return torch.addcmul(qk * rope.cos, qk.roll(qk.shape[-1] // 2, -1), rope.sin)
-
     def infer(self, x: torch.Tensor, w: FusedWeights, rope: RopeTables, mask: torch.Tensor | None,
-              slot: KVSlot) -> torch.Tensor:
+              slot: KVSlot, batch: int) -> torch.Tensor:
         """`forward` for inference (no autograd), attending ``slot``'s cached prefix and its own
         keys, which it writes to the cache as `KVSlot.extend` does.
 
-        x: ``[batch, len, hidden]``; mask: ``bool[batch, 1, len, prefix + len]`` or None (all
-        visible). Returns ``[batch, len, hidden]``.
+        x: ``[batch * len, hidden]`` (flat: the layers of a step pass it on without reshaping);
+        mask: ``bool[batch, 1, len, prefix + len]`` or None (all visible). Returns the same shape.
         """
         attn = self.attn
-        b, s, hidden = x.shape
         heads, groups, d = attn.heads, attn.groups, attn.head_dim
-        x = x.reshape(b * s, hidden)
-        qkv = F.linear(inference_rms(x, self.eps), w.qkv).view(b, s, heads + 2 * groups, d)
-        qk = self._rotated_qk(qkv[:, :, : heads + groups], w, rope)
-        own = qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + groups :].transpose(1, 2)
-        k, v = slot.extend(own)
-        out = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), k, v, attn_mask=mask,
-                                             enable_gqa=heads != groups)
-        x = torch.addmm(x, out.transpose(1, 2).reshape(b * s, heads * d), w.o_t)
-        gate, up = F.linear(inference_rms(x, self.eps), w.gate_up).chunk(2, -1)
-        return torch.addmm(x, F.silu(gate).mul_(up), w.down_t).view(b, s, hidden)
+        s = x.shape[0] // batch
+        qkv = F.linear(inference_rms(x, w.eps_hidden), w.qkv).view(batch, s, heads + 2 * groups, d).transpose(1, 2)
+        qk, v = qkv.split((heads + groups, groups), 1)
+        if w.qk_norm is not None:
+            qk = inference_rms(qk, w.eps_head) * w.qk_norm
+        q, k = rope.rotate(qk).split((heads, groups), 1)
+        k, v = slot.extend((k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != groups)
+        x = torch.addmm(x, out.transpose(1, 2).reshape(x.shape[0], heads * d), w.o_t)
+        gate, up = F.linear(inference_rms(x, w.eps_hidden), w.gate_up).chunk(2, -1)
+        return torch.addmm(x, F.silu(gate).mul_(up), w.down_t)
 
     def infer_kv(self, x: torch.Tensor, w: FusedWeights, rope: RopeTables) -> KV:
         """`kv` for inference: keys/values ``[batch, groups, len, head_dim]`` of ``x [batch, len,
@@ -265,19 +275,11 @@ class TransformerLayer(nn.Module):
         attn = self.attn
         b, s, _ = x.shape
         heads, groups, d = attn.heads, attn.groups, attn.head_dim
-        kv = F.linear(inference_rms(x, self.eps), w.qkv[heads * d :]).view(b, s, 2 * groups, d)
+        kv = F.linear(inference_rms(x, w.eps_hidden), w.qkv[heads * d :]).view(b, s, 2 * groups, d).transpose(1, 2)
+        k, v = kv.split(groups, 1)
         if w.qk_norm is not None:
-            k = inference_rms(kv[:, :, :groups], self.eps) * w.qk_norm[heads:]
-        else:
-            k = kv[:, :, :groups]
-        k = torch.addcmul(k * rope.cos, k.roll(d // 2, -1), rope.sin)
-        return k.transpose(1, 2), kv[:, :, groups:].transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, rope, mask, prefix: KV | KVSlot | None = None) -> tuple[torch.Tensor, KV]:
-        """x: ``[batch, len, hidden]`` -> (``[batch, len, hidden]``, own K/V for caches)."""
-        attn_out, own_kv = self.attn(self.input_norm(x), rope, mask, prefix)
-        x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), own_kv
+            k = inference_rms(k, w.eps_head) * w.qk_norm[heads:]
+        return rope.rotate(k), v
 
 
 def run_layers(layers, h: torch.Tensor, rope, mask, prefixes: list[KV | KVSlot | None] | None = None):

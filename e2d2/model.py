@@ -28,7 +28,8 @@ from torch import nn
 from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
-from e2d2.layers import KV, KVSlot, RopeTables, TransformerLayer, inference_rms, apply_rotary, rotary, run_layers
+from e2d2.layers import (KV, KVSlot, RopeTables, TransformerLayer, apply_rotary, inference_rms, rms_eps_term,
+                         rotary, run_layers)
 from e2d2.shift import align_logits, noisy_input
 
 
@@ -111,11 +112,13 @@ class BlockForward:
         self.rope = RopeTables(model._rope(positions), model.embed.weight.dtype)
         self.sdpa_mask = None if mask is None else mask[:, None]
         self.norm_weight = model.norm.weight * cfg.hidden_size**0.5
+        self.eps_term = rms_eps_term(cfg.hidden_size, cfg.norm_eps, self.norm_weight)
 
     def select(self, rows: torch.Tensor) -> BlockForward:
         """The same forward for batch ``rows`` only (their prefix is copied, nothing is written)."""
-        out = BlockForward.__new__(BlockForward)
+        out = type(self).__new__(type(self))
         out.__dict__.update(self.__dict__)
+        out.positions, out.mask = self.positions[rows], None if self.mask is None else self.mask[rows]
         out.slots = [KVSlot(slot.k, slot.v, slot.start, rows) for slot in self.slots]
         out.rope = self.rope.rows(rows)
         out.sdpa_mask = None if self.mask is None else self.sdpa_mask[rows]
@@ -123,11 +126,11 @@ class BlockForward:
 
     def __call__(self, xt: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, S, vocab]`` of the noisy block ``xt [batch, S]``."""
-        model = self.model
-        h = model.embed(xt)
+        model, (b, s) = self.model, xt.shape
+        h = model.embed(xt.view(-1))
         for (layer, weights), slot in zip(self.layers, self.slots):
-            h = layer.infer(h, weights, self.rope, self.sdpa_mask, slot)
-        return F.linear(inference_rms(h, model.cfg.norm_eps) * self.norm_weight, model.head_weight)
+            h = layer.infer(h, weights, self.rope, self.sdpa_mask, slot, b)
+        return F.linear(inference_rms(h, self.eps_term) * self.norm_weight, model.head_weight).view(b, s, -1)
 
 
 class DiffusionLM(nn.Module):
@@ -289,11 +292,13 @@ class DiffusionLM(nn.Module):
             raise ValueError(f"cache of {cache.capacity} columns cannot take {n} tokens after {cache.length}")
         rope = RopeTables(self._rope(positions), self.embed.weight.dtype)
         sdpa_mask = None if mask is None else mask[:, None]
-        h = self.embed(tokens)
+        h = self.embed(tokens.reshape(-1))
         for layer, slot in zip(self.layers, cache.slots(cache.layers)):
-            h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot)
+            h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot, tokens.shape[0])
+        h = h.view(*tokens.shape, -1)
         if cfg.variant == "e2d2":
-            h_enc = self.encoder_norm(h)
+            scale = self.encoder_norm.weight * cfg.hidden_size**0.5
+            h_enc = inference_rms(h, rms_eps_term(cfg.hidden_size, cfg.norm_eps, h)) * scale
             end = cache.length + n
             for k, (dk, dv) in enumerate(cache.decoder):
                 layer = self.decoder_layer(k)
