@@ -21,6 +21,11 @@ reveals a fixed number of tokens per step and no EOS stops a row early.
   others in the same process, so their ratio holds on a loaded machine where the absolute
   tokens/s (and the ratio to the reference code's fixed figures) do not.
 
+Times are CPU seconds of this process by default (``--clock cpu``): on a machine shared with
+other jobs, wall time swings 4x with their load while CPU time does not count the time other
+jobs hold the core. With ``--threads 1`` (and on a quiet machine) the two agree, so the ratio
+to the reference code's figures stays meaningful; ``--clock wall`` gives elapsed time.
+
 Per-step overhead: the profiler's ``sample.step`` regions (one denoising step: model forward,
 distribution, reveal, bookkeeping) against the ``sample.forward`` regions inside them (the
 model alone); overhead = 1 - forward / step, at batch 1. The table also counts the top-level
@@ -33,6 +38,7 @@ aten ops dispatched per step, inside and outside the forward (the batch-1 cost d
 from __future__ import annotations
 
 import argparse
+import time
 from functools import partial
 
 import torch
@@ -53,6 +59,7 @@ from e2d2.model import BlockForward, DiffusionLM, KVCache
 from e2d2.sampling import SamplerConfig, sample
 
 REFERENCE_TOKENS_PER_S = {"e2d2": 484.0, "bd3lm": 365.0}  # the authors' code, batch 1, this CPU
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,6 +75,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mdlm", action="store_true", help="also time MDLM (slow: no block cache)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: this process's CPU seconds (robust to other jobs on a shared machine; "
+                        "use with --threads 1); wall: elapsed seconds")
     p.add_argument("--before", action="store_true",
                    help="also time the layer-by-layer path (the sampler before its inference path)")
     return p.parse_args()
@@ -164,7 +174,7 @@ def main() -> None:
     print(environment_line(args))
     print(f"hidden {args.hidden}, ffn {3 * args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, "
           f"block {args.block}; prompt {args.prompt_len}, {args.new_tokens} new tokens, strategy topk; "
-          f"{args.warmup} warm-up runs, median of {args.repeats} interleaved rounds\n")
+          f"{args.warmup} warm-up runs, median of {args.repeats} interleaved rounds, {args.clock} clock\n")
     models = models_of(args)
     g = torch.Generator().manual_seed(0)
     ref = next(iter(models))
@@ -174,7 +184,7 @@ def main() -> None:
         seeds = list(range(batch))
         nfe = {k: sample(m, prompt, s, seeds=seeds).row_nfe[0].tolist() for k, (m, s) in models.items()}
         runs = {k: partial(sample, m, prompt, s, seeds=seeds) for k, (m, s) in models.items()}
-        rounds = interleaved_times(runs, args.warmup, args.repeats)
+        rounds = interleaved_times(runs, args.warmup, args.repeats, CLOCKS[args.clock])
         timed = {k: median_spread(ts) for k, ts in rounds.items()}
         counts = {k: flops.sampling_flops_per_token(m.cfg, args.prompt_len, args.new_tokens, nfe[k])
                   for k, (m, _) in models.items()}

@@ -71,19 +71,24 @@ def setup(args: argparse.Namespace) -> None:
 
 
 def interleaved_times(
-    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Run each callable ``warmup`` times, then ``repeats`` rounds of one call each: ``{name:
-    seconds of each round}`` (round ``i`` of every name ran back to back: pair them for ratios)."""
+    seconds of each round}`` (round ``i`` of every name ran back to back: pair them for ratios).
+
+    ``clock``: wall time by default; ``time.process_time`` counts only this process's CPU
+    time, which other jobs preempting it do not inflate (faithful with one thread: more
+    threads add their spin-waits)."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
