@@ -644,13 +644,12 @@ class _ShiftedCachedDenoiser(_CachedDenoiser):
         mask = (cached | own)[:, None, :].repeat(1, S, 1)
         mask[:, 0, cache.length] |= empty  # the dummy query sees itself
         self._window_mask = mask
+        self._forward = self.run.model.block_forward(cache, self._positions_window, mask)
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        pos, mask, prev = self._positions_window, self._window_mask, self._prev
-        if rows is not None:
-            pos, mask, prev = pos[rows], mask[rows], prev[rows]
+        prev = self._prev if rows is None else self._prev[rows]
         window = torch.cat((prev[:, None], x[:, :-1]), 1)
-        return self.run.model.denoise(window, self.cache, pos, mask, rows)
+        return (self._forward if rows is None else self._forward.select(rows))(window)
 
     def select(self, rows: torch.Tensor) -> None:
         super().select(rows)
