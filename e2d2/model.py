@@ -28,8 +28,17 @@ from torch import nn
 from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
-from e2d2.layers import (KV, KVSlot, RopeTables, TransformerLayer, apply_rotary, inference_rms, rms_eps_term,
-                         rotary, run_layers)
+from e2d2.layers import (
+    KV,
+    KVSlot,
+    RopeTables,
+    TransformerLayer,
+    apply_rotary,
+    inference_rms,
+    rms_eps_term,
+    rotary,
+    run_layers,
+)
 from e2d2.shift import align_logits, noisy_input
 
 
@@ -128,7 +137,7 @@ class BlockForward:
         """Logits ``[batch, S, vocab]`` of the noisy block ``xt [batch, S]``."""
         model, (b, s) = self.model, xt.shape
         h = model.embed(xt.view(-1))
-        for (layer, weights), slot in zip(self.layers, self.slots):
+        for (layer, weights), slot in zip(self.layers, self.slots, strict=True):
             h = layer.infer(h, weights, self.rope, self.sdpa_mask, slot, b)
         return F.linear(inference_rms(h, self.eps_term) * self.norm_weight, model.head_weight).view(b, s, -1)
 
@@ -293,7 +302,7 @@ class DiffusionLM(nn.Module):
         rope = RopeTables(self._rope(positions), self.embed.weight.dtype)
         sdpa_mask = None if mask is None else mask[:, None]
         h = self.embed(tokens.reshape(-1))
-        for layer, slot in zip(self.layers, cache.slots(cache.layers)):
+        for layer, slot in zip(self.layers, cache.slots(cache.layers), strict=True):
             h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot, tokens.shape[0])
         h = h.view(*tokens.shape, -1)
         if cfg.variant == "e2d2":

@@ -216,7 +216,8 @@ class Distribution:
            margin: bool) -> Distribution:
         """From a forward's ``logits [b, S, vocab]``, which it overwrites (the sampler's own)."""
         # ``logits`` is the sampler's own fresh forward output: the mask logit is set in place
-        logits = logits.float()
+        if logits.dtype != torch.float32:  # a skipped no-op is one dispatch less per step
+            logits = logits.float()
         if temperature not in (0.0, 1.0):
             logits = logits / temperature
         logits[..., mask_id] = -math.inf
@@ -225,7 +226,7 @@ class Distribution:
         if temperature == 0:
             return cls(probs, argmax=probs.argmax(-1), top2=top2)
         values_from = _nucleus(probs, top_p) if top_p < 1.0 else probs
-        return cls(probs, cdf=values_from.double().cumsum(-1), top2=top2)
+        return cls(probs, cdf=values_from.cumsum(-1, dtype=torch.float64), top2=top2)
 
     def rows(self, rows: torch.Tensor | None) -> Distribution:
         if rows is None:
