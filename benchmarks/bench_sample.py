@@ -15,17 +15,30 @@ reveals a fixed number of tokens per step and no EOS stops a row early.
 * MDLM (``--mdlm``) has no block KV cache: one block over prompt + completion, a full forward
   per step, as many steps as completion tokens (the same NFE per token as the others).
 
+* ``--before`` adds E2D2 and BD3-LM rows that run the *layer-by-layer* path the sampler
+  used before its inference path (`e2d2.layers.TransformerLayer.infer`): every step and every
+  commit through the training layers (`run_layers`), same weights, timed interleaved with the
+  others in the same process, so their ratio holds on a loaded machine where the absolute
+  tokens/s (and the ratio to the reference code's fixed figures) do not.
+
+Times are CPU seconds of this process by default (``--clock cpu``): on a machine shared with
+other jobs, wall time swings 4x with their load while CPU time does not count the time other
+jobs hold the core. With ``--threads 1`` (and on a quiet machine) the two agree, so the ratio
+to the reference code's figures stays meaningful; ``--clock wall`` gives elapsed time.
+
 Per-step overhead: the profiler's ``sample.step`` regions (one denoising step: model forward,
 distribution, reveal, bookkeeping) against the ``sample.forward`` regions inside them (the
-model alone); overhead = 1 - forward / step, at batch 1.
+model alone); overhead = 1 - forward / step, at batch 1. The table also counts the top-level
+aten ops dispatched per step, inside and outside the forward (the batch-1 cost driver).
 
-    .venv/bin/python -m benchmarks.bench_sample            # defaults: about 1 minute
+    .venv/bin/python -m benchmarks.bench_sample --threads 1 --before   # about 2 minutes
     .venv/bin/python -m benchmarks.bench_sample --new-tokens 256 --batches 1 8 32 --mdlm
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from functools import partial
 
 import torch
@@ -34,16 +47,19 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import (
     add_model_args,
     environment_line,
-    interleaved_medians,
+    interleaved_times,
+    median_spread,
     model_config,
     setup,
     table,
 )
 from e2d2 import flops
-from e2d2.model import DiffusionLM
+from e2d2.layers import KVSlot, run_layers
+from e2d2.model import BlockForward, DiffusionLM, KVCache
 from e2d2.sampling import SamplerConfig, sample
 
 REFERENCE_TOKENS_PER_S = {"e2d2": 484.0, "bd3lm": 365.0}  # the authors' code, batch 1, this CPU
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,7 +75,48 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mdlm", action="store_true", help="also time MDLM (slow: no block cache)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: this process's CPU seconds (robust to other jobs on a shared machine; "
+                        "use with --threads 1); wall: elapsed seconds")
+    p.add_argument("--before", action="store_true",
+                   help="also time the layer-by-layer path (the sampler before its inference path)")
     return p.parse_args()
+
+
+# ------------------------------------------------------------------ the path before (--before)
+class LayerByLayerForward(BlockForward):
+    """A step as the sampler ran it before the inference path: the training layers one by one,
+    RoPE looked up per step, fresh cache slots per step."""
+
+    def __call__(self, xt: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        slots = [KVSlot(slot.k, slot.v, slot.start, slot.rows) for slot in self.slots]
+        h, _ = run_layers([layer for layer, _ in self.layers], model.embed(xt), model._rope(self.positions),
+                          self.mask, slots)
+        return model.logits(h)
+
+
+def encode_layer_by_layer(model: DiffusionLM, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+                          mask: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
+    """`DiffusionLM.encode` as it was before the inference path (the training layers)."""
+    cfg, n = model.cfg, tokens.shape[1]
+    rope = model._rope(positions)
+    h, _ = run_layers(model.layers, model.embed(tokens), rope, mask, cache.slots(cache.layers))
+    if cfg.variant == "e2d2":
+        h_enc, end = model.encoder_norm(h), cache.length + n
+        for k, (dk, dv) in enumerate(cache.decoder):
+            dk[:, :, cache.length:end], dv[:, :, cache.length:end] = model.decoder_layer(k).kv(h_enc, rope)
+    cache.length += n if keep is None else keep
+    return h
+
+
+def layer_by_layer(model: DiffusionLM) -> DiffusionLM:
+    """A copy of ``model`` (same weights) whose sampling runs the layer-by-layer path."""
+    before = DiffusionLM(model.cfg).eval()
+    before.load_state_dict(model.state_dict())
+    before.block_forward = partial(LayerByLayerForward, before)
+    before.encode = partial(encode_layer_by_layer, before)
+    return before
 
 
 def models_of(args: argparse.Namespace) -> dict[str, tuple[DiffusionLM, SamplerConfig]]:
@@ -76,19 +133,39 @@ def models_of(args: argparse.Namespace) -> dict[str, tuple[DiffusionLM, SamplerC
         model = DiffusionLM(model_config(args, variant, layers, seq_len)).eval()
         sampler = SamplerConfig(strategy="topk", steps=n_steps, temperature=1.0, max_new_tokens=args.new_tokens)
         out[label] = (model, sampler)
+        if args.before and variant in ("e2d2", "bd3lm"):
+            out[f"{label} (before)"] = (layer_by_layer(model), sampler)
     return out
 
 
-def step_overhead(model: DiffusionLM, prompt: torch.Tensor, sampler: SamplerConfig) -> tuple[float, float, int]:
-    """(mean ms of a denoising step, share of it outside the model forward, steps) at this batch."""
+def step_overhead(model: DiffusionLM, prompt: torch.Tensor, sampler: SamplerConfig) -> tuple[float, float, int, float, float]:
+    """At this batch: (mean ms of a denoising step, share of it outside the model forward,
+    steps, top-level aten ops per step inside the forward, outside it)."""
     sample(model, prompt, sampler, seeds=list(range(prompt.shape[0])))  # warm
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         sample(model, prompt, sampler, seeds=list(range(prompt.shape[0])))
-    steps = [e for e in prof.events() if e.name == "sample.step"]
-    forwards = [e for e in prof.events() if e.name == "sample.forward"]
+    events = prof.events()
+    steps = [e for e in events if e.name == "sample.step"]
+    forwards = [e for e in events if e.name == "sample.forward"]
     step_us = sum(e.cpu_time_total for e in steps)
     forward_us = sum(e.cpu_time_total for e in forwards)
-    return step_us / len(steps) / 1e3, 1.0 - forward_us / step_us, len(steps)
+
+    def ops_under(regions) -> int:  # aten ops whose nearest profiled parent is one of ``regions``
+        ids = {id(e) for e in regions}
+        return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is not None
+                   and id(e.cpu_parent) in ids)
+
+    n = len(steps)
+    return step_us / n / 1e3, 1.0 - forward_us / step_us, n, ops_under(forwards) / n, ops_under(steps) / n
+
+
+def speedup(rounds: dict[str, list[float]], label: str) -> str:
+    """Median over rounds of (time of ``label (before)`` / time of ``label``), paired by round."""
+    before = rounds.get(f"{label} (before)")
+    if before is None:
+        return "-"
+    ratio, spread = median_spread([b / t for b, t in zip(before, rounds[label], strict=True)])
+    return f"{ratio:.2f} ({spread:.0%})"
 
 
 def main() -> None:
@@ -97,7 +174,7 @@ def main() -> None:
     print(environment_line(args))
     print(f"hidden {args.hidden}, ffn {3 * args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, "
           f"block {args.block}; prompt {args.prompt_len}, {args.new_tokens} new tokens, strategy topk; "
-          f"{args.warmup} warm-up runs, median of {args.repeats} interleaved rounds\n")
+          f"{args.warmup} warm-up runs, median of {args.repeats} interleaved rounds, {args.clock} clock\n")
     models = models_of(args)
     g = torch.Generator().manual_seed(0)
     ref = next(iter(models))
@@ -107,7 +184,8 @@ def main() -> None:
         seeds = list(range(batch))
         nfe = {k: sample(m, prompt, s, seeds=seeds).row_nfe[0].tolist() for k, (m, s) in models.items()}
         runs = {k: partial(sample, m, prompt, s, seeds=seeds) for k, (m, s) in models.items()}
-        timed = interleaved_medians(runs, args.warmup, args.repeats)
+        rounds = interleaved_times(runs, args.warmup, args.repeats, CLOCKS[args.clock])
+        timed = {k: median_spread(ts) for k, ts in rounds.items()}
         counts = {k: flops.sampling_flops_per_token(m.cfg, args.prompt_len, args.new_tokens, nfe[k])
                   for k, (m, _) in models.items()}
         rows = []
@@ -121,10 +199,10 @@ def main() -> None:
                 label, f"{sum(nfe[label]) / len(nfe[label]):.1f}", f"{tok_s:.0f}", f"{spread:.0%}",
                 f"{tok_s / reference:.2f}" if reference and batch == 1 else "-",
                 f"{tok_s / rates[label, args.batches[0]]:.2f}",
-                f"{timed[ref][0] / sec:.2f}", f"{fl / 1e6:.2f}", f"{tok_s * fl / 1e9:.2f}",
+                f"{timed[ref][0] / sec:.2f}", speedup(rounds, label), f"{fl / 1e6:.2f}", f"{tok_s * fl / 1e9:.2f}",
             ])
         headers = ["model", "NFE/block", "tokens/s", "p10-p90", "/ reference code",
-                   f"/ batch {args.batches[0]}", "speed / E2D2", "MFLOP/token", "GFLOP/s"]
+                   f"/ batch {args.batches[0]}", "speed / E2D2", "/ before (p10-p90)", "MFLOP/token", "GFLOP/s"]
         print(f"batch {batch}")
         print(table(headers, rows))
         print()
@@ -132,10 +210,11 @@ def main() -> None:
     for label, (model, sampler) in models.items():
         if model.cfg.variant in ("e2d2", "bd3lm"):
             prompt = torch.randint(0, args.vocab - 1, (1, args.prompt_len), generator=g)
-            ms, share, n = step_overhead(model, prompt, sampler)
-            rows.append([label, f"{n}", f"{ms:.2f}", f"{share:.0%}"])
+            ms, share, n, ops_in, ops_out = step_overhead(model, prompt, sampler)
+            rows.append([label, f"{n}", f"{ms:.2f}", f"{share:.0%}", f"{ops_in:.0f}", f"{ops_out:.0f}"])
     print("per-step overhead at batch 1 (torch.profiler: sample.step vs the sample.forward inside it)")
-    print(table(["model", "steps", "ms / step (profiled)", "outside the model"], rows))
+    print(table(["model", "steps", "ms / step (profiled)", "outside the model", "aten ops / step in the forward",
+                 "outside it"], rows))
 
 
 if __name__ == "__main__":

@@ -87,28 +87,40 @@ def setup(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
 
 
-def interleaved_medians(
-    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
-) -> dict[str, tuple[float, float]]:
-    """Run each callable ``warmup`` times, then ``repeats`` rounds of one call each.
+def interleaved_times(
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Run each callable ``warmup`` times, then ``repeats`` rounds of one call each: ``{name:
+    seconds of each round}`` (round ``i`` of every name ran back to back: pair them for ratios).
 
-    Returns ``{name: (median seconds, spread)}``, spread = (p90 - p10) / median over the rounds.
-    """
+    ``clock``: wall time by default; ``time.process_time`` counts only this process's CPU
+    time, which other jobs preempting it do not inflate (faithful with one thread: more
+    threads add their spin-waits)."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        deciles = statistics.quantiles(ts, n=10) if len(ts) > 1 else [med] * 9
-        out[name] = (med, (deciles[-1] - deciles[0]) / med)
-    return out
+            times[name].append(clock() - t0)
+    return times
+
+
+def median_spread(values: list[float]) -> tuple[float, float]:
+    """(median, (p90 - p10) / median)."""
+    med = statistics.median(values)
+    deciles = statistics.quantiles(values, n=10) if len(values) > 1 else [med] * 9
+    return med, (deciles[-1] - deciles[0]) / med
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """`interleaved_times` as ``{name: (median seconds, spread)}``, spread = (p90 - p10) / median."""
+    return {name: median_spread(ts) for name, ts in interleaved_times(steps, warmup, repeats).items()}
 
 
 def environment_line(args: argparse.Namespace) -> str:

@@ -28,7 +28,17 @@ from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
 from e2d2.init import initialize_, seed_from_global_rng
-from e2d2.layers import KV, KVSlot, TransformerLayer, apply_rotary, rotary, run_layers
+from e2d2.layers import (
+    KV,
+    KVSlot,
+    RopeTables,
+    TransformerLayer,
+    apply_rotary,
+    inference_rms,
+    rms_eps_term,
+    rotary,
+    run_layers,
+)
 from e2d2.shift import align_logits, noisy_input
 
 
@@ -84,6 +94,54 @@ class KVCache:
         self.length = keep
 
 
+class BlockForward:
+    """The denoiser forward of one block's steps (`DiffusionLM.block_forward`), prepared once.
+
+    What every step of a block shares is made when the block starts, not at every step: the
+    RoPE tables, the padding mask in SDPA's layout, each layer's `FusedWeights` and its
+    `KVSlot` with the cache views it writes and attends. A step is then the layers' inference
+    path (`TransformerLayer.infer`) over the block and the LM head: no mask construction
+    (None when no row is padded: the block sees the whole cached prefix and itself), no
+    host sync, no slicing.
+    """
+
+    def __init__(self, model: DiffusionLM, cache: KVCache, positions: torch.Tensor,
+                 mask: torch.Tensor | None, rows: torch.Tensor | None = None):
+        cfg = model.cfg
+        self.model, self.cache, self.positions, self.mask = model, cache, positions, mask
+        if cfg.variant == "bd3lm":
+            layers, buffers = list(model.layers), cache.layers
+        elif cfg.variant == "e2d2":
+            layers, buffers = [model.decoder_layer(k) for k in range(cfg.num_decoder_layers)], cache.decoder
+        else:  # shared-KV: decoder layer k attends its matched encoder layer's cache
+            layers = [model.decoder_layer(k) for k in range(cfg.num_decoder_layers)]
+            buffers = [cache.layers[cfg.matched_encoder_layer(k)] for k in range(cfg.num_decoder_layers)]
+        self.layers = [(layer, layer.fused_weights()) for layer in layers]
+        self.slots = cache.slots(buffers, rows)
+        self.rope = RopeTables(model._rope(positions), model.embed.weight.dtype)
+        self.sdpa_mask = None if mask is None else mask[:, None]
+        self.norm_weight = model.norm.weight * cfg.hidden_size**0.5
+        self.eps_term = rms_eps_term(cfg.hidden_size, cfg.norm_eps, self.norm_weight)
+
+    def select(self, rows: torch.Tensor) -> BlockForward:
+        """The same forward for batch ``rows`` only (their prefix is copied, nothing is written)."""
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.positions, out.mask = self.positions[rows], None if self.mask is None else self.mask[rows]
+        out.slots = [KVSlot(slot.k, slot.v, slot.start, rows) for slot in self.slots]
+        out.rope = self.rope.rows(rows)
+        out.sdpa_mask = None if self.mask is None else self.sdpa_mask[rows]
+        return out
+
+    def __call__(self, xt: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, S, vocab]`` of the noisy block ``xt [batch, S]``."""
+        model, (b, s) = self.model, xt.shape
+        h = model.embed(xt.view(-1))
+        for (layer, weights), slot in zip(self.layers, self.slots, strict=True):
+            h = layer.infer(h, weights, self.rope, self.sdpa_mask, slot, b)
+        return F.linear(inference_rms(h, self.eps_term) * self.norm_weight, model.head_weight).view(b, s, -1)
+
+
 class DiffusionLM(nn.Module):
     """E2D2 (last-hidden or shared-KV), BD3-LM, MDLM or AR, chosen by ``cfg.variant``."""
 
@@ -115,11 +173,14 @@ class DiffusionLM(nn.Module):
             return self.layers[self.cfg.matched_encoder_layer(k)]
         return self.decoder_layers[k]
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's ``[vocab, hidden]`` weight (the embedding when tied)."""
+        return self.embed.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``[batch, len, hidden] -> [batch, len, vocab]``."""
-        h = self.norm(h)
-        weight = self.embed.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(h, weight)
+        return F.linear(self.norm(h), self.head_weight)
 
     def _rope(self, positions: torch.Tensor):
         """cos/sin ``[len, head_dim]`` for ``positions [len]`` (``[batch, 1, len, head_dim]``
@@ -225,22 +286,33 @@ class DiffusionLM(nn.Module):
         length + n]`` over the cached columns then the new tokens, or None (all visible).
         E2D2 runs its encoder (and, last-hidden, the decoder layers' K/V of ``h_enc``); BD3-LM
         and AR their stack. Returns the stack's output ``[batch, n, hidden]`` (AR reads its
-        logits from it).
+        logits from it). Inference only: no autograd (the inference path of `e2d2.layers`).
         """
         cfg, n = self.cfg, tokens.shape[1]
         if cfg.variant == "mdlm":
             raise ValueError("MDLM has no block KV cache; sample it uncached")
         if cache.length + n > cache.capacity:
             raise ValueError(f"cache of {cache.capacity} columns cannot take {n} tokens after {cache.length}")
-        rope = self._rope(positions)
-        h, _ = run_layers(self.layers, self.embed(tokens), rope, mask, cache.slots(cache.layers))
+        rope = RopeTables(self._rope(positions), self.embed.weight.dtype)
+        sdpa_mask = None if mask is None else mask[:, None]
+        h = self.embed(tokens.reshape(-1))
+        for layer, slot in zip(self.layers, cache.slots(cache.layers), strict=True):
+            h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot, tokens.shape[0])
+        h = h.view(*tokens.shape, -1)
         if cfg.variant == "e2d2":
-            h_enc = self.encoder_norm(h)
+            scale = self.encoder_norm.weight * cfg.hidden_size**0.5
+            h_enc = inference_rms(h, rms_eps_term(cfg.hidden_size, cfg.norm_eps, h)) * scale
             end = cache.length + n
             for k, (dk, dv) in enumerate(cache.decoder):
-                dk[:, :, cache.length:end], dv[:, :, cache.length:end] = self.decoder_layer(k).kv(h_enc, rope)
+                layer = self.decoder_layer(k)
+                dk[:, :, cache.length:end], dv[:, :, cache.length:end] = layer.infer_kv(h_enc, layer.fused_weights(), rope)
         cache.length += n if keep is None else keep
         return h
+
+    def block_forward(self, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None) -> BlockForward:
+        """`denoise` prepared for all the steps of one block (the sampler makes one per block)."""
+        return BlockForward(self, cache, positions, mask, rows)
 
     def denoise(
         self, xt: torch.Tensor, cache: KVCache, positions: torch.Tensor,
@@ -251,19 +323,7 @@ class DiffusionLM(nn.Module):
         The block sees every cached clean column and itself (offset block-causal plus
         block-diagonal); ``mask [batch, S, length + S]`` hides columns a row must not see (its
         left padding). E2D2 runs only the decoder. ``rows``: the cache rows ``xt`` belongs to
-        (None = all), so a step can run only the rows whose block changed.
+        (None = all), so a step can run only the rows whose block changed. Inference only:
+        no autograd (the inference path of `e2d2.layers`).
         """
-        cfg = self.cfg
-        rope = self._rope(positions)
-        h = self.embed(xt)
-        if cfg.variant == "bd3lm":
-            h, _ = run_layers(self.layers, h, rope, mask, cache.slots(cache.layers, rows))
-            return self.logits(h)
-        if cfg.variant == "e2d2":
-            prefixes = cache.slots(cache.decoder, rows)
-        else:
-            prefixes = cache.slots([cache.layers[cfg.matched_encoder_layer(k)]
-                                    for k in range(cfg.num_decoder_layers)], rows)
-        decoder = [self.decoder_layer(k) for k in range(cfg.num_decoder_layers)]
-        h, _ = run_layers(decoder, h, rope, mask, prefixes)
-        return self.logits(h)
+        return self.block_forward(cache, positions, mask, rows)(xt)

@@ -216,7 +216,8 @@ class Distribution:
            margin: bool) -> Distribution:
         """From a forward's ``logits [b, S, vocab]``, which it overwrites (the sampler's own)."""
         # ``logits`` is the sampler's own fresh forward output: the mask logit is set in place
-        logits = logits.float()
+        if logits.dtype != torch.float32:  # a skipped no-op is one dispatch less per step
+            logits = logits.float()
         if temperature not in (0.0, 1.0):
             logits = logits / temperature
         logits[..., mask_id] = -math.inf
@@ -225,7 +226,7 @@ class Distribution:
         if temperature == 0:
             return cls(probs, argmax=probs.argmax(-1), top2=top2)
         values_from = _nucleus(probs, top_p) if top_p < 1.0 else probs
-        return cls(probs, cdf=values_from.double().cumsum(-1), top2=top2)
+        return cls(probs, cdf=values_from.cumsum(-1, dtype=torch.float64), top2=top2)
 
     def rows(self, rows: torch.Tensor | None) -> Distribution:
         if rows is None:
@@ -592,12 +593,10 @@ class _CachedDenoiser:
             mcfg = self.run.model.cfg
             cache.drop_oldest(self.S, mcfg.kv_channels, mcfg.rope_theta)
         self._positions, self._mask = self.positions(), self._visible()
+        self._forward = self.run.model.block_forward(cache, self._positions, self._mask)
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        pos, mask = self._positions, self._mask
-        if rows is not None:
-            pos, mask = pos[rows], None if mask is None else mask[rows]
-        return self.run.model.denoise(x, self.cache, pos, mask, rows)
+        return (self._forward if rows is None else self._forward.select(rows))(x)
 
     def commit(self, block: torch.Tensor, j: int) -> None:
         mask = self._mask
@@ -618,6 +617,7 @@ class _CachedDenoiser:
         self.tail = self.tail[rows]
         self._positions = self._positions[rows]
         self._mask = None if self._mask is None else self._mask[rows]
+        self._forward = self.run.model.block_forward(self.cache, self._positions, self._mask)
 
 
 class _ShiftedCachedDenoiser(_CachedDenoiser):
@@ -645,13 +645,12 @@ class _ShiftedCachedDenoiser(_CachedDenoiser):
         mask = (cached | own)[:, None, :].repeat(1, S, 1)
         mask[:, 0, cache.length] |= empty  # the dummy query sees itself
         self._window_mask = mask
+        self._forward = self.run.model.block_forward(cache, self._positions_window, mask)
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        pos, mask, prev = self._positions_window, self._window_mask, self._prev
-        if rows is not None:
-            pos, mask, prev = pos[rows], mask[rows], prev[rows]
+        prev = self._prev if rows is None else self._prev[rows]
         window = torch.cat((prev[:, None], x[:, :-1]), 1)
-        return self.run.model.denoise(window, self.cache, pos, mask, rows)
+        return (self._forward if rows is None else self._forward.select(rows))(window)
 
     def select(self, rows: torch.Tensor) -> None:
         super().select(rows)

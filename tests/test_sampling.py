@@ -11,7 +11,7 @@ import torch
 import e2d2.sampling as sampling
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
-from e2d2.model import DiffusionLM
+from e2d2.model import BlockForward, DiffusionLM
 from e2d2.sampling import (
     STRATEGIES,
     Distribution,
@@ -80,6 +80,7 @@ def record(monkeypatch, obj, name: str) -> list:
     return calls
 
 
+
 # ------------------------------------------------------------ cache equivalence
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "stochastic"])
 @pytest.mark.parametrize("batch", [1, 4])
@@ -111,13 +112,36 @@ def test_cached_equals_uncached_any_prompt_length(prompt_len):
     assert cached.num_blocks == -(-(prompt_len % S + 7) // S)
 
 
+@pytest.mark.parametrize("update", ["in_place", "load_state_dict"])
+def test_inference_path_follows_weight_updates(update):
+    """The cached sampler's fused weights (`TransformerLayer.fused_weights`) are rebuilt when a
+    parameter changes in place (an optimizer step, ``load_state_dict``): after the update,
+    cached sampling still equals the uncached training forward, whose tokens change."""
+    model, prompt = tiny_model("e2d2"), prompts(2, 5)
+    kw = dict(strategy="topk", steps=4, max_new_tokens=8, temperature=0.0)
+    old = run(model, prompt, **kw)  # builds and caches the fused weights
+    torch.manual_seed(1)
+    with torch.no_grad():
+        if update == "in_place":
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        else:
+            other = DiffusionLM(model.cfg).double()
+            for p in other.parameters():
+                p.normal_(0, 1.0)
+            model.load_state_dict(other.state_dict())
+    cached, full = run(model, prompt, **kw), run(model, prompt, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, full.tokens)
+    assert not torch.equal(cached.tokens, old.tokens)
+
+
 def test_cache_is_really_used(monkeypatch):
     """The cached path must run the decoder on the block only and encode each block once."""
     model = tiny_model("e2d2")
-    denoised = record(monkeypatch, model, "denoise")
+    denoised = record(monkeypatch, BlockForward, "__call__")  # a step's forward: (plan, xt)
     encoded = record(monkeypatch, model, "encode")
     out = run(model, prompts(2, 5), strategy="topk", steps=4, max_new_tokens=11)
-    assert len(denoised) == out.nfe and all(args[0].shape == (2, S) for args in denoised)
+    assert len(denoised) == out.nfe and all(args[1].shape == (2, S) for args in denoised)
     # the prompt once (its whole block reads the tail too: E2D2 reads prompts bidirectionally),
     # then every generated block except the last
     assert [args[0].shape[1] for args in encoded] == [5] + [S] * (out.num_blocks - 1)
@@ -175,7 +199,7 @@ def test_eos_does_not_change_the_finished_prefix():
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_unchanged_block_reuses_model_output(monkeypatch, use_cache):
     model = tiny_model("e2d2_shared_kv")
-    forwards = record(monkeypatch, model, "denoise" if use_cache else "forward")
+    forwards = record(monkeypatch, BlockForward, "__call__") if use_cache else record(monkeypatch, model, "forward")
     states = record(monkeypatch, sampling, "denoise_step")
     steps = 64  # with 4 tokens per block, most steps reveal nothing
     out = run(model, prompts(1, 4), strategy="ancestral", steps=steps, max_new_tokens=12,
@@ -200,9 +224,12 @@ def test_nfe_per_row_does_not_grow_with_the_batch(monkeypatch, variant):
     model = tiny_model(variant)
     prompt, seeds = prompts(16, 6), list(range(100, 116))
     kw = dict(strategy="ancestral", steps=16, max_new_tokens=12)
-    rows_forwarded = record(monkeypatch, model, "denoise" if variant != "mdlm" else "forward")
+    if variant == "mdlm":
+        inputs = record(monkeypatch, model, "forward")  # args: (x0, xt)
+    else:
+        inputs = record(monkeypatch, BlockForward, "__call__")  # a cached step, args: (plan, xt)
     batch = sample(model, prompt, SamplerConfig(**kw), seeds=seeds)
-    forwarded = sum(args[0].shape[0] for args in rows_forwarded)
+    forwarded = sum(args[1].shape[0] for args in inputs)
     assert forwarded == int(batch.row_nfe.sum())  # rows the denoiser really ran
     for r in range(16):
         alone = sample(model, prompt[r:r + 1], SamplerConfig(**kw), seeds=[seeds[r]])
@@ -343,12 +370,14 @@ def test_first_block_logits_equal_the_training_forward_with_the_prompt_as_contex
         model.load_state_dict(base.state_dict())
     else:
         model = tiny_model(variant)
-    calls = record(monkeypatch, model, "denoise")
+    blocks = record(monkeypatch, model, "block_forward")  # args: (cache, positions, mask)
+    steps = record(monkeypatch, BlockForward, "__call__")  # args: (plan, xt)
     for P in range(0, 3 * S + 1):
-        calls.clear()
+        blocks.clear()
+        steps.clear()
         prompt = prompts(2, P, seed=P)
         sample(model, prompt, SamplerConfig(strategy="topk", steps=2, max_new_tokens=1), seeds=[0, 1])
-        xt, cache, positions = calls[0][:3]
+        (cache, positions, _), xt = blocks[0], steps[0][1]
         logits = model.denoise(xt, cache, positions)
         lo = P - P % S
         x0 = torch.cat((prompt, torch.zeros(2, S - P % S, dtype=torch.long)), 1)
@@ -420,9 +449,9 @@ def test_prompt_ids_outside_the_vocabulary_are_one_clear_error():
 # ------------------------------------------------------------ KV cache memory
 def test_cache_is_preallocated_once(monkeypatch):
     model = tiny_model("e2d2")
-    calls = record(monkeypatch, model, "denoise")
+    calls = record(monkeypatch, model, "block_forward")  # once per block: (cache, positions, mask)
     run(model, prompts(2, 5), strategy="ancestral", steps=4, max_new_tokens=20)
-    pointers = {args[1].layers[0][0].data_ptr() for args in calls} | {args[1].decoder[0][1].data_ptr()
+    pointers = {args[0].layers[0][0].data_ptr() for args in calls} | {args[0].decoder[0][1].data_ptr()
                                                                        for args in calls}
     assert len(pointers) == 2  # the same two buffers from the first step to the last
 
