@@ -69,8 +69,9 @@ def sharded_state_dict(chunks: list[torch.nn.Module], prefix: str = MODEL_PREFIX
         data = m.param if tensors is None else tensors[index]
         key = prefix + m.name
         if m.fused:
-            out[key] = ShardedTensorFactory(key, data, functools.partial(_build_parts, m),
-                                            functools.partial(_merge_parts, m), replica_id)
+            # merge: the fused tensor from the loaded shards
+            out[key] = ShardedTensorFactory(key, data, functools.partial(_build_parts, m), m.join,
+                                            replica_id)
         else:
             out[key] = _part_tensor(key, m.parts[0], data, replica_id)
     return out
@@ -92,14 +93,6 @@ def _build_parts(m: ParamMap, key: str, data: torch.Tensor, replica_id, flattene
     stem = key.removesuffix(m.name)
     return [_part_tensor(stem + part.reference_name, part, part.read(data), replica_id)
             for part in m.parts]
-
-
-def _merge_parts(m: ParamMap, loaded: list[torch.Tensor]) -> torch.Tensor:
-    """Factory merge: the fused local tensor from its loaded reference shards."""
-    local = torch.empty(m.param.shape, dtype=loaded[0].dtype, device=loaded[0].device)
-    for part, shard in zip(m.parts, loaded, strict=True):
-        part.write(local, shard)
-    return local
 
 
 def _stage_maps(stage: torch.nn.Module):

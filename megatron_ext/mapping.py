@@ -48,7 +48,7 @@ class Fusion:
     TP, (r + 1) * groups / TP)``, so every part of a rank is that rank's TP shard (dim 0) of
     its reference tensor."""
 
-    parts: tuple[str, ...]  # reference leaf names, in order inside a group
+    tensors: tuple[str, ...]  # reference leaf names, in order inside a group
     rows: Callable[[ModelConfig], tuple[int, ...]]  # each reference tensor's dim 0
     groups: Callable[[ModelConfig, int], int]  # groups of the full tensor, given TP
 
@@ -120,7 +120,7 @@ class ParamMap:
 
         Raises KeyError naming the first missing reference tensor, ValueError on a shape
         mismatch, so a wrong config fails before training."""
-        local = torch.empty_like(self.param, device="cpu") if self.fused else None
+        shards = []
         for part in self.parts:
             if part.reference_name not in reference_state:
                 raise KeyError(f"reference state has no {part.reference_name!r} "
@@ -129,8 +129,16 @@ class ParamMap:
             if tuple(shard.shape) != part.shape(self.param.shape):
                 raise ValueError(f"{part.reference_name}: shard {tuple(shard.shape)} does not fit "
                                  f"{self.local_name} {tuple(self.param.shape)}")
-            if local is None:
-                return shard
+            shards.append(shard)
+        return self.join(shards)
+
+    def join(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's tensor for the parameter from this rank's shard of each part (in
+        ``parts`` order); an unfused parameter's one shard is returned as it is."""
+        if not self.fused:
+            return shards[0]
+        local = shards[0].new_empty(self.param.shape)
+        for part, shard in zip(self.parts, shards, strict=True):
             part.write(local, shard)
         return local
 
@@ -170,7 +178,7 @@ def _parts(name: str, tp_axis: int | None, cfg: ModelConfig, tp: int) -> tuple[P
     fusion, stem = FUSIONS[suffix], name[: -len(suffix)]
     groups = fusion.groups(cfg, tp)
     parts, start = [], 0
-    for leaf, rows in zip(fusion.parts, fusion.rows(cfg), strict=True):
+    for leaf, rows in zip(fusion.tensors, fusion.rows(cfg), strict=True):
         per_group = rows // groups
         parts.append(Part(stem + leaf, 0, groups // tp, slice(start, start + per_group)))
         start += per_group
