@@ -209,10 +209,13 @@ class ParallelAttention(Attention):
         column, row = linear_classes(config)
         self.linear_qkv = column(cfg.hidden_size, (h + 2 * g) * d, config)
         # K/V of another stream (E2D2's h_enc): the local linear applied to the k|v rows of
-        # linear_qkv's weight (it owns no weight), one all-reduce and no q FLOPs. TE's
-        # linears take no weight at call time: there kv_projections runs linear_qkv.
+        # linear_qkv's weight (it owns no weight), one all-reduce and no q FLOPs. Where that
+        # cannot work kv_projections runs linear_qkv and drops q: TE's linears take no weight
+        # at call time, and megatron's fused wgrad accumulation writes to the weight's
+        # main_grad, which a slice of it has not.
+        slice_works = config.transformer_impl == "local" and not config.gradient_accumulation_fusion
         self.linear_kv = (_Column(cfg.hidden_size, 2 * g * d, config, skip_weight_param_allocation=True)
-                          if config.transformer_impl == "local" else None)
+                          if slice_works else None)
         self.o_proj = row(h * d, cfg.hidden_size, config)
         norm = (lambda: nn.RMSNorm(d, eps=cfg.norm_eps)) if cfg.qk_layernorm else nn.Identity
         self.q_layernorm, self.k_layernorm = norm(), norm()
@@ -230,7 +233,7 @@ class ParallelAttention(Attention):
         return _split_groups(self.linear_qkv(x), self.groups, (self.heads // self.groups * d, d, d))
 
     def kv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.linear_kv is None:  # Transformer Engine: the fused linear, q discarded
+        if self.linear_kv is None:  # the fused linear, q discarded (see __init__)
             return self.qkv_projections(x)[1:]
         q_rows = self.heads // self.groups * self.head_dim
         kv_weight = self.linear_qkv.weight.unflatten(0, (self.groups, -1))[:, q_rows:].flatten(0, 1)
