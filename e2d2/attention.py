@@ -54,10 +54,11 @@ def build_mask(
 
     Without ``context`` and ``padding`` the mask depends only on ``(spec, seq_len,
     block_size)``, so it is built once and reused (``static_mask``): a training run then
-    pays for ``create_block_mask`` once per mask instead of once per micro-batch.
+    pays for ``create_block_mask`` once per mask instead of once per micro-batch. An annealed
+    mask (``spec.anneal < 1``) changes every step, so it is built each time instead.
     """
     device = torch.device(device)
-    if context is None and padding is None:
+    if context is None and padding is None and spec.anneal >= 1:
         return static_mask(spec, seq_len, block_size, device, use_flex(device))
     if use_flex(device):
         return spec.block_mask(seq_len, block_size, batch_size, context, padding, device=device)

@@ -42,6 +42,9 @@ class ModelConfig:
     # (`e2d2.masks`). None = the variant's convention: E2D2 yes (seq2seq prompts), BD3-LM no
     # (the authors' code ignores the context mask there: clean part block-causal, spec 3.3).
     bidirectional_prompt: bool | None = None
+    # Adapting an AR checkpoint (spec 7, `e2d2.shift`): the noisy stream's slot s predicts
+    # token s + 1, as the AR model did. Position 0 is then never a target.
+    shift: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -76,6 +79,10 @@ class ModelConfig:
             require(self.num_streams == 2,
                      f"bidirectional_prompt applies to E2D2 and BD3-LM only (their clean stream); "
                      f"variant {self.variant!r} must leave it unset")
+        if self.shift:
+            require(self.is_diffusion,
+                     "shift makes a diffusion model predict the next token like an AR model; the "
+                     "'ar' variant already does: set shift=false (or pick a diffusion variant)")
         if self.variant == "e2d2_shared_kv":
             require(self.num_decoder_layers <= self.num_layers,
                      f"shared-KV decoder layers attend to matched encoder layers: num_decoder_layers="
@@ -131,6 +138,11 @@ class DiffusionConfig:
     * ``remask_prompt_blocks=False``: the training re-mask rule (spec 2.4) skips a block that
       holds a prompt (context) token, instead of re-masking every block left with eligible
       tokens but none masked.
+
+    ``anneal_steps`` (spec 7, adapting an AR checkpoint): over the first ``anneal_steps``
+    training steps the attention mask anneals from causal to the variant's mask
+    (`e2d2.masks.with_anneal`, ratio ``min(1, step / anneal_steps)``); 0 = off. Evaluation
+    and sampling always use the variant's mask.
     """
 
     schedule: str = "linear"
@@ -139,8 +151,10 @@ class DiffusionConfig:
     antithetic: bool = True
     keep_clean_bos: bool = False
     remask_prompt_blocks: bool = True
+    anneal_steps: int = 0
 
     def __post_init__(self) -> None:
+        require(self.anneal_steps >= 0, f"anneal_steps must be >= 0 (0 disables), got {self.anneal_steps}")
         require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         require(self.loss_weighting in LOSS_WEIGHTINGS,
                  f"unknown loss_weighting {self.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from e2d2 import masks
 from e2d2.config import DiffusionConfig, ModelConfig
+from e2d2.errors import require
 from e2d2.noise import Schedule, evaluation_schedule, get_schedule
 
 
@@ -178,10 +180,16 @@ class DiffusionObjective:
 
     ``schedule`` noises training batches; ``eval_schedule`` (the same, unclipped) noises
     evaluation batches, so that the NELBO is a bound whatever the training schedule.
+    With ``ModelConfig.shift`` position 0 has no predictor, so it stays clean and uncounted
+    (``keep_clean_bos`` forced on).
     """
 
     def __init__(self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, sampling_eps: float = 1e-3):
+        require(not (diffusion_cfg.anneal_steps and model_cfg.variant == "ar"),
+                "diffusion.anneal_steps anneals a causal mask into a diffusion mask; the 'ar' "
+                "variant has only the causal one: set anneal_steps=0 or pick a diffusion variant")
         self.model_cfg, self.cfg = model_cfg, diffusion_cfg
+        self.keep_clean_bos = diffusion_cfg.keep_clean_bos or model_cfg.shift
         self.schedule = get_schedule(diffusion_cfg.schedule, **diffusion_cfg.schedule_kwargs)
         self.eval_schedule = evaluation_schedule(diffusion_cfg.schedule, **diffusion_cfg.schedule_kwargs)
         self.sampling_eps = sampling_eps
@@ -193,20 +201,27 @@ class DiffusionObjective:
         )
         return noise(x0, t, self.schedule if train else self.eval_schedule, S, self.model_cfg.mask_token_id,
                      attention_mask, context_mask, ensure_masked=train, generator=generator,
-                     keep_clean_bos=self.cfg.keep_clean_bos, remask_prompt_blocks=self.cfg.remask_prompt_blocks)
+                     keep_clean_bos=self.keep_clean_bos, remask_prompt_blocks=self.cfg.remask_prompt_blocks)
+
+    def anneal_ratio(self, step: int | None) -> float:
+        """The attention annealing ratio at training ``step`` (`e2d2.masks.anneal_ratio`); 1
+        (the variant's mask) for ``None``: evaluation and sampling."""
+        return 1.0 if step is None else masks.anneal_ratio(step, self.cfg.anneal_steps)
 
     def loss_mask(self, x0, attention_mask=None, context_mask=None) -> torch.Tensor:
         """The tokens that count, ``bool[batch, L]``: real, not context, not a kept-clean BOS
         (AR: not position 0, which it never predicts)."""
-        no_bos = self.cfg.keep_clean_bos or self.model_cfg.variant == "ar"
+        no_bos = self.keep_clean_bos or self.model_cfg.variant == "ar"
         return loss_mask_of(x0, attention_mask, context_mask, no_bos)
 
-    def loss(self, model, x0, attention_mask=None, context_mask=None, generator=None) -> torch.Tensor:
-        """Training loss (scalar): the configured weighting, with the every-block-masked rule."""
+    def loss(self, model, x0, attention_mask=None, context_mask=None, generator=None,
+             step: int | None = None) -> torch.Tensor:
+        """Training loss (scalar): the configured weighting, with the every-block-masked rule.
+        ``step``: the training step, for the annealed mask (None: the variant's mask)."""
         if self.model_cfg.variant == "ar":
             return ar_nll(model(x0), x0, self.loss_mask(x0, attention_mask, context_mask)).mean()
         nb = self.noise(x0, attention_mask, context_mask, train=True, generator=generator)
-        logits = model(x0, nb.xt, attention_mask, context_mask)
+        logits = model(x0, nb.xt, attention_mask, context_mask, anneal=self.anneal_ratio(step))
         nll = token_nll(logits, x0, self.model_cfg.mask_token_id)
         return per_sequence_loss(nll, nb, self.cfg.loss_weighting).mean()
 

@@ -112,12 +112,21 @@ def mask_density(mask: masks.AttentionMask, seq_len: int, block_size: int) -> fl
 
 
 # ------------------------------------------------------------------ building blocks
-def _linear_per_token(cfg: ModelConfig) -> float:
-    """One layer's projections and MLP for one token: ``2 * (weights touched)``."""
+def _projections_per_token(cfg: ModelConfig) -> float:
+    """One layer's Q/K/V/O projections for one token: ``2 * (weights touched)``."""
     d = cfg.hidden_size
     q, kv = cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
-    qkvo = d * q + 2 * d * kv + q * d
-    return 2.0 * (qkvo + 3 * d * cfg.ffn_hidden_size)  # SwiGLU: gate, up, down
+    return 2.0 * (d * q + 2 * d * kv + q * d)
+
+
+def _mlp_per_token(cfg: ModelConfig) -> float:
+    """One layer's SwiGLU (gate, up, down) for one token."""
+    return 2.0 * 3 * cfg.hidden_size * cfg.ffn_hidden_size
+
+
+def _linear_per_token(cfg: ModelConfig) -> float:
+    """One layer's projections and MLP for one token."""
+    return _projections_per_token(cfg) + _mlp_per_token(cfg)
 
 
 def _kv_per_token(cfg: ModelConfig) -> float:
@@ -169,22 +178,51 @@ class LayerCosts:
     head: FlopsCount
 
 
-def layer_costs(cfg: ModelConfig, seq_len: int | None = None) -> LayerCosts:
-    """Per-layer forward FLOPs of one sequence of ``seq_len`` tokens (``DiffusionLM.forward``)."""
+@dataclass(frozen=True)
+class ModuleCosts:
+    """Forward FLOPs of one training sequence per module of a layer (what a per-module
+    profiler sees): ``attention`` and ``mlp`` of a main-stack (E2D2: encoder) layer (the
+    attention's Q/K/V/O projections and its two matmuls), ``decoder_attention`` (with the
+    K/V projection of ``h_enc``) and ``decoder_mlp`` of an E2D2 decoder layer (zero for
+    single-stack variants), ``head`` the LM head. ``layer_costs`` sums them per layer."""
+
+    attention: FlopsCount
+    decoder_attention: FlopsCount
+    mlp: FlopsCount
+    decoder_mlp: FlopsCount
+    head: FlopsCount
+
+
+def module_costs(cfg: ModelConfig, seq_len: int | None = None) -> ModuleCosts:
+    """Per-module forward FLOPs of one sequence of ``seq_len`` tokens (``DiffusionLM.forward``)."""
     L, S = seq_len or cfg.seq_length, cfg.block_size
+
+    def attention(queries: int, keys: int, visible: int) -> FlopsCount:
+        stack = _stack(cfg, 1, queries, keys, visible)
+        return stack - FlopsCount(linear=queries * _mlp_per_token(cfg))
+
+    def mlp(tokens: int) -> FlopsCount:
+        return FlopsCount(linear=tokens * _mlp_per_token(cfg))
+
     if cfg.variant in ("mdlm", "ar"):
         mask = masks.MDLM if cfg.variant == "mdlm" else masks.AR
-        layer, decoder_layer = _stack(cfg, 1, L, L, visible_pairs(mask, L, S)), FlopsCount()
-    elif cfg.variant == "bd3lm":
-        # One stack over [x0 ; xt]; logits only for the noisy half.
-        layer = _stack(cfg, 1, 2 * L, 2 * L, visible_pairs(masks.BD3LM, L, S))
-        decoder_layer = FlopsCount()
-    else:
-        layer = _stack(cfg, 1, L, L, visible_pairs(masks.E2D2_ENCODER, L, S))
-        decoder_layer = _stack(cfg, 1, L, 2 * L, visible_pairs(masks.E2D2_DECODER, L, S))
-        if cfg.variant == "e2d2":  # K/V of h_enc (shared-KV reuses the encoder's)
-            decoder_layer += FlopsCount(linear=L * _kv_per_token(cfg))
-    return LayerCosts(layer, decoder_layer, FlopsCount(), _head(cfg, L))
+        return ModuleCosts(attention(L, L, visible_pairs(mask, L, S)), FlopsCount(), mlp(L),
+                           FlopsCount(), _head(cfg, L))
+    if cfg.variant == "bd3lm":  # one stack over [x0 ; xt]; logits only for the noisy half
+        return ModuleCosts(attention(2 * L, 2 * L, visible_pairs(masks.BD3LM, L, S)),
+                           FlopsCount(), mlp(2 * L), FlopsCount(), _head(cfg, L))
+    decoder = attention(L, 2 * L, visible_pairs(masks.E2D2_DECODER, L, S))
+    if cfg.variant == "e2d2":  # K/V of h_enc (shared-KV reuses the encoder's)
+        decoder += FlopsCount(linear=L * _kv_per_token(cfg))
+    return ModuleCosts(attention(L, L, visible_pairs(masks.E2D2_ENCODER, L, S)), decoder,
+                       mlp(L), mlp(L), _head(cfg, L))
+
+
+def layer_costs(cfg: ModelConfig, seq_len: int | None = None) -> LayerCosts:
+    """Per-layer forward FLOPs of one sequence of ``seq_len`` tokens (``DiffusionLM.forward``)."""
+    m = module_costs(cfg, seq_len)
+    return LayerCosts(m.attention + m.mlp, m.decoder_attention + m.decoder_mlp, FlopsCount(),
+                      m.head)
 
 
 def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:

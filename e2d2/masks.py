@@ -28,6 +28,23 @@ Optional per-position tensors (``[L]`` or ``[batch, L]``, bool):
   stays block-causal, spec 3.3).
 * ``padding``: ``True`` = real token. No real query attends a pad key; a pad query may
   also attend its own position, so no softmax row is empty (empty rows give NaN in SDPA).
+
+Two transforms adapt an autoregressive checkpoint (DiffuLLaMA, spec section 7):
+
+* `with_shift`: the noisy stream's slot ``s`` predicts token ``s + 1`` (as the AR model
+  did), so a noisy query or key at slot ``s`` counts as block ``(s + 1) // S``: a noisy
+  query of shifted block ``b`` attends noisy slots ``[bS - 1, bS + S - 2]`` and clean keys
+  ``j < bS - 1`` (slot ``bS - 1`` holds the clean token ``x0[bS - 1]``, `e2d2.shift`). The
+  clean stream keeps its mask; MDLM's full mask has no blocks to shift.
+* `with_anneal`: ``target AND (causal OR u(q_pos, k_pos) < r)`` for the annealing ratio
+  ``r`` in ``[0, 1)`` (`anneal_ratio`), where causal means key position <= query position
+  (each index's position within its stream) and ``u`` is a fixed integer hash of the
+  position pair in ``[0, 1)``. At ``r = 0`` the mask is the target's causal part, at
+  ``r = 1`` the target itself. The hash, not per-batch Bernoulli draws as in DiffuLLaMA's
+  code, is deliberate: the mask is a function of the step alone, so it is the same on every
+  rank and layout, after a resume, and in a FlexAttention ``mask_mod``; and it is monotone
+  (an entry once visible stays visible). Applied after the prompt and padding rules, which
+  it only narrows (a pad query's own key is causal, so no row becomes empty).
 """
 
 from __future__ import annotations
@@ -38,36 +55,62 @@ from dataclasses import dataclass
 
 import torch
 
-Rule = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+Rule = Callable[[torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]  # (q, k, L, S, shift)
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _e2d2_encoder_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+# ``shift`` (0 or 1) is added to a position before its block is taken wherever the query is
+# noisy (`with_shift`); clean queries and single-stream masks ignore it.
+def _e2d2_encoder_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int, shift: int) -> torch.Tensor:
     return k // S <= q // S  # block-causal
 
 
-def _e2d2_decoder_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+def _e2d2_decoder_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int, shift: int) -> torch.Tensor:
     clean_key = k < L
-    qb, kb = q // S, (k % L) // S
+    qb, kb = (q + shift) // S, (k % L + shift) // S
     # offset block-causal to the clean part, block-diagonal to the noisy part
     return torch.where(clean_key, kb < qb, kb == qb)
 
 
-def _bd3lm_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+def _bd3lm_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int, shift: int) -> torch.Tensor:
     noisy_q, noisy_k = q >= L, k >= L
     qb, kb = (q % L) // S, (k % L) // S
+    sqb, skb = (q % L + shift) // S, (k % L + shift) // S  # blocks as a noisy query sees them
     clean_to_clean = ~noisy_q & ~noisy_k & (kb <= qb)
-    noisy_to_clean = noisy_q & ~noisy_k & (kb < qb)
-    noisy_to_noisy = noisy_q & noisy_k & (kb == qb)
+    noisy_to_clean = noisy_q & ~noisy_k & (skb < sqb)
+    noisy_to_noisy = noisy_q & noisy_k & (skb == sqb)
     return clean_to_clean | noisy_to_clean | noisy_to_noisy  # clean never sees noisy
 
 
-def _mdlm_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+def _mdlm_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int, shift: int) -> torch.Tensor:
     return (q >= 0) & (k >= 0)  # full bidirectional, shaped like the broadcast of q and k
 
 
-def _ar_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+def _ar_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int, shift: int) -> torch.Tensor:
     return k <= q
+
+
+_U32 = 0xFFFFFFFF
+
+
+def pair_hash(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """A fixed hash of each (query position, key position) pair, uniform on ``[0, 2**32)``
+    (int64, elementwise integer ops only, so it also runs inside a FlexAttention mask_mod):
+    the pair is combined into 32 bits with two odd multipliers, then mixed by Wellons'
+    ``lowbias32`` xorshift-multiply rounds. Products wrap modulo 2**64 and are cut to their
+    low 32 bits, which is exact (the same on CPU, CUDA and in Triton)."""
+    x = (q_pos.long() * 0x9E3779B1 + k_pos.long() * 0x85EBCA77 + 0x165667B1) & _U32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def anneal_ratio(step: int, anneal_steps: int) -> float:
+    """The annealing ratio at training step ``step``: ``min(1, step / anneal_steps)``, 1 when
+    ``anneal_steps`` is 0 (no annealing)."""
+    return 1.0 if anneal_steps <= 0 else min(1.0, step / anneal_steps)
 
 
 @dataclass(frozen=True)
@@ -88,6 +131,8 @@ class AttentionMask:
     query_stream0: int  # which stream query index 0 belongs to (0 clean, 1 noisy)
     self_key_offset: int
     bidirectional_context: bool
+    shift: bool = False  # `with_shift`
+    anneal: float = 1.0  # `with_anneal`: the ratio r; 1 = the mask itself
 
     def mask_mod(
         self,
@@ -95,14 +140,21 @@ class AttentionMask:
         block_size: int,
         context: torch.Tensor | None = None,
         padding: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
     ) -> MaskMod:
-        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``; context/padding are ``[B, L]``."""
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``; context/padding are ``[B, L]``.
+        ``device``: where the indices will live (the annealing threshold is a tensor there)."""
         L, S = seq_len, block_size
         ctx = None if context is None or not self.bidirectional_context else _as_batch(context)
         pad = None if padding is None else _as_batch(padding)
+        # u < r as integers: hash < r * 2**32 (monotone in r; every pair is visible at r = 1).
+        # A captured tensor, not a Python int: a compiled FlexAttention would guard on an
+        # int's value and recompile for every step's ratio.
+        threshold = None if self.anneal >= 1 else torch.tensor(
+            int(self.anneal * 2**32), dtype=torch.long, device=device)
 
         def mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            allowed = self.rule(q, k, L, S)
+            allowed = self.rule(q, k, L, S, int(self.shift))
             q_pos, k_pos = q % L, k % L
             if ctx is not None:
                 q_ctx = ((q // L + self.query_stream0) == 0) & ctx[b, q_pos]  # clean context query
@@ -111,6 +163,8 @@ class AttentionMask:
             if pad is not None:
                 own_key = k == q + self.self_key_offset * L
                 allowed = (allowed & pad[b, k_pos]) | (~pad[b, q_pos] & own_key)
+            if threshold is not None:
+                allowed = allowed & ((k_pos <= q_pos) | (pair_hash(q_pos, k_pos) < threshold))
             return allowed
 
         return mod
@@ -133,7 +187,7 @@ class AttentionMask:
         k = torch.arange(lk, device=device).view(1, 1, lk)
         n_batch = _batch_size(context, padding)
         b = torch.arange(n_batch, device=device).view(n_batch, 1, 1)
-        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device))
+        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device), device)
         out = mod(b, torch.zeros((), dtype=torch.long, device=device), q, k)
         out = out.expand(n_batch, lq, lk)
         return out if batched else out[0]
@@ -152,7 +206,7 @@ class AttentionMask:
 
         lq, lk = self.shape(seq_len)
         batched = context is not None or padding is not None
-        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device))
+        mod = self.mask_mod(seq_len, block_size, _to(context, device), _to(padding, device), device)
         return create_block_mask(
             mod, B=batch_size if batched else None, H=None, Q_LEN=lq, KV_LEN=lk, device=device
         )
@@ -186,6 +240,30 @@ def with_prompt_rule(spec: AttentionMask, bidirectional: bool) -> AttentionMask:
     if spec.name not in (E2D2_ENCODER.name, BD3LM.name) or spec.bidirectional_context == bidirectional:
         return spec
     return dataclasses.replace(spec, bidirectional_context=bidirectional)
+
+
+def with_shift(spec: AttentionMask, shift: bool) -> AttentionMask:
+    """``spec`` with the noisy stream's blocks shifted by one position (``ModelConfig.shift``):
+    changes the E2D2 decoder and BD3-LM's noisy queries; every other mask is its own."""
+    if spec.name not in (E2D2_DECODER.name, BD3LM.name) or spec.shift == shift:
+        return spec
+    return dataclasses.replace(spec, shift=shift)
+
+
+def with_anneal(spec: AttentionMask, ratio: float) -> AttentionMask:
+    """``spec`` annealed from causal at ``ratio`` in ``[0, 1)`` (see the module docstring);
+    ``ratio >= 1`` returns ``spec`` itself (so the cached static mask stays in use)."""
+    if not 0.0 <= ratio:
+        raise ValueError(f"anneal ratio must be >= 0, got {ratio}")
+    return spec if ratio >= 1.0 else dataclasses.replace(spec, anneal=float(ratio))
+
+
+def for_model(spec: AttentionMask, *, bidirectional_prompt: bool, shift: bool = False,
+              anneal: float = 1.0) -> AttentionMask:
+    """``spec`` as a model configuration uses it (both engines call this): the prompt rule
+    (``ModelConfig.prompt_is_bidirectional``), the shift and the annealing ratio."""
+    spec = with_shift(with_prompt_rule(spec, bidirectional_prompt), shift)
+    return with_anneal(spec, anneal)
 
 
 def e2d2_encoder(L: int, S: int, *, context=None, padding=None, device=None) -> torch.Tensor:

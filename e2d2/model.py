@@ -18,7 +18,6 @@ Layer parameters: ``input_norm``, ``attn.{q,k,v,o}_proj``, ``attn.{q,k}_norm``, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,9 @@ from torch import nn
 from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
+from e2d2.init import initialize_, seed_from_global_rng
 from e2d2.layers import KV, KVSlot, TransformerLayer, apply_rotary, rotary, run_layers
+from e2d2.shift import align_logits, noisy_input
 
 
 @dataclass
@@ -86,7 +87,7 @@ class KVCache:
 class DiffusionLM(nn.Module):
     """E2D2 (last-hidden or shared-KV), BD3-LM, MDLM or AR, chosen by ``cfg.variant``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -99,20 +100,14 @@ class DiffusionLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ init
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * depth) (GPT-2 / Megatron)."""
-        cfg = self.cfg
-        out_std = cfg.init_std / math.sqrt(2.0 * (cfg.num_layers + cfg.num_decoder_layers))
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=cfg.init_std)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """The weights of ``seed`` (``e2d2.init``: norms ones, Normal(0, init_std), output
+        projections scaled by 1/sqrt(2 * depth)), the same as the megatron engine's shards of
+        that seed under any layout. ``seed=None`` draws one from torch's global generator."""
+        initialize_(self, self.cfg, seed_from_global_rng() if seed is None else seed)
 
     # ------------------------------------------------------------- helpers
     def decoder_layer(self, k: int) -> TransformerLayer:
@@ -149,12 +144,15 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         block_size: int | None = None,
+        anneal: float = 1.0,
     ) -> torch.Tensor:
         """Logits for every position of the noisy stream (AR: of the next token).
 
         x0, xt: ``[batch, L]`` clean / noisy tokens; attention_mask (1 = real) and
         context_mask (1 = prompt): ``[batch, L]`` or None. ``block_size`` overrides the
-        trained one (sampling with another block size). Returns ``[batch, L, vocab]``.
+        trained one (sampling with another block size). ``anneal``: the attention annealing
+        ratio (`e2d2.masks.with_anneal`; 1 = the variant's mask). Returns ``[batch, L,
+        vocab]``; with ``cfg.shift`` aligned with the targets (`e2d2.shift`).
         """
         cfg, (batch, L), device = self.cfg, x0.shape, x0.device
         S = block_size or cfg.diffusion_block_size
@@ -162,12 +160,21 @@ class DiffusionLM(nn.Module):
         rope = self._rope(pos)
 
         def mask_of(spec: masks.AttentionMask):
-            spec = masks.with_prompt_rule(spec, cfg.prompt_is_bidirectional)
+            spec = masks.for_model(spec, bidirectional_prompt=cfg.prompt_is_bidirectional,
+                                   shift=cfg.shift, anneal=anneal)
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
         if cfg.variant == "ar":
             h, _ = run_layers(self.layers, self.embed(x0), rope, mask_of(masks.AR))
             return self.logits(h)
+        if cfg.shift:
+            noisy = noisy_input(cfg.variant, x0, xt, S)
+            return align_logits(self._diffusion_forward(x0, noisy, rope, pos, mask_of))
+        return self._diffusion_forward(x0, xt, rope, pos, mask_of)
+
+    def _diffusion_forward(self, x0, xt, rope, pos, mask_of) -> torch.Tensor:
+        """The diffusion variants' forward: one output per noisy slot, ``[batch, L, vocab]``."""
+        cfg, L = self.cfg, x0.shape[1]
         if cfg.variant == "mdlm":
             h, _ = run_layers(self.layers, self.embed(xt), rope, mask_of(masks.MDLM))
             return self.logits(h)

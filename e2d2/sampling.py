@@ -33,6 +33,10 @@ Conventions and choices:
 * **MDLM** has no block cache: it is sampled as one block covering prompt and completion,
   with a full forward per step (pads masked out); ``use_cache`` does not apply to it.
 * **AR** samples one token per forward, with the same left-padded KV cache.
+* **Shift** (``ModelConfig.shift``, `e2d2.shift`): block ``b`` is denoised through the
+  window ``[x0[bS - 1], block tokens bS .. bS + S - 2]``, which reads the cache before
+  ``bS - 1`` and whose outputs predict ``bS .. bS + S - 1``. Every row needs a prompt of at
+  least one token (position 0 has no predictor).
 * **Past ``seq_length``**: with ``sliding_window``, the oldest cached blocks are dropped so
   that the next block's positions stay inside the trained range (`KVCache.drop_oldest`):
   semi-autoregressive generation of any length. Without it, a warning.
@@ -452,6 +456,10 @@ def _check(model: DiffusionLM, prompt_lengths: torch.Tensor, cfg: SamplerConfig,
     if mcfg.variant == "ar" and int(prompt_lengths.min()) < 1:
         raise ValueError("AR sampling conditions on the prompt: give every row at least one token "
                          "(e.g. BOS)")
+    if mcfg.shift and int(prompt_lengths.min()) < 1:
+        raise ValueError("a model with shift predicts each token from the one before it, and "
+                         "position 0 has none: give every row a prompt of at least one token "
+                         "(e.g. BOS)")
     S = cfg.block_size or mcfg.block_size
     longest = int(prompt_lengths.max()) + cfg.max_new_tokens
     if cfg.sliding_window:
@@ -612,6 +620,44 @@ class _CachedDenoiser:
         self._mask = None if self._mask is None else self._mask[rows]
 
 
+class _ShiftedCachedDenoiser(_CachedDenoiser):
+    """The cached denoiser of a model with ``shift`` (`e2d2.shift`): block ``j`` at positions
+    ``[start, start + S)`` is denoised through the window ``[x0[start - 1], block[:S - 1]]``
+    at positions ``[start - 1, start + S - 1)``, whose slot ``i`` predicts block token ``i``;
+    the window sees the cached columns before ``start - 1`` (the last one it holds itself).
+    A row with nothing cached (its first block starts at 0, the prompt's first token revealed
+    in it) has a dummy first slot that no other slot sees."""
+
+    def __init__(self, run: _BlockRun):
+        super().__init__(run)
+        self.act = torch.arange(len(run.plens), device=run.plens.device)  # rows of run.seq
+
+    def start_block(self, j: int) -> None:
+        super().start_block(j)
+        cache, S = self.cache, self.S
+        start = self.run.n_ctx[self.act] + j * S
+        self._prev = self.run.seq[self.act, (start - 1).clamp(min=0)]  # [b]
+        self._positions_window = (self._positions - 1).clamp(min=0)
+        col = torch.arange(cache.length + S, device=start.device)
+        empty = cache.offset == cache.length  # no cached column: slot 0 is a dummy
+        cached = (col[None, :] >= cache.offset[:, None]) & (col[None, :] < cache.length - 1)
+        own = (col[None, :] >= cache.length) & ~(empty[:, None] & (col[None, :] == cache.length))
+        mask = (cached | own)[:, None, :].repeat(1, S, 1)
+        mask[:, 0, cache.length] |= empty  # the dummy query sees itself
+        self._window_mask = mask
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        pos, mask, prev = self._positions_window, self._window_mask, self._prev
+        if rows is not None:
+            pos, mask, prev = pos[rows], mask[rows], prev[rows]
+        window = torch.cat((prev[:, None], x[:, :-1]), 1)
+        return self.run.model.denoise(window, self.cache, pos, mask, rows)
+
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        self.act = self.act[rows]
+
+
 class _FullDenoiser:
     """No cache: each row runs the training forward (with its prompt as context mask) on its
     prefix and block, alone. The reference the cache is tested against."""
@@ -644,7 +690,8 @@ class _FullDenoiser:
 def _sample_blocks(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
     S = cfg.block_size or model.cfg.block_size
     run = _BlockRun(model, prompt, plens, cfg, S)
-    denoiser = (_CachedDenoiser if cfg.use_cache else _FullDenoiser)(run)
+    cached = _ShiftedCachedDenoiser if model.cfg.shift else _CachedDenoiser
+    denoiser = (cached if cfg.use_cache else _FullDenoiser)(run)
     times = step_times(cfg.schedule, cfg.steps, cfg.min_t)
     batch, device = len(plens), plens.device
     act = torch.arange(batch, device=device)

@@ -137,7 +137,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         rows = torch.randint(len(train_rows), (cfg.batch_size,), generator=gen)
-        loss = objective.loss(model, train_rows[rows], generator=gen)
+        loss = objective.loss(model, train_rows[rows], generator=gen, step=step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from launchers.demo import register as register_demo
     from launchers.hf.cli import register_export_hf, register_import_hf
     from launchers.pretrain import register as register_pretrain
+    from launchers.profile import register as register_profile
     from launchers.sample import register as register_sample
     from launchers.submit import register as register_submit
     from launchers.sweep.cli import register as register_sweep
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for register in (register_demo, register_data, register_pretrain, register_sample,
-                     register_export_hf, register_import_hf, register_submit, register_sweep):
+                     register_export_hf, register_import_hf, register_submit, register_sweep,
+                     register_profile):
         register(sub)
     return parser
 

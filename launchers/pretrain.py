@@ -244,16 +244,14 @@ class _Trainer:
     # -- setup ------------------------------------------------------------------------------
     def _build_model(self) -> None:
         from megatron_ext import checkpoint as engine_checkpoint
-        from megatron_ext.mapping import load_reference_state, param_maps, reference_state_at_seed
+        from megatron_ext.mapping import initialize_at_seed, param_maps
         from megatron_ext.model import build_chunks
         from megatron_ext.training import build_training_optimizer, wrap_ddp
 
         cfg = self.cfg
         self.stages = build_chunks(cfg.model, self.parallel)
-        initial = reference_state_at_seed(cfg.model, cfg.run.seed)
-        for stage in self.stages:
-            load_reference_state(stage, initial)
-        del initial
+        for stage in self.stages:  # only this rank's shards are ever in memory
+            initialize_at_seed(stage, cfg.model, cfg.run.seed)
         if cfg.checkpoint.init is not None:
             engine_checkpoint.load(self.stages, resolve_checkpoint(cfg.checkpoint.init))
         self.chunks = wrap_ddp(self.stages, self.stages[0].config, self.parallel)
@@ -313,7 +311,8 @@ class _Trainer:
             start = time.perf_counter()
             micro = next(batches)
             data_wait = time.perf_counter() - start
-            noised = [noised_samples(self.objective, x0, ids, cfg.run.seed) for x0, ids in micro]
+            noised = [noised_samples(self.objective, x0, ids, cfg.run.seed, step=state.step)
+                      for x0, ids in micro]
             self.scheduler.step(1)  # warm-up from lr/warmup at the first step, not from 0
             lr = self.optimizer.param_groups[0]["lr"]
             result = guarded_train_step(
@@ -336,6 +335,8 @@ class _Trainer:
                       "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
                       "skipped": result.skipped, "skipped_total": state.skipped_total,
                       "data_wait_s": data_wait}
+            if cfg.diffusion.anneal_steps:  # the ratio the step trained with
+                record["anneal_ratio"] = self.objective.anneal_ratio(state.step - 1)
             scalars = {}
             if state.step % cfg.log.interval == 0 or state.step == train.steps:
                 scalars = self._scalars(result, lr, tokens_per_s, flops_per_token, data_wait)

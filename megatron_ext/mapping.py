@@ -16,10 +16,15 @@ any TP/PP layout:
 
 * ``load_reference_state(stage, ref_state)``: reference state dict -> this rank's shards;
 * ``gather_reference_state(chunks)``: every rank's shards -> the full reference state dict
-  (also used for gradients, ``gather_reference_state(chunks, grads=True)``).
+  (also used for gradients, ``gather_reference_state(chunks, grads=True)``). Every rank then
+  holds the whole model: for tests and ``megatron_ext.verify`` on small models only (export
+  and checkpoints read and write shards, see ``megatron_ext.checkpoint``).
 
-``reference_state_at_seed`` is the layout-invariant initialisation: the reference model's
-own initialisation of full tensors, which each rank then shards.
+Initialisation is layout-invariant and light: ``initialize_at_seed(stage, cfg, seed)`` draws
+only this rank's shards with ``e2d2.init``'s rule (per-tensor, per-row-chunk seeds), which is
+also the reference model's, so the full weights are ``DiffusionLM(cfg, seed=seed)``'s under
+every layout. What it needs of a parameter is ``shard_pieces``: which slice of which full
+reference tensor goes where in the local parameter.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from megatron.core import parallel_state
 from megatron.core.fp8_utils import is_column_parallel_linear, is_row_parallel_linear
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
+from e2d2 import init
 from e2d2.config import ModelConfig
 from e2d2.model import DiffusionLM
 
@@ -251,9 +257,58 @@ def gather_reference_state(chunks: list[torch.nn.Module], grads: bool = False
     return full
 
 
+@dataclass(frozen=True)
+class ShardPiece:
+    """Part of a local parameter: ``param[target] = full[source]``, where ``full`` is reference
+    tensor ``reference_name`` of shape ``full_shape``. ``source``/``target``: step-1 slices
+    per dim (missing trailing dims: whole; ``target=()``: the whole parameter). A parameter
+    that fuses several reference tensors has one piece per tensor."""
+
+    reference_name: str
+    full_shape: tuple[int, ...]
+    source: tuple[slice, ...]
+    target: tuple[slice, ...] = ()
+
+
+def shard_pieces(m: ParamMap) -> list[ShardPiece]:
+    """The reference slices ``m.param`` holds on this TP rank: for each of its ``parts``, the
+    whole tensor or this rank's ``1/TP`` block along the part's ``tp_axis`` (what
+    ``tp_shard`` cuts); a fused part is one piece per group of the parameter (its rows in a
+    group are contiguous, the groups are not)."""
+    tp, rank = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_tensor_model_parallel_rank())
+    pieces = []
+    for part in m.parts:
+        shard = part.shape(m.param.shape)
+        full, offset = list(shard), 0
+        if part.tp_axis is not None:
+            full[part.tp_axis] *= tp
+            offset = rank * shard[part.tp_axis]
+        if not m.fused:
+            source = () if part.tp_axis is None else (
+                (slice(None),) * part.tp_axis + (slice(offset, offset + shard[part.tp_axis]),))
+            pieces.append(ShardPiece(part.reference_name, tuple(full), source))
+            continue
+        rows, stride = shard[0] // part.groups, m.param.shape[0] // part.groups
+        for group in range(part.groups):
+            start = group * stride + part.rows.start
+            pieces.append(ShardPiece(part.reference_name, tuple(full),
+                                     (slice(offset + group * rows, offset + (group + 1) * rows),),
+                                     (slice(start, start + rows),)))
+    return pieces
+
+
+def initialize_at_seed(stage: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """This rank's shards of ``DiffusionLM(cfg, seed=seed)``'s weights, drawn in place into
+    ``stage`` without materialising any full tensor (``e2d2.init.fill_``)."""
+    for m in param_maps(stage):
+        for piece in shard_pieces(m):
+            init.fill_(m.param.data[piece.target], cfg, seed, piece.reference_name,
+                       piece.full_shape, piece.source)
+
+
 def reference_state_at_seed(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Full initial weights, identical on every rank and under every layout (the reference
-    model's own initialisation under ``seed``); the global RNG is left untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return DiffusionLM(cfg).state_dict()
+    """The full initial weights of ``seed`` (the reference model's; what ``initialize_at_seed``
+    shards under any layout). The whole model in memory: for the reference side of tests,
+    verification and single-process benchmarks."""
+    return DiffusionLM(cfg, seed=seed).state_dict()

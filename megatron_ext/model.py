@@ -56,7 +56,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from e2d2 import masks
+from e2d2 import masks, shift
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
 from e2d2.layers import MLP, Attention, TransformerLayer, rotary, run_layers
@@ -88,8 +88,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # when PP=2, and the two tensors can swap; megatron's unbatched p2p path keeps the order.
         batch_p2p_comm=_backend() != "gloo",
         pipeline_dtype=torch.float32,
-        # Weights come from full reference tensors (see megatron_ext.mapping); megatron's own
-        # per-shard init would depend on the layout.
+        # Weights come from megatron_ext.mapping.initialize_at_seed (layout-invariant, per
+        # shard); megatron's own init would depend on the layout. Only shards are allocated.
         perform_initialization=False,
         use_cpu_initialization=True,
         gradient_accumulation_fusion=False,
@@ -327,7 +327,10 @@ class ParallelDiffusionLM(MegatronModule):
 
     def _mask(self, spec: masks.AttentionMask, batch: dict[str, torch.Tensor]):
         x0 = batch["x0"]
-        spec = masks.with_prompt_rule(spec, self.cfg.prompt_is_bidirectional)
+        # the annealing ratio of the step (`megatron_ext.objective.noised_batch`), one per row
+        anneal = float(batch["anneal_ratio"][0]) if "anneal_ratio" in batch else 1.0
+        spec = masks.for_model(spec, bidirectional_prompt=self.cfg.prompt_is_bidirectional,
+                               shift=self.cfg.shift, anneal=anneal)
         return build_mask(spec, x0.shape[1], self.cfg.diffusion_block_size, x0.device,
                           x0.shape[0], batch.get("context_mask"), batch.get("attention_mask"))
 
@@ -342,13 +345,21 @@ class ParallelDiffusionLM(MegatronModule):
             return h
         return scatter_to_sequence_parallel_region(h.transpose(0, 1)).transpose(0, 1)
 
+    def _noisy(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The noisy stream's tokens ``[b, L]``: ``xt``, or its shifted form (`e2d2.shift`)."""
+        if not self.cfg.shift:
+            return batch["xt"]
+        return shift.noisy_input(self.cfg.variant, batch["x0"], batch["xt"], self.cfg.diffusion_block_size)
+
     def _incoming(self) -> torch.Tensor:
         """Previous stage's tensor ``[T, b, hidden]`` as ``[b, T, hidden]``."""
         return self.input_tensor.transpose(0, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with fp8_context(self.config):  # a no-op unless TransformerConfig.fp8 is set
-            return self._forward(batch)
+            out = self._forward(batch)
+        # the reference's alignment with the targets, on the logits of the last stage
+        return shift.align_logits(out) if self.cfg.shift and self.post_process else out
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
@@ -357,12 +368,12 @@ class ParallelDiffusionLM(MegatronModule):
         pos = torch.arange(L, device=x0.device)
         if cfg.variant in ("ar", "mdlm"):
             spec, tokens, rope = (masks.AR, x0, self._rope(pos)) if cfg.variant == "ar" else (
-                masks.MDLM, batch["xt"], self._rope(pos))
+                masks.MDLM, self._noisy(batch), self._rope(pos))
             h = self._embed(tokens) if self.pre_process else self._incoming()
             h, _ = run_layers(self.layers, h, rope, self._mask(spec, batch))
             return self._out(h)
         if cfg.variant == "bd3lm":
-            h = self._embed(torch.cat((x0, batch["xt"]), 1)) if self.pre_process else self._incoming()
+            h = self._embed(torch.cat((x0, self._noisy(batch)), 1)) if self.pre_process else self._incoming()
             h, _ = run_layers(self.layers, h, self._rope(torch.cat((pos, pos))),
                              self._mask(masks.BD3LM, batch))
             return self._out(h, predicted=slice(L, None))
@@ -373,7 +384,7 @@ class ParallelDiffusionLM(MegatronModule):
         here = self.layers_here
         if self.pre_process:
             h_enc = self._embed(x0)
-            h_dec = self._embed(batch["xt"]) if here.embeds_noisy else torch.zeros_like(h_enc)
+            h_dec = self._embed(self._noisy(batch)) if here.embeds_noisy else torch.zeros_like(h_enc)
         else:
             incoming = self._incoming()
             h_enc, h_dec = incoming.split(incoming.shape[1] // 2, dim=1)
@@ -385,7 +396,7 @@ class ParallelDiffusionLM(MegatronModule):
         decoder = self._decoder_layers()
         if decoder:
             if here.embeds_noisy and not self.pre_process:
-                h_dec = self._embed(batch["xt"])
+                h_dec = self._embed(self._noisy(batch))
             if cfg.variant == "e2d2":
                 prefixes = [layer.kv(h_enc, rope) for layer in decoder]
             else:  # shared-KV: PipelinePlan keeps the whole model on one stage
@@ -419,7 +430,8 @@ class ParallelDiffusionLM(MegatronModule):
 def build_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[ParallelDiffusionLM]:
     """This rank's model chunks, in schedule order (after ``megatron_layout`` /
     ``initialize_model_parallel``): one stage, or ``virtual_pipeline`` interleaved stages.
-    Weights are uninitialised: load them with ``megatron_ext.mapping.load_reference_state``.
+    Weights are uninitialised: draw them with ``megatron_ext.mapping.initialize_at_seed`` or
+    load them with ``load_reference_state`` / ``megatron_ext.checkpoint.load``.
 
     Built on CPU in fp32 (``use_cpu_initialization``); when CUDA is available the chunks
     are then moved to ``torch.cuda.current_device()`` (still fp32: bf16 is not supported

@@ -30,14 +30,22 @@ Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/co
 
 def noised_batch(objective: DiffusionObjective, x0: torch.Tensor, attention_mask=None,
                  context_mask=None, generator: torch.Generator | None = None,
-                 train: bool = True) -> Batch:
+                 train: bool = True, step: int | None = None) -> Batch:
     """Noise ``x0 [batch, L]`` with the reference objective (training or evaluation noise)
-    into a schedule micro-batch source. AR gets only ``x0`` and its loss mask."""
+    into a schedule micro-batch source. AR gets only ``x0`` and its loss mask.
+
+    ``step``: the training step, whose attention annealing ratio (``diffusion.anneal_steps``)
+    travels as ``anneal_ratio [batch]`` (float64, so it is the reference's float exactly)
+    while it is below 1; the model's ``_mask`` reads it. None (evaluation): the variant's mask.
+    """
     if objective.model_cfg.variant == "ar":
         batch = {"x0": x0, "loss_mask": loss_mask_of(x0, attention_mask, context_mask)}
     else:
         nb = objective.noise(x0, attention_mask, context_mask, train=train, generator=generator)
         batch = dataclasses.asdict(nb)
+        ratio = objective.anneal_ratio(step)
+        if ratio < 1:
+            batch["anneal_ratio"] = torch.full((x0.shape[0],), ratio, dtype=torch.float64)
     for name, value in (("attention_mask", attention_mask), ("context_mask", context_mask)):
         if value is not None:
             batch[name] = value
@@ -55,18 +63,19 @@ TRAIN_NOISE, EVAL_NOISE = 0, 1  # ``keys`` namespaces of sample_generator
 
 
 def noised_samples(objective: DiffusionObjective, x0: torch.Tensor, sample_ids: list[int],
-                   seed: int, train: bool = True, draw: int = 0) -> Batch:
+                   seed: int, train: bool = True, draw: int = 0, step: int | None = None) -> Batch:
     """Noise each row of ``x0 [n, L]`` with its own generator, keyed by its global sample index
     (``sample_ids``, the dataset index) and, for evaluation, the Monte-Carlo ``draw``.
 
     Per-row generators make the global batch's noise independent of the data-parallel split,
     so a resumed or re-laid-out run sees the very noise it would have seen. Antithetic time
-    draws (``DiffusionConfig.antithetic``) stratify the blocks of each row.
+    draws (``DiffusionConfig.antithetic``) stratify the blocks of each row. ``step``: the
+    training step (the annealed mask, `noised_batch`).
     """
     if x0.shape[0] != len(sample_ids):
         raise ValueError(f"{x0.shape[0]} rows for {len(sample_ids)} sample ids")
     namespace = (TRAIN_NOISE,) if train else (EVAL_NOISE, draw)
-    rows = [noised_batch(objective, x0[i : i + 1], train=train,
+    rows = [noised_batch(objective, x0[i : i + 1], train=train, step=step,
                          generator=sample_generator(seed, *namespace, sample_id))
             for i, sample_id in enumerate(sample_ids)]
     return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}

@@ -23,7 +23,6 @@ from e2d2.diffusion import DiffusionObjective
 from e2d2.errors import ConfigError
 from e2d2.model import DiffusionLM
 from megatron_ext.layout import ParallelConfig, PipelinePlan
-from megatron_ext.mapping import reference_state_at_seed
 from megatron_ext.testing import megatron_layout, spawn_gloo
 
 
@@ -39,6 +38,10 @@ class Run:
     lr: float = 1e-2
     clip: float = 1.0
     prompt_and_padding: bool = False
+    # The annealed mask (``diffusion.anneal_steps``) at training step ``anneal_at``: every
+    # step of the run uses the ratio ``anneal_at / anneal_steps``.
+    anneal_steps: int = 0
+    anneal_at: int = 0
 
     def __post_init__(self) -> None:
         if min(self.global_batch, self.micro_batch) < 1 or self.global_batch % self.micro_batch:
@@ -60,8 +63,12 @@ def tiny_model_config(variant: str, **overrides) -> ModelConfig:
     return ModelConfig(**settings)
 
 
-def _objective(cfg: ModelConfig) -> DiffusionObjective:
-    return DiffusionObjective(cfg, DiffusionConfig())
+def _objective(cfg: ModelConfig, run: Run) -> DiffusionObjective:
+    return DiffusionObjective(cfg, DiffusionConfig(anneal_steps=run.anneal_steps))
+
+
+def _anneal_step(run: Run) -> int | None:
+    return run.anneal_at if run.anneal_steps else None
 
 
 def _global_batch(cfg: ModelConfig, run: Run) -> dict[str, torch.Tensor]:
@@ -85,14 +92,14 @@ def _noise_generator(run: Run) -> torch.Generator:
 def reference_run(cfg: ModelConfig, run: Run) -> dict:
     """Single process: step-0 gradients, the loss of every AdamW step (measured before that
     step's update) and the weights after the last step."""
-    model = DiffusionLM(cfg)
-    model.load_state_dict(reference_state_at_seed(cfg, run.seed))
-    objective = _objective(cfg)
+    model = DiffusionLM(cfg, seed=run.seed)
+    objective = _objective(cfg, run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
     losses, grads = [], None
     for _ in range(run.steps):
         optimizer.zero_grad()
-        loss = objective.loss(model, **_global_batch(cfg, run), generator=_noise_generator(run))
+        loss = objective.loss(model, **_global_batch(cfg, run), generator=_noise_generator(run),
+                              step=_anneal_step(run))
         loss.backward()
         if grads is None:
             # Parameters the loss does not reach (shared-KV: the top encoder layer's MLP) have
@@ -114,7 +121,7 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
     from megatron.core import parallel_state
 
     from megatron_ext import checkpoint
-    from megatron_ext.mapping import gather_reference_state, load_reference_state
+    from megatron_ext.mapping import gather_reference_state, initialize_at_seed
     from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step, micro_batches, noised_batch
     from megatron_ext.training import build_optimizer, train_step, wrap_ddp
@@ -123,14 +130,15 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
     with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
         stages = build_chunks(cfg, parallel)
         for stage in stages:
-            load_reference_state(stage, reference_state_at_seed(cfg, run.seed))
+            initialize_at_seed(stage, cfg, run.seed)  # the reference's weights, shard by shard
         chunks = wrap_ddp(stages, stages[0].config, parallel)
-        objective = _objective(cfg)
+        objective = _objective(cfg, run)
         forward_step = make_forward_step(objective)
         per_rank = run.global_batch // parallel.data_parallel
         rows = slice(parallel_state.get_data_parallel_rank() * per_rank,
                      (parallel_state.get_data_parallel_rank() + 1) * per_rank)
-        batch = noised_batch(objective, **_global_batch(cfg, run), generator=_noise_generator(run))
+        batch = noised_batch(objective, **_global_batch(cfg, run), generator=_noise_generator(run),
+                             step=_anneal_step(run))
         mine = micro_batches({k: v[rows] for k, v in batch.items()}, run.micro_batch)
         kwargs = dict(seq_length=stages[0].stream_length(), micro_batch_size=run.micro_batch)
 

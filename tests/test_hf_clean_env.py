@@ -15,12 +15,10 @@ import pytest
 import torch
 import yaml
 from pretrain_helpers import make_data_dir, run_pretrain, write_config
-from test_hf_helpers import MASK, clean_site, run_clean
+from test_hf_helpers import MASK, clean_site, cli, run_clean, trained_model
 
 from data_tools.tokenizer import load_tokenizer
-from e2d2.model import DiffusionLM
 from e2d2.sampling import SamplerConfig, sample
-from launchers.hf.checkpoints import TensorReader, locate, single_process_group
 from megatron_ext.checkpoint import EMA_PREFIX
 
 transformers = pytest.importorskip("transformers")
@@ -59,12 +57,6 @@ print(json.dumps({
 """
 
 
-def _cli(*args: str) -> None:
-    e2d2 = Path(sys.executable).with_name("e2d2")
-    done = subprocess.run([str(e2d2), *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 @pytest.mark.slow
 def test_import_pretrain_export_loads_in_a_clean_environment(tmp_path):
     """import-hf a tiny Qwen3 as E2D2 -> ``e2d2 pretrain`` from it (checkpoint.init, EMA) ->
@@ -75,7 +67,7 @@ def test_import_pretrain_export_loads_in_a_clean_environment(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True))
     qwen.save_pretrained(tmp_path / "qwen3")
     imported = tmp_path / "imported"
-    _cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2",
+    cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2",
          "--decoder-layers", "1", "--mask-token-id", "259", "--seq-length", "32")
     model_section = yaml.safe_load((imported / "config.yaml").read_text())["model"]
     run = tmp_path / "run"
@@ -85,16 +77,11 @@ def test_import_pretrain_export_loads_in_a_clean_environment(tmp_path):
     done = run_pretrain(config)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "exported"
-    _cli("export-hf", str(run), str(out), "--ema", "--max-shard-size", "40KB")
+    cli("export-hf", str(run), str(out), "--ema", "--max-shard-size", "40KB")
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
 
     # The reference: the run's EMA weights in the reference model.
-    ckpt = locate(run)
-    with single_process_group():
-        reader = TensorReader(ckpt.directory, EMA_PREFIX)
-        ema = reader.read(sorted(reader.shapes))
-    model = DiffusionLM(ckpt.config.model).eval()
-    model.load_state_dict(ema)
+    _, model = trained_model(run, EMA_PREFIX)
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, MASK, (2, 16), generator=g)

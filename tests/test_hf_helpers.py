@@ -14,9 +14,10 @@ import torch
 from packaging.requirements import Requirement
 
 from e2d2.config import ModelConfig
+from e2d2.model import DiffusionLM
 from launchers.checkpointing import RunCheckpoints
 from launchers.config import run_config_from_dict, save_run_config
-from launchers.hf.checkpoints import single_process_group
+from launchers.hf.checkpoints import TensorReader, locate, single_process_group
 from megatron_ext.layout import ParallelConfig
 from megatron_ext.mapping import load_reference_state, param_maps
 from megatron_ext.model import build_chunks
@@ -31,6 +32,25 @@ def tiny_config(variant: str, **changes) -> ModelConfig:
                 num_query_groups=2, num_layers=2, num_decoder_layers=n_dec, seq_length=32,
                 block_size=4)
     return ModelConfig(**{**base, **changes})
+
+
+def cli(*args: str) -> None:
+    """Run the installed ``e2d2`` command; it must succeed."""
+    e2d2 = Path(sys.executable).with_name("e2d2")
+    done = subprocess.run([str(e2d2), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def trained_model(run_dir: Path, prefix: str):
+    """(checkpoint, reference model) with the run's latest weights under ``prefix``
+    (``megatron_ext.checkpoint.MODEL_PREFIX`` or ``EMA_PREFIX``), in eval mode."""
+    ckpt = locate(run_dir)
+    with single_process_group():
+        reader = TensorReader(ckpt.directory, prefix)
+        state = reader.read(sorted(reader.shapes))
+    model = DiffusionLM(ckpt.config.model).eval()
+    model.load_state_dict(state)
+    return ckpt, model
 
 
 def write_run(run_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],

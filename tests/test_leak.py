@@ -1,5 +1,6 @@
 """No information leaks: a decoder logit in block b has exactly zero gradient with respect to
-the clean embeddings of blocks >= b and the noisy embeddings of every other block."""
+the clean embeddings of blocks >= b and the noisy embeddings of every other block (with
+``shift``: of every slot outside the block's shifted window ``[bS - 1, bS + S - 2]``)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ CONFIGS = {
     "bd3lm": dict(variant="bd3lm", num_layers=3, num_decoder_layers=0),
     "bd3lm_bidirectional_prompt": dict(variant="bd3lm", num_layers=3, num_decoder_layers=0,
                                        bidirectional_prompt=True),
+    "e2d2_shift": dict(variant="e2d2", num_layers=3, num_decoder_layers=2, shift=True),
+    "e2d2_shared_kv_shift": dict(variant="e2d2_shared_kv", num_layers=3, num_decoder_layers=2,
+                                 shift=True),
+    "bd3lm_shift": dict(variant="bd3lm", num_layers=3, num_decoder_layers=0, shift=True),
 }
 
 
@@ -83,10 +88,11 @@ def test_decoder_logits_do_not_see_the_future_or_other_noisy_blocks(name, padded
         leaks = (g_clean > 0) & future_target
         assert not leaks.any(), (f"block {b} sees clean targets of blocks >= {b} "
                                  f"(prompt length, position): {leaks.nonzero().tolist()[:4]}")
+        window = slice(max(b * S - 1, 0), (b + 1) * S - 1) if cfg.shift else block
         other = torch.ones(L, dtype=torch.bool)
-        other[block] = False
+        other[window] = False
         assert torch.all(g_noisy[:, other] == 0), f"block {b} sees noisy tokens of other blocks"
         # The test can fail: the allowed inputs do reach the logits.
-        assert torch.all(g_noisy[0, block] > 0)
-        if b > 0:
-            assert torch.all(g_clean[:, : b * S] > 0)
+        assert torch.all(g_noisy[0, window] > 0)
+        if b > 0:  # with shift, x0[bS - 1] comes in through the noisy window instead
+            assert torch.all(g_clean[:, : b * S - cfg.shift] > 0)

@@ -1,7 +1,8 @@
 """The fused projections (``linear_qkv``, ``linear_fc1``): megatron's layouts, a lossless
 mapping to and from the reference names at TP1 and TP2 with grouped-query attention, one
 backward all-reduce per fused linear, and checkpoints in the format written before the
-fusion (one tensor per reference name) load into the fused model at another TP."""
+fusion (one tensor per reference name) load into the fused model at another TP, and the
+per-shard initialisation fills every part."""
 
 from __future__ import annotations
 
@@ -64,7 +65,12 @@ def _world2(rank: int, old_format_dir: str) -> dict:
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_ext import checkpoint
-    from megatron_ext.mapping import gather_reference_state, load_reference_state, param_maps
+    from megatron_ext.mapping import (
+        gather_reference_state,
+        initialize_at_seed,
+        load_reference_state,
+        param_maps,
+    )
     from megatron_ext.model import build_chunks
 
     cfg = model_config("e2d2", **GQA)
@@ -95,6 +101,11 @@ def _world2(rank: int, old_format_dir: str) -> dict:
         checkpoint.load(stages, old_format_dir)
         out["old_format_loaded"] = gather_reference_state(stages)
     out["trained"] = trained
+    with megatron_layout(parallel):  # per-shard initialisation writes each part of each group
+        stages = build_chunks(cfg, parallel)
+        for stage in stages:
+            initialize_at_seed(stage, cfg, 3)
+        out["initialized"] = gather_reference_state(stages)
     out["tp2_gqa"] = parallel_run(cfg, parallel, Run())
     out["all_reduces"] = _layer_counts(model_config("e2d2"), parallel)
     return out
@@ -145,3 +156,12 @@ def test_checkpoint_written_before_the_fusion_loads_at_tp2(world2):
         assert loaded.keys() == trained.keys()
         for name, tensor in trained.items():
             assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.slow
+def test_per_shard_initialisation_of_fused_weights_is_the_reference_one(world2):
+    initial = reference_state_at_seed(model_config("e2d2", **GQA), 3)
+    for result in world2:
+        assert result["initialized"].keys() == initial.keys()
+        for name, tensor in initial.items():
+            assert torch.equal(result["initialized"][name], tensor), name

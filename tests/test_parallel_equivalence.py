@@ -168,8 +168,30 @@ def param_attributes(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[dict, 
                 {k: _attributes(v) for k, v in megatrons.items()})
 
 
+def initial_weights(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[dict, dict]:
+    """(full weights gathered after ``initialize_at_seed`` under ``parallel``, the reference
+    model's at the same seed), with chunks of 100 elements, so that chunk boundaries fall
+    inside every TP shard."""
+    from e2d2 import init
+    from megatron_ext.mapping import gather_reference_state, initialize_at_seed
+    from megatron_ext.model import build_chunks
+
+    plan, chunk_elements = PipelinePlan(cfg, parallel), init.CHUNK_ELEMENTS
+    init.CHUNK_ELEMENTS = 100
+    try:
+        with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
+            stages = build_chunks(cfg, parallel)
+            for stage in stages:
+                initialize_at_seed(stage, cfg, 11)
+            return gather_reference_state(stages), reference_state_at_seed(cfg, 11)
+    finally:
+        init.CHUNK_ELEMENTS = chunk_elements
+
+
 def _world4(rank: int, ckpt_dir: str) -> dict:
-    out = {}
+    out = {"initial": initial_weights(model_config("e2d2", tie_word_embeddings=False, **BIG_VOCAB),
+                                      ParallelConfig(4, tensor_parallel=2, pipeline_parallel=2,
+                                                     encoder_pipeline_stages=1))}
     for case, (cfg, layouts) in WORLD4.items():
         out[case] = {"reference": reference_run(cfg, PLAIN)}
         for parallel in layouts:
@@ -231,6 +253,15 @@ def test_parameter_attributes_match_megatron_gptmodel(world4):
         for layout, (ours, megatrons) in result["attributes"].items():
             for role in ours:
                 assert ours[role] == megatrons[role], f"rank {rank} {layout} {role}"
+
+
+@pytest.mark.slow
+def test_per_shard_initialisation_at_tp2pp2_is_the_reference_models_bitwise(world4):
+    for rank, result in enumerate(world4):
+        shards, reference = result["initial"]
+        assert shards.keys() == reference.keys()
+        for name in reference:
+            assert torch.equal(shards[name], reference[name]), f"rank {rank}: {name}"
 
 
 @pytest.mark.slow

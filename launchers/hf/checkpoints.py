@@ -11,7 +11,7 @@ in the iteration directory.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,9 +98,11 @@ class TensorReader:
         return read_model_state(self.directory, self.prefix, names)
 
 
-def save_reference_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: Path) -> None:
+def save_reference_weights(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                           directory: Path) -> None:
     """Write full reference tensors as a weights-only checkpoint into the empty ``directory``,
-    through the engine's own save on a single-process layout (any layout loads it)."""
+    through the engine's own save on a single-process layout (any layout loads it).
+    ``state`` is read one tensor at a time: a lazy mapping keeps one source tensor in memory."""
     from megatron_ext import checkpoint as engine_checkpoint
     from megatron_ext.layout import ParallelConfig
     from megatron_ext.mapping import load_reference_state

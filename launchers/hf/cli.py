@@ -45,7 +45,7 @@ def _import(args: argparse.Namespace) -> int:
     out = import_hf(args.hf_dir, args.output, args.variant, args.decoder_layers, args.tie_decoder,
                     args.decoder_from, args.tp, args.pp, args.encoder_pipeline_stages,
                     args.block_size, args.seq_length, args.mask_token_id, args.allow_pickle,
-                    args.overwrite)
+                    args.overwrite, args.shift)
     print(f"wrote {out} and {out / CONFIG_NAME}; train from it with:\n"
           f"  e2d2 pretrain CONFIG.yaml checkpoint.init={out}\n"
           f"with CONFIG.yaml's model section equal to {out / CONFIG_NAME}'s, and data "
@@ -73,6 +73,8 @@ def register_import_hf(subparsers) -> None:
                    help="training sequence length (default min(max_position_embeddings, 2048))")
     p.add_argument("--mask-token-id", type=int, help="mask token id (default: the tokenizer's "
                    "mask token, else its first unused id)")
+    p.add_argument("--shift", action="store_true", help="write model.shift=true: slot s "
+                   "predicts token s + 1, as the AR model did (adapting it, docs/hf.md)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model.bin with torch.load(weights_only=True)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_CHECKPOINT")

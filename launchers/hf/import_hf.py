@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,9 @@ def _rope(hf: dict[str, Any], where: str) -> float:
 
 def model_config_from_hf(hf: dict[str, Any], where: str, variant: str, decoder_layers: int,
                          tie_decoder: bool, block_size: int, seq_length: int | None,
-                         mask_token_id: int) -> ModelConfig:
-    """Our ModelConfig for a Qwen3 / Llama ``config.json`` (as a dict)."""
+                         mask_token_id: int, shift: bool = False) -> ModelConfig:
+    """Our ModelConfig for a Qwen3 / Llama ``config.json`` (as a dict); ``shift``: the
+    DiffuLLaMA shift of an adapted AR model (docs/hf.md)."""
     archs = hf.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES or hf.get("model_type") != ARCHITECTURES[archs[0]]:
         raise UserError(f"{where}: unsupported architecture {archs} (model_type "
@@ -86,6 +88,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str, variant: str, decoder_l
             qk_layernorm=ARCHITECTURES[archs[0]] == "qwen3",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             tie_decoder_to_encoder=tie_decoder,
+            shift=shift,
             rope_theta=_rope(hf, where),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             init_std=float(hf.get("initializer_range", 0.02)),
@@ -143,6 +146,26 @@ class _Weights:
         return self._handles[name].get_tensor(name)
 
 
+class _Converted(Mapping):
+    """Reference name -> fp32 tensor, read from the HF files only when asked for, so the
+    conversion holds the model being written and one source tensor, not a second copy."""
+
+    def __init__(self, weights: _Weights, sources: dict[str, str]):
+        self._weights, self._sources = weights, sources
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._weights.get(self._sources[name]).to(torch.float32)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._sources
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
 def _tokenizer_ids(directory: Path) -> tuple[int, int | None] | None:
     """(number of ids, mask id or None) of the tokenizer in ``directory``, if it has one."""
     path = directory / "tokenizer.json"
@@ -180,8 +203,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
               tie_decoder: bool = False, decoder_from: str = "top", tp: int = 1, pp: int = 1,
               encoder_pipeline_stages: int | None = None, block_size: int = 4,
               seq_length: int | None = None, mask_token_id: int | None = None,
-              allow_pickle: bool = False, overwrite: bool = False) -> Path:
-    """Convert ``hf_dir`` into the new checkpoint directory ``out``; returns ``out``."""
+              allow_pickle: bool = False, overwrite: bool = False, shift: bool = False) -> Path:
+    """Convert ``hf_dir`` into the new checkpoint directory ``out``; returns ``out``.
+    ``shift`` goes into the written config (``model.shift``, adapting an AR model)."""
     from megatron_ext.layout import ParallelConfig, PipelinePlan
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -196,7 +220,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
     hf = json.loads(config_path.read_text())
     mask = _mask_token_id(hf_dir, hf.get("vocab_size", 0), variant, mask_token_id)
     cfg = model_config_from_hf(hf, str(config_path), variant, decoder_layers, tie_decoder,
-                               block_size, seq_length, mask)
+                               block_size, seq_length, mask, shift)
     if pp > 1 and cfg.variant == "e2d2" and encoder_pipeline_stages is None:
         encoder_pipeline_stages = pp - 1
     parallel = {"tensor_parallel": tp, "pipeline_parallel": pp,
@@ -220,7 +244,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
     shapes = reference_shapes(cfg)
     sources = param_mapping.plan(shapes, names, source_layer, str(hf_dir))
     check_tensors(shapes, {ours: names[hf] for ours, hf in sources.items()}, str(hf_dir))
-    state = {ours: weights.get(hf).to(torch.float32) for ours, hf in sources.items()}
+    state = _Converted(weights, sources)
     run_config = run_config_from_dict({"model": dataclasses.asdict(cfg), "parallel": parallel},
                                       str(hf_dir))
     with staged_directory(out, overwrite) as stage:
