@@ -2,7 +2,12 @@
 
 Every model tensor is saved under ``model.{reference name}`` with its tensor-parallel slice
 as the shard, so a checkpoint written under one TP/PP layout loads under any other, and a
-single process can read full reference tensors (``read_model_state``). Replicas
+single process can read full reference tensors (``read_model_state``). A fused parameter
+(``megatron_ext.mapping.FUSIONS``: ``linear_qkv``, ``linear_fc1``) is saved as its
+reference tensors, through a ``ShardedTensorFactory`` that splits it on save and joins it
+on load (as megatron's ``apply_swiglu_sharded_factory`` does for its SwiGLU ``linear_fc1``;
+the optimizer states of the parameter go through the same factory). The files are
+therefore the same as before the projections were fused: older checkpoints load as they are. Replicas
 (data-parallel copies, norms repeated over TP ranks, word-embedding copies on several
 pipeline stages) get distinct ``replica_id``s with exactly one main copy, which
 dist_checkpointing writes once.
@@ -19,6 +24,7 @@ A training checkpoint (``save_training_state``) adds, in the same directory:
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Any
@@ -27,9 +33,10 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from e2d2.errors import UserError
-from megatron_ext.mapping import param_maps
+from megatron_ext.mapping import ParamMap, Part, param_maps
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema."
@@ -46,8 +53,10 @@ class ModelMismatchError(CheckpointError):
 
 
 def sharded_state_dict(chunks: list[torch.nn.Module], prefix: str = MODEL_PREFIX,
-                       tensors: list[torch.Tensor] | None = None) -> dict[str, ShardedTensor]:
-    """This rank's parameters (all model chunks) as ShardedTensors keyed ``prefix + name``.
+                       tensors: list[torch.Tensor] | None = None
+                       ) -> dict[str, ShardedTensor | ShardedTensorFactory]:
+    """This rank's parameters (all model chunks) keyed ``prefix + ParamMap.name``: a
+    ShardedTensor, or for a fused parameter a factory of one per reference tensor.
 
     ``tensors`` (one per parameter, in ``param_maps`` order over the chunks) are saved in the
     parameters' places instead: the EMA weights.
@@ -58,15 +67,32 @@ def sharded_state_dict(chunks: list[torch.nn.Module], prefix: str = MODEL_PREFIX
         raise ValueError(f"{len(tensors)} tensors for {len(params)} parameters")
     for index, (m, replica_id) in enumerate(params):
         data = m.param if tensors is None else tensors[index]
-        key = prefix + m.reference_name
-        if m.tp_axis is None:
-            out[key] = ShardedTensor.from_rank_offsets(key, data, replica_id=replica_id)
+        key = prefix + m.name
+        if m.fused:
+            # merge: the fused tensor from the loaded shards
+            out[key] = ShardedTensorFactory(key, data, functools.partial(_build_parts, m), m.join,
+                                            replica_id)
         else:
-            out[key] = ShardedTensor.from_rank_offsets(
-                key, data, (m.tp_axis, parallel_state.get_tensor_model_parallel_rank(),
-                            parallel_state.get_tensor_model_parallel_world_size()),
-                replica_id=replica_id)
+            out[key] = _part_tensor(key, m.parts[0], data, replica_id)
     return out
+
+
+def _part_tensor(key: str, part: Part, shard: torch.Tensor, replica_id) -> ShardedTensor:
+    if part.tp_axis is None:
+        return ShardedTensor.from_rank_offsets(key, shard, replica_id=replica_id)
+    return ShardedTensor.from_rank_offsets(
+        key, shard, (part.tp_axis, parallel_state.get_tensor_model_parallel_rank(),
+                     parallel_state.get_tensor_model_parallel_world_size()),
+        replica_id=replica_id)
+
+
+def _build_parts(m: ParamMap, key: str, data: torch.Tensor, replica_id, flattened_range):
+    """Factory build: one ShardedTensor per reference tensor of the fused ``m``. ``key`` ends
+    with ``m.name`` (``model.``, ``ema.`` or an optimizer state's prefix before it)."""
+    assert flattened_range is None, "flattened optimizer states are not used (fully_reshardable)"
+    stem = key.removesuffix(m.name)
+    return [_part_tensor(stem + part.reference_name, part, part.read(data), replica_id)
+            for part in m.parts]
 
 
 def _stage_maps(stage: torch.nn.Module):
@@ -75,7 +101,7 @@ def _stage_maps(stage: torch.nn.Module):
     embedding_stages = stage.plan.embedding_stages()
     for m in param_maps(stage):
         # Only the word embedding lives on several stages; the first holder is the main copy.
-        pp_copy = embedding_stages.index(stage.stage) if m.reference_name == "embed.weight" else 0
+        pp_copy = embedding_stages.index(stage.stage) if m.name == "embed.weight" else 0
         yield m, ((pp_copy, tp_rank, dp_rank) if m.tp_axis is None else (pp_copy, 0, dp_rank))
 
 
@@ -108,7 +134,7 @@ def _copy_into_params(chunks, loaded: dict, prefix: str) -> None:
     with torch.no_grad():
         for stage in chunks:
             for m in param_maps(stage):
-                m.param.copy_(loaded[prefix + m.reference_name])
+                m.param.copy_(loaded[prefix + m.name])
 
 
 def _check_shapes(chunks: list[torch.nn.Module], directory: str | Path) -> None:
@@ -120,17 +146,23 @@ def _check_shapes(chunks: list[torch.nn.Module], directory: str | Path) -> None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for stage in chunks:
         for m in param_maps(stage):
-            key = MODEL_PREFIX + m.reference_name
-            full = list(m.param.shape)
-            if m.tp_axis is not None:
-                full[m.tp_axis] *= tp
-            if key not in saved:
-                raise ModelMismatchError(f"checkpoint {directory} has no tensor {key!r}: it holds "
-                                      "another model (variant or depth changed?)")
-            if tuple(saved[key].global_shape) != tuple(full):
-                raise ModelMismatchError(
-                    f"checkpoint {directory}: {key} has shape {tuple(saved[key].global_shape)}, "
-                    f"this model needs {tuple(full)}; the model config changed since it was saved")
+            for part in m.parts:
+                _check_shape(directory, saved, MODEL_PREFIX + part.reference_name,
+                             part.shape(m.param.shape), part.tp_axis, tp)
+
+
+def _check_shape(directory, saved: dict, key: str, shard: tuple[int, ...], tp_axis: int | None,
+                 tp: int) -> None:
+    full = list(shard)
+    if tp_axis is not None:
+        full[tp_axis] *= tp
+    if key not in saved:
+        raise ModelMismatchError(f"checkpoint {directory} has no tensor {key!r}: it holds "
+                                 "another model (variant or depth changed?)")
+    if tuple(saved[key].global_shape) != tuple(full):
+        raise ModelMismatchError(
+            f"checkpoint {directory}: {key} has shape {tuple(saved[key].global_shape)}, "
+            f"this model needs {tuple(full)}; the model config changed since it was saved")
 
 
 def rng_state() -> dict[str, Any]:
@@ -259,7 +291,7 @@ def load_training_state(directory: str | Path, chunks: list[torch.nn.Module], op
     _copy_into_params(chunks, loaded, MODEL_PREFIX)
     if ema is not None:
         with torch.no_grad():
-            source = (loaded[EMA_PREFIX + m.reference_name] if has_ema else m.param
+            source = (loaded[EMA_PREFIX + m.name] if has_ema else m.param
                       for stage in chunks for m in param_maps(stage))
             for tensor, value in zip(ema, source, strict=True):
                 tensor.copy_(value)

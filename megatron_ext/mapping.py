@@ -1,12 +1,15 @@
 """Name mapping between a parallel stage and the reference model, and lossless conversion.
 
-A stage parameter's reference name is its own name with
+A stage parameter's layout-independent name (``ParamMap.name``) is its own name with
 
 * ``layers.{i}`` shifted by the stage's first encoder/main-stack layer,
 * ``decoder_layers.{k}`` shifted by the stage's first decoder layer,
 * ``attn.q_layernorm``/``attn.k_layernorm`` renamed ``attn.q_norm``/``attn.k_norm``.
 
-Its tensor-parallel split follows the megatron layer that owns it: column-parallel
+That is the reference name, except for the fused projections (``FUSIONS``): one stage
+parameter, megatron's ``linear_qkv`` or ``linear_fc1``, holds this TP rank's shards of
+several reference tensors (``ParamMap.parts``). Every part is a TP shard of its reference
+tensor; the split follows the megatron layer that owns the parameter: column-parallel
 linears (local or Transformer Engine) and the vocab-parallel embedding split dim 0,
 row-parallel linears dim 1, norms are replicated. That is all the conversion needs, for
 any TP/PP layout:
@@ -27,7 +30,8 @@ reference tensor goes where in the local parameter.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
@@ -42,13 +46,114 @@ _RENAMES = {"attn.q_layernorm.": "attn.q_norm.", "attn.k_layernorm.": "attn.k_no
 
 
 @dataclass(frozen=True)
+class Fusion:
+    """A column-parallel stage parameter that holds several reference tensors.
+
+    The full fused tensor is ``groups`` groups along dim 0, each holding, in order, ``1 /
+    groups`` of every reference tensor's rows; TP rank ``r`` holds groups ``[r * groups /
+    TP, (r + 1) * groups / TP)``, so every part of a rank is that rank's TP shard (dim 0) of
+    its reference tensor."""
+
+    tensors: tuple[str, ...]  # reference leaf names, in order inside a group
+    rows: Callable[[ModelConfig], tuple[int, ...]]  # each reference tensor's dim 0
+    groups: Callable[[ModelConfig, int], int]  # groups of the full tensor, given TP
+
+
+FUSIONS: dict[str, Fusion] = {
+    # megatron's linear_qkv (TP-invariant): per query group its q heads, its k head, its v head.
+    "attn.linear_qkv.weight": Fusion(
+        ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"),
+        rows=lambda c: (c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels,
+                        c.num_query_groups * c.kv_channels),
+        groups=lambda c, tp: c.num_query_groups),
+    # megatron's SwiGLU linear_fc1: [gate shard; up shard] on every TP rank.
+    "mlp.linear_fc1.weight": Fusion(
+        ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        rows=lambda c: (c.ffn_hidden_size, c.ffn_hidden_size),
+        groups=lambda c, tp: tp),
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    """This TP rank's shard of one reference tensor inside a stage parameter.
+
+    The parameter's dim 0 is viewed as ``[groups, rows per group]``; the part is rows
+    ``rows`` of every group (an unfused parameter is one part: one group, every row).
+    ``tp_axis``: the dim its reference tensor is split on over TP (None: replicated)."""
+
+    reference_name: str
+    tp_axis: int | None
+    groups: int = 1
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def view(self, local: torch.Tensor) -> torch.Tensor:
+        """The part inside ``local`` (the parameter, its grad, or a same-shaped tensor) as a
+        writable view ``[groups, rows, ...]``."""
+        return local.unflatten(0, (self.groups, -1))[:, self.rows]
+
+    def read(self, local: torch.Tensor) -> torch.Tensor:
+        """The shard in its reference tensor's layout (a copy when the part is strided)."""
+        return self.view(local).flatten(0, 1)
+
+    def write(self, local: torch.Tensor, shard: torch.Tensor) -> None:
+        """Copy this rank's ``shard`` of the reference tensor into the part of ``local``."""
+        self.view(local).copy_(shard.unflatten(0, (self.groups, -1)))
+
+    def shape(self, local_shape: torch.Size) -> tuple[int, ...]:
+        """The shard's shape for a parameter of ``local_shape``."""
+        rows = len(range(local_shape[0] // self.groups)[self.rows]) * self.groups
+        return (rows, *local_shape[1:])
+
+
+@dataclass(frozen=True)
 class ParamMap:
-    """One stage parameter: its reference name and the dim it is split on over TP (or None)."""
+    """One stage parameter: its layout-independent ``name`` (the reference name unless
+    fused), the dim it is split on over TP (or None), and the reference tensors it holds."""
 
     local_name: str
-    reference_name: str
+    name: str
     param: torch.nn.Parameter
     tp_axis: int | None
+    parts: tuple[Part, ...]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.parts) > 1
+
+    def local_from(self, reference_state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's tensor for the parameter, cut from full reference tensors.
+
+        Raises KeyError naming the first missing reference tensor, ValueError on a shape
+        mismatch, so a wrong config fails before training."""
+        shards = []
+        for part in self.parts:
+            if part.reference_name not in reference_state:
+                raise KeyError(f"reference state has no {part.reference_name!r} "
+                               f"(for {self.local_name})")
+            shard = tp_shard(reference_state[part.reference_name], part.tp_axis)
+            if tuple(shard.shape) != part.shape(self.param.shape):
+                raise ValueError(f"{part.reference_name}: shard {tuple(shard.shape)} does not fit "
+                                 f"{self.local_name} {tuple(self.param.shape)}")
+            shards.append(shard)
+        return self.join(shards)
+
+    def join(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's tensor for the parameter from this rank's shard of each part (in
+        ``parts`` order); an unfused parameter's one shard is returned as it is."""
+        if not self.fused:
+            return shards[0]
+        local = shards[0].new_empty(self.param.shape)
+        for part, shard in zip(self.parts, shards, strict=True):
+            part.write(local, shard)
+        return local
+
+    def reference_from(self, per_rank: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full reference tensors from every TP rank's tensor for the parameter (rank order;
+        one tensor for a replicated parameter)."""
+        return {part.reference_name: per_rank[0].clone() if part.tp_axis is None else
+                torch.cat([part.read(t) for t in per_rank], dim=part.tp_axis)
+                for part in self.parts}
 
 
 def _tp_axis(module: torch.nn.Module) -> int | None:
@@ -72,19 +177,35 @@ def _reference_name(local_name: str, encoder_offset: int, decoder_offset: int) -
     return name
 
 
+def _parts(name: str, tp_axis: int | None, cfg: ModelConfig, tp: int) -> tuple[Part, ...]:
+    suffix = next((k for k in FUSIONS if name.endswith("." + k)), None)
+    if suffix is None:
+        return (Part(name, tp_axis),)
+    fusion, stem = FUSIONS[suffix], name[: -len(suffix)]
+    groups = fusion.groups(cfg, tp)
+    parts, start = [], 0
+    for leaf, rows in zip(fusion.tensors, fusion.rows(cfg), strict=True):
+        per_group = rows // groups
+        parts.append(Part(stem + leaf, 0, groups // tp, slice(start, start + per_group)))
+        start += per_group
+    return tuple(parts)
+
+
 def param_maps(stage: torch.nn.Module) -> list[ParamMap]:
     """Every parameter of a ``ParallelDiffusionLM`` stage, in ``named_parameters`` order."""
     modules = dict(stage.named_modules())
     here = stage.layers_here
+    tp = stage.config.tensor_model_parallel_size
     maps = []
     for local_name, param in stage.named_parameters():
-        owner = modules[local_name.rpartition(".")[0]]
-        ref = _reference_name(local_name, here.encoder.start, here.decoder.start)
-        maps.append(ParamMap(local_name, ref, param, _tp_axis(owner)))
+        axis = _tp_axis(modules[local_name.rpartition(".")[0]])
+        name = _reference_name(local_name, here.encoder.start, here.decoder.start)
+        maps.append(ParamMap(local_name, name, param, axis, _parts(name, axis, stage.cfg, tp)))
     return maps
 
 
-def _shard(full: torch.Tensor, axis: int | None) -> torch.Tensor:
+def tp_shard(full: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """This TP rank's slice of a full reference tensor split on ``axis`` (None: all of it)."""
     if axis is None:
         return full
     tp, rank = (parallel_state.get_tensor_model_parallel_world_size(),
@@ -99,24 +220,20 @@ def load_reference_state(stage: torch.nn.Module, reference_state: dict[str, torc
     mismatch, so a wrong config fails before training.
     """
     for m in param_maps(stage):
-        if m.reference_name not in reference_state:
-            raise KeyError(f"reference state has no {m.reference_name!r} (for {m.local_name})")
-        shard = _shard(reference_state[m.reference_name], m.tp_axis)
-        if shard.shape != m.param.shape:
-            raise ValueError(f"{m.reference_name}: shard {tuple(shard.shape)} does not fit "
-                             f"{m.local_name} {tuple(m.param.shape)}")
+        local = m.local_from(reference_state)
         with torch.no_grad():
-            m.param.copy_(shard)
+            m.param.copy_(local)
 
 
-def _gather_tp(tensor: torch.Tensor, axis: int | None) -> torch.Tensor:
+def _gather_tp(tensor: torch.Tensor, axis: int | None) -> list[torch.Tensor]:
+    """Every TP rank's copy of ``tensor`` (just this one when replicated or TP = 1)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if axis is None or tp == 1:
-        return tensor.detach().clone()
+        return [tensor.detach()]
     parts = [torch.empty_like(tensor) for _ in range(tp)]
     torch.distributed.all_gather(parts, tensor.detach().contiguous(),
                                  group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=axis)
+    return parts
 
 
 def gather_reference_state(chunks: list[torch.nn.Module], grads: bool = False
@@ -130,7 +247,7 @@ def gather_reference_state(chunks: list[torch.nn.Module], grads: bool = False
     for stage in chunks:
         for m in param_maps(stage):
             tensor = m.param.main_grad if grads else m.param
-            local[m.reference_name] = _gather_tp(tensor, m.tp_axis)
+            local.update(m.reference_from(_gather_tp(tensor, m.tp_axis)))
     per_stage: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(per_stage, local,
                                         group=parallel_state.get_pipeline_model_parallel_group())
@@ -154,15 +271,31 @@ class ShardPiece:
 
 
 def shard_pieces(m: ParamMap) -> list[ShardPiece]:
-    """The reference slices ``m.param`` holds on this TP rank: the whole tensor, or this rank's
-    ``1/TP`` block along ``m.tp_axis`` (what ``_shard`` cuts)."""
-    full, source = list(m.param.shape), ()
-    if m.tp_axis is not None:
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        size = full[m.tp_axis]
-        full[m.tp_axis] *= parallel_state.get_tensor_model_parallel_world_size()
-        source = (slice(None),) * m.tp_axis + (slice(rank * size, (rank + 1) * size),)
-    return [ShardPiece(m.reference_name, tuple(full), source)]
+    """The reference slices ``m.param`` holds on this TP rank: for each of its ``parts``, the
+    whole tensor or this rank's ``1/TP`` block along the part's ``tp_axis`` (what
+    ``tp_shard`` cuts); a fused part is one piece per group of the parameter (its rows in a
+    group are contiguous, the groups are not)."""
+    tp, rank = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_tensor_model_parallel_rank())
+    pieces = []
+    for part in m.parts:
+        shard = part.shape(m.param.shape)
+        full, offset = list(shard), 0
+        if part.tp_axis is not None:
+            full[part.tp_axis] *= tp
+            offset = rank * shard[part.tp_axis]
+        if not m.fused:
+            source = () if part.tp_axis is None else (
+                (slice(None),) * part.tp_axis + (slice(offset, offset + shard[part.tp_axis]),))
+            pieces.append(ShardPiece(part.reference_name, tuple(full), source))
+            continue
+        rows, stride = shard[0] // part.groups, m.param.shape[0] // part.groups
+        for group in range(part.groups):
+            start = group * stride + part.rows.start
+            pieces.append(ShardPiece(part.reference_name, tuple(full),
+                                     (slice(offset + group * rows, offset + (group + 1) * rows),),
+                                     (slice(start, start + rows),)))
+    return pieces
 
 
 def initialize_at_seed(stage: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:

@@ -4,6 +4,10 @@ Each (virtual) pipeline stage is one ``ParallelDiffusionLM`` with the layers
 ``PipelinePlan`` gives it; a rank holds one, or ``virtual_pipeline`` chunks. The layer math is the reference's own (``e2d2.layers``): the parallel classes
 subclass the reference ones and only swap their linears for megatron-core's
 column/row-parallel linears with per-rank head counts, so both engines run one forward.
+q/k/v and gate/up are fused into one column-parallel linear each (``linear_qkv``,
+``linear_fc1``, megatron's layouts; the reference hooks ``qkv_projections``,
+``kv_projections`` and ``gate_up`` split them), so TP all-reduces one input gradient per
+fused linear; ``megatron_ext.mapping.FUSIONS`` maps them to the reference names.
 
 Which column/row-parallel linears (``linear_classes``), by ``ParallelConfig.transformer_impl``:
 megatron-core's local ``ColumnParallelLinear``/``RowParallelLinear`` (CPU, the tested path)
@@ -203,11 +207,20 @@ def fp8_context(config: TransformerConfig):
     return get_fp8_context(config)
 
 
+def _split_groups(fused: torch.Tensor, groups: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """``[..., groups * sum(sizes)]``, each group holding ``sizes`` columns in order ->
+    one ``[..., groups * size]`` tensor per size (megatron's ``get_query_key_value_tensors``)."""
+    return tuple(t.flatten(-2) for t in fused.unflatten(-1, (groups, -1)).split(sizes, dim=-1))
+
+
 class ParallelAttention(Attention):
     """The reference attention with this rank's ``heads / TP`` query heads and ``groups / TP``
-    KV heads. Q/K norms are named ``q_layernorm``/``k_layernorm`` because that is how
-    megatron's ``finalize_model_grads`` finds the replicated weights whose gradients it
-    must sum over TP ranks."""
+    KV heads, q/k/v fused into one column-parallel ``linear_qkv`` in megatron's layout
+    (``megatron_ext.mapping.FUSIONS``: per query group its q heads, its k head, its v head),
+    so the backward all-reduces the input gradient once instead of three times. Q/K norms
+    are named ``q_layernorm``/``k_layernorm`` because that is how megatron's
+    ``finalize_model_grads`` finds the replicated weights whose gradients it must sum over
+    TP ranks."""
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig):
         nn.Module.__init__(self)
@@ -216,9 +229,15 @@ class ParallelAttention(Attention):
         h, g = cfg.num_attention_heads, cfg.num_query_groups
         self.heads, self.groups, self.head_dim = h // tp, g // tp, d
         column, row = linear_classes(config)
-        self.q_proj = column(cfg.hidden_size, h * d, config)
-        self.k_proj = column(cfg.hidden_size, g * d, config)
-        self.v_proj = column(cfg.hidden_size, g * d, config)
+        self.linear_qkv = column(cfg.hidden_size, (h + 2 * g) * d, config)
+        # K/V of another stream (E2D2's h_enc): the local linear applied to the k|v rows of
+        # linear_qkv's weight (it owns no weight), one all-reduce and no q FLOPs. Where that
+        # cannot work kv_projections runs linear_qkv and drops q: TE's linears take no weight
+        # at call time, and megatron's fused wgrad accumulation writes to the weight's
+        # main_grad, which a slice of it has not.
+        slice_works = config.transformer_impl == "local" and not config.gradient_accumulation_fusion
+        self.linear_kv = (_Column(cfg.hidden_size, 2 * g * d, config, skip_weight_param_allocation=True)
+                          if slice_works else None)
         self.o_proj = row(h * d, cfg.hidden_size, config)
         norm = (lambda: nn.RMSNorm(d, eps=cfg.norm_eps)) if cfg.qk_layernorm else nn.Identity
         self.q_layernorm, self.k_layernorm = norm(), norm()
@@ -238,16 +257,32 @@ class ParallelAttention(Attention):
     def k_norm(self) -> nn.Module:
         return self.k_layernorm
 
+    def qkv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.head_dim
+        return _split_groups(self.linear_qkv(x), self.groups, (self.heads // self.groups * d, d, d))
+
+    def kv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.linear_kv is None:  # the fused linear, q discarded (see __init__)
+            return self.qkv_projections(x)[1:]
+        q_rows = self.heads // self.groups * self.head_dim
+        kv_weight = self.linear_qkv.weight.unflatten(0, (self.groups, -1))[:, q_rows:].flatten(0, 1)
+        return _split_groups(self.linear_kv(x, weight=kv_weight), self.groups,
+                             (self.head_dim, self.head_dim))
+
 
 class ParallelMLP(MLP):
-    """The reference SwiGLU with column-parallel gate/up and a row-parallel down projection."""
+    """The reference SwiGLU with gate/up fused into one column-parallel ``linear_fc1`` (each
+    rank ``[gate shard; up shard]``, megatron's SwiGLU layout) and a row-parallel down
+    projection."""
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig):
         nn.Module.__init__(self)
         column, row = linear_classes(config)
-        self.gate_proj = column(cfg.hidden_size, cfg.ffn_hidden_size, config)
-        self.up_proj = column(cfg.hidden_size, cfg.ffn_hidden_size, config)
+        self.linear_fc1 = column(cfg.hidden_size, 2 * cfg.ffn_hidden_size, config)
         self.down_proj = row(cfg.ffn_hidden_size, cfg.hidden_size, config)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear_fc1(x).chunk(2, dim=-1)
 
 
 class ParallelTransformerLayer(TransformerLayer):
@@ -484,9 +519,10 @@ def _tagged(stage: ParallelDiffusionLM) -> ParallelDiffusionLM:
     * ``is_embedding_or_output_parameter``, ``shared``, ``shared_embedding``,
       ``zero_out_wgrad``: ``LanguageModule.setup_embeddings_and_output_layer``, which this
       stage (not a ``LanguageModule``) reproduces in ``_tag_embedding``.
-    * Not applicable: ``expert_tp`` and ``is_qkv`` (MoE / fused-QKV Muon),
-      ``average_gradients_across_tp_domain`` (HuggingFace wrappers), ``pipeline_parallel``
-      (conditional embedders).
+    * ``is_qkv``: no megatron module sets it; its Muon optimizer setup tags weights named
+      ``linear_qkv.weight``, as the fused q|k|v weight here is (megatron's layout).
+    * Not applicable: ``expert_tp`` (MoE), ``average_gradients_across_tp_domain``
+      (HuggingFace wrappers), ``pipeline_parallel`` (conditional embedders).
     """
     for m in param_maps(stage):
         if hasattr(m.param, "tensor_model_parallel"):

@@ -161,3 +161,20 @@ def megatron_layout(
         yield layout
     finally:
         parallel_state.destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def counted_all_reduces() -> Iterator[list[int]]:
+    """Count ``torch.distributed.all_reduce`` calls (megatron's tensor-parallel layers look
+    it up at call time) inside the block: yields a one-element list, the running count."""
+    count, original = [0], torch.distributed.all_reduce
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    torch.distributed.all_reduce = counted
+    try:
+        yield count
+    finally:
+        torch.distributed.all_reduce = original

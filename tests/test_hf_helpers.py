@@ -66,7 +66,7 @@ def write_run(run_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
         stages = build_chunks(cfg, parallel)
         for stage in stages:
             load_reference_state(stage, state)
-        ema_list = None if ema is None else [ema[m.reference_name] for s in stages for m in param_maps(s)]
+        ema_list = None if ema is None else [m.local_from(ema) for s in stages for m in param_maps(s)]
         RunCheckpoints(run_dir, keep=1).save(step, run_cfg, stages, None, ema_list, {"step": step})
     save_run_config(run_cfg, run_dir / "config.yaml")
     (run_dir / "metrics.jsonl").write_text(

@@ -129,9 +129,10 @@ def _attributes(param: torch.nn.Parameter | None) -> dict | None:
 
 
 def param_attributes(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[dict, dict]:
-    """The attributes of this rank's word-embedding copy, untied LM head, a column- and a
-    row-parallel weight and a norm: ours, and those of megatron's own GPTModel (same sizes,
-    layout and tying, megatron's initialisation) on the same pipeline rank."""
+    """The attributes of this rank's word-embedding copy, untied LM head, the fused
+    column-parallel weights (q|k|v, gate|up), a row-parallel weight and a norm: ours, and
+    those of megatron's own GPTModel (same sizes, layout and tying, megatron's
+    initialisation) on the same pipeline rank."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -151,14 +152,15 @@ def param_attributes(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[dict, 
         ours = {
             "embedding": stage.embed.weight if hasattr(stage, "embed") else None,
             "head": None if tied or not stage.post_process else stage.lm_head.weight,
-            "column": layer.attn.q_proj.weight, "row": layer.attn.o_proj.weight,
+            "qkv": layer.attn.linear_qkv.weight, "fc1": layer.mlp.linear_fc1.weight,
+            "row": layer.attn.o_proj.weight,
             "norm": layer.input_norm.weight,
         }
         megatrons = {
             "embedding": gpt.embedding.word_embeddings.weight if gpt.pre_process else (
                 gpt.output_layer.weight if tied else None),  # the tied head is the copy
             "head": None if tied or not gpt.post_process else gpt.output_layer.weight,
-            "column": gpt_layer.self_attention.linear_qkv.weight,
+            "qkv": gpt_layer.self_attention.linear_qkv.weight, "fc1": gpt_layer.mlp.linear_fc1.weight,
             "row": gpt_layer.self_attention.linear_proj.weight,
             "norm": gpt_layer.input_layernorm.weight,
         }
