@@ -246,16 +246,16 @@ class ParallelAttention(Attention):
     def q_norm(self) -> nn.Module:
         return self.q_layernorm
 
+    @property
+    def k_norm(self) -> nn.Module:
+        return self.k_layernorm
+
     def core_attention(self, q, k, v, mask) -> torch.Tensor:
         """``recompute="selective"``: the attention scores are recomputed in the backward pass
         instead of kept (the mask, never differentiated, stays out of the checkpoint's inputs)."""
         if self.config.recompute_granularity != "selective" or not torch.is_grad_enabled():
             return attend(q, k, v, mask)
         return checkpoint(lambda q, k, v: attend(q, k, v, mask), False, q, k, v)
-
-    @property
-    def k_norm(self) -> nn.Module:
-        return self.k_layernorm
 
     def qkv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self.head_dim
