@@ -43,7 +43,7 @@ BF16_GRAD_RTOL = 5e-2
 # (sums over heads and positions of gradients that arrive with other strides) change by
 # summation order, observed 1e-10. Adam (dividing by sqrt(v) + eps) grows that to ~3e-8 in
 # the weights after three steps; a recomputation that changed the math would be off by
-# ~lr = 1e-2.
+# ~lr = 1e-2. A later step's loss sees those weights: 1 fp32 ulp (2.4e-7 at 2.7) observed.
 RECOMPUTE_ATOL = 1e-8
 RECOMPUTE_PARAMS_ATOL = 1e-6
 
@@ -254,11 +254,13 @@ def test_bf16_interleaved_pp2_dp2_matches_the_fp32_reference_within_bf16_toleran
 
 
 def _assert_identical(a: dict, b: dict, atol: float = 0.0, params_atol: float = 0.0) -> None:
-    """Same step losses (last stage) and step-0 gradients within ``atol``, final weights
-    within ``params_atol``."""
+    """Same step-0 loss and gradients within ``atol``; later step losses (which see the
+    updated weights) and final weights within ``params_atol``."""
     if a["first_loss"] is not None:
-        diff = (torch.tensor(a["losses"]) - torch.tensor(b["losses"])).abs().max().item()
-        assert diff <= atol, (a["losses"], b["losses"])
+        losses_a, losses_b = torch.tensor(a["losses"]), torch.tensor(b["losses"])
+        assert (losses_a[0] - losses_b[0]).abs().item() <= atol, (a["losses"], b["losses"])
+        diff = (losses_a - losses_b).abs().max().item()
+        assert diff <= params_atol, (a["losses"], b["losses"])
     for what in ("grads", "params"):
         if a[what] is None:
             continue
