@@ -178,13 +178,12 @@ class RowStreams:
     def seeded(cls, seeds: Sequence[int], device: torch.device) -> RowStreams:
         return cls([torch.Generator(device=device).manual_seed(int(s)) for s in seeds], device)
 
-    def select(self, rows: torch.Tensor) -> RowStreams:
-        idx = rows.tolist()
-        widths = None if self.widths is None else [self.widths[i] for i in idx]
-        return RowStreams([self.generators[i] for i in idx], self.device, widths)
+    def select(self, rows: list[int]) -> RowStreams:
+        widths = None if self.widths is None else [self.widths[i] for i in rows]
+        return RowStreams([self.generators[i] for i in rows], self.device, widths)
 
-    def uniform(self, n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        idx = range(len(self.generators)) if rows is None else rows.tolist()
+    def uniform(self, n: int, rows: list[int] | None = None) -> torch.Tensor:
+        idx = range(len(self.generators)) if rows is None else rows
         if self.widths is None and len(idx) == 1:  # batch 1: no stacking
             return torch.rand(1, n, generator=self.generators[idx[0]], device=self.device, dtype=torch.float64)
         draws = []
@@ -279,12 +278,28 @@ def step_times(schedule: str, steps: int, min_t: float = 0.0) -> list[StepTimes]
     return [StepTimes(alpha[j], alpha[j + 1], alpha[0], j == steps - 1) for j in range(steps)]
 
 
+def reveal_counts(strategy: str, times: StepTimes | None, n_start: list[int],
+                  n_masked: list[int]) -> list[int] | None:
+    """Per row, how many masked tokens the step reveals, where that is fixed before it runs:
+    top-k's schedule (``n_start``: masked tokens at the block's start, ``n_masked``: now),
+    first-hitting's one, the last step's all; None where draws or confidences decide it
+    (ancestral, threshold). Host integers: the sampler's bookkeeping needs no device sync."""
+    if times is not None and times.last:
+        return list(n_masked)
+    if strategy == "first_hitting":
+        return [min(n, 1) for n in n_masked]
+    if strategy not in ("topk", "topk_margin"):
+        return None
+    frac = min(max((1.0 - times.alpha_s) / (1.0 - times.alpha_start), 0.0), 1.0)
+    return [max(n - math.floor(n0 * frac), 0) for n0, n in zip(n_start, n_masked, strict=True)]
+
+
 def denoise_step(
     strategy: str,
     xt: torch.Tensor,
     dist: Distribution,
     times: StepTimes | None,
-    n_start: torch.Tensor,
+    n_reveal: list[int] | None,
     mask_id: int,
     threshold: float,
     uniform: Callable[[], torch.Tensor],
@@ -293,7 +308,7 @@ def denoise_step(
 
     ``dist``: the denoiser's distribution at each position (greedy when it has no CDF).
     ``times``: the step's schedule values (None for first-hitting, which needs no grid).
-    ``n_start [b]``: masked tokens at the block's start (top-k's schedule is relative to it).
+    ``n_reveal``: `reveal_counts` of the rows (top-k reads it; the others may pass None).
     ``uniform()``: the next ``[b, S]`` uniforms of each row's stream; called, in this order,
     for the token values (unless greedy), then for the strategy's choice (ancestral and
     first-hitting only).
@@ -304,20 +319,20 @@ def denoise_step(
     else:
         target = uniform().unsqueeze(-1) * dist.cdf[..., -1:]
         values = torch.searchsorted(dist.cdf, target, right=True).squeeze(-1)
+    # every strategy's ``reveal`` lies within ``masked``; ancestral and first-hitting draw
+    # their uniforms on the last step too, so that the row's stream stays where it was
     if strategy == "ancestral":
         reveal = _ancestral(masked, times, uniform)
     elif strategy == "first_hitting":
         reveal = _first_hitting(masked, uniform)
+    elif times is not None and times.last:
+        reveal = masked
     else:
-        conf = _confidence(dist, values, margin=strategy == "topk_margin")
-        conf = conf.masked_fill(~masked, -math.inf)
-        if strategy == "threshold":
-            reveal = _threshold(conf, masked, threshold)
-        else:
-            reveal = _topk(conf, masked, times, n_start)
+        conf = torch.where(masked, _confidence(dist, values, margin=strategy == "topk_margin"), -math.inf)
+        reveal = _threshold(conf, masked, threshold) if strategy == "threshold" else _topk(conf, n_reveal)
     if times is not None and times.last:
         reveal = masked
-    return torch.where(reveal & masked, values, xt)
+    return torch.where(reveal, values, xt)
 
 
 def _confidence(dist: Distribution, values: torch.Tensor, margin: bool) -> torch.Tensor:
@@ -344,7 +359,7 @@ def _first_hitting(masked: torch.Tensor, uniform) -> torch.Tensor:
     Our denoisers are not conditioned on time, so that time changes nothing downstream and
     the step reduces to the uniform choice (Zheng et al., 2024: masked diffusion is time-agnostic).
     """
-    scores = uniform().masked_fill(~masked, -1.0)
+    scores = torch.where(masked, uniform(), -1.0)
     one = torch.zeros_like(masked).scatter_(-1, scores.argmax(-1, keepdim=True), True)
     return one & masked
 
@@ -355,14 +370,14 @@ def _threshold(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> to
     return ((conf > threshold) | best) & masked
 
 
-def _topk(conf: torch.Tensor, masked: torch.Tensor, times: StepTimes, n_start: torch.Tensor):
-    """Reveal the most confident masked tokens until ``n_start * (1 - alpha_s) / (1 - alpha_start)``
-    (rounded down) remain masked: predict x0, then re-noise to time ``s`` by confidence."""
-    frac = (1.0 - times.alpha_s) / (1.0 - times.alpha_start)
-    keep_masked = torch.floor(n_start.double() * min(max(frac, 0.0), 1.0)).long()
-    k = (masked.sum(-1) - keep_masked).clamp(min=0)
+def _topk(conf: torch.Tensor, n_reveal: list[int]) -> torch.Tensor:
+    """The ``n_reveal[r]`` most confident masked tokens of each row r (`reveal_counts`: the
+    schedule leaves ``n_start * (1 - alpha_s) / (1 - alpha_start)``, rounded down, masked):
+    predict x0, then re-noise to time ``s`` by confidence. ``conf`` is -inf where unmasked and
+    above it where masked, so the first ``n_reveal`` ranks are masked tokens."""
     rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
-    return (rank < k.unsqueeze(-1)) & masked
+    k = n_reveal[0] if len(set(n_reveal)) == 1 else torch.tensor(n_reveal, device=conf.device)[:, None]
+    return rank < k
 
 
 # ------------------------------------------------------------------ one block
@@ -376,55 +391,66 @@ def _denoise_block(
     times: list[StepTimes],
     mask_id: int,
     streams: RowStreams,
-    row_nfe: torch.Tensor,
-) -> tuple[torch.Tensor, int]:
-    """Denoise ``x [b, W]`` until no mask is left; returns it and the batched forwards spent.
+) -> tuple[torch.Tensor, int, list[int]]:
+    """Denoise ``x [b, W]`` until no mask is left; returns it, the batched forwards spent and
+    each row's forwards.
 
     ``forward(x_rows, rows)`` gives logits for the rows ``rows`` (None = all) of the block.
     A row steps while its block has a mask; it is forwarded again only if its block changed
-    since its last forward. ``row_nfe [b]`` is incremented for every row forwarded.
+    since its last forward. Which rows step, need a forward or changed is kept on the host
+    from each row's count of masked tokens (a step only ever reveals masked tokens, so a row
+    changed iff its count fell): one device sync per block, plus one per step for the
+    strategies whose reveal count is not fixed in advance (`reveal_counts`).
     Profiler labels ``sample.step`` and ``sample.forward`` split a step into the model and
     the rest (``benchmarks/bench_sample.py`` measures that overhead).
     """
-    n_start = (x == mask_id).sum(-1)
-    width = x.shape[1]
+    batch, width = x.shape
+    n_masked = (x == mask_id).sum(-1).tolist()
+    n_start = list(n_masked)
+    fresh = [False] * batch  # the row's distribution matches its block
+    row_nfe = [0] * batch
     dist: Distribution | None = None
-    fresh = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # dist matches x
     calls, step = 0, 0
     while True:
-        stepping = (x == mask_id).any(-1)
-        if not stepping.any():
-            return x, calls
+        stepping = [r for r in range(batch) if n_masked[r]]
+        if not stepping:
+            return x, calls, row_nfe
         with torch.profiler.record_function("sample.step"):
-            need = stepping & ~fresh
-            one_row = x.shape[0] == 1  # batch 1: a row that steps or needs a forward is all rows
-            if need.any():
-                rows = None if one_row or need.all() else need.nonzero().squeeze(1)
+            need = [r for r in stepping if not fresh[r]]
+            if need:
+                rows = _row_index(need, batch, x.device)
                 with torch.profiler.record_function("sample.forward"):
                     logits = forward(x if rows is None else x[rows], rows)
                 new = Distribution.of(logits, mask_id, cfg.temperature, cfg.top_p, cfg.strategy == "topk_margin")
                 if dist is None or rows is None:
-                    dist = new if rows is None else _scatter_new(new, rows, x.shape[0])
+                    dist = new if rows is None else _scatter_new(new, rows, batch)
                 else:
                     dist.update(rows, new)
-                row_nfe += need
-                fresh |= need
+                for r in need:
+                    row_nfe[r] += 1
+                    fresh[r] = True
                 calls += 1
-            rows = None if one_row or stepping.all() else stepping.nonzero().squeeze(1)
-            xs = x if rows is None else x[rows]
+            rows = _row_index(stepping, batch, x.device)
             step_time = None if cfg.strategy == "first_hitting" else times[min(step, len(times) - 1)]
-            new_x = denoise_step(cfg.strategy, xs, dist.rows(rows), step_time,
-                                 n_start if rows is None else n_start[rows], mask_id, cfg.threshold,
-                                 partial(streams.uniform, width, rows))
-            changed = (new_x != xs).any(-1)
-            if rows is None:
-                fresh &= ~changed
-                x = new_x
+            n_reveal = reveal_counts(cfg.strategy, step_time, [n_start[r] for r in stepping],
+                                     [n_masked[r] for r in stepping])
+            new_x = denoise_step(cfg.strategy, x if rows is None else x[rows], dist.rows(rows), step_time,
+                                 n_reveal, mask_id, cfg.threshold,
+                                 partial(streams.uniform, width, None if rows is None else stepping))
+            if n_reveal is None:
+                left = (new_x == mask_id).sum(-1).tolist()
             else:
-                fresh[rows[changed]] = False
-                x = x.clone()
-                x[rows] = new_x
+                left = [n_masked[r] - k for r, k in zip(stepping, n_reveal, strict=True)]
+            for r, n in zip(stepping, left, strict=True):
+                if n < n_masked[r]:
+                    n_masked[r], fresh[r] = n, False
+            x = new_x if rows is None else x.index_copy(0, rows, new_x)
             step += 1
+
+
+def _row_index(rows: list[int], batch: int, device: torch.device) -> torch.Tensor | None:
+    """``rows`` of a batch as an index tensor, or None when they are all of it."""
+    return None if len(rows) == batch else torch.tensor(rows, device=device)
 
 
 def _scatter_new(new: Distribution, rows: torch.Tensor, batch: int) -> Distribution:
@@ -518,6 +544,7 @@ class _BlockRun:
         self.n_ctx = plens - self.tail
         self.budget_end = plens + cfg.max_new_tokens  # each row's last position, exclusive
         self.n_blocks = -(-(self.tail + cfg.max_new_tokens) // S)  # [B]
+        self.blocks_of = self.n_blocks.tolist()  # the same on the host
         width = int((self.n_ctx + self.n_blocks * S).max())
         self.seq = torch.full((prompt.shape[0], width), model.cfg.mask_token_id, dtype=torch.long, device=device)
         self.seq[:, :prompt.shape[1]] = prompt
@@ -525,19 +552,18 @@ class _BlockRun:
         self.lengths = self.budget_end.clone()
         self.finished = torch.zeros_like(plens, dtype=torch.bool)
 
-    def block_positions(self, act: torch.Tensor, j: int) -> torch.Tensor:
-        """Sequence positions of block ``j`` of rows ``act``: ``[b, S]``."""
-        return self.n_ctx[act, None] + j * self.S + torch.arange(self.S, device=act.device)
-
-    def finish_block(self, act: torch.Tensor, j: int, decode) -> torch.Tensor:
-        """Record stops after block ``j``; returns which of ``act`` go on (``bool[b]``)."""
+    def finish_block(self, act: torch.Tensor, rows: list[int], j: int, decode) -> list[bool]:
+        """Record stops after block ``j``; returns which of ``act`` (on the host: ``rows``) go on."""
+        more = [self.blocks_of[r] > j + 1 for r in rows]
+        if self.cfg.eos_token_id is None and not self.cfg.stop_strings:
+            return more  # nothing stops a row before its budget
         start = torch.maximum(self.n_ctx[act] + j * self.S, self.plens[act])
         end = torch.minimum(self.n_ctx[act] + (j + 1) * self.S, self.budget_end[act])
         stop = _stop_lengths(self.seq[act], self.plens[act], start, end, self.cfg, decode)
         stopped = stop >= 0
         self.lengths[act] = torch.where(stopped, stop, self.lengths[act])
         self.finished[act] = stopped
-        return ~stopped & (self.n_blocks[act] > j + 1)
+        return [go and not halt for go, halt in zip(more, stopped.tolist(), strict=True)]
 
 
 class _CachedDenoiser:
@@ -553,6 +579,7 @@ class _CachedDenoiser:
             capacity = min(capacity, mcfg.seq_length)
         self.cache: KVCache = model.new_cache(len(run.plens), capacity, max_ctx - run.n_ctx)
         self.tail = run.tail
+        self._constants_of: torch.Tensor | None = None
         self._prefill(max_ctx)
 
     def _prefill(self, max_ctx: int) -> None:
@@ -576,13 +603,22 @@ class _CachedDenoiser:
     def S(self) -> int:
         return self.run.S
 
+    def _offset_constants(self) -> tuple[torch.Tensor, bool]:
+        """``arange(S) - offset [b, S]`` and whether any row is padded, made again only when the
+        cache's offsets change (rows dropped, a sliding window moved)."""
+        offset = self.cache.offset
+        if self._constants_of is not offset:
+            self._constants = (torch.arange(self.S, device=offset.device) - offset[:, None], bool((offset > 0).any()))
+            self._constants_of = offset
+        return self._constants
+
     def positions(self) -> torch.Tensor:
         """RoPE positions of the current block of every working row: ``[b, S]``."""
-        return self.cache.length - self.cache.offset[:, None] + torch.arange(self.S, device=self.cache.offset.device)
+        return self._offset_constants()[0] + self.cache.length
 
     def _visible(self) -> torch.Tensor | None:
         """``bool[b, S, length + S]``: cached columns at or past each row's offset, and the block."""
-        if not bool((self.cache.offset > 0).any()):
+        if not self._offset_constants()[1]:
             return None
         col = torch.arange(self.cache.length + self.S, device=self.cache.offset.device)
         return (col[None, :] >= self.cache.offset[:, None])[:, None, :].expand(-1, self.S, -1)
@@ -693,26 +729,29 @@ def _sample_blocks(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
     denoiser = (cached if cfg.use_cache else _FullDenoiser)(run)
     times = step_times(cfg.schedule, cfg.steps, cfg.min_t)
     batch, device = len(plens), plens.device
-    act = torch.arange(batch, device=device)
-    n_blocks = int(run.n_blocks.max())
-    nfe_per_block, row_nfe = [], torch.zeros(batch, n_blocks, dtype=torch.long, device=device)
-    for j in range(n_blocks):
+    act, rows = torch.arange(batch, device=device), list(range(batch))  # working rows (tensor, host)
+    first = run.n_ctx[:, None] + torch.arange(S, device=device)  # [b, S]: block 0's positions, + j S for block j
+    nfe_per_block, row_nfe = [], [[0] * max(run.blocks_of) for _ in range(batch)]
+    for j in range(max(run.blocks_of)):
         denoiser.start_block(j)
-        pos = run.block_positions(act, j)
-        block = run.seq[act[:, None], pos]
-        counts = torch.zeros(act.numel(), dtype=torch.long, device=device)
-        block, calls = _denoise_block(denoiser, block, cfg, times, model.cfg.mask_token_id, streams, counts)
+        pos = first + j * S
+        block = run.seq.gather(1, pos) if len(rows) == batch else run.seq[act[:, None], pos]
+        block, calls, counts = _denoise_block(denoiser, block, cfg, times, model.cfg.mask_token_id, streams)
         run.seq[act[:, None], pos] = block
-        row_nfe[act, j] = counts
+        for r, n in zip(rows, counts, strict=True):
+            row_nfe[r][j] = n
         nfe_per_block.append(calls)
-        go_on = run.finish_block(act, j, decode)
-        if not go_on.any():
+        go_on = run.finish_block(act, rows, j, decode)
+        keep = [i for i, go in enumerate(go_on) if go]
+        if not keep:
             break
-        if not go_on.all():
-            keep = go_on.nonzero().squeeze(1)
-            act, block, streams = act[keep], block[keep], streams.select(keep)
-            denoiser.select(keep)
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, device=device)
+            act, block, first, streams = act[idx], block[idx], first[idx], streams.select(keep)
+            rows = [rows[i] for i in keep]
+            denoiser.select(idx)
         denoiser.commit(block, j)
+    row_nfe = torch.tensor(row_nfe, dtype=torch.long, device=device)
     return _output(model, run.seq, plens, run.lengths, run.finished, cfg, nfe_per_block,
                    row_nfe[:, :len(nfe_per_block)])
 
@@ -742,13 +781,13 @@ def _sample_mdlm(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
         pad = (real if rows is None else real[rows]) if ragged else None
         return model(xs, xs, attention_mask=pad)
 
-    counts = torch.zeros(batch, dtype=torch.long, device=device)
     times = step_times(cfg.schedule, cfg.steps, cfg.min_t)
     streams = RowStreams(streams.generators, streams.device, end[:, 0].tolist())
-    x, calls = _denoise_block(forward, x, cfg, times, mask_id, streams, counts)
+    x, calls, counts = _denoise_block(forward, x, cfg, times, mask_id, streams)
     stop = _stop_lengths(x, plens, plens, end[:, 0], cfg, decode)
     lengths = torch.where(stop >= 0, stop, end[:, 0])
-    return _output(model, x, plens, lengths, stop >= 0, cfg, [calls], counts[:, None])
+    return _output(model, x, plens, lengths, stop >= 0, cfg, [calls],
+                   torch.tensor(counts, dtype=torch.long, device=device)[:, None])
 
 
 def _sample_ar(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
@@ -779,7 +818,7 @@ def _sample_ar(model, prompt, plens, cfg, streams, decode) -> SampleOutput:
             break
         if bool(stopped.any()):
             keep = (~stopped).nonzero().squeeze(1)
-            act, tok, streams = act[keep], tok[keep], streams.select(keep)
+            act, tok, streams = act[keep], tok[keep], streams.select(keep.tolist())
             step.select(keep)
         logits = step.next(tok, i)
     n = int((lengths - plens).max())

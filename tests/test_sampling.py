@@ -282,13 +282,14 @@ FULL_STEP = StepTimes(alpha_t=0.0, alpha_s=1.0, alpha_start=0.0, last=False)
 
 
 def _step(strategy, xt, probs, times=FULL_STEP, threshold=0.9, seed=0, greedy=True, n_start=None):
-    n_start = (xt == MASK).sum(-1) if n_start is None else n_start
+    n_masked = (xt == MASK).sum(-1).tolist()
+    n_reveal = sampling.reveal_counts(strategy, times, n_masked if n_start is None else n_start, n_masked)
     if greedy:
         dist = Distribution(probs, argmax=probs.argmax(-1), top2=probs.topk(2, dim=-1))
     else:
         dist = Distribution(probs, cdf=probs.double().cumsum(-1), top2=probs.topk(2, dim=-1))
     g = torch.Generator().manual_seed(seed)
-    return denoise_step(strategy, xt, dist, times, n_start, MASK, threshold,
+    return denoise_step(strategy, xt, dist, times, n_reveal, MASK, threshold,
                         lambda: torch.rand(xt.shape, generator=g, dtype=torch.float64))
 
 
@@ -321,7 +322,7 @@ def test_topk_follows_the_schedule():
     xt = torch.full((2, 8), MASK)
     logits = torch.randn(2, 8, V, generator=torch.Generator().manual_seed(0))
     probs = torch.softmax(logits.index_fill(-1, torch.tensor([MASK]), -torch.inf), -1)  # [MASK] excluded
-    n_start = torch.tensor([8, 8])
+    n_start = [8, 8]
     for j, tm in enumerate(sampling.step_times("linear", 4)):
         xt = _step("topk", xt, probs, tm, n_start=n_start)
         assert (xt == MASK).sum(-1).tolist() == [8 - 2 * (j + 1)] * 2
