@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from pretrain_helpers import make_data_dir, records, run_pretrain, write_config
-from test_hf_helpers import MASK, clean_site, cli, run_clean, trained_model
+from test_hf_helpers import MASK, clean_site, cli, run_clean, save_tiny_qwen3, trained_model
 
 from e2d2.sampling import SamplerConfig, sample
 from megatron_ext.checkpoint import MODEL_PREFIX
@@ -40,10 +40,7 @@ print(json.dumps({"variant": config.variant, "shift": config.shift}))
 def test_import_adapt_with_anneal_and_shift_export_and_load_clean(tmp_path):
     data = make_data_dir(tmp_path)  # bytes tokenizer: vocabulary 260, mask 259
     torch.manual_seed(0)
-    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True))
-    qwen.save_pretrained(tmp_path / "qwen3")
+    save_tiny_qwen3(tmp_path / "qwen3")
     imported = tmp_path / "imported"
     cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2_shared_kv",
          "--decoder-layers", "2", "--mask-token-id", "259", "--seq-length", "32", "--shift")

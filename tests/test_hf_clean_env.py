@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from pretrain_helpers import make_data_dir, run_pretrain, write_config
-from test_hf_helpers import MASK, clean_site, cli, run_clean, trained_model
+from test_hf_helpers import MASK, clean_site, cli, run_clean, save_tiny_qwen3, trained_model
 
 from data_tools.tokenizer import load_tokenizer
 from e2d2.sampling import SamplerConfig, sample
@@ -62,10 +62,7 @@ def test_import_pretrain_export_loads_in_a_clean_environment(tmp_path):
     """import-hf a tiny Qwen3 as E2D2 -> ``e2d2 pretrain`` from it (checkpoint.init, EMA) ->
     export-hf --ema, sharded -> load offline with only torch/transformers/safetensors."""
     data = make_data_dir(tmp_path)  # bytes tokenizer: vocabulary 260, mask 259, EOD 256
-    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True))
-    qwen.save_pretrained(tmp_path / "qwen3")
+    save_tiny_qwen3(tmp_path / "qwen3")
     imported = tmp_path / "imported"
     cli("import-hf", str(tmp_path / "qwen3"), str(imported), "--variant", "e2d2",
          "--decoder-layers", "1", "--mask-token-id", "259", "--seq-length", "32")

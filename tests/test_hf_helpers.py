@@ -34,6 +34,19 @@ def tiny_config(variant: str, **changes) -> ModelConfig:
     return ModelConfig(**{**base, **changes})
 
 
+def save_tiny_qwen3(directory: Path, vocab_size: int = 260, intermediate_size: int = 64):
+    """A randomly initialised 2-layer Qwen3 (GQA 4/2, tied embeddings), saved as an HF
+    directory; returns the model."""
+    import transformers
+
+    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        tie_word_embeddings=True))
+    qwen.save_pretrained(directory)
+    return qwen
+
+
 def cli(*args: str) -> None:
     """Run the installed ``e2d2`` command; it must succeed."""
     e2d2 = Path(sys.executable).with_name("e2d2")

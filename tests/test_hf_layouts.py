@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hf_helpers import MASK, save_and_load_at_layouts, tiny_config
+from test_hf_helpers import MASK, save_and_load_at_layouts, save_tiny_qwen3, tiny_config
 
 from e2d2.model import DiffusionLM
 from launchers.hf.export import export_hf
@@ -29,10 +29,7 @@ CASES = [
 def test_export_from_parallel_layouts_and_import_to_them(tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True))
-    qwen.save_pretrained(tmp_path / "qwen3")
+    qwen = save_tiny_qwen3(tmp_path / "qwen3", vocab_size=64, intermediate_size=48)
     imported = import_hf(tmp_path / "qwen3", tmp_path / "imported", "e2d2", decoder_layers=1,
                          mask_token_id=63, tp=2)
 
