@@ -253,10 +253,11 @@ class _Trainer:
 
         cfg = self.cfg
         self.stages = build_chunks(cfg.model, self.parallel)
-        for stage in self.stages:  # only this rank's shards are ever in memory
-            initialize_at_seed(stage, cfg.model, cfg.run.seed)
-        if cfg.checkpoint.init is not None:
+        if cfg.checkpoint.init is not None:  # it holds every weight: nothing to draw first
             engine_checkpoint.load(self.stages, resolve_checkpoint(cfg.checkpoint.init))
+        else:
+            for stage in self.stages:  # only this rank's shards are ever in memory
+                initialize_at_seed(stage, cfg.model, cfg.run.seed)
         self.chunks = wrap_ddp(self.stages, self.stages[0].config, self.parallel)
         self.optimizer, self.scheduler = build_training_optimizer(self.chunks, self.parallel,
                                                                   cfg.train)
