@@ -12,6 +12,7 @@ ignored disposition survives ``exec``), and only then installs the handlers.
 from __future__ import annotations
 
 import signal
+import time
 
 import torch
 
@@ -45,6 +46,15 @@ class Preemption:
 
     def _handle(self, signum, _frame) -> None:
         self.flag = True
+
+    def wait(self, timeout_s: float) -> None:
+        """Collective: block until some rank is signalled (fault injection's ``hold@STEP``, so
+        that a test's signal lands mid-run however fast the run is)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.requested():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no preemption signal within {timeout_s:.0f} s of the hold")
+            time.sleep(0.05)
 
     def requested(self) -> bool:
         """Collective: whether any rank was signalled."""

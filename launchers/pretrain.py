@@ -55,6 +55,7 @@ from launchers.preemption import PREEMPTED_EXIT_CODE, Preemption
 # normal runs. Comma-separated ``nan@STEP`` (that step's loss is NaN) and ``kill_in_save@STEP``
 # (SIGKILL the rank's process group while the checkpoint of STEP is half written).
 FAULTS_ENV = "E2D2_FAULTS"
+HOLD_TIMEOUT_S = 600.0  # hold@STEP waits this long for the signal a test promised
 
 
 class TrainingAborted(RuntimeError):
@@ -122,14 +123,14 @@ class TrainState:
 
 
 def injected_faults() -> dict[str, set[int]]:
-    """``{"nan": {steps}, "kill_in_save": {steps}}`` from ``E2D2_FAULTS``."""
-    faults: dict[str, set[int]] = {"nan": set(), "kill_in_save": set()}
+    """``{"nan": {steps}, "kill_in_save": {steps}, "hold": {steps}}`` from ``E2D2_FAULTS``."""
+    faults: dict[str, set[int]] = {"nan": set(), "kill_in_save": set(), "hold": set()}
     raw = os.environ.get(FAULTS_ENV, "")
     for item in filter(None, (part.strip() for part in raw.split(","))):
         kind, _, step = item.partition("@")
         if kind not in faults or not step.isdigit():
-            raise ConfigError(f"{FAULTS_ENV}={raw!r}: expected comma-separated nan@STEP or "
-                              "kill_in_save@STEP")
+            raise ConfigError(f"{FAULTS_ENV}={raw!r}: expected comma-separated nan@STEP, "
+                              "kill_in_save@STEP or hold@STEP")
         faults[kind].add(int(step))
     return faults
 
@@ -384,6 +385,8 @@ class _Trainer:
             if state.step % cfg.checkpoint.interval == 0 or state.step == train.steps:
                 self._save(state)
                 saved_at = state.step
+            if state.step in self.faults["hold"]:
+                preemption.wait(HOLD_TIMEOUT_S)
             if preemption.requested():
                 if saved_at != state.step:
                     self._save(state)

@@ -149,8 +149,9 @@ def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_
     reference = train_losses(straight("tp2"))
     run_dir = tmp_path / "preempted"
     args = _args(run_dir, data, "tp2")
-    proc = start_pretrain(config, *args, nproc=2)
-    # After a first checkpoint, so that dist_checkpointing's helper processes exist.
+    # Held after the first checkpoint (so that dist_checkpointing's helper processes exist)
+    # until the signal: a tiny run would otherwise finish before it arrives.
+    proc = start_pretrain(config, *args, nproc=2, env={"E2D2_FAULTS": "hold@2"})
     wait_for((run_dir / "checkpoints" / "latest").is_file, proc)
     # To every process of the run, as SLURM signals a job step: the launcher (which forwards
     # it), both ranks, and the helpers dist_checkpointing spawns to write the checkpoint.
@@ -160,7 +161,7 @@ def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     stopped = int(latest.removeprefix("iter_"))
     assert f"preempted at step {stopped}" in out
-    assert 2 <= stopped < STEPS, "the run finished before the signal"
+    assert stopped == 2
     result = run_pretrain(config, *args, nproc=2)
     assert result.returncode == 0, result.stderr
     losses = train_losses(run_dir)

@@ -99,9 +99,11 @@ def _preempt_and_resume(cluster, data, tmp_path, preempt) -> None:
     config = write_config(tmp_path / "tiny.yaml", data={"path": str(data)}, train={"steps": 6},
                           checkpoint={"interval": 2, "keep": 2},
                           parallel={"tensor_parallel": 2})
+    # hold@3: the job waits after step 3 for the signal (a tiny run would otherwise finish
+    # before it arrives); the resumed job starts after step 3 and does not hold again.
     submitted = cluster.run(*E2D2, "submit", config, f"run.dir={tmp_path / 'run'}",
                             "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "20",
-                            cwd=tmp_path)
+                            cwd=tmp_path, env=cluster.env | {"E2D2_FAULTS": "hold@3"})
     job = submitted.stdout.split("submitted job ")[1].split(":")[0]
     run = tmp_path / "run"
     _wait_for(lambda: max(_final_losses(run), default=0) >= 3, 600, "step 3 of the SLURM run")
