@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from e2d2.errors import require
+from e2d2.variants import PLANS, VariantPlan
 
 Variant = Literal["e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar"]
-VARIANTS: tuple[str, ...] = ("e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar")
+VARIANTS: tuple[str, ...] = tuple(PLANS)
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "exp", "log", "clipped_linear")
 LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "elbo")
 
@@ -50,7 +51,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        require(self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
+        require(self.variant in PLANS, f"unknown variant {self.variant!r}; choose one of {tuple(PLANS)}")
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "num_layers", "seq_length", "block_size"):
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
@@ -65,15 +66,14 @@ class ModelConfig:
         require(self.kv_channels % 2 == 0, f"head_dim={self.kv_channels} must be even for RoPE")
         require(self.seq_length % self.block_size == 0,
                  f"seq_length={self.seq_length} is not a multiple of block_size={self.block_size}")
-        is_e2d2 = self.variant in ("e2d2", "e2d2_shared_kv")
-        if is_e2d2:
+        if self.is_e2d2:
             require(self.num_decoder_layers > 0, f"{self.variant} needs num_decoder_layers >= 1")
         else:
             require(self.num_decoder_layers == 0,
                      f"variant {self.variant!r} has a single stack: set num_decoder_layers=0 "
                      f"(got {self.num_decoder_layers}) and put all layers in num_layers")
         if self.tie_decoder_to_encoder:
-            require(self.variant == "e2d2_shared_kv",
+            require(self.plan.decoder_keys == "encoder_kv",
                      "tie_decoder_to_encoder needs variant='e2d2_shared_kv'")
         if self.bidirectional_prompt is not None:
             require(self.num_streams == 2,
@@ -83,7 +83,7 @@ class ModelConfig:
             require(self.is_diffusion,
                      "shift makes a diffusion model predict the next token like an AR model; the "
                      "'ar' variant already does: set shift=false (or pick a diffusion variant)")
-        if self.variant == "e2d2_shared_kv":
+        if self.plan.decoder_keys == "encoder_kv":
             require(self.num_decoder_layers <= self.num_layers,
                      f"shared-KV decoder layers attend to matched encoder layers: num_decoder_layers="
                      f"{self.num_decoder_layers} must be <= num_layers={self.num_layers}")
@@ -93,12 +93,18 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def plan(self) -> VariantPlan:
+        """The variant's stream plan (`e2d2.variants`)."""
+        return PLANS[self.variant]
+
+    @property
     def is_e2d2(self) -> bool:
-        return self.variant in ("e2d2", "e2d2_shared_kv")
+        """Whether an encoder and a decoder (E2D2 last-hidden or shared-KV)."""
+        return self.plan.has_decoder
 
     @property
     def is_diffusion(self) -> bool:
-        return self.variant != "ar"
+        return not self.plan.autoregressive
 
     @property
     def prompt_is_bidirectional(self) -> bool:
@@ -110,12 +116,12 @@ class ModelConfig:
     @property
     def num_streams(self) -> int:
         """Length-``L`` token streams the model runs: clean and noisy (E2D2, BD3-LM) or one."""
-        return 2 if self.is_e2d2 or self.variant == "bd3lm" else 1
+        return self.plan.num_streams
 
     @property
     def diffusion_block_size(self) -> int:
         """Block size of the noising process: MDLM noises the whole sequence as one block."""
-        return self.seq_length if self.variant == "mdlm" else self.block_size
+        return self.seq_length if self.plan.decoding == "whole_sequence" else self.block_size
 
     def matched_encoder_layer(self, k: int) -> int:
         """Shared-KV: the encoder layer whose K/V decoder layer ``k`` reads (the top layers)."""

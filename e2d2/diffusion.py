@@ -185,7 +185,7 @@ class DiffusionObjective:
     """
 
     def __init__(self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, sampling_eps: float = 1e-3):
-        require(not (diffusion_cfg.anneal_steps and model_cfg.variant == "ar"),
+        require(not (diffusion_cfg.anneal_steps and model_cfg.plan.autoregressive),
                 "diffusion.anneal_steps anneals a causal mask into a diffusion mask; the 'ar' "
                 "variant has only the causal one: set anneal_steps=0 or pick a diffusion variant")
         self.model_cfg, self.cfg = model_cfg, diffusion_cfg
@@ -211,14 +211,14 @@ class DiffusionObjective:
     def loss_mask(self, x0, attention_mask=None, context_mask=None) -> torch.Tensor:
         """The tokens that count, ``bool[batch, L]``: real, not context, not a kept-clean BOS
         (AR: not position 0, which it never predicts)."""
-        no_bos = self.keep_clean_bos or self.model_cfg.variant == "ar"
+        no_bos = self.keep_clean_bos or self.model_cfg.plan.autoregressive
         return loss_mask_of(x0, attention_mask, context_mask, no_bos)
 
     def loss(self, model, x0, attention_mask=None, context_mask=None, generator=None,
              step: int | None = None) -> torch.Tensor:
         """Training loss (scalar): the configured weighting, with the every-block-masked rule.
         ``step``: the training step, for the annealed mask (None: the variant's mask)."""
-        if self.model_cfg.variant == "ar":
+        if self.model_cfg.plan.autoregressive:
             return ar_nll(model(x0), x0, self.loss_mask(x0, attention_mask, context_mask)).mean()
         nb = self.noise(x0, attention_mask, context_mask, train=True, generator=generator)
         logits = model(x0, nb.xt, attention_mask, context_mask, anneal=self.anneal_ratio(step))
@@ -231,7 +231,7 @@ class DiffusionObjective:
 
         AR models return their exact NLL per token, so all variants report a comparable bound.
         """
-        if self.model_cfg.variant == "ar":
+        if self.model_cfg.plan.autoregressive:
             return ar_nll(model(x0), x0, self.loss_mask(x0, attention_mask, context_mask))
         nb = self.noise(x0, attention_mask, context_mask, train=False, generator=generator)
         nll = token_nll(model(x0, nb.xt, attention_mask, context_mask), x0, self.model_cfg.mask_token_id)

@@ -156,7 +156,7 @@ def _head(cfg: ModelConfig, tokens: int) -> FlopsCount:
 def _kv_of_clean(cfg: ModelConfig, tokens: int) -> FlopsCount:
     """E2D2 last-hidden: each decoder layer projects K/V of ``h_enc`` (shared-KV reuses the
     encoder's)."""
-    n = cfg.num_decoder_layers if cfg.variant == "e2d2" else 0
+    n = cfg.num_decoder_layers if cfg.plan.own_decoder_kv else 0
     return FlopsCount(linear=n * tokens * _kv_per_token(cfg))
 
 
@@ -195,7 +195,7 @@ class ModuleCosts:
 
 def module_costs(cfg: ModelConfig, seq_len: int | None = None) -> ModuleCosts:
     """Per-module forward FLOPs of one sequence of ``seq_len`` tokens (``DiffusionLM.forward``)."""
-    L, S = seq_len or cfg.seq_length, cfg.block_size
+    L, S, plan = seq_len or cfg.seq_length, cfg.block_size, cfg.plan
 
     def attention(queries: int, keys: int, visible: int) -> FlopsCount:
         stack = _stack(cfg, 1, queries, keys, visible)
@@ -204,18 +204,14 @@ def module_costs(cfg: ModelConfig, seq_len: int | None = None) -> ModuleCosts:
     def mlp(tokens: int) -> FlopsCount:
         return FlopsCount(linear=tokens * _mlp_per_token(cfg))
 
-    if cfg.variant in ("mdlm", "ar"):
-        mask = masks.MDLM if cfg.variant == "mdlm" else masks.AR
-        return ModuleCosts(attention(L, L, visible_pairs(mask, L, S)), FlopsCount(), mlp(L),
-                           FlopsCount(), _head(cfg, L))
-    if cfg.variant == "bd3lm":  # one stack over [x0 ; xt]; logits only for the noisy half
-        return ModuleCosts(attention(2 * L, 2 * L, visible_pairs(masks.BD3LM, L, S)),
-                           FlopsCount(), mlp(2 * L), FlopsCount(), _head(cfg, L))
-    decoder = attention(L, 2 * L, visible_pairs(masks.E2D2_DECODER, L, S))
-    if cfg.variant == "e2d2":  # K/V of h_enc (shared-KV reuses the encoder's)
+    n = len(plan.main_streams) * L  # the main stack's tokens (BD3-LM: [x0 ; xt])
+    main = attention(n, n, visible_pairs(plan.main_mask, L, S))
+    if not plan.has_decoder:  # logits only for the predicted stream
+        return ModuleCosts(main, FlopsCount(), mlp(n), FlopsCount(), _head(cfg, L))
+    decoder = attention(L, 2 * L, visible_pairs(plan.decoder_mask, L, S))
+    if plan.own_decoder_kv:  # K/V of h_enc (shared-KV reuses the encoder's)
         decoder += FlopsCount(linear=L * _kv_per_token(cfg))
-    return ModuleCosts(attention(L, L, visible_pairs(masks.E2D2_ENCODER, L, S)), decoder,
-                       mlp(L), mlp(L), _head(cfg, L))
+    return ModuleCosts(main, decoder, mlp(L), mlp(L), _head(cfg, L))
 
 
 def layer_costs(cfg: ModelConfig, seq_len: int | None = None) -> LayerCosts:
@@ -252,7 +248,7 @@ def _no_backward(cfg: ModelConfig, L: int) -> FlopsCount:
     that layer's Q, attention, O and MLP, and every encoder layer above it, are dead ends.
     (BD3-LM's unused clean half of the last layer is a slice of a live tensor: not pruned.)
     """
-    if cfg.variant != "e2d2_shared_kv":
+    if cfg.plan.decoder_keys != "encoder_kv":
         return FlopsCount()
     top = cfg.matched_encoder_layer(cfg.num_decoder_layers - 1)
     dead_layers = cfg.num_layers - top  # the top matched layer counts whole, minus its K/V below
@@ -279,9 +275,9 @@ def sampling_flops_per_token(
     (nothing follows it). MDLM is one block over prompt + completion, without cache. AR: one
     cached forward per token after the prompt's prefill. ``block_size``: the sampler's.
     """
-    if cfg.variant == "ar":
+    if cfg.plan.autoregressive:
         return _ar_sampling(cfg, prompt_length, new_tokens)
-    if cfg.variant == "mdlm":
+    if cfg.plan.decoding == "whole_sequence":
         total = prompt_length + new_tokens
         starts, S, prefill = [0], total, FlopsCount()
     else:
@@ -332,9 +328,9 @@ def _denoise(cfg: ModelConfig, start: int, S: int) -> FlopsCount:
     everything so far (``start == 0``, the block is prompt + completion).
     """
     keys = start + S
-    if cfg.variant == "mdlm":
+    if cfg.plan.decoding == "whole_sequence":
         return _stack(cfg, cfg.num_layers, keys, keys, keys * keys) + _head(cfg, keys)
-    layers = cfg.num_decoder_layers if cfg.is_e2d2 else cfg.num_layers
+    layers = cfg.num_decoder_layers if cfg.plan.has_decoder else cfg.num_layers
     return _stack(cfg, layers, S, keys, S * keys) + _head(cfg, S)
 
 

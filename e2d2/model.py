@@ -107,15 +107,16 @@ class BlockForward:
 
     def __init__(self, model: DiffusionLM, cache: KVCache, positions: torch.Tensor,
                  mask: torch.Tensor | None, rows: torch.Tensor | None = None):
-        cfg = model.cfg
+        cfg, plan = model.cfg, model.cfg.plan
         self.model, self.cache, self.positions, self.mask = model, cache, positions, mask
-        if cfg.variant == "bd3lm":
+        if not plan.has_decoder:  # the one stack denoises against its own cache
             layers, buffers = list(model.layers), cache.layers
-        elif cfg.variant == "e2d2":
-            layers, buffers = [model.decoder_layer(k) for k in range(cfg.num_decoder_layers)], cache.decoder
-        else:  # shared-KV: decoder layer k attends its matched encoder layer's cache
+        else:
             layers = [model.decoder_layer(k) for k in range(cfg.num_decoder_layers)]
-            buffers = [cache.layers[cfg.matched_encoder_layer(k)] for k in range(cfg.num_decoder_layers)]
+            if plan.own_decoder_kv:
+                buffers = cache.decoder
+            else:  # decoder layer k attends its matched encoder layer's cache
+                buffers = [cache.layers[cfg.matched_encoder_layer(k)] for k in range(cfg.num_decoder_layers)]
         self.layers = [(layer, layer.fused_weights()) for layer in layers]
         self.slots = cache.slots(buffers, rows)
         self.rope = RopeTables(model._rope(positions), model.embed.weight.dtype)
@@ -143,16 +144,16 @@ class BlockForward:
 
 
 class DiffusionLM(nn.Module):
-    """E2D2 (last-hidden or shared-KV), BD3-LM, MDLM or AR, chosen by ``cfg.variant``."""
+    """E2D2 (last-hidden or shared-KV), BD3-LM, MDLM or AR: ``cfg.plan`` (`e2d2.variants`)."""
 
     def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
-        if cfg.variant == "e2d2":
+        if cfg.plan.own_decoder_kv:
             self.encoder_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        if cfg.is_e2d2 and not cfg.tie_decoder_to_encoder:
+        if cfg.plan.has_decoder and not cfg.tie_decoder_to_encoder:
             self.decoder_layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_decoder_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if not cfg.tie_word_embeddings:
@@ -215,49 +216,40 @@ class DiffusionLM(nn.Module):
         ratio (`e2d2.masks.with_anneal`; 1 = the variant's mask). Returns ``[batch, L,
         vocab]``; with ``cfg.shift`` aligned with the targets (`e2d2.shift`).
         """
-        cfg, (batch, L), device = self.cfg, x0.shape, x0.device
+        cfg, plan, (batch, L), device = self.cfg, self.cfg.plan, x0.shape, x0.device
         S = block_size or cfg.diffusion_block_size
         pos = torch.arange(L, device=device)
-        rope = self._rope(pos)
 
         def mask_of(spec: masks.AttentionMask):
             spec = masks.for_model(spec, bidirectional_prompt=cfg.prompt_is_bidirectional,
                                    shift=cfg.shift, anneal=anneal)
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
-        if cfg.variant == "ar":
-            h, _ = run_layers(self.layers, self.embed(x0), rope, mask_of(masks.AR))
-            return self.logits(h)
-        if cfg.shift:
-            noisy = noisy_input(cfg.variant, x0, xt, S)
-            return align_logits(self._diffusion_forward(x0, noisy, rope, pos, mask_of))
-        return self._diffusion_forward(x0, xt, rope, pos, mask_of)
+        noisy = noisy_input(plan, x0, xt, S) if cfg.shift else xt  # None for AR
+        h, main_kv = run_layers(self.layers, self.embed(plan.main_tokens(x0, noisy)),
+                                self._rope(plan.main_positions(pos)), mask_of(plan.main_mask))
+        if plan.has_decoder:
+            h = self._decode(h, main_kv, noisy, self._rope(pos), mask_of(plan.decoder_mask))
+        else:
+            h = h[:, plan.predicted(L)]
+        out = self.logits(h)
+        return align_logits(out) if cfg.shift else out
 
-    def _diffusion_forward(self, x0, xt, rope, pos, mask_of) -> torch.Tensor:
-        """The diffusion variants' forward: one output per noisy slot, ``[batch, L, vocab]``."""
-        cfg, L = self.cfg, x0.shape[1]
-        if cfg.variant == "mdlm":
-            h, _ = run_layers(self.layers, self.embed(xt), rope, mask_of(masks.MDLM))
-            return self.logits(h)
-        if cfg.variant == "bd3lm":
-            both = self.embed(torch.cat((x0, xt), 1))
-            h, _ = run_layers(self.layers, both, self._rope(torch.cat((pos, pos))), mask_of(masks.BD3LM))
-            return self.logits(h[:, L:])
-
-        # E2D2: encoder over the clean stream, then the decoder over the noisy stream.
-        h_enc, enc_kv = run_layers(self.layers, self.embed(x0), rope, mask_of(masks.E2D2_ENCODER))
-        if cfg.variant == "e2d2":
+    def _decode(self, h_enc, enc_kv, noisy, rope, mask) -> torch.Tensor:
+        """The E2D2 decoder over the noisy stream ``[batch, L]``, reading the clean keys its
+        plan names: ``[batch, L, hidden]``."""
+        cfg = self.cfg
+        if cfg.plan.own_decoder_kv:
             h_enc = self.encoder_norm(h_enc)
-        dec_mask = mask_of(masks.E2D2_DECODER)
-        h = self.embed(xt)
+        h = self.embed(noisy)
         for k in range(cfg.num_decoder_layers):
             layer = self.decoder_layer(k)
-            if cfg.variant == "e2d2":
+            if cfg.plan.own_decoder_kv:
                 prefix = layer.kv(h_enc, rope)
             else:
                 prefix = enc_kv[cfg.matched_encoder_layer(k)]
-            h, _ = layer(h, rope, dec_mask, prefix)
-        return self.logits(h)
+            h, _ = layer(h, rope, mask, prefix)
+        return h
 
     # ------------------------------------------------------------- sampling
     def new_cache(self, batch: int, capacity: int, offset: torch.Tensor | None = None) -> KVCache:
@@ -269,7 +261,7 @@ class DiffusionLM(nn.Module):
         def buffers(n: int) -> list[KV]:
             return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(n)]
 
-        n_dec = cfg.num_decoder_layers if cfg.variant == "e2d2" else 0
+        n_dec = cfg.num_decoder_layers if cfg.plan.own_decoder_kv else 0
         if offset is None:
             offset = torch.zeros(batch, dtype=torch.long, device=p.device)
         return KVCache(buffers(cfg.num_layers), buffers(n_dec), offset)
@@ -289,8 +281,8 @@ class DiffusionLM(nn.Module):
         logits from it). Inference only: no autograd (the inference path of `e2d2.layers`).
         """
         cfg, n = self.cfg, tokens.shape[1]
-        if cfg.variant == "mdlm":
-            raise ValueError("MDLM has no block KV cache; sample it uncached")
+        if cfg.plan.decoding == "whole_sequence":
+            raise ValueError(f"{cfg.variant} has no block KV cache; sample it uncached")
         if cache.length + n > cache.capacity:
             raise ValueError(f"cache of {cache.capacity} columns cannot take {n} tokens after {cache.length}")
         rope = RopeTables(self._rope(positions), self.embed.weight.dtype)
@@ -299,7 +291,7 @@ class DiffusionLM(nn.Module):
         for layer, slot in zip(self.layers, cache.slots(cache.layers), strict=True):
             h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot, tokens.shape[0])
         h = h.view(*tokens.shape, -1)
-        if cfg.variant == "e2d2":
+        if cfg.plan.own_decoder_kv:
             scale = self.encoder_norm.weight * cfg.hidden_size**0.5
             h_enc = inference_rms(h, rms_eps_term(cfg.hidden_size, cfg.norm_eps, h)) * scale
             end = cache.length + n

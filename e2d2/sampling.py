@@ -477,10 +477,10 @@ def _check(model: DiffusionLM, prompt_lengths: torch.Tensor, cfg: SamplerConfig,
     if cfg.stop_strings and decode is None:
         raise ConfigError("stop_strings need a decode function (token ids -> text): pass "
                           "decode=tokenizer.decode to sample")
-    if mcfg.variant in ("mdlm", "ar") and (cfg.block_size is not None or cfg.sliding_window):
+    if mcfg.plan.decoding != "blocks" and (cfg.block_size is not None or cfg.sliding_window):
         raise ConfigError(f"variant {mcfg.variant!r} has no blocks: block_size and sliding_window "
                           "apply to E2D2 and BD3-LM only")
-    if mcfg.variant == "ar" and int(prompt_lengths.min()) < 1:
+    if mcfg.plan.autoregressive and int(prompt_lengths.min()) < 1:
         raise ValueError("AR sampling conditions on the prompt: give every row at least one token "
                          "(e.g. BOS)")
     if mcfg.shift and int(prompt_lengths.min()) < 1:
@@ -901,11 +901,8 @@ def _run(model, prompt, plens, cfg, generator, seeds, decode) -> SampleOutput:
         raise ValueError(f"seeds has {len(seeds)} entries for {batch} prompts")
     streams = RowStreams.seeded(seeds, device)
     prompt = prompt.masked_fill(~real, 0)
-    if mcfg.variant == "ar":
-        return _sample_ar(model, prompt, plens, cfg, streams, decode)
-    if mcfg.variant == "mdlm":
-        return _sample_mdlm(model, prompt, plens, cfg, streams, decode)
-    return _sample_blocks(model, prompt, plens, cfg, streams, decode)
+    samplers = {"autoregressive": _sample_ar, "whole_sequence": _sample_mdlm, "blocks": _sample_blocks}
+    return samplers[mcfg.plan.decoding](model, prompt, plens, cfg, streams, decode)
 
 
 def sample(

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from e2d2.variants import VariantPlan
 
-def noisy_input(variant: str, x0: torch.Tensor, xt: torch.Tensor, block_size: int) -> torch.Tensor:
+
+def noisy_input(plan: VariantPlan, x0: torch.Tensor, xt: torch.Tensor, block_size: int) -> torch.Tensor:
     """The noisy stream's tokens ``[batch, L]`` under the shift: ``x0[s]`` at slots with
-    ``(s + 1) % block_size == 0``, ``xt[s]`` elsewhere (MDLM: ``xt`` everywhere)."""
-    if variant == "mdlm":
+    ``(s + 1) % block_size == 0``, ``xt[s]`` elsewhere (one block over the whole sequence,
+    MDLM: ``xt`` everywhere)."""
+    if plan.decoding == "whole_sequence":
         return xt
     slot = torch.arange(x0.shape[1], device=x0.device)
     return torch.where((slot + 1) % block_size == 0, x0, xt)

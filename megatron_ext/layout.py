@@ -296,10 +296,10 @@ class PipelinePlan:
             )
         n = self.num_stages
         if model.is_e2d2 and pp > 1:
-            if model.variant == "e2d2_shared_kv":
+            if model.plan.decoder_keys == "encoder_kv":
                 raise ConfigError(
-                    "e2d2_shared_kv reads each matched encoder layer's K/V inside the decoder, so "
-                    "its layers must sit on one stage: use pipeline_parallel=1"
+                    f"{model.variant} reads each matched encoder layer's K/V inside the decoder, "
+                    "so its layers must sit on one stage: use pipeline_parallel=1"
                 )
             if par.encoder_pipeline_stages is None:
                 raise ConfigError(

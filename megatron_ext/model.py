@@ -345,12 +345,13 @@ class ParallelDiffusionLM(MegatronModule):
             self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
                                                 init_method=None, config=config)
         self.layers = nn.ModuleList(ParallelTransformerLayer(cfg, config) for _ in layers.encoder)
-        self.ends_encoder = cfg.is_e2d2 and len(layers.encoder) > 0 and (
+        plan = cfg.plan
+        self.ends_encoder = plan.has_decoder and len(layers.encoder) > 0 and (
             layers.encoder.stop == cfg.num_layers
         )
-        if cfg.variant == "e2d2" and self.ends_encoder:
+        if plan.own_decoder_kv and self.ends_encoder:
             self.encoder_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        if cfg.is_e2d2 and not cfg.tie_decoder_to_encoder:
+        if plan.has_decoder and not cfg.tie_decoder_to_encoder:
             self.decoder_layers = nn.ModuleList(
                 ParallelTransformerLayer(cfg, config) for _ in layers.decoder
             )
@@ -393,11 +394,14 @@ class ParallelDiffusionLM(MegatronModule):
             return h
         return scatter_to_sequence_parallel_region(h.transpose(0, 1)).transpose(0, 1)
 
-    def _noisy(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The noisy stream's tokens ``[b, L]``: ``xt``, or its shifted form (`e2d2.shift`)."""
+    def _noisy(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The noisy stream's tokens ``[b, L]``: ``xt``, or its shifted form (`e2d2.shift`);
+        None for AR, which has none."""
+        if self.cfg.plan.autoregressive:
+            return None
         if not self.cfg.shift:
             return batch["xt"]
-        return shift.noisy_input(self.cfg.variant, batch["x0"], batch["xt"], self.cfg.diffusion_block_size)
+        return shift.noisy_input(self.cfg.plan, batch["x0"], batch["xt"], self.cfg.diffusion_block_size)
 
     def _incoming(self) -> torch.Tensor:
         """Previous stage's tensor ``[T, b, hidden]`` as ``[b, T, hidden]``."""
@@ -410,25 +414,19 @@ class ParallelDiffusionLM(MegatronModule):
         return shift.align_logits(out) if self.cfg.shift and self.post_process else out
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        cfg = self.cfg
-        x0 = batch["x0"]
+        plan, x0 = self.cfg.plan, batch["x0"]
         L = x0.shape[1]
         pos = torch.arange(L, device=x0.device)
-        if cfg.variant in ("ar", "mdlm"):
-            spec, tokens, rope = (masks.AR, x0, self._rope(pos)) if cfg.variant == "ar" else (
-                masks.MDLM, self._noisy(batch), self._rope(pos))
-            h = self._embed(tokens) if self.pre_process else self._incoming()
-            h, _ = run_layers(self.layers, h, rope, self._mask(spec, batch))
-            return self._out(h)
-        if cfg.variant == "bd3lm":
-            h = self._embed(torch.cat((x0, self._noisy(batch)), 1)) if self.pre_process else self._incoming()
-            h, _ = run_layers(self.layers, h, self._rope(torch.cat((pos, pos))),
-                             self._mask(masks.BD3LM, batch))
-            return self._out(h, predicted=slice(L, None))
-        return self._forward_e2d2(batch, self._rope(pos))
+        if plan.has_decoder:
+            return self._forward_e2d2(batch, self._rope(pos))
+        # a single stack: its streams concatenated, its layers spread over the stages
+        h = self._embed(plan.main_tokens(x0, self._noisy(batch))) if self.pre_process else self._incoming()
+        h, _ = run_layers(self.layers, h, self._rope(plan.main_positions(pos)),
+                          self._mask(plan.main_mask, batch))
+        return self._out(h, predicted=plan.predicted(L))
 
     def _forward_e2d2(self, batch: dict[str, torch.Tensor], rope) -> torch.Tensor:
-        cfg, x0 = self.cfg, batch["x0"]
+        cfg, plan, x0 = self.cfg, self.cfg.plan, batch["x0"]
         here = self.layers_here
         if self.pre_process:
             h_enc = self._embed(x0)
@@ -438,18 +436,18 @@ class ParallelDiffusionLM(MegatronModule):
             h_enc, h_dec = incoming.split(incoming.shape[1] // 2, dim=1)
         enc_kv = []
         if len(self.layers):  # decoder-only stages build no encoder mask
-            h_enc, enc_kv = run_layers(self.layers, h_enc, rope, self._mask(masks.E2D2_ENCODER, batch))
-        if cfg.variant == "e2d2" and self.ends_encoder:
+            h_enc, enc_kv = run_layers(self.layers, h_enc, rope, self._mask(plan.main_mask, batch))
+        if plan.own_decoder_kv and self.ends_encoder:
             h_enc = self.encoder_norm(h_enc)
         decoder = self._decoder_layers()
         if decoder:
             if here.embeds_noisy and not self.pre_process:
                 h_dec = self._embed(self._noisy(batch))
-            if cfg.variant == "e2d2":
+            if plan.own_decoder_kv:
                 prefixes = [layer.kv(h_enc, rope) for layer in decoder]
             else:  # shared-KV: PipelinePlan keeps the whole model on one stage
                 prefixes = [enc_kv[cfg.matched_encoder_layer(k)] for k in self.layers_here.decoder]
-            h_dec, _ = run_layers(decoder, h_dec, rope, self._mask(masks.E2D2_DECODER, batch),
+            h_dec, _ = run_layers(decoder, h_dec, rope, self._mask(plan.decoder_mask, batch),
                                  prefixes)
         if self.post_process:
             return self._logits(h_dec)
@@ -458,7 +456,7 @@ class ParallelDiffusionLM(MegatronModule):
     def _decoder_layers(self) -> list[nn.Module]:
         if self.cfg.tie_decoder_to_encoder:
             return [self.layers[self.cfg.matched_encoder_layer(k)] for k in self.layers_here.decoder]
-        return list(self.decoder_layers) if self.cfg.is_e2d2 else []
+        return list(self.decoder_layers) if self.cfg.plan.has_decoder else []
 
     def _out(self, h: torch.Tensor, predicted: slice = slice(None)) -> torch.Tensor:
         if not self.post_process:

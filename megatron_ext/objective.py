@@ -38,7 +38,7 @@ def noised_batch(objective: DiffusionObjective, x0: torch.Tensor, attention_mask
     travels as ``anneal_ratio [batch]`` (float64, so it is the reference's float exactly)
     while it is below 1; the model's ``_mask`` reads it. None (evaluation): the variant's mask.
     """
-    if objective.model_cfg.variant == "ar":
+    if objective.model_cfg.plan.autoregressive:
         batch = {"x0": x0, "loss_mask": loss_mask_of(x0, attention_mask, context_mask)}
     else:
         nb = objective.noise(x0, attention_mask, context_mask, train=train, generator=generator)
@@ -155,7 +155,7 @@ def make_forward_step(objective: DiffusionObjective, evaluation: bool = False,
     tests of non-finite step handling.
     """
     cfg = objective.model_cfg
-    if cfg.variant == "ar":
+    if cfg.plan.autoregressive:
         loss_of = ar_loss
     else:
         loss_of = partial(diffusion_loss, mask_token_id=cfg.mask_token_id,

@@ -15,6 +15,7 @@ from e2d2.config import DiffusionConfig, ModelConfig
 from e2d2.diffusion import DiffusionObjective
 from e2d2.errors import ConfigError
 from e2d2.model import DiffusionLM
+from e2d2.variants import PLANS
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,10 +57,10 @@ def test_clean_and_single_stream_masks_are_not_shifted():
 def test_noisy_input_and_alignment():
     x0 = torch.arange(100, 112).view(1, 12)
     xt = torch.full_like(x0, 7)
-    got = shift.noisy_input("e2d2", x0, xt, 4)
+    got = shift.noisy_input(PLANS["e2d2"], x0, xt, 4)
     expected = [7, 7, 7, 103, 7, 7, 7, 107, 7, 7, 7, 111]  # slot bS - 1 holds x0[bS - 1]
     assert got.tolist() == [expected]
-    assert torch.equal(shift.noisy_input("mdlm", x0, xt, 12), xt)
+    assert torch.equal(shift.noisy_input(PLANS["mdlm"], x0, xt, 12), xt)
     out = torch.arange(12.0).view(1, 12, 1)
     assert shift.align_logits(out).flatten().tolist() == [0.0] + list(range(11))
 
