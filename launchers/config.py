@@ -32,27 +32,11 @@ from e2d2.config import DiffusionConfig, ModelConfig
 from e2d2.errors import ConfigError, require
 from e2d2.sampling import SamplerConfig
 from e2d2.train import TrainConfig
+from megatron_ext.layout import ParallelConfig
 
 
-@dataclass(frozen=True)
-class ParallelSection:
-    """megatron_ext.layout.ParallelConfig less ``world_size``, which is known only at launch,
-    and ``precision``, which is ``train.precision`` (``fp8_recipe``/``fp8_format`` apply when
-    it is ``fp8``)."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    encoder_pipeline_stages: int | None = None
-    virtual_pipeline: int | None = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    transformer_impl: str | None = None
-    fp8_recipe: str = "delayed"
-    fp8_format: str = "hybrid"
-    pipeline_layers: list[int] | None = None
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    recompute: str = "none"
+class _ParallelSectionRules:
+    """What the ``parallel`` section checks and derives before the world size is known."""
 
     def __post_init__(self) -> None:
         require(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1,
@@ -62,11 +46,23 @@ class ParallelSection:
     def model_parallel(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel
 
-    def engine(self, world_size: int, precision: str):
+    def engine(self, world_size: int, precision: str) -> ParallelConfig:
         """The engine's ``ParallelConfig`` for ``world_size`` ranks at ``train.precision``."""
-        from megatron_ext.layout import ParallelConfig
-
         return ParallelConfig(world_size, precision=precision, **dataclasses.asdict(self))
+
+
+# The engine's fields that the section leaves out: the world size is known only at launch,
+# and the precision is ``train.precision``.
+_LAUNCH_ONLY = ("world_size", "precision")
+ParallelSection = dataclasses.make_dataclass(
+    "ParallelSection",
+    [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(ParallelConfig)
+     if f.name not in _LAUNCH_ONLY],
+    bases=(_ParallelSectionRules,), frozen=True)
+ParallelSection.__module__ = __name__
+ParallelSection.__doc__ = """`megatron_ext.layout.ParallelConfig`'s fields (the one definition of
+each, with its documentation there) less ``world_size`` and ``precision``
+(``fp8_recipe``/``fp8_format`` apply when ``train.precision`` is ``fp8``)."""
 
 
 @dataclass(frozen=True)
