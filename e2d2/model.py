@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2d2 import masks
 from e2d2.attention import build_mask
 from e2d2.config import ModelConfig
 from e2d2.init import initialize_, seed_from_global_rng
@@ -39,6 +38,7 @@ from e2d2.layers import (
     rotary,
     run_layers,
 )
+from e2d2.masks import AttentionMask, for_model
 from e2d2.shift import align_logits, noisy_input
 
 
@@ -220,8 +220,8 @@ class DiffusionLM(nn.Module):
         S = block_size or cfg.diffusion_block_size
         pos = torch.arange(L, device=device)
 
-        def mask_of(spec: masks.AttentionMask):
-            spec = masks.for_model(spec, bidirectional_prompt=cfg.prompt_is_bidirectional,
+        def mask_of(spec: AttentionMask):
+            spec = for_model(spec, bidirectional_prompt=cfg.prompt_is_bidirectional,
                                    shift=cfg.shift, anneal=anneal)
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 

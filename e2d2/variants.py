@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from e2d2 import masks
+from e2d2.masks import AR, BD3LM, E2D2_DECODER, E2D2_ENCODER, MDLM, AttentionMask
 
 Stream = Literal["clean", "noisy"]
 # Where each E2D2 decoder layer's clean keys come from: its own K/V projection of the
@@ -41,10 +41,10 @@ class VariantPlan:
     """
 
     main_streams: tuple[Stream, ...]
-    main_mask: masks.AttentionMask
+    main_mask: AttentionMask
     decoding: Decoding = "blocks"
     decoder_keys: DecoderKeys | None = None
-    decoder_mask: masks.AttentionMask | None = None
+    decoder_mask: AttentionMask | None = None
 
     def __post_init__(self) -> None:
         if (self.decoder_keys is None) != (self.decoder_mask is None):
@@ -89,13 +89,13 @@ class VariantPlan:
 
 PLANS: dict[str, VariantPlan] = {
     # encoder over x0 (block-causal), decoder over the noisy stream reading h_enc's K/V
-    "e2d2": VariantPlan(("clean",), masks.E2D2_ENCODER, decoder_keys="h_enc",
-                        decoder_mask=masks.E2D2_DECODER),
+    "e2d2": VariantPlan(("clean",), E2D2_ENCODER, decoder_keys="h_enc",
+                        decoder_mask=E2D2_DECODER),
     # the decoder reads the K/V its matched encoder layer already computed
-    "e2d2_shared_kv": VariantPlan(("clean",), masks.E2D2_ENCODER, decoder_keys="encoder_kv",
-                                  decoder_mask=masks.E2D2_DECODER),
+    "e2d2_shared_kv": VariantPlan(("clean",), E2D2_ENCODER, decoder_keys="encoder_kv",
+                                  decoder_mask=E2D2_DECODER),
     # one stack over [x0 ; xt] (spec 3.3)
-    "bd3lm": VariantPlan(("clean", "noisy"), masks.BD3LM),
-    "mdlm": VariantPlan(("noisy",), masks.MDLM, decoding="whole_sequence"),
-    "ar": VariantPlan(("clean",), masks.AR, decoding="autoregressive"),
+    "bd3lm": VariantPlan(("clean", "noisy"), BD3LM),
+    "mdlm": VariantPlan(("noisy",), MDLM, decoding="whole_sequence"),
+    "ar": VariantPlan(("clean",), AR, decoding="autoregressive"),
 }

@@ -251,3 +251,20 @@ def test_bad_input_is_refused_and_nothing_is_written(runs, tmp_path, monkeypatch
         export_hf(tmp_path, _out(tmp_path, "none"))
     with pytest.raises(UserError, match="max-shard-size"):
         export_hf(run, _out(tmp_path, "size"), max_shard_size="lots")
+
+
+def test_transformers_copies_every_module_the_shipped_code_imports(tmp_path):
+    """transformers copies a remote-code directory's modules by following the ``from .x
+    import`` lines it finds with a regular expression; every relative import of every shipped
+    file must be one it sees (``from . import x`` is not)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    from launchers.hf import remote_code
+
+    for name, text in remote_code.generate().items():
+        (tmp_path / name).write_text(text)
+        imported = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                imported |= {node.module} if node.module else {a.name for a in node.names}
+        assert imported <= set(get_relative_imports(tmp_path / name)), name

@@ -3,8 +3,9 @@
 The shipped network and sampler are the reference code itself, not a hand-kept second
 copy: every ``e2d2`` module that ``e2d2.model`` and ``e2d2.sampling`` need is copied as
 ``e2d2_{name}.py`` with only its imports of ``e2d2`` made relative (``from e2d2.masks
-import X`` -> ``from .e2d2_masks import X``; ``from e2d2 import masks`` -> ``from . import
-e2d2_masks as masks``), so the directory needs torch and transformers only. Two thin
+import X`` -> ``from .e2d2_masks import X``; ``from e2d2 import masks`` is refused, because
+transformers copies only the modules named in ``from .x import`` lines), so the directory
+needs torch and transformers only. Two thin
 wrappers from `launchers/hf/remote/` sit beside them: ``modeling_e2d2.py`` as is, and
 ``configuration_e2d2.py`` with its field block written from `e2d2.config.ModelConfig`.
 """
@@ -81,15 +82,12 @@ def relative_imports(source: str, module: str) -> str:
             continue
         i = node.lineno - 1
         if node.module == PACKAGE:
-            if len(node.names) != 1 or node.names[0].asname:
-                raise RuntimeError(f"{module} line {node.lineno}: import one e2d2 module per "
-                                   "`from e2d2 import x` statement, without `as`")
-            name = node.names[0].name
-            new = re.sub(rf"\bfrom\s+{PACKAGE}\s+import\s+{name}\b",
-                         f"from . import {PACKAGE}_{name} as {name}", lines[i], count=1)
-        else:
-            new = re.sub(rf"\bfrom\s+{re.escape(node.module)}\s+import\b",
-                         f"from .{node.module.replace('.', '_')} import", lines[i], count=1)
+            # transformers copies an export's modules by following `from .x import` lines
+            # only: `from . import x` would leave x behind when nothing else names it.
+            raise RuntimeError(f"{module} line {node.lineno}: write `from e2d2.x import name` "
+                               "instead of `from e2d2 import x` (launchers.hf.remote_code)")
+        new = re.sub(rf"\bfrom\s+{re.escape(node.module)}\s+import\b",
+                     f"from .{node.module.replace('.', '_')} import", lines[i], count=1)
         if new == lines[i]:
             raise RuntimeError(f"{module} line {node.lineno}: the import must start on its "
                                f"own line as `from {node.module} import ...`")
