@@ -55,11 +55,14 @@ def build_mask(
     Without ``context`` and ``padding`` the mask depends only on ``(spec, seq_len,
     block_size)``, so it is built once and reused (``static_mask``): a training run then
     pays for ``create_block_mask`` once per mask instead of once per micro-batch. An annealed
-    mask (``spec.anneal < 1``) changes every step, so it is built each time instead.
+    mask (``spec.anneal < 1``) changes every step: ``annealed_mask`` keeps only the latest
+    few, so that a step builds each once for all its micro-batches without pushing the
+    static masks out of their cache.
     """
     device = torch.device(device)
-    if context is None and padding is None and spec.anneal >= 1:
-        return static_mask(spec, seq_len, block_size, device, use_flex(device))
+    if context is None and padding is None:
+        cached = static_mask if spec.anneal >= 1 else annealed_mask
+        return cached(spec, seq_len, block_size, device, use_flex(device))
     if use_flex(device):
         return spec.block_mask(seq_len, block_size, batch_size, context, padding, device=device)
     return spec.dense(seq_len, block_size, context, padding, device=device)
@@ -73,6 +76,10 @@ def static_mask(spec: AttentionMask, seq_len: int, block_size: int, device: torc
     if flex:
         return spec.block_mask(seq_len, block_size, None, device=device)
     return spec.dense(seq_len, block_size, device=device)
+
+
+# One step's annealed masks (encoder and decoder, on up to two chunks of this rank).
+annealed_mask = functools.lru_cache(maxsize=4)(static_mask.__wrapped__)
 
 
 @functools.cache

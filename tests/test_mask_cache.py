@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from e2d2 import masks
-from e2d2.attention import build_mask, static_mask
+from e2d2.attention import annealed_mask, build_mask, static_mask
 from e2d2.config import ModelConfig
 from e2d2.model import DiffusionLM
 
@@ -21,6 +21,17 @@ def test_cache_returns_the_same_mask_object_per_mask_length_and_block():
     assert build_mask(masks.E2D2_DECODER, 16, 2, CPU) is not first
     assert build_mask(masks.E2D2_DECODER, 32, 4, CPU) is not first
     assert static_mask.cache_info().currsize >= 4
+
+
+def test_an_annealed_mask_is_built_once_per_ratio_and_leaves_the_static_cache_alone():
+    static = build_mask(masks.E2D2_ENCODER, 16, 4, CPU)
+    for step in range(1, 8):  # one training step per ratio, two micro-batches each
+        spec = masks.with_anneal(masks.E2D2_ENCODER, step / 8)
+        first = build_mask(spec, 16, 4, CPU, batch_size=2)
+        assert build_mask(spec, 16, 4, CPU, batch_size=2) is first
+        assert torch.equal(first, spec.dense(16, 4))
+    assert annealed_mask.cache_info().currsize <= 4
+    assert build_mask(masks.E2D2_ENCODER, 16, 4, CPU) is static
 
 
 def test_per_batch_masks_are_not_cached():
