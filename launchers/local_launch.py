@@ -5,6 +5,11 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT). SIGTERM, SIGUSR1 and SIGINT are forwarded
 rank, so preemption behaves as under SLURM. When a rank fails, the others (which would wait
 in a collective forever) are stopped. The exit code is 0 when every rank succeeded, the
 preempted code when the ranks stopped for preemption, else the first failure's.
+
+The launcher hosts the rendezvous store itself, as torchrun's agent does
+(``TORCHELASTIC_USE_AGENT_STORE``): it binds port 0, so the OS gives it a free port that
+nobody can take between the choice and the bind (runs started at the same time, as in a
+parallel test suite, would otherwise race for a port probed free).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from launchers.world import free_port
+from datetime import timedelta
 
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -23,13 +28,18 @@ _FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 def launch_local(nproc: int, argv: list[str], preempted_code: int) -> int:
     if nproc < 1:
         raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
-    port = free_port()
+    from torch.distributed import TCPStore
+
+    # Alive until every rank has exited: the ranks' process groups live on it.
+    store = TCPStore("127.0.0.1", 0, nproc, is_master=True, timeout=timedelta(minutes=30),
+                     wait_for_workers=False)
     threads = max(1, (os.cpu_count() or 1) // nproc)
     procs = []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+               "TORCHELASTIC_USE_AGENT_STORE": "True",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
         procs.append(subprocess.Popen([sys.executable, "-m", "launchers.cli", *argv], env=env))
 
