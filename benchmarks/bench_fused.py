@@ -13,6 +13,10 @@ Running this script's counts from a tree of d78ec23 itself gave the same unfused
   and loss cancel out.
 * Training steps (loss, backward, AdamW through megatron's schedule, DDP and optimizer) at
   TP1 on one rank and TP2 on two ranks, one thread per rank, the two engines interleaved.
+* The same TP1 step under ``torch.profiler``: the CPU time of every aten op summed per step
+  (self time, so nothing counts twice), for each engine, and the ops whose time differs most.
+  It does not count time other processes take from the core, so it holds on a loaded machine
+  where the wall-clock medians above do not.
 
     .venv/bin/python -m benchmarks.bench_fused            # about 3 minutes on 2 idle cores
 """
@@ -133,6 +137,44 @@ def _time_steps(rank: int, cfg, tp: int, warmup: int, repeats: int, batch_size: 
         return interleaved_medians(steps, warmup, repeats)
 
 
+def _profile_steps(rank: int, cfg, warmup: int, steps: int, batch_size: int) -> dict:
+    """``{engine: {op: (self CPU ms per step, calls per step)}}`` of TP1 training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from e2d2.config import DiffusionConfig
+    from e2d2.diffusion import DiffusionObjective
+    from megatron_ext.layout import ParallelConfig
+    from megatron_ext.objective import make_forward_step, noised_batch
+    from megatron_ext.testing import megatron_layout
+    from megatron_ext.training import build_optimizer, train_step, wrap_ddp
+
+    parallel = ParallelConfig(1)
+    objective = DiffusionObjective(cfg, DiffusionConfig())
+    x0 = torch.randint(0, cfg.vocab_size - 1, (batch_size, cfg.seq_length),
+                       generator=torch.Generator().manual_seed(0))
+    batch = noised_batch(objective, x0, generator=torch.Generator().manual_seed(1))
+    forward = make_forward_step(objective)
+    out = {}
+    with megatron_layout(parallel):
+        for engine in ENGINES:
+            stages = _stages(cfg, parallel, engine)
+            chunks = wrap_ddp(stages, stages[0].config, parallel)
+            optimizer = build_optimizer(chunks, parallel, lr=1e-4, weight_decay=0.0, clip_grad=1.0)
+
+            def step(chunks=chunks, optimizer=optimizer, stages=stages):
+                train_step(chunks, optimizer, forward, [batch], seq_length=stages[0].stream_length(),
+                           micro_batch_size=batch_size)
+
+            for _ in range(warmup):
+                step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+            out[engine] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps)
+                           for e in prof.key_averages()}
+    return out
+
+
 def main() -> None:
     args = parse_args()
     quiet_malloc()
@@ -168,6 +210,22 @@ def main() -> None:
     print(f"training step, batch {args.batch} x L={args.seq_len}, vocab {base.vocab_size}, "
           f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up, 1 thread per rank")
     print(table(["layout", "engine", "median ms", "p10-p90 spread", "/ unfused"], rows))
+
+    ops = spawn_gloo(_profile_steps, 1, base, args.warmup, 5, args.batch)[0]
+    totals = {engine: sum(ms for ms, _ in ops[engine].values()) for engine in ENGINES}
+    record["tp1_profiled_cpu_ms"] = {e: round(t, 1) for e, t in totals.items()}
+    print(f"TP1 step under torch.profiler, 5 steps after {args.warmup} warm-up: self CPU time "
+          f"per step, fused {totals['fused']:.1f} ms / unfused {totals['unfused']:.1f} ms = "
+          f"{totals['fused'] / totals['unfused']:.3f}; the ops that differ most:")
+
+    def cost(engine: str, op: str) -> tuple[float, int]:
+        return ops[engine].get(op, (0.0, 0))
+
+    names = sorted(set(ops["fused"]) | set(ops["unfused"]),
+                   key=lambda op: -abs(cost("fused", op)[0] - cost("unfused", op)[0]))[:8]
+    print(table(["op", "fused ms", "calls", "unfused ms", "calls"],
+                [[op, f"{cost('fused', op)[0]:.1f}", str(cost("fused", op)[1]),
+                  f"{cost('unfused', op)[0]:.1f}", str(cost("unfused", op)[1])] for op in names]))
     print(json.dumps(record))
 
 
