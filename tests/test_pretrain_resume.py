@@ -93,13 +93,15 @@ def test_resume_after_kill_9_repeats_the_losses_bitwise(layout, setup, straight,
     reference = train_losses(straight(layout))
     run_dir = tmp_path / "killed"
     nproc = LAYOUTS[layout][0]
-    proc = start_pretrain(config, *_args(run_dir, data, layout), nproc=nproc)
+    # held after its first checkpoint (step 2), so the kill always lands mid-run
+    proc = start_pretrain(config, *_args(run_dir, data, layout), nproc=nproc,
+                          env={"E2D2_FAULTS": "hold@2"})
     latest = run_dir / "checkpoints" / "latest"
     wait_for(latest.is_file, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed_from = int(latest.read_text().strip().removeprefix("iter_"))
-    assert resumed_from < STEPS, "the run finished before it could be killed"
+    assert resumed_from == 2
     result = run_pretrain(config, *_args(run_dir, data, layout), nproc=nproc, resume="auto")
     assert result.returncode == 0, result.stderr
     assert f"resumed from {latest.parent / f'iter_{resumed_from:07d}'}" in result.stderr
