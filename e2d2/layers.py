@@ -126,9 +126,28 @@ class FusedWeights:
     * ``gate_up [2 ffn, hidden]``: gate|up, the MLP RMSNorm's weight folded in;
     * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes.
 
-    ``key`` identifies the parameters it was made from (storage and version counter), so a
-    cached copy is rebuilt after any in-place update (optimizer step, ``load_state_dict``).
+    ``key`` identifies the parameters it was made from (`sources`: object, storage and version
+    counter), so a cached copy is rebuilt after any in-place update (optimizer step,
+    ``load_state_dict``) or a replaced parameter.
     """
+
+    @staticmethod
+    def sources(layer: TransformerLayer) -> list[tuple[dict, str]]:
+        """Where the parameters it is made from live: ``(module._parameters, name)`` pairs, so
+        that `key_of` reads them with plain dict lookups (``layer.parameters()`` or attribute
+        access through ``nn.Module.__getattr__`` cost ~20 us a layer, and the sampler asks once
+        per layer and block). A replaced parameter (``load_state_dict(assign=True)``) is seen."""
+        attn, mlp = layer.attn, layer.mlp
+        modules = [layer.input_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm,
+                   mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if isinstance(attn.q_norm, nn.RMSNorm):
+            modules += [attn.q_norm, attn.k_norm]
+        return [(m._parameters, "weight") for m in modules]
+
+    @staticmethod
+    def key_of(sources: list[tuple[dict, str]]) -> tuple:
+        """The identity, storage and version counter of each parameter."""
+        return tuple((id(p), p.data_ptr(), p._version) for p in (params[name] for params, name in sources))
 
     def __init__(self, layer: TransformerLayer, key: tuple):
         attn, mlp = layer.attn, layer.mlp
@@ -244,7 +263,10 @@ class TransformerLayer(nn.Module):
     # ------------------------------------------------------------- inference path
     def fused_weights(self) -> FusedWeights:
         """This layer's `FusedWeights`, made once and kept until a parameter changes."""
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        sources = self.__dict__.get("_fused_sources")
+        if sources is None:
+            sources = self.__dict__["_fused_sources"] = FusedWeights.sources(self)
+        key = FusedWeights.key_of(sources)
         fused = self.__dict__.get("_fused")
         if fused is None or fused.key != key:
             with torch.no_grad():
