@@ -124,7 +124,9 @@ class FusedWeights:
       ``sqrt(head_dim)`` (None without QK-norm);
     * ``o_t``, ``down_t``: the output projections transposed (views, for ``addmm``);
     * ``gate_up [2 ffn, hidden]``: gate|up, the MLP RMSNorm's weight folded in;
-    * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes.
+    * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes;
+    * ``heads``, ``groups``, ``head_dim``: the attention's shape (read per call, so kept here
+      rather than behind ``nn.Module.__getattr__``).
 
     ``key`` identifies the parameters it was made from (`sources`: object, storage and version
     counter), so a cached copy is rebuilt after any in-place update (optimizer step,
@@ -166,6 +168,7 @@ class FusedWeights:
         self.down_t = mlp.down_proj.weight.t()
         self.eps_hidden = rms_eps_term(hidden, layer.eps, self.qkv)
         self.eps_head = rms_eps_term(attn.head_dim, layer.eps, self.qkv)
+        self.heads, self.groups, self.head_dim = attn.heads, attn.groups, attn.head_dim
 
 
 class Attention(nn.Module):
@@ -282,14 +285,13 @@ class TransformerLayer(nn.Module):
         x: ``[batch * len, hidden]`` (flat: the layers of a step pass it on without reshaping);
         mask: ``bool[batch, 1, len, prefix + len]`` or None (all visible). Returns the same shape.
         """
-        attn = self.attn
-        heads, groups, d = attn.heads, attn.groups, attn.head_dim
+        heads, groups, d = w.heads, w.groups, w.head_dim
         s = x.shape[0] // batch
         qkv = F.linear(inference_rms(x, w.eps_hidden), w.qkv).view(batch, s, heads + 2 * groups, d).transpose(1, 2)
-        qk, v = qkv.split((heads + groups, groups), 1)
+        qk, v = qkv.split_with_sizes((heads + groups, groups), 1)  # not `split`: its Python wrapper costs
         if w.qk_norm is not None:
             qk = inference_rms(qk, w.eps_head) * w.qk_norm
-        q, k = rope.rotate(qk).split((heads, groups), 1)
+        q, k = rope.rotate(qk).split_with_sizes((heads, groups), 1)
         k, v = slot.extend((k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != groups)
         x = torch.addmm(x, out.transpose(1, 2).reshape(x.shape[0], heads * d), w.o_t)
@@ -299,11 +301,10 @@ class TransformerLayer(nn.Module):
     def infer_kv(self, x: torch.Tensor, w: FusedWeights, rope: RopeTables) -> KV:
         """`kv` for inference: keys/values ``[batch, groups, len, head_dim]`` of ``x [batch, len,
         hidden]``, from the k|v rows of the fused weight (no query is computed)."""
-        attn = self.attn
         b, s, _ = x.shape
-        heads, groups, d = attn.heads, attn.groups, attn.head_dim
+        heads, groups, d = w.heads, w.groups, w.head_dim
         kv = F.linear(inference_rms(x, w.eps_hidden), w.qkv[heads * d :]).view(b, s, 2 * groups, d).transpose(1, 2)
-        k, v = kv.split(groups, 1)
+        k, v = kv.split_with_sizes((groups, groups), 1)
         if w.qk_norm is not None:
             k = inference_rms(k, w.eps_head) * w.qk_norm[heads:]
         return rope.rotate(k), v
