@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -219,7 +220,7 @@ class Distribution:
             logits = logits.float()
         if temperature not in (0.0, 1.0):
             logits = logits / temperature
-        logits[..., mask_id] = -math.inf
+        logits.select(-1, mask_id).fill_(-math.inf)  # not ``logits[..., mask_id] =``: one op fewer
         probs = logits.softmax(-1)
         top2 = probs.topk(2, dim=-1) if margin else None
         if temperature == 0:
@@ -415,11 +416,11 @@ def _denoise_block(
         stepping = [r for r in range(batch) if n_masked[r]]
         if not stepping:
             return x, calls, row_nfe
-        with torch.profiler.record_function("sample.step"):
+        with _region("sample.step"):
             need = [r for r in stepping if not fresh[r]]
             if need:
                 rows = _row_index(need, batch, x.device)
-                with torch.profiler.record_function("sample.forward"):
+                with _region("sample.forward"):
                     logits = forward(x if rows is None else x[rows], rows)
                 new = Distribution.of(logits, mask_id, cfg.temperature, cfg.top_p, cfg.strategy == "topk_margin")
                 if dist is None or rows is None:
@@ -446,6 +447,11 @@ def _denoise_block(
                     n_masked[r], fresh[r] = n, False
             x = new_x if rows is None else x.index_copy(0, rows, new_x)
             step += 1
+
+
+def _region(name: str):
+    """A profiler label, only while a profiler runs (``record_function`` costs ~6 us, two per step)."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 def _row_index(rows: list[int], batch: int, device: torch.device) -> torch.Tensor | None:
