@@ -316,10 +316,11 @@ def denoise_step(
     """
     masked = xt == mask_id
     if dist.cdf is None:
-        values = dist.argmax
+        values, values_at = dist.argmax, None
     else:
         target = uniform().unsqueeze(-1) * dist.cdf[..., -1:]
-        values = torch.searchsorted(dist.cdf, target, right=True).squeeze(-1)
+        values_at = torch.searchsorted(dist.cdf, target, right=True)  # [b, S, 1], as `gather` takes it
+        values = values_at.squeeze(-1)
     # every strategy's ``reveal`` lies within ``masked``; ancestral and first-hitting draw
     # their uniforms on the last step too, so that the row's stream stays where it was
     if strategy == "ancestral":
@@ -329,16 +330,18 @@ def denoise_step(
     elif times is not None and times.last:
         reveal = masked
     else:
-        conf = torch.where(masked, _confidence(dist, values, margin=strategy == "topk_margin"), -math.inf)
+        conf = torch.where(masked, _confidence(dist, values, values_at, margin=strategy == "topk_margin"), -math.inf)
         reveal = _threshold(conf, masked, threshold) if strategy == "threshold" else _topk(conf, n_reveal)
     if times is not None and times.last:
         reveal = masked
     return torch.where(reveal, values, xt)
 
 
-def _confidence(dist: Distribution, values: torch.Tensor, margin: bool) -> torch.Tensor:
-    """``p(value)``, or with ``margin`` ``p(value) - max_{v != value} p(v)``: ``[b, S]``."""
-    chosen = dist.probs.gather(-1, values.unsqueeze(-1)).squeeze(-1)
+def _confidence(dist: Distribution, values: torch.Tensor, values_at: torch.Tensor | None,
+                margin: bool) -> torch.Tensor:
+    """``p(value)``, or with ``margin`` ``p(value) - max_{v != value} p(v)``: ``[b, S]``
+    (``values [b, S]``; ``values_at``: the same ``[b, S, 1]`` where the caller has it)."""
+    chosen = dist.probs.gather(-1, values.unsqueeze(-1) if values_at is None else values_at).squeeze(-1)
     if not margin:
         return chosen
     top2, top2_idx = dist.top2
