@@ -128,28 +128,32 @@ class FusedWeights:
     * ``heads``, ``groups``, ``head_dim``: the attention's shape (read per call, so kept here
       rather than behind ``nn.Module.__getattr__``).
 
-    ``key`` identifies the parameters it was made from (`sources`: object, storage and version
+    ``key`` identifies the parameters it was made from (`key_of`: object, storage and version
     counter), so a cached copy is rebuilt after any in-place update (optimizer step,
-    ``load_state_dict``) or a replaced parameter.
+    ``load_state_dict``), a replaced parameter (``load_state_dict(assign=True)``) or a
+    replaced submodule.
     """
 
-    @staticmethod
-    def sources(layer: TransformerLayer) -> list[tuple[dict, str]]:
-        """Where the parameters it is made from live: ``(module._parameters, name)`` pairs, so
-        that `key_of` reads them with plain dict lookups (``layer.parameters()`` or attribute
-        access through ``nn.Module.__getattr__`` cost ~20 us a layer, and the sampler asks once
-        per layer and block). A replaced parameter (``load_state_dict(assign=True)``) is seen."""
-        attn, mlp = layer.attn, layer.mlp
-        modules = [layer.input_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm,
-                   mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if isinstance(attn.q_norm, nn.RMSNorm):
-            modules += [attn.q_norm, attn.k_norm]
-        return [(m._parameters, "weight") for m in modules]
+    # The submodules whose ``weight`` it is made from, as paths of names under the layer.
+    PATHS = (("input_norm",), ("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
+             ("mlp_norm",), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+    QK_NORM_PATHS = (("attn", "q_norm"), ("attn", "k_norm"))
 
     @staticmethod
-    def key_of(sources: list[tuple[dict, str]]) -> tuple:
-        """The identity, storage and version counter of each parameter."""
-        return tuple((id(p), p.data_ptr(), p._version) for p in (params[name] for params, name in sources))
+    def key_of(layer: TransformerLayer) -> tuple:
+        """Identity, storage and version counter of each parameter it is made from, found by
+        plain dict lookups (``_modules``, ``_parameters``): walking ``layer.parameters()``, or
+        attribute access through ``nn.Module.__getattr__``, costs ~20 us a layer, and the
+        sampler asks once per layer and block."""
+        key = []
+        qk_norm = isinstance(layer._modules["attn"]._modules["q_norm"], nn.RMSNorm)
+        for path in FusedWeights.PATHS + (FusedWeights.QK_NORM_PATHS if qk_norm else ()):
+            module = layer
+            for name in path:
+                module = module._modules[name]
+            p = module._parameters["weight"]
+            key.append((id(p), p.data_ptr(), p._version))
+        return tuple(key)
 
     def __init__(self, layer: TransformerLayer, key: tuple):
         attn, mlp = layer.attn, layer.mlp
@@ -266,10 +270,7 @@ class TransformerLayer(nn.Module):
     # ------------------------------------------------------------- inference path
     def fused_weights(self) -> FusedWeights:
         """This layer's `FusedWeights`, made once and kept until a parameter changes."""
-        sources = self.__dict__.get("_fused_sources")
-        if sources is None:
-            sources = self.__dict__["_fused_sources"] = FusedWeights.sources(self)
-        key = FusedWeights.key_of(sources)
+        key = FusedWeights.key_of(self)
         fused = self.__dict__.get("_fused")
         if fused is None or fused.key != key:
             with torch.no_grad():

@@ -112,15 +112,15 @@ def test_cached_equals_uncached_any_prompt_length(prompt_len):
     assert cached.num_blocks == -(-(prompt_len % S + 7) // S)
 
 
-UPDATES = ("in_place", "load_state_dict", "assign")
+UPDATES = ("in_place", "load_state_dict", "assign", "new_submodule")
 
 
 @pytest.mark.parametrize("update", UPDATES)
 def test_inference_path_follows_weight_updates(update):
     """The cached sampler's fused weights (`TransformerLayer.fused_weights`) are rebuilt when a
-    parameter changes in place (an optimizer step, ``load_state_dict``) or is replaced
-    (``load_state_dict(assign=True)``): after the update, cached sampling still equals the
-    uncached training forward, whose tokens change."""
+    parameter changes in place (an optimizer step, ``load_state_dict``), a parameter is
+    replaced (``load_state_dict(assign=True)``) or a submodule is: after the update, cached
+    sampling still equals the uncached training forward, whose tokens change."""
     model, prompt = tiny_model("e2d2"), prompts(2, 5)
     kw = dict(strategy="topk", steps=4, max_new_tokens=8, temperature=0.0)
     old = run(model, prompt, **kw)  # builds and caches the fused weights
@@ -129,6 +129,10 @@ def test_inference_path_follows_weight_updates(update):
         if update == "in_place":
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
+        elif update == "new_submodule":
+            for layer in (*model.layers, *model.decoder_layers):
+                layer.mlp.up_proj = torch.nn.Linear(32, 64, bias=False).double()
+                layer.mlp.up_proj.weight.normal_(0, 5.0)
         else:
             other = DiffusionLM(model.cfg).double()
             for p in other.parameters():
