@@ -33,6 +33,7 @@ aten ops dispatched per step, inside and outside the forward (the batch-1 cost d
 
     .venv/bin/python -m benchmarks.bench_sample --threads 1 --before   # about 2 minutes
     .venv/bin/python -m benchmarks.bench_sample --new-tokens 256 --batches 1 8 32 --mdlm
+    .venv/bin/python -m benchmarks.bench_sample --threads 1 --op-growth 12   # + which ops grow with the batch
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def parse_args() -> argparse.Namespace:
                         "use with --threads 1); wall: elapsed seconds")
     p.add_argument("--before", action="store_true",
                    help="also time the layer-by-layer path (the sampler before its inference path)")
+    p.add_argument("--op-growth", type=int, default=0, metavar="N",
+                   help="also list the N aten ops with the most self CPU time at the largest batch, "
+                        "against batch 1 (which work grows with the rows)")
     return p.parse_args()
 
 
@@ -159,6 +163,30 @@ def step_overhead(model: DiffusionLM, prompt: torch.Tensor, sampler: SamplerConf
     return step_us / n / 1e3, 1.0 - forward_us / step_us, n, ops_under(forwards) / n, ops_under(steps) / n
 
 
+def self_times(model: DiffusionLM, prompt: torch.Tensor, sampler: SamplerConfig) -> dict[str, tuple[float, int]]:
+    """aten op -> (self CPU ms, calls) of one profiled sampling run (after a warm one)."""
+    sample(model, prompt, sampler, seeds=list(range(prompt.shape[0])))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sample(model, prompt, sampler, seeds=list(range(prompt.shape[0])))
+    return {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def op_growth(model: DiffusionLM, sampler: SamplerConfig, prompt_len: int, vocab: int, batch: int,
+              top: int) -> list[list[str]]:
+    """The ``top`` ops by self CPU time at ``batch``: their time at batch 1 and ``batch`` (profiled, so
+    inflated by the profiler's per-op cost) and the growth; the first row sums all aten ops."""
+    g = torch.Generator().manual_seed(1)
+    one, many = (self_times(model, torch.randint(0, vocab - 1, (b, prompt_len), generator=g), sampler)
+                 for b in (1, batch))
+    rows = [["all aten ops", f"{sum(c for _, c in one.values())}", f"{sum(t for t, _ in one.values()):.1f}",
+             f"{sum(t for t, _ in many.values()):.1f}",
+             f"{sum(t for t, _ in many.values()) / sum(t for t, _ in one.values()):.2f}"]]
+    for name in sorted(many, key=lambda k: -many[k][0])[:top]:
+        t1, n1 = one.get(name, (0.0, 0))
+        rows.append([name, f"{n1}", f"{t1:.1f}", f"{many[name][0]:.1f}", f"{many[name][0] / t1:.2f}" if t1 else "-"])
+    return rows
+
+
 def speedup(rounds: dict[str, list[float]], label: str) -> str:
     """Median over rounds of (time of ``label (before)`` / time of ``label``), paired by round."""
     before = rounds.get(f"{label} (before)")
@@ -215,6 +243,13 @@ def main() -> None:
     print("per-step overhead at batch 1 (torch.profiler: sample.step vs the sample.forward inside it)")
     print(table(["model", "steps", "ms / step (profiled)", "outside the model", "aten ops / step in the forward",
                  "outside it"], rows))
+    if args.op_growth and max(args.batches) > 1:
+        batch = max(args.batches)
+        for label, (model, sampler) in models.items():
+            if model.cfg.variant in ("e2d2", "bd3lm") and "before" not in label:
+                print(f"\n{label}: self CPU ms of one run, batch 1 against batch {batch} ({batch}x the tokens)")
+                print(table(["op", "calls at batch 1", "ms at batch 1", f"ms at batch {batch}", "growth"],
+                            op_growth(model, sampler, args.prompt_len, args.vocab, batch, args.op_growth)))
 
 
 if __name__ == "__main__":

@@ -124,11 +124,36 @@ class FusedWeights:
       ``sqrt(head_dim)`` (None without QK-norm);
     * ``o_t``, ``down_t``: the output projections transposed (views, for ``addmm``);
     * ``gate_up [2 ffn, hidden]``: gate|up, the MLP RMSNorm's weight folded in;
-    * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes.
+    * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes;
+    * ``heads``, ``groups``, ``head_dim``: the attention's shape (read per call, so kept here
+      rather than behind ``nn.Module.__getattr__``).
 
-    ``key`` identifies the parameters it was made from (storage and version counter), so a
-    cached copy is rebuilt after any in-place update (optimizer step, ``load_state_dict``).
+    ``key`` identifies the parameters it was made from (`key_of`: object, storage and version
+    counter), so a cached copy is rebuilt after any in-place update (optimizer step,
+    ``load_state_dict``), a replaced parameter (``load_state_dict(assign=True)``) or a
+    replaced submodule.
     """
+
+    # The submodules whose ``weight`` it is made from, as paths of names under the layer.
+    PATHS = (("input_norm",), ("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
+             ("mlp_norm",), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+    QK_NORM_PATHS = (("attn", "q_norm"), ("attn", "k_norm"))
+
+    @staticmethod
+    def key_of(layer: TransformerLayer) -> tuple:
+        """Identity, storage and version counter of each parameter it is made from, found by
+        plain dict lookups (``_modules``, ``_parameters``): walking ``layer.parameters()``, or
+        attribute access through ``nn.Module.__getattr__``, costs ~20 us a layer, and the
+        sampler asks once per layer and block."""
+        key = []
+        qk_norm = isinstance(layer._modules["attn"]._modules["q_norm"], nn.RMSNorm)
+        for path in FusedWeights.PATHS + (FusedWeights.QK_NORM_PATHS if qk_norm else ()):
+            module = layer
+            for name in path:
+                module = module._modules[name]
+            p = module._parameters["weight"]
+            key.append((id(p), p.data_ptr(), p._version))
+        return tuple(key)
 
     def __init__(self, layer: TransformerLayer, key: tuple):
         attn, mlp = layer.attn, layer.mlp
@@ -147,6 +172,7 @@ class FusedWeights:
         self.down_t = mlp.down_proj.weight.t()
         self.eps_hidden = rms_eps_term(hidden, layer.eps, self.qkv)
         self.eps_head = rms_eps_term(attn.head_dim, layer.eps, self.qkv)
+        self.heads, self.groups, self.head_dim = attn.heads, attn.groups, attn.head_dim
 
 
 class Attention(nn.Module):
@@ -244,7 +270,7 @@ class TransformerLayer(nn.Module):
     # ------------------------------------------------------------- inference path
     def fused_weights(self) -> FusedWeights:
         """This layer's `FusedWeights`, made once and kept until a parameter changes."""
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = FusedWeights.key_of(self)
         fused = self.__dict__.get("_fused")
         if fused is None or fused.key != key:
             with torch.no_grad():
@@ -260,14 +286,13 @@ class TransformerLayer(nn.Module):
         x: ``[batch * len, hidden]`` (flat: the layers of a step pass it on without reshaping);
         mask: ``bool[batch, 1, len, prefix + len]`` or None (all visible). Returns the same shape.
         """
-        attn = self.attn
-        heads, groups, d = attn.heads, attn.groups, attn.head_dim
+        heads, groups, d = w.heads, w.groups, w.head_dim
         s = x.shape[0] // batch
         qkv = F.linear(inference_rms(x, w.eps_hidden), w.qkv).view(batch, s, heads + 2 * groups, d).transpose(1, 2)
-        qk, v = qkv.split((heads + groups, groups), 1)
+        qk, v = qkv.split_with_sizes((heads + groups, groups), 1)  # not `split`: its Python wrapper costs
         if w.qk_norm is not None:
             qk = inference_rms(qk, w.eps_head) * w.qk_norm
-        q, k = rope.rotate(qk).split((heads, groups), 1)
+        q, k = rope.rotate(qk).split_with_sizes((heads, groups), 1)
         k, v = slot.extend((k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != groups)
         x = torch.addmm(x, out.transpose(1, 2).reshape(x.shape[0], heads * d), w.o_t)
@@ -277,11 +302,10 @@ class TransformerLayer(nn.Module):
     def infer_kv(self, x: torch.Tensor, w: FusedWeights, rope: RopeTables) -> KV:
         """`kv` for inference: keys/values ``[batch, groups, len, head_dim]`` of ``x [batch, len,
         hidden]``, from the k|v rows of the fused weight (no query is computed)."""
-        attn = self.attn
         b, s, _ = x.shape
-        heads, groups, d = attn.heads, attn.groups, attn.head_dim
+        heads, groups, d = w.heads, w.groups, w.head_dim
         kv = F.linear(inference_rms(x, w.eps_hidden), w.qkv[heads * d :]).view(b, s, 2 * groups, d).transpose(1, 2)
-        k, v = kv.split(groups, 1)
+        k, v = kv.split_with_sizes((groups, groups), 1)
         if w.qk_norm is not None:
             k = inference_rms(k, w.eps_head) * w.qk_norm[heads:]
         return rope.rotate(k), v

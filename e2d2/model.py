@@ -137,7 +137,7 @@ class BlockForward:
     def __call__(self, xt: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, S, vocab]`` of the noisy block ``xt [batch, S]``."""
         model, (b, s) = self.model, xt.shape
-        h = model.embed(xt.view(-1))
+        h = F.embedding(xt.view(-1), model.embed.weight)
         for (layer, weights), slot in zip(self.layers, self.slots, strict=True):
             h = layer.infer(h, weights, self.rope, self.sdpa_mask, slot, b)
         return F.linear(inference_rms(h, self.eps_term) * self.norm_weight, model.head_weight).view(b, s, -1)
@@ -287,7 +287,7 @@ class DiffusionLM(nn.Module):
             raise ValueError(f"cache of {cache.capacity} columns cannot take {n} tokens after {cache.length}")
         rope = RopeTables(self._rope(positions), self.embed.weight.dtype)
         sdpa_mask = None if mask is None else mask[:, None]
-        h = self.embed(tokens.reshape(-1))
+        h = F.embedding(tokens.reshape(-1), self.embed.weight)
         for layer, slot in zip(self.layers, cache.slots(cache.layers), strict=True):
             h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot, tokens.shape[0])
         h = h.view(*tokens.shape, -1)

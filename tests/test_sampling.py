@@ -112,24 +112,32 @@ def test_cached_equals_uncached_any_prompt_length(prompt_len):
     assert cached.num_blocks == -(-(prompt_len % S + 7) // S)
 
 
-@pytest.mark.parametrize("update", ["in_place", "load_state_dict"])
+UPDATES = ("in_place", "load_state_dict", "assign", "new_submodule")
+
+
+@pytest.mark.parametrize("update", UPDATES)
 def test_inference_path_follows_weight_updates(update):
     """The cached sampler's fused weights (`TransformerLayer.fused_weights`) are rebuilt when a
-    parameter changes in place (an optimizer step, ``load_state_dict``): after the update,
-    cached sampling still equals the uncached training forward, whose tokens change."""
+    parameter changes in place (an optimizer step, ``load_state_dict``), a parameter is
+    replaced (``load_state_dict(assign=True)``) or a submodule is: after the update, cached
+    sampling still equals the uncached training forward, whose tokens change."""
     model, prompt = tiny_model("e2d2"), prompts(2, 5)
     kw = dict(strategy="topk", steps=4, max_new_tokens=8, temperature=0.0)
     old = run(model, prompt, **kw)  # builds and caches the fused weights
-    torch.manual_seed(1)
+    torch.manual_seed(UPDATES.index(update))  # new weights for each case (the model is shared)
     with torch.no_grad():
         if update == "in_place":
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
+        elif update == "new_submodule":
+            for layer in (*model.layers, *model.decoder_layers):
+                layer.mlp.up_proj = torch.nn.Linear(32, 64, bias=False).double()
+                layer.mlp.up_proj.weight.normal_(0, 5.0)
         else:
             other = DiffusionLM(model.cfg).double()
             for p in other.parameters():
                 p.normal_(0, 1.0)
-            model.load_state_dict(other.state_dict())
+            model.load_state_dict(other.state_dict(), assign=update == "assign")
     cached, full = run(model, prompt, **kw), run(model, prompt, use_cache=False, **kw)
     assert torch.equal(cached.tokens, full.tokens)
     assert not torch.equal(cached.tokens, old.tokens)
