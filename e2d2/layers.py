@@ -118,12 +118,18 @@ def rms_eps_term(n: int, eps: float, like: torch.Tensor) -> torch.Tensor:
 class FusedWeights:
     """One layer's weights in the inference path's form (no autograd), made from its parameters.
 
-    * ``qkv [(heads + 2 groups) * head_dim, hidden]``: q|k|v projections concatenated, the
-      input RMSNorm's weight (and `inference_rms`'s ``sqrt(hidden)``) folded into their columns;
+    * ``qkv_t [hidden, (heads + 2 groups) * head_dim]``: q|k|v projections concatenated and
+      transposed, the input RMSNorm's weight (and `inference_rms`'s ``sqrt(hidden)``) folded
+      into their rows; ``kv_t``: its k|v columns;
     * ``qk_norm [heads + groups, 1, head_dim]``: the q- and k-norm weights per head, times
       ``sqrt(head_dim)`` (None without QK-norm);
-    * ``o_t``, ``down_t``: the output projections transposed (views, for ``addmm``);
-    * ``gate_up [2 ffn, hidden]``: gate|up, the MLP RMSNorm's weight folded in;
+    * ``o_t``, ``down_t``: the output projections transposed;
+    * ``gate_up_t [hidden, 2 ffn]``: gate|up transposed, the MLP RMSNorm's weight folded in;
+
+    Every matrix is stored ``[in, out]`` and contiguous, for ``torch.mm``/``addmm``: CPU BLAS
+    runs the few-row products of a denoising step (4 to 32 rows) 1.3-2x faster that way than
+    ``F.linear``'s ``[out, in]`` weight read transposed. The results match ``F.linear``'s to
+    rounding (not bitwise at 4 rows: another kernel).
     * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes;
     * ``heads``, ``groups``, ``head_dim``: the attention's shape (read per call, so kept here
       rather than behind ``nn.Module.__getattr__``).
@@ -161,17 +167,19 @@ class FusedWeights:
         scale_in = layer.input_norm.weight * hidden**0.5
         scale_mlp = layer.mlp_norm.weight * hidden**0.5
         self.key = key
-        self.qkv = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)) * scale_in
+        qkv = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)) * scale_in
+        self.qkv_t = qkv.t().contiguous()
+        self.kv_t = qkv[attn.heads * attn.head_dim:].t().contiguous()
         self.qk_norm = None
         if isinstance(attn.q_norm, nn.RMSNorm):
             d = attn.head_dim
             self.qk_norm = torch.cat((attn.q_norm.weight.expand(attn.heads, 1, d),
                                       attn.k_norm.weight.expand(attn.groups, 1, d))) * d**0.5
-        self.o_t = attn.o_proj.weight.t()
-        self.gate_up = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)) * scale_mlp
-        self.down_t = mlp.down_proj.weight.t()
-        self.eps_hidden = rms_eps_term(hidden, layer.eps, self.qkv)
-        self.eps_head = rms_eps_term(attn.head_dim, layer.eps, self.qkv)
+        self.o_t = attn.o_proj.weight.t().contiguous()
+        self.gate_up_t = (torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)) * scale_mlp).t().contiguous()
+        self.down_t = mlp.down_proj.weight.t().contiguous()
+        self.eps_hidden = rms_eps_term(hidden, layer.eps, qkv)
+        self.eps_head = rms_eps_term(attn.head_dim, layer.eps, qkv)
         self.heads, self.groups, self.head_dim = attn.heads, attn.groups, attn.head_dim
 
 
@@ -288,7 +296,7 @@ class TransformerLayer(nn.Module):
         """
         heads, groups, d = w.heads, w.groups, w.head_dim
         s = x.shape[0] // batch
-        qkv = F.linear(inference_rms(x, w.eps_hidden), w.qkv).view(batch, s, heads + 2 * groups, d).transpose(1, 2)
+        qkv = torch.mm(inference_rms(x, w.eps_hidden), w.qkv_t).view(batch, s, heads + 2 * groups, d).transpose(1, 2)
         qk, v = qkv.split_with_sizes((heads + groups, groups), 1)  # not `split`: its Python wrapper costs
         if w.qk_norm is not None:
             qk = inference_rms(qk, w.eps_head) * w.qk_norm
@@ -296,7 +304,7 @@ class TransformerLayer(nn.Module):
         k, v = slot.extend((k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != groups)
         x = torch.addmm(x, out.transpose(1, 2).reshape(x.shape[0], heads * d), w.o_t)
-        gate, up = F.linear(inference_rms(x, w.eps_hidden), w.gate_up).chunk(2, -1)
+        gate, up = torch.mm(inference_rms(x, w.eps_hidden), w.gate_up_t).chunk(2, -1)
         return torch.addmm(x, F.silu(gate).mul_(up), w.down_t)
 
     def infer_kv(self, x: torch.Tensor, w: FusedWeights, rope: RopeTables) -> KV:
@@ -304,7 +312,7 @@ class TransformerLayer(nn.Module):
         hidden]``, from the k|v rows of the fused weight (no query is computed)."""
         b, s, _ = x.shape
         heads, groups, d = w.heads, w.groups, w.head_dim
-        kv = F.linear(inference_rms(x, w.eps_hidden), w.qkv[heads * d :]).view(b, s, 2 * groups, d).transpose(1, 2)
+        kv = (inference_rms(x, w.eps_hidden) @ w.kv_t).view(b, s, 2 * groups, d).transpose(1, 2)
         k, v = kv.split_with_sizes((groups, groups), 1)
         if w.qk_norm is not None:
             k = inference_rms(k, w.eps_head) * w.qk_norm[heads:]

@@ -121,8 +121,7 @@ class BlockForward:
         self.slots = cache.slots(buffers, rows)
         self.rope = RopeTables(model._rope(positions), model.embed.weight.dtype)
         self.sdpa_mask = None if mask is None else mask[:, None]
-        self.norm_weight = model.norm.weight * cfg.hidden_size**0.5
-        self.eps_term = rms_eps_term(cfg.hidden_size, cfg.norm_eps, self.norm_weight)
+        self.head_t, self.eps_term = model.inference_head()
 
     def select(self, rows: torch.Tensor) -> BlockForward:
         """The same forward for batch ``rows`` only (their prefix is copied, nothing is written)."""
@@ -140,7 +139,7 @@ class BlockForward:
         h = F.embedding(xt.view(-1), model.embed.weight)
         for (layer, weights), slot in zip(self.layers, self.slots, strict=True):
             h = layer.infer(h, weights, self.rope, self.sdpa_mask, slot, b)
-        return F.linear(inference_rms(h, self.eps_term) * self.norm_weight, model.head_weight).view(b, s, -1)
+        return torch.mm(inference_rms(h, self.eps_term), self.head_t).view(b, s, -1)
 
 
 class DiffusionLM(nn.Module):
@@ -182,6 +181,21 @@ class DiffusionLM(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``[batch, len, hidden] -> [batch, len, vocab]``."""
         return F.linear(self.norm(h), self.head_weight)
+
+    def inference_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm and LM head in the inference path's form (`e2d2.layers.FusedWeights`):
+        ``head_t [hidden, vocab]``, contiguous, with the norm's weight and `inference_rms`'s
+        ``sqrt(hidden)`` folded in, and the norm's `rms_eps_term`. Made once and kept until
+        either weight changes."""
+        norm, head = self.norm.weight, self.head_weight
+        key = (id(norm), norm.data_ptr(), norm._version, id(head), head.data_ptr(), head._version)
+        cached = self.__dict__.get("_inference_head")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                head_t = (head * (norm * self.cfg.hidden_size**0.5)).t().contiguous()
+                cached = (key, head_t, rms_eps_term(self.cfg.hidden_size, self.cfg.norm_eps, head_t))
+            self.__dict__["_inference_head"] = cached  # a plain attribute, not a parameter
+        return cached[1], cached[2]
 
     def _rope(self, positions: torch.Tensor):
         """cos/sin ``[len, head_dim]`` for ``positions [len]`` (``[batch, 1, len, head_dim]``
