@@ -2,7 +2,7 @@
 the forward pass keeps for the backward pass, and the training step time.
 
 One E2D2 training step (forward, backward, clipped Adam update) at TP1/PP1 through
-``megatron_ext.training.guarded_train_step``, for ``parallel.recompute`` none / selective /
+``megatron_ext.training.train_step``, for ``parallel.recompute`` none / selective /
 full, in fp32 and bf16, same model and noised batch, timed interleaved.
 
 "Kept for backward" is the size of the distinct storages autograd saves during the forward
@@ -71,7 +71,7 @@ def main() -> None:
     from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step
     from megatron_ext.testing import megatron_layout
-    from megatron_ext.training import build_training_optimizer, guarded_train_step, wrap_ddp
+    from megatron_ext.training import build_training_optimizer, train_step, wrap_ddp
 
     cfg, train, objective, _, batch = e2d2_training_inputs(args)
     initial = reference_state_at_seed(cfg, 0)
@@ -89,7 +89,7 @@ def main() -> None:
             forward = make_forward_step(objective)
 
             def step(chunks=chunks, optimizer=optimizer, forward=forward, stages=stages):
-                guarded_train_step(chunks, optimizer, forward, [batch],
+                train_step(chunks, optimizer, forward, [batch],
                                    seq_length=stages[0].stream_length(),
                                    micro_batch_size=args.batch)
 

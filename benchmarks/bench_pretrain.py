@@ -63,7 +63,7 @@ def engine_overhead(args: argparse.Namespace) -> str:
     from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step
     from megatron_ext.testing import megatron_layout
-    from megatron_ext.training import build_training_optimizer, guarded_train_step, wrap_ddp
+    from megatron_ext.training import build_training_optimizer, train_step, wrap_ddp
 
     cfg, train, objective, x0, batch = e2d2_training_inputs(args)
     nb = NoisedBatch(**{k: batch[k] for k in NoisedBatch.__dataclass_fields__})
@@ -91,7 +91,7 @@ def engine_overhead(args: argparse.Namespace) -> str:
         forward = make_forward_step(objective)
 
         def engine_step():
-            guarded_train_step(chunks, optimizer, forward, [batch],
+            train_step(chunks, optimizer, forward, [batch],
                                seq_length=stages[0].stream_length(), micro_batch_size=args.batch)
 
         times = interleaved_medians({"reference trainer": reference_step,

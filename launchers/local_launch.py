@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from datetime import timedelta
 
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

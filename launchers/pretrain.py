@@ -7,7 +7,7 @@
 One step: this rank's micro-batches (``launchers.data``), noised per sample
 (``megatron_ext.objective.noised_samples``: the noise of a sample depends only on the run
 seed and its index), megatron's schedules with DDP and (distributed) optimizer
-(``megatron_ext.training.guarded_train_step``), the LR from megatron's
+(``megatron_ext.training.train_step``), the LR from megatron's
 ``OptimizerParamScheduler``, an optional EMA. Every ``train.eval_every`` steps the NELBO is
 evaluated on the held-out split through the same engine, with seeded Monte-Carlo draws.
 
@@ -318,7 +318,7 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         from megatron_ext.objective import make_forward_step, noised_samples
-        from megatron_ext.training import guarded_train_step, sync_params
+        from megatron_ext.training import sync_params, train_step
 
         cfg, train = self.cfg, self.cfg.train
         preemption = Preemption()
@@ -342,7 +342,7 @@ class _Trainer:
                       for x0, ids in micro]
             self.scheduler.step(1)  # warm-up from lr/warmup at the first step, not from 0
             lr = self.optimizer.param_groups[0]["lr"]
-            result = guarded_train_step(
+            result = train_step(
                 self.chunks, self.optimizer,
                 poisoned_forward if state.step + 1 in poisoned else forward, noised,
                 seq_length=seq_length, micro_batch_size=self.micro_batch)

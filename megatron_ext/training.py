@@ -174,28 +174,6 @@ def _nonfinite_grads(chunks: list[torch.nn.Module]) -> bool:
     return bool(flag.item())
 
 
-def guarded_train_step(chunks: list[torch.nn.Module], optimizer: MegatronOptimizer,
-                       forward_step_func: Callable, micro_batches: Sequence[Any], *,
-                       seq_length: int, micro_batch_size: int) -> StepResult:
-    """Forward, backward and one update, skipped (and reported) if the loss or any gradient
-    is non-finite on any rank: megatron's fp32 optimizers would clip a NaN norm into the
-    weights. Collective over the world."""
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = _forward_backward(chunks, forward_step_func, micro_batches, seq_length,
-                               micro_batch_size)
-    local = (torch.stack([item["loss"] for item in losses]).mean().reshape(1) if losses
-             else torch.zeros(1))
-    loss = (last_stage_sum(local) / parallel_state.get_data_parallel_world_size()).item()
-    if not torch.isfinite(torch.tensor(loss)) or _nonfinite_grads(chunks):
-        return StepResult(float("nan"), None, True)
-    succeeded, grad_norm, _ = optimizer.step()
-    if not succeeded:
-        return StepResult(loss, None, True)
-    return StepResult(loss, None if grad_norm is None else float(grad_norm), False)
-
-
 def forward_only(chunks: list[torch.nn.Module], forward_step_func: Callable,
                  micro_batches: Sequence[Any], *, seq_length: int, micro_batch_size: int
                  ) -> list[dict]:
@@ -214,18 +192,20 @@ def train_step(
     *,
     seq_length: int,
     micro_batch_size: int,
-) -> float | None:
+) -> StepResult:
     """Forward and backward over this data-parallel rank's ``micro_batches`` and, with an
-    optimizer, one update.
+    optimizer, one update, skipped (and reported) if the loss or any gradient is non-finite
+    on any rank: megatron's fp32 optimizers would clip a NaN norm into the weights. Without
+    an optimizer the gradients stay in ``param.main_grad`` for inspection. Collective over
+    the world.
 
     ``forward_step_func(data_iterator, model)`` draws one micro-batch per call; with
     interleaved chunks every chunk gets its own iterator over the same micro-batches, as
     megatron's interleaved schedule expects. Its loss function must return
     ``(loss, {"loss": detached})`` with ``loss`` the micro-batch mean.
     ``seq_length`` is the length of the inter-stage tensor ``[seq_length, micro_batch_size,
-    hidden]``. Returns the mean loss over micro-batches and data-parallel ranks on the last
-    pipeline stage, ``None`` elsewhere. Without an optimizer the gradients stay in
-    ``param.main_grad`` for inspection.
+    hidden]``. The result's loss is the mean over micro-batches and data-parallel ranks of
+    the last pipeline stage, on every rank.
     """
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -233,12 +213,14 @@ def train_step(
         optimizer.zero_grad()
     losses = _forward_backward(chunks, forward_step_func, micro_batches, seq_length,
                                micro_batch_size)
-    if optimizer is not None:
-        succeeded, _, _ = optimizer.step()
-        if not succeeded:
-            raise FloatingPointError("optimizer step skipped: non-finite gradients")
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    loss = torch.stack([item["loss"] for item in losses]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return (loss / parallel_state.get_data_parallel_world_size()).item()
+    local = (torch.stack([item["loss"] for item in losses]).mean().reshape(1) if losses
+             else torch.zeros(1))
+    loss = (last_stage_sum(local) / parallel_state.get_data_parallel_world_size()).item()
+    if optimizer is None:
+        return StepResult(loss, None, False)
+    if not torch.isfinite(torch.tensor(loss)) or _nonfinite_grads(chunks):
+        return StepResult(float("nan"), None, True)
+    succeeded, grad_norm, _ = optimizer.step()
+    if not succeeded:
+        return StepResult(loss, None, True)
+    return StepResult(loss, None if grad_norm is None else float(grad_norm), False)

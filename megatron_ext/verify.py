@@ -116,8 +116,8 @@ def reference_run(cfg: ModelConfig, run: Run) -> dict:
 def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
                  save_to: str | None = None) -> dict:
     """``reference_run`` on this rank's share of ``parallel`` (call on every rank of a live
-    gloo/NCCL world). Returns step-0 loss (last stage, else None) and gradients, the step
-    losses, and the final weights; optionally saves them with dist_checkpointing."""
+    gloo/NCCL world). Returns the step-0 loss (the last stage's, on every rank) and
+    gradients, the step losses, and the final weights; optionally saves them with dist_checkpointing."""
     from megatron.core import parallel_state
 
     from megatron_ext import checkpoint
@@ -142,14 +142,15 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
         mine = micro_batches({k: v[rows] for k, v in batch.items()}, run.micro_batch)
         kwargs = dict(seq_length=stages[0].stream_length(), micro_batch_size=run.micro_batch)
 
-        first_loss = train_step(chunks, None, forward_step, mine, **kwargs)
+        first_loss = train_step(chunks, None, forward_step, mine, **kwargs).loss
         # The distributed optimizer reduce-scatters: each rank's main_grad is only right on
         # its own slice, so its gradients are checked through the step losses instead.
         grads = (None if parallel.use_distributed_optimizer
                  else gather_reference_state(stages, grads=True))
         optimizer = build_optimizer(chunks, parallel, lr=run.lr, weight_decay=0.0,
                                     clip_grad=run.clip)
-        losses = [train_step(chunks, optimizer, forward_step, mine, **kwargs)
+        # a skipped (non-finite) step leaves its loss NaN or the next ones off: compare sees it
+        losses = [train_step(chunks, optimizer, forward_step, mine, **kwargs).loss
                   for _ in range(run.steps)]
         sync_params(chunks)
         if save_to is not None:

@@ -92,7 +92,7 @@ def _forward_step(data_iterator, model):
     return _gpt_loss(model, tokens), loss_func
 
 
-def _parallel_run(parallel: ParallelConfig, ckpt_dir: str) -> list[float | None]:
+def _parallel_run(parallel: ParallelConfig, ckpt_dir: str) -> list[float]:
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_ext.training import build_optimizer, train_step, wrap_ddp
@@ -114,7 +114,7 @@ def _parallel_run(parallel: ParallelConfig, ckpt_dir: str) -> list[float | None]
                 mine.split(MICRO_BATCH),
                 seq_length=SEQ,
                 micro_batch_size=MICRO_BATCH,
-            )
+            ).loss
         )
     return losses
 
