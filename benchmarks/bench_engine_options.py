@@ -66,11 +66,11 @@ def main() -> None:
     setup(args)
     from launchers.world import World, free_port, init_world
     from megatron_ext import cpu_compat
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
     from megatron_ext.mapping import load_reference_state, reference_state_at_seed
     from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step
-    from megatron_ext.testing import megatron_layout
     from megatron_ext.training import build_training_optimizer, train_step, wrap_ddp
 
     cfg, train, objective, _, batch = e2d2_training_inputs(args)

@@ -90,8 +90,9 @@ def _stages(cfg, parallel, engine: str):
 
 def _count_all_reduces(rank: int, cfgs: dict) -> dict:
     """``{engine: {config: {"forward": n, "backward": n}}}`` for one micro-batch at TP2."""
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
-    from megatron_ext.testing import counted_all_reduces, megatron_layout
+    from megatron_ext.testing import counted_all_reduces
 
     parallel = ParallelConfig(2, tensor_parallel=2)
     out = {}
@@ -114,9 +115,9 @@ def _time_steps(rank: int, cfg, tp: int, warmup: int, repeats: int, batch_size: 
     """``{engine: (median s, spread)}`` of training steps at TP ``tp``, interleaved."""
     from e2d2.config import DiffusionConfig
     from e2d2.diffusion import DiffusionObjective
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
     from megatron_ext.objective import make_forward_step, noised_batch
-    from megatron_ext.testing import megatron_layout
     from megatron_ext.training import build_optimizer, train_step, wrap_ddp
 
     parallel = ParallelConfig(tp, tensor_parallel=tp)
@@ -143,9 +144,9 @@ def _profile_steps(rank: int, cfg, warmup: int, steps: int, batch_size: int) -> 
 
     from e2d2.config import DiffusionConfig
     from e2d2.diffusion import DiffusionObjective
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
     from megatron_ext.objective import make_forward_step, noised_batch
-    from megatron_ext.testing import megatron_layout
     from megatron_ext.training import build_optimizer, train_step, wrap_ddp
 
     parallel = ParallelConfig(1)

@@ -46,6 +46,7 @@ def _peak_rss_bytes() -> int:
 def _body(rank: int, run_config, how: str) -> dict:
     import torch
 
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig, PipelinePlan
     from megatron_ext.mapping import (
         initialize_at_seed,
@@ -53,7 +54,6 @@ def _body(rank: int, run_config, how: str) -> dict:
         reference_state_at_seed,
     )
     from megatron_ext.model import build_chunks
-    from megatron_ext.testing import megatron_layout
 
     model = run_config.model
     parallel = ParallelConfig(torch.distributed.get_world_size(),

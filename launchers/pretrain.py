@@ -221,7 +221,7 @@ class _Trainer:
             tqdm.write(message, file=sys.stderr)
 
     def run(self, candidates: list[Path], tokenizer) -> int:
-        from megatron_ext.testing import megatron_layout
+        from megatron_ext.groups import megatron_layout
 
         with megatron_layout(self.parallel, seed=self.cfg.run.seed,
                              get_embedding_ranks=self.plan.get_embedding_ranks):

@@ -278,8 +278,8 @@ def _timed_backward(output: torch.Tensor, gradient: torch.Tensor | None, sync) -
 @contextlib.contextmanager
 def _engine_world(seed: int) -> Iterator[None]:
     from launchers.hf.checkpoints import single_process_group
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
-    from megatron_ext.testing import megatron_layout
 
     with single_process_group(), megatron_layout(ParallelConfig(1), seed=seed):
         yield

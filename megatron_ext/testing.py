@@ -2,7 +2,8 @@
 
 Starting a process costs seconds on a 2-core machine (importing torch and
 megatron-core dominates), so the intended use is one ``spawn_gloo`` per world
-size, with the function looping over several layouts through ``megatron_layout``.
+size, with the function looping over several layouts through
+``megatron_ext.groups.megatron_layout``.
 
     def body(rank):
         out = {}
@@ -32,7 +33,6 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ext import cpu_compat
-from megatron_ext.layout import ParallelConfig
 
 
 class WorkerError(RuntimeError):
@@ -129,38 +129,6 @@ def _spawn_gloo(fn, world_size: int, args: tuple, timeout_s: float) -> list[Any]
     if errors:
         raise WorkerError("\n".join(errors))
     return [results[rank] for rank in range(world_size)]
-
-
-@contextlib.contextmanager
-def megatron_layout(
-    layout: ParallelConfig,
-    seed: int = 1234,
-    get_embedding_ranks: Callable[[list[int]], list[int]] | None = None,
-) -> Iterator[ParallelConfig]:
-    """Initialise megatron's parallel state for ``layout`` on the live gloo world, then tear down.
-
-    ``get_embedding_ranks`` chooses the pipeline ranks that hold a copy of the word
-    embedding (megatron's default: first and last stage).
-    """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    if layout.world_size != torch.distributed.get_world_size():
-        raise ValueError(
-            f"layout is for world size {layout.world_size}, "
-            f"the process group has {torch.distributed.get_world_size()}"
-        )
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor_parallel,
-        pipeline_model_parallel_size=layout.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        get_embedding_ranks=get_embedding_ranks,
-    )
-    model_parallel_cuda_manual_seed(seed)
-    try:
-        yield layout
-    finally:
-        parallel_state.destroy_model_parallel()
 
 
 @contextlib.contextmanager

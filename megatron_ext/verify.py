@@ -22,8 +22,9 @@ from e2d2.config import DiffusionConfig, ModelConfig
 from e2d2.diffusion import DiffusionObjective
 from e2d2.errors import ConfigError
 from e2d2.model import DiffusionLM
+from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig, PipelinePlan
-from megatron_ext.testing import megatron_layout, spawn_gloo
+from megatron_ext.testing import spawn_gloo
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from e2d2.model import DiffusionLM
 from launchers.checkpointing import RunCheckpoints
 from launchers.config import run_config_from_dict, save_run_config
 from launchers.hf.checkpoints import TensorReader, locate, single_process_group
+from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig
 from megatron_ext.mapping import load_reference_state, param_maps
 from megatron_ext.model import build_chunks
-from megatron_ext.testing import megatron_layout
 
 MASK = 259  # the default ModelConfig's mask id (vocabulary 260 = bytes tokenizer)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig
 from megatron_ext.mapping import reference_state_at_seed
-from megatron_ext.testing import counted_all_reduces, megatron_layout, spawn_gloo
+from megatron_ext.testing import counted_all_reduces, spawn_gloo
 from megatron_ext.verify import Run, compare, parallel_run, reference_run
 from megatron_ext.verify import tiny_model_config as model_config
 

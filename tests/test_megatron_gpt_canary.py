@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig
-from megatron_ext.testing import megatron_layout, spawn_gloo
+from megatron_ext.testing import spawn_gloo
 
 WORLD = 4
 VOCAB, SEQ, GLOBAL_BATCH, MICRO_BATCH, STEPS = 64, 16, 8, 2, 3

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig
-from megatron_ext.testing import WorkerError, megatron_layout, spawn_gloo
+from megatron_ext.testing import WorkerError, spawn_gloo
 
 
 def _tp_sum(rank: int) -> tuple[int, float]:

@@ -55,8 +55,8 @@ def _bf16(**kwargs) -> ParallelConfig:
 def _optimizer_precision(parallel: ParallelConfig) -> dict:
     """What megatron built for ``parallel``: the optimizer class and the dtypes of the model
     weights, the gradient buffers and the optimizer's main weights."""
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.model import build_chunks
-    from megatron_ext.testing import megatron_layout
     from megatron_ext.training import build_optimizer, wrap_ddp
 
     with megatron_layout(parallel):

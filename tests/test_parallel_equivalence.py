@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from e2d2.config import ModelConfig
+from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig, PipelinePlan
 from megatron_ext.mapping import reference_state_at_seed
-from megatron_ext.testing import megatron_layout, spawn_gloo
+from megatron_ext.testing import spawn_gloo
 from megatron_ext.verify import Run, compare, parallel_run, reference_run
 from megatron_ext.verify import tiny_model_config as model_config
 

@@ -14,8 +14,9 @@ import pytest
 
 from e2d2.errors import UserError
 from launchers.world import World, discover_world, single_reason, slurm_master_port
+from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig, PipelinePlan
-from megatron_ext.testing import megatron_layout, spawn_gloo
+from megatron_ext.testing import spawn_gloo
 from megatron_ext.verify import tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -104,10 +104,10 @@ def save_reference_weights(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
     through the engine's own save on a single-process layout (any layout loads it).
     ``state`` is read one tensor at a time: a lazy mapping keeps one source tensor in memory."""
     from megatron_ext import checkpoint as engine_checkpoint
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
     from megatron_ext.mapping import load_reference_state
     from megatron_ext.model import build_chunks
-    from megatron_ext.testing import megatron_layout
 
     parallel = ParallelConfig(world_size=1)
     with single_process_group(), megatron_layout(parallel):

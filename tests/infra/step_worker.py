@@ -32,8 +32,8 @@ def main() -> int:
 
     from launchers.world import init_world, log_layout
     from megatron_ext import cpu_compat
+    from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig, PipelinePlan
-    from megatron_ext.testing import megatron_layout
     from megatron_ext.verify import Run, compare, parallel_run, reference_run, tiny_model_config
 
     torch.set_num_threads(1)
