@@ -111,61 +111,49 @@ def _count_all_reduces(rank: int, cfgs: dict) -> dict:
     return out
 
 
-def _time_steps(rank: int, cfg, tp: int, warmup: int, repeats: int, batch_size: int) -> dict:
-    """``{engine: (median s, spread)}`` of training steps at TP ``tp``, interleaved."""
+def _engine_steps(cfg, parallel, batch_size: int):
+    """``(engine, step())`` pairs: one training step of each engine on the same noised batch,
+    each engine built only when its pair is drawn (call inside ``megatron_layout(parallel)``)."""
     from e2d2.config import DiffusionConfig
     from e2d2.diffusion import DiffusionObjective
-    from megatron_ext.groups import megatron_layout
-    from megatron_ext.layout import ParallelConfig
     from megatron_ext.objective import make_forward_step, noised_batch
     from megatron_ext.training import build_optimizer, train_step, wrap_ddp
 
-    parallel = ParallelConfig(tp, tensor_parallel=tp)
     objective = DiffusionObjective(cfg, DiffusionConfig())
     x0 = torch.randint(0, cfg.vocab_size - 1, (batch_size, cfg.seq_length),
                        generator=torch.Generator().manual_seed(0))
     batch = noised_batch(objective, x0, generator=torch.Generator().manual_seed(1))
     forward = make_forward_step(objective)
+    for engine in ENGINES:
+        stages = _stages(cfg, parallel, engine)
+        chunks = wrap_ddp(stages, stages[0].config, parallel)
+        optimizer = build_optimizer(chunks, parallel, lr=1e-4, weight_decay=0.0, clip_grad=1.0)
+        yield engine, functools.partial(train_step, chunks, optimizer, forward, [batch],
+                                        seq_length=stages[0].stream_length(),
+                                        micro_batch_size=batch_size)
+
+
+def _time_steps(rank: int, cfg, tp: int, warmup: int, repeats: int, batch_size: int) -> dict:
+    """``{engine: (median s, spread)}`` of training steps at TP ``tp``, interleaved."""
+    from megatron_ext.groups import megatron_layout
+    from megatron_ext.layout import ParallelConfig
+
+    parallel = ParallelConfig(tp, tensor_parallel=tp)
     with megatron_layout(parallel):
-        steps = {}
-        for engine in ENGINES:
-            stages = _stages(cfg, parallel, engine)
-            chunks = wrap_ddp(stages, stages[0].config, parallel)
-            optimizer = build_optimizer(chunks, parallel, lr=1e-4, weight_decay=0.0, clip_grad=1.0)
-            steps[engine] = functools.partial(train_step, chunks, optimizer, forward, [batch],
-                                              seq_length=stages[0].stream_length(),
-                                              micro_batch_size=batch_size)
-        return interleaved_medians(steps, warmup, repeats)
+        return interleaved_medians(dict(_engine_steps(cfg, parallel, batch_size)), warmup, repeats)
 
 
 def _profile_steps(rank: int, cfg, warmup: int, steps: int, batch_size: int) -> dict:
     """``{engine: {op: (self CPU ms per step, calls per step)}}`` of TP1 training steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from e2d2.config import DiffusionConfig
-    from e2d2.diffusion import DiffusionObjective
     from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
-    from megatron_ext.objective import make_forward_step, noised_batch
-    from megatron_ext.training import build_optimizer, train_step, wrap_ddp
 
     parallel = ParallelConfig(1)
-    objective = DiffusionObjective(cfg, DiffusionConfig())
-    x0 = torch.randint(0, cfg.vocab_size - 1, (batch_size, cfg.seq_length),
-                       generator=torch.Generator().manual_seed(0))
-    batch = noised_batch(objective, x0, generator=torch.Generator().manual_seed(1))
-    forward = make_forward_step(objective)
     out = {}
     with megatron_layout(parallel):
-        for engine in ENGINES:
-            stages = _stages(cfg, parallel, engine)
-            chunks = wrap_ddp(stages, stages[0].config, parallel)
-            optimizer = build_optimizer(chunks, parallel, lr=1e-4, weight_decay=0.0, clip_grad=1.0)
-
-            def step(chunks=chunks, optimizer=optimizer, stages=stages):
-                train_step(chunks, optimizer, forward, [batch], seq_length=stages[0].stream_length(),
-                           micro_batch_size=batch_size)
-
+        for engine, step in _engine_steps(cfg, parallel, batch_size):  # one engine alive at a time
             for _ in range(warmup):
                 step()
             with profile(activities=[ProfilerActivity.CPU]) as prof:

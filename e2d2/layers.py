@@ -115,6 +115,12 @@ def rms_eps_term(n: int, eps: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor((n * eps) ** 0.5, dtype=like.dtype, device=like.device)
 
 
+def weights_key(params) -> tuple:
+    """Identity, storage and version counter of each of ``params``: a cache of tensors made
+    from them is stale iff this changed (an in-place update, a replaced parameter)."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in params)
+
+
 class FusedWeights:
     """One layer's weights in the inference path's form (no autograd), made from its parameters.
 
@@ -125,14 +131,14 @@ class FusedWeights:
       ``sqrt(head_dim)`` (None without QK-norm);
     * ``o_t``, ``down_t``: the output projections transposed;
     * ``gate_up_t [hidden, 2 ffn]``: gate|up transposed, the MLP RMSNorm's weight folded in;
+    * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes;
+    * ``heads``, ``groups``, ``head_dim``: the attention's shape (read per call, so kept here
+      rather than behind ``nn.Module.__getattr__``).
 
     Every matrix is stored ``[in, out]`` and contiguous, for ``torch.mm``/``addmm``: CPU BLAS
     runs the few-row products of a denoising step (4 to 32 rows) 1.3-2x faster that way than
     ``F.linear``'s ``[out, in]`` weight read transposed. The results match ``F.linear``'s to
     rounding (not bitwise at 4 rows: another kernel).
-    * ``eps_hidden``, ``eps_head``: `rms_eps_term` of the hidden and head sizes;
-    * ``heads``, ``groups``, ``head_dim``: the attention's shape (read per call, so kept here
-      rather than behind ``nn.Module.__getattr__``).
 
     ``key`` identifies the parameters it was made from (`key_of`: object, storage and version
     counter), so a cached copy is rebuilt after any in-place update (optimizer step,
@@ -151,15 +157,14 @@ class FusedWeights:
         plain dict lookups (``_modules``, ``_parameters``): walking ``layer.parameters()``, or
         attribute access through ``nn.Module.__getattr__``, costs ~20 us a layer, and the
         sampler asks once per layer and block."""
-        key = []
         qk_norm = isinstance(layer._modules["attn"]._modules["q_norm"], nn.RMSNorm)
+        params = []
         for path in FusedWeights.PATHS + (FusedWeights.QK_NORM_PATHS if qk_norm else ()):
             module = layer
             for name in path:
                 module = module._modules[name]
-            p = module._parameters["weight"]
-            key.append((id(p), p.data_ptr(), p._version))
-        return tuple(key)
+            params.append(module._parameters["weight"])
+        return weights_key(params)
 
     def __init__(self, layer: TransformerLayer, key: tuple):
         attn, mlp = layer.attn, layer.mlp

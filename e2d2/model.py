@@ -37,6 +37,7 @@ from e2d2.layers import (
     rms_eps_term,
     rotary,
     run_layers,
+    weights_key,
 )
 from e2d2.masks import AttentionMask, for_model
 from e2d2.shift import align_logits, noisy_input
@@ -188,7 +189,7 @@ class DiffusionLM(nn.Module):
         ``sqrt(hidden)`` folded in, and the norm's `rms_eps_term`. Made once and kept until
         either weight changes."""
         norm, head = self.norm.weight, self.head_weight
-        key = (id(norm), norm.data_ptr(), norm._version, id(head), head.data_ptr(), head._version)
+        key = weights_key((norm, head))
         cached = self.__dict__.get("_inference_head")
         if cached is None or cached[0] != key:
             with torch.no_grad():

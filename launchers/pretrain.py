@@ -52,8 +52,9 @@ from launchers.metrics import RunLogger
 from launchers.preemption import PREEMPTED_EXIT_CODE, Preemption
 
 # Fault injection, for the tests and for rehearsing a cluster's failure handling; unset in
-# normal runs. Comma-separated ``nan@STEP`` (that step's loss is NaN) and ``kill_in_save@STEP``
-# (SIGKILL the rank's process group while the checkpoint of STEP is half written).
+# normal runs. Comma-separated ``nan@STEP`` (that step's loss is NaN), ``kill_in_save@STEP``
+# (SIGKILL the rank's process group while the checkpoint of STEP is half written) and
+# ``hold@STEP`` (after STEP and its checkpoint, wait for a preemption signal).
 FAULTS_ENV = "E2D2_FAULTS"
 HOLD_TIMEOUT_S = 600.0  # hold@STEP waits this long for the signal a test promised
 
