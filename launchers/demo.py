@@ -96,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
 # What a user of the export runs: transformers alone, offline.
 _HF_LOAD = """
 import sys
+import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 path, prompt = sys.argv[1:]
+torch.manual_seed(0)
 model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 ids = tokenizer(prompt, return_tensors="pt").input_ids
