@@ -64,7 +64,7 @@ def saved_bytes(step) -> int:
 def main() -> None:
     args = parse_args()
     setup(args)
-    from launchers.world import World, free_port, init_world
+    from launchers.world import init_world, world_of_one
     from megatron_ext import cpu_compat
     from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
@@ -77,7 +77,7 @@ def main() -> None:
     initial = reference_state_at_seed(cfg, 0)
 
     cpu_compat.install()
-    init_world(World(0, 1, 0, "127.0.0.1", free_port(), "local"))
+    init_world(world_of_one("local"))
     steps, memory = {}, {}
     with megatron_layout(ParallelConfig(1)):
         for precision, recompute in MODES:

@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def engine_overhead(args: argparse.Namespace) -> str:
-    from launchers.world import World, free_port, init_world
+    from launchers.world import init_world, world_of_one
     from megatron_ext import cpu_compat
     from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
@@ -81,7 +81,7 @@ def engine_overhead(args: argparse.Namespace) -> str:
         adamw.step()
 
     cpu_compat.install()
-    init_world(World(0, 1, 0, "127.0.0.1", free_port(), "local"))
+    init_world(world_of_one("local"))
     parallel = ParallelConfig(1)
     with megatron_layout(parallel):
         stages = build_chunks(cfg, parallel)

@@ -52,14 +52,14 @@ def load_reference_model(checkpoint: Path, ema: bool = False):
     of one is created if torch.distributed is not initialized)."""
     from e2d2.model import DiffusionLM
     from launchers.config import load_run_config
-    from launchers.world import World, free_port, init_world
+    from launchers.world import init_world, world_of_one
     from megatron_ext import checkpoint as engine_checkpoint
     from megatron_ext import cpu_compat
 
     cfg = load_run_config(checkpoint / "config.yaml")
     if not torch.distributed.is_initialized():
         cpu_compat.install()
-        init_world(World(0, 1, 0, "127.0.0.1", free_port(), "local"))
+        init_world(world_of_one("local"))
     prefix = engine_checkpoint.EMA_PREFIX if ema else engine_checkpoint.MODEL_PREFIX
     state = engine_checkpoint.read_model_state(checkpoint, prefix)
     model = DiffusionLM(cfg.model)

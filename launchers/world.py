@@ -50,7 +50,7 @@ class World:
     local_rank: int
     master_addr: str
     master_port: int
-    source: str  # "torchrun" | "slurm" | "mpi" | "single"
+    source: str  # "torchrun" | "slurm" | "mpi" | "single" (discovered), "local" (made in-process)
 
     def __post_init__(self) -> None:
         if not (0 <= self.rank < self.world_size):
@@ -145,10 +145,9 @@ def _mpi(env: Mapping[str, str]) -> World | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def world_of_one(source: str = "single") -> World:
+    """This process alone (`init_world` gives it an in-memory store: its port is never bound)."""
+    return World(0, 1, 0, "127.0.0.1", DEFAULT_MASTER_PORT, source)
 
 
 def discover_world(environ: Mapping[str, str] | None = None) -> World:
@@ -169,7 +168,7 @@ def discover_world(environ: Mapping[str, str] | None = None) -> World:
     mpi = _mpi(env)
     if mpi is not None:
         return mpi
-    return World(0, 1, 0, "127.0.0.1", free_port(), "single")
+    return world_of_one()
 
 
 def single_reason(environ: Mapping[str, str] | None = None) -> str:
@@ -234,9 +233,12 @@ def init_world(world: World | None = None, timeout_s: float = 300.0) -> World:
             interface = _interface_of(_local_address_towards(ip, world.master_port))
             if interface is not None:
                 os.environ["GLOO_SOCKET_IFNAME"] = interface
+    # A world of one needs no rendezvous: an in-memory store, so no port is probed, bound or
+    # raced for (parallel tests and jobs on one host start many such worlds at once).
+    store = torch.distributed.HashStore() if world.world_size == 1 else None
     try:
         torch.distributed.init_process_group(backend, rank=world.rank, world_size=world.world_size,
-                                             timeout=timedelta(seconds=timeout_s))
+                                             store=store, timeout=timedelta(seconds=timeout_s))
     except torch.distributed.DistError as exc:  # the store's timeouts and network errors
         reason = str(exc).strip().splitlines()[0]
         raise UserError(
