@@ -46,10 +46,16 @@ def sample_block_times(
     n = batch * n_blocks
     if antithetic:
         u = torch.rand(1, generator=generator, device=device)
-        t = (u + torch.arange(n, device=device) / n) % 1.0
-    else:
-        t = torch.rand(n, generator=generator, device=device)
+        return stratified_times(u, torch.arange(n, device=device), n, sampling_eps).view(batch, n_blocks)
+    t = torch.rand(n, generator=generator, device=device)
     return ((1.0 - sampling_eps) * t + sampling_eps).view(batch, n_blocks)
+
+
+def stratified_times(u: torch.Tensor, strata: torch.Tensor, n: int, sampling_eps: float) -> torch.Tensor:
+    """Antithetic times: stratum ``i`` of ``n`` gets ``(u + i / n) mod 1``, mapped to
+    ``[sampling_eps, 1]`` (``u``: one shared uniform; ``strata``: integer tensor, any shape)."""
+    t = (u + strata / n) % 1.0
+    return (1.0 - sampling_eps) * t + sampling_eps
 
 
 def loss_mask_of(x0: torch.Tensor, attention_mask=None, context_mask=None,
@@ -194,12 +200,16 @@ class DiffusionObjective:
         self.eval_schedule = evaluation_schedule(diffusion_cfg.schedule, **diffusion_cfg.schedule_kwargs)
         self.sampling_eps = sampling_eps
 
-    def noise(self, x0, attention_mask=None, context_mask=None, train=True, generator=None) -> NoisedBatch:
+    def noise(self, x0, attention_mask=None, context_mask=None, train=True, generator=None,
+              times: torch.Tensor | None = None) -> NoisedBatch:
+        """``times [batch, L / S]``: the block times, when the caller stratifies them over more
+        than this batch (the engine: over the global batch, `megatron_ext.objective`); by
+        default drawn here (`sample_block_times`)."""
         S = self.model_cfg.diffusion_block_size
-        t = sample_block_times(
-            x0.shape[0], x0.shape[1] // S, self.cfg.antithetic and train, self.sampling_eps, generator, x0.device
-        )
-        return noise(x0, t, self.schedule if train else self.eval_schedule, S, self.model_cfg.mask_token_id,
+        if times is None:
+            times = sample_block_times(x0.shape[0], x0.shape[1] // S, self.cfg.antithetic and train,
+                                       self.sampling_eps, generator, x0.device)
+        return noise(x0, times, self.schedule if train else self.eval_schedule, S, self.model_cfg.mask_token_id,
                      attention_mask, context_mask, ensure_masked=train, generator=generator,
                      keep_clean_bos=self.keep_clean_bos, remask_prompt_blocks=self.cfg.remask_prompt_blocks)
 

@@ -241,10 +241,13 @@ class DiffusionLM(nn.Module):
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
         noisy = noisy_input(plan, x0, xt, S) if cfg.shift else xt  # None for AR
-        h, main_kv = run_layers(self.layers, self.embed(plan.main_tokens(x0, noisy)),
-                                self._rope(plan.main_positions(pos)), mask_of(plan.main_mask))
-        if plan.has_decoder:
-            h = self._decode(h, main_kv, noisy, self._rope(pos), mask_of(plan.decoder_mask))
+        main_pos = plan.main_positions(pos)
+        main_rope = self._rope(main_pos)
+        h, main_kv = run_layers(self.layers, self.embed(plan.main_tokens(x0, noisy)), main_rope,
+                                mask_of(plan.main_mask))
+        if plan.has_decoder:  # a one-stream encoder (every E2D2) has the decoder's positions
+            rope = main_rope if main_pos is pos else self._rope(pos)
+            h = self._decode(h, main_kv, noisy, rope, mask_of(plan.decoder_mask))
         else:
             h = h[:, plan.predicted(L)]
         out = self.logits(h)

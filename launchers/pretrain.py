@@ -339,7 +339,8 @@ class _Trainer:
             start = time.perf_counter()
             micro = next(batches)
             data_wait = time.perf_counter() - start
-            noised = [noised_samples(self.objective, x0, ids, cfg.run.seed, step=state.step)
+            noised = [noised_samples(self.objective, x0, ids, cfg.run.seed, step=state.step,
+                                     global_batch=train.batch_size)
                       for x0, ids in micro]
             self.scheduler.step(1)  # warm-up from lr/warmup at the first step, not from 0
             lr = self.optimizer.param_groups[0]["lr"]

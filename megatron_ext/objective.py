@@ -23,6 +23,7 @@ from e2d2.diffusion import (
     ar_per_sequence_loss,
     loss_mask_of,
     per_sequence_loss,
+    stratified_times,
 )
 
 Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/context masks
@@ -30,18 +31,21 @@ Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/co
 
 def noised_batch(objective: DiffusionObjective, x0: torch.Tensor, attention_mask=None,
                  context_mask=None, generator: torch.Generator | None = None,
-                 train: bool = True, step: int | None = None) -> Batch:
+                 train: bool = True, step: int | None = None,
+                 times: torch.Tensor | None = None) -> Batch:
     """Noise ``x0 [batch, L]`` with the reference objective (training or evaluation noise)
     into a schedule micro-batch source. AR gets only ``x0`` and its loss mask.
 
     ``step``: the training step, whose attention annealing ratio (``diffusion.anneal_steps``)
     travels as ``anneal_ratio [batch]`` (float64, so it is the reference's float exactly)
     while it is below 1; the model's ``_mask`` reads it. None (evaluation): the variant's mask.
+    ``times [batch, L / S]``: given block times (`noised_samples`), else drawn from ``generator``.
     """
     if objective.model_cfg.plan.autoregressive:
         batch = {"x0": x0, "loss_mask": loss_mask_of(x0, attention_mask, context_mask)}
     else:
-        nb = objective.noise(x0, attention_mask, context_mask, train=train, generator=generator)
+        nb = objective.noise(x0, attention_mask, context_mask, train=train, generator=generator,
+                             times=times)
         batch = dataclasses.asdict(nb)
         ratio = objective.anneal_ratio(step)
         if ratio < 1:
@@ -59,24 +63,43 @@ def sample_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
-TRAIN_NOISE, EVAL_NOISE = 0, 1  # ``keys`` namespaces of sample_generator
+TRAIN_NOISE, EVAL_NOISE, STEP_TIMES = 0, 1, 2  # ``keys`` namespaces of sample_generator
 
 
 def noised_samples(objective: DiffusionObjective, x0: torch.Tensor, sample_ids: list[int],
-                   seed: int, train: bool = True, draw: int = 0, step: int | None = None) -> Batch:
+                   seed: int, train: bool = True, draw: int = 0, step: int | None = None,
+                   global_batch: int | None = None) -> Batch:
     """Noise each row of ``x0 [n, L]`` with its own generator, keyed by its global sample index
     (``sample_ids``, the dataset index) and, for evaluation, the Monte-Carlo ``draw``.
 
     Per-row generators make the global batch's noise independent of the data-parallel split,
-    so a resumed or re-laid-out run sees the very noise it would have seen. Antithetic time
-    draws (``DiffusionConfig.antithetic``) stratify the blocks of each row. ``step``: the
+    so a resumed or re-laid-out run sees the very noise it would have seen. ``step``: the
     training step (the annealed mask, `noised_batch`).
+
+    Antithetic training times (``DiffusionConfig.antithetic``) are stratified over the step's
+    whole global batch, as the reference trainer stratifies its batch: one uniform per step
+    (keyed by ``step``) shifted by ``i / n`` over the ``n = global_batch * L / S`` blocks,
+    block ``j`` of a sample taking stratum ``(sample_id % global_batch) * L / S + j``. A step's
+    samples are ``global_batch`` consecutive stream indices (megatron's pretraining sampler),
+    so every stratum is taken once, on whichever rank its sample lands; MDLM, one block per
+    sequence, is stratified over the sequences.
     """
     if x0.shape[0] != len(sample_ids):
         raise ValueError(f"{x0.shape[0]} rows for {len(sample_ids)} sample ids")
+    times = None
+    if train and objective.cfg.antithetic and not objective.model_cfg.plan.autoregressive:
+        if step is None or global_batch is None:
+            raise ValueError("antithetic training noise is stratified over the global batch: "
+                             "pass step and global_batch")
+        n_blocks = x0.shape[1] // objective.model_cfg.diffusion_block_size
+        u = torch.rand(1, generator=sample_generator(seed, STEP_TIMES, step))
+        first = torch.tensor(sample_ids) % global_batch * n_blocks
+        times = stratified_times(u, first[:, None] + torch.arange(n_blocks), global_batch * n_blocks,
+                                 objective.sampling_eps)
     namespace = (TRAIN_NOISE,) if train else (EVAL_NOISE, draw)
     rows = [noised_batch(objective, x0[i : i + 1], train=train, step=step,
-                         generator=sample_generator(seed, *namespace, sample_id))
+                         generator=sample_generator(seed, *namespace, sample_id),
+                         times=None if times is None else times[i : i + 1])
             for i, sample_id in enumerate(sample_ids)]
     return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
 
