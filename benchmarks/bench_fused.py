@@ -69,7 +69,7 @@ def _unfused_stage(stage):
         attn.q_proj = column(cfg.hidden_size, h * d, config)
         attn.k_proj = column(cfg.hidden_size, g * d, config)
         attn.v_proj = column(cfg.hidden_size, g * d, config)
-        mlp.__class__ = type("UnfusedMLP", (type(mlp),), {"gate_up": MLP.gate_up})
+        mlp.__class__ = type("UnfusedMLP", (type(mlp),), {"gate_up": MLP.gate_up, "forward": MLP.forward})
         del mlp.linear_fc1
         mlp.gate_proj = column(cfg.hidden_size, cfg.ffn_hidden_size, config)
         mlp.up_proj = column(cfg.hidden_size, cfg.ffn_hidden_size, config)

@@ -5,9 +5,9 @@ Each (virtual) pipeline stage is one ``ParallelDiffusionLM`` with the layers
 subclass the reference ones and only swap their linears for megatron-core's
 column/row-parallel linears with per-rank head counts, so both engines run one forward.
 q/k/v and gate/up are fused into one column-parallel linear each (``linear_qkv``,
-``linear_fc1``, megatron's layouts; the reference hooks ``qkv_projections``,
-``kv_projections`` and ``gate_up`` split them), so TP all-reduces one input gradient per
-fused linear; ``megatron_ext.mapping.FUSIONS`` maps them to the reference names.
+``linear_fc1``, megatron's layouts; the reference hooks ``qkv_projections`` and
+``kv_projections`` split the first, ``ParallelMLP`` feeds the second to a SwiGLU whose
+backward needs no ``cat``), so TP all-reduces one input gradient per fused linear; ``megatron_ext.mapping.FUSIONS`` maps them to the reference names.
 
 Which column/row-parallel linears (``linear_classes``), by ``ParallelConfig.transformer_impl``:
 megatron-core's local ``ColumnParallelLinear``/``RowParallelLinear`` (CPU, the tested path)
@@ -53,6 +53,7 @@ import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import (
@@ -270,6 +271,32 @@ class ParallelAttention(Attention):
                              (self.head_dim, self.head_dim))
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of a fused ``[..., 2 ffn]`` (gate | up) -> ``[..., ffn]``, the
+    reference MLP's math with the same ops, whose backward writes both halves' gradients
+    straight into one ``[..., 2 ffn]`` tensor. Autograd through ``chunk`` would compute them
+    apart and ``cat`` them (a copy of the fc1 output's size per layer; on CPU it made the
+    fused engine slower than the unfused one at TP1). Gradients are bitwise autograd's
+    (``tests/test_megatron_fused.py``). It keeps only the fc1 output and recomputes
+    ``silu(gate)`` in the backward, where autograd would keep that too."""
+
+    @staticmethod
+    def forward(ctx, fused: torch.Tensor) -> torch.Tensor:
+        gate, up = fused.chunk(2, dim=-1)
+        ctx.save_for_backward(fused)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (fused,) = ctx.saved_tensors
+        gate, up = fused.chunk(2, dim=-1)
+        out = torch.empty_like(fused)
+        grad_gate, grad_up = out.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return out
+
+
 class ParallelMLP(MLP):
     """The reference SwiGLU with gate/up fused into one column-parallel ``linear_fc1`` (each
     rank ``[gate shard; up shard]``, megatron's SwiGLU layout) and a row-parallel down
@@ -281,8 +308,8 @@ class ParallelMLP(MLP):
         self.linear_fc1 = column(cfg.hidden_size, 2 * cfg.ffn_hidden_size, config)
         self.down_proj = row(cfg.ffn_hidden_size, cfg.hidden_size, config)
 
-    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.linear_fc1(x).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_SwiGLU.apply(self.linear_fc1(x)))
 
 
 class ParallelTransformerLayer(TransformerLayer):

@@ -166,3 +166,24 @@ def test_per_shard_initialisation_of_fused_weights_is_the_reference_one(world2):
         assert result["initialized"].keys() == initial.keys()
         for name, tensor in initial.items():
             assert torch.equal(result["initialized"][name], tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_swiglu_of_the_fused_fc1_is_autograds_bitwise(dtype):
+    """The engine's SwiGLU (one gradient tensor for gate | up, no `cat`) gives the reference
+    MLP's output and autograd's gradients to the bit, non-contiguous upstream gradient included."""
+    import torch.nn.functional as F
+
+    from megatron_ext.model import _SwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(3, 5, 2 * 7, generator=g).to(dtype)
+    grad = torch.randn(5, 3, 7, generator=g).to(dtype).transpose(0, 1)  # strided, as SP gives
+    ours, theirs = fused.clone().requires_grad_(), fused.clone().requires_grad_()
+    gate, up = theirs.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    out = _SwiGLU.apply(ours)
+    assert torch.equal(out, expected)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)
