@@ -20,8 +20,10 @@ Sections of the report:
 4. **FP8**: only reported as skipped or present; see "What it does not do".
 
 Precision: the reference model (`e2d2.model.DiffusionLM`, fp32 weights) runs under
-``torch.autocast(bfloat16)``; the megatron engine has no bf16 path yet (issue 12), so this
-measures the reference model, not the parallel engine.
+``torch.autocast(bfloat16)``. The megatron engine's own bf16 (``train.precision: bf16``:
+megatron's ``Float16Module``, bf16 weights, fp32 main weights in the optimizer) needs a
+process group and is not measured here: its tokens/s and MFU come from ``e2d2 pretrain``'s
+TensorBoard log on the GPU.
 
 With ``--tiny`` every shape is tiny, the device is the CPU, attention is SDPA with dense
 masks (FlexAttention is used on CUDA only) and MFU is not computed (no known peak): it
@@ -37,7 +39,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
 import torch
@@ -264,7 +267,17 @@ def fp8() -> list[str]:
             "megatron engine's TE linears: run `e2d2 pretrain` with train.precision=fp8)."]
 
 
-def report(args: argparse.Namespace) -> str:
+def _guarded(title: str, section: Callable[[], list[str]]) -> list[str]:
+    """A section's lines, or its title and the end of its traceback: one failing section
+    (a kernel that does not compile, memory) must not cost the others of a one-shot GPU run."""
+    try:
+        return section()
+    except Exception:  # noqa: BLE001 - reported, and the next section runs
+        return [title, "FAILED:", *traceback.format_exc().strip().splitlines()[-12:]]
+
+
+def report(args: argparse.Namespace) -> Iterator[str]:
+    """The report's sections, each as soon as it is measured (a run cut short keeps them)."""
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     plan = tiny_plan() if args.tiny else full_plan()
     name, peak = bf16_dense_peak(device)
@@ -272,23 +285,29 @@ def report(args: argparse.Namespace) -> str:
     new_tokens = min(args.new_tokens, 16) if args.tiny else args.new_tokens
     steps = min(args.steps, 2) if args.tiny else args.steps
     peak_text = "unknown (MFU not computed)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s"
-    header = [
+    started = time.perf_counter()
+    yield "\n".join([
         "# E2D2 GPU check" + (" (--tiny: shapes too small for any number to mean anything)"
                              if args.tiny else ""),
         f"device: {name}; torch {torch.__version__}; bf16 dense peak: {peak_text}",
         "precision: the reference model (fp32 weights) under torch.autocast(bfloat16); the "
-        "megatron engine is fp32 only today and is not measured here",
+        "megatron engine's bf16 (train.precision: bf16) is not measured here",
         f"attention: {'FlexAttention (block masks)' if use_flex(device) else 'SDPA, dense masks'}",
-    ]
-    started = time.perf_counter()
-    sections = [header, accuracy(plan, device), training(plan, device, steps, peak),
-                sampling(plan, device, new_tokens), fp8()]
-    sections.append([f"total time: {time.perf_counter() - started:.0f} s"])
-    return "\n\n".join("\n".join(lines) for lines in sections)
+    ])
+    sections = [("## 1. Accuracy", lambda: accuracy(plan, device)),
+                ("## 2. Training", lambda: training(plan, device, steps, peak)),
+                ("## 3. Sampling", lambda: sampling(plan, device, new_tokens)),
+                ("## 4. FP8", fp8)]
+    for title, section in sections:
+        yield "\n".join(_guarded(title, section))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    yield f"total time: {time.perf_counter() - started:.0f} s"
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(report(parse_args(argv)), flush=True)
+    for text in report(parse_args(argv)):
+        print(text + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,19 @@ def test_gpu_check_tiny_prints_the_whole_report(capsys):
     logit_err = float(out.split("max |logit error| / max |logit|: ")[1].split()[0])
     assert 0 < logit_err < 5e-2
     assert "| 1 |" in out and "| 8 |" in out  # both sampling batch sizes
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(capsys, monkeypatch):
+    from benchmarks import gpu_check
+
+    def broken(plan, device):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(gpu_check, "accuracy", broken)
+    monkeypatch.setattr(gpu_check, "training", lambda *args: ["## 2. Training", "stand-in section"])
+    monkeypatch.setattr(gpu_check, "sampling", lambda *args: ["## 3. Sampling", "stand-in section"])
+    gpu_check.main(["--tiny"])
+    out = capsys.readouterr().out
+    (accuracy,) = [block for block in out.split("\n\n") if block.startswith("## 1. Accuracy")]
+    assert "FAILED:" in accuracy and "RuntimeError: no kernel image is available" in accuracy
+    assert out.count("stand-in section") == 2 and "## 4. FP8" in out and "total time" in out
