@@ -18,23 +18,20 @@ variants through ``e2d2 pretrain`` beside their analytic FLOPs ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.common import (
     add_model_args,
     e2d2_training_inputs,
     environment_line,
     interleaved_medians,
+    kjv_bytes_dataset,
     model_config,
+    pretrain_tokens_per_s,
     setup,
     table,
 )
@@ -105,16 +102,6 @@ def engine_overhead(args: argparse.Namespace) -> str:
             + table(["step", "median ms", "p10-p90 spread", "/ reference"], rows))
 
 
-def _data_dir(root: Path) -> Path:
-    from launchers.cli import main as e2d2
-
-    corpus, data = root / "kjv.jsonl", root / "data"
-    assert e2d2(["data", "corpus", "kjv", "--output", str(corpus)]) == 0
-    assert e2d2(["data", "preprocess", "--input", str(corpus), "--tokenizer", "bytes",
-                 "--output", str(data)]) == 0
-    return data
-
-
 def variants_through_pretrain(args: argparse.Namespace) -> str:
     n = args.layers
     rows_of = {f"E2D2 {n - args.dec_layers}+{args.dec_layers}": "e2d2", f"BD3-LM {n}": "bd3lm",
@@ -122,33 +109,13 @@ def variants_through_pretrain(args: argparse.Namespace) -> str:
     # The bytes tokenizer (260 ids, [MASK] = 259) of the embedded corpus.
     vocab_args = argparse.Namespace(**{**vars(args), "vocab": 260})
     measured, analytic = {}, {}
-    # This process was a world of one (engine_overhead): its torchrun variables must not
-    # make the child runs join that finished world.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = _data_dir(root)
+        data = kjv_bytes_dataset(root)
         for label, variant in rows_of.items():
             cfg = model_config(vocab_args, variant, n, args.seq_len)
-            config = {"model": {k: getattr(cfg, k) for k in (
-                "variant", "vocab_size", "mask_token_id", "hidden_size", "ffn_hidden_size",
-                "num_attention_heads", "num_query_groups", "num_layers", "num_decoder_layers",
-                "seq_length", "block_size")},
-                "train": {"steps": args.variant_steps, "batch_size": args.batch,
-                          "warmup_steps": 1, "eval_every": 10**6, "eval_batches": 1,
-                          "eval_draws": 1},
-                "checkpoint": {"interval": 10**6}, "log": {"tensorboard": False}}
-            path = root / f"{variant}.yaml"
-            path.write_text(yaml.safe_dump(config))
-            run_dir = root / variant
-            subprocess.run([sys.executable, "-m", "launchers.cli", "pretrain", str(path),
-                            f"run.dir={run_dir}", f"data.path={data}"], check=True,
-                           capture_output=True, env=env)
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-            speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][5:]
-            measured[label] = statistics.median(speeds)
+            speeds = pretrain_tokens_per_s(cfg, data, root / variant, args.variant_steps, args.batch)
+            measured[label] = statistics.median(speeds[5:])
             analytic[label] = flops.training_flops_per_token(cfg).dense
     base = next(iter(rows_of))
     rows = [[label, f"{measured[label]:,.0f}", f"{measured[base] / measured[label]:.2f}",

@@ -14,13 +14,17 @@ Timing on a small shared CPU is noisy. Three things make the ratios trustworthy:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import yaml
 
 from e2d2.config import ModelConfig
 
@@ -79,6 +83,56 @@ def e2d2_training_inputs(args: argparse.Namespace):
                        generator=torch.Generator().manual_seed(0))
     batch = noised_batch(objective, x0, generator=torch.Generator().manual_seed(1))
     return cfg, train, objective, x0, batch
+
+
+def kjv_bytes_dataset(root: Path) -> Path:
+    """The embedded KJV corpus, bytes-tokenized (260 ids, ``[MASK]`` = 259) by ``e2d2 data``
+    into ``root / "data"``: a dataset any machine can build offline in seconds."""
+    from launchers.cli import main as e2d2
+
+    corpus, data = root / "kjv.jsonl", root / "data"
+    for argv in (["data", "corpus", "kjv", "--output", str(corpus)],
+                 ["data", "preprocess", "--input", str(corpus), "--tokenizer", "bytes",
+                  "--output", str(data)]):
+        if e2d2(argv) != 0:
+            raise RuntimeError(f"e2d2 {' '.join(argv)} failed")
+    return data
+
+
+MODEL_KEYS = ("variant", "vocab_size", "mask_token_id", "hidden_size", "ffn_hidden_size",
+              "num_attention_heads", "num_query_groups", "num_layers", "num_decoder_layers",
+              "seq_length", "block_size", "head_dim", "qk_layernorm", "tie_word_embeddings",
+              "rope_theta")
+
+
+def pretrain_tokens_per_s(cfg: ModelConfig, data: Path, run_dir: Path, steps: int, batch: int,
+                          train: dict | None = None, cpu: bool = True,
+                          timeout_s: float = 900) -> list[float]:
+    """``e2d2 pretrain`` of ``cfg`` for ``steps`` steps of ``batch`` sequences, one process (a
+    child, so that it makes its own world of one): the tokens/s of every step.
+
+    ``train``: more ``train`` settings (``precision``, ``micro_batch_size``); ``cpu``: hide
+    any GPU from the run. No evaluation but the run's first and last, no checkpoint but the
+    last, no TensorBoard."""
+    config = {"model": {k: getattr(cfg, k) for k in MODEL_KEYS},
+              "train": {"steps": steps, "batch_size": batch, "warmup_steps": 1,
+                        "eval_every": 10**6, "eval_batches": 1, "eval_draws": 1, **(train or {})},
+              "checkpoint": {"interval": 10**6}, "log": {"tensorboard": False},
+              "run": {"dir": str(run_dir)}, "data": {"path": str(data)}}
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    # A world of one in this process must not make the child join it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-m", "launchers.cli", "pretrain", str(path)],
+                          capture_output=True, text=True, env=env, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"e2d2 pretrain {path} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
 
 
 def setup(args: argparse.Namespace) -> None:

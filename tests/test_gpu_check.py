@@ -12,12 +12,16 @@ def test_gpu_check_tiny_prints_the_whole_report(capsys):
     gpu_check.main(["--tiny"])
     out = capsys.readouterr().out
     for heading in ("# E2D2 GPU check", "## 1. Accuracy", "## 2. Training", "## 3. Sampling",
-                    "## 4. FP8", "total time"):
+                    "## 4. FP8", "## 5. Training through the megatron engine", "total time"):
         assert heading in out
+    assert "FAILED" not in out, out
     # bf16 against fp32: a real difference, within bf16 tolerance.
     logit_err = float(out.split("max |logit error| / max |logit|: ")[1].split()[0])
     assert 0 < logit_err < 5e-2
     assert "| 1 |" in out and "| 8 |" in out  # both sampling batch sizes
+    engine = out.split("## 5. Training through the megatron engine")[1]
+    row = engine.split("| --- | --- | --- |\n")[1].splitlines()[0]
+    assert float(row.split("|")[1].replace(",", "")) > 0  # the run's tokens/s
 
 
 def test_a_failing_section_is_reported_and_the_others_still_run(capsys, monkeypatch):
@@ -29,8 +33,9 @@ def test_a_failing_section_is_reported_and_the_others_still_run(capsys, monkeypa
     monkeypatch.setattr(gpu_check, "accuracy", broken)
     monkeypatch.setattr(gpu_check, "training", lambda *args: ["## 2. Training", "stand-in section"])
     monkeypatch.setattr(gpu_check, "sampling", lambda *args: ["## 3. Sampling", "stand-in section"])
+    monkeypatch.setattr(gpu_check, "engine", lambda *args: ["## 5. Training", "stand-in section"])
     gpu_check.main(["--tiny"])
     out = capsys.readouterr().out
     (accuracy,) = [block for block in out.split("\n\n") if block.startswith("## 1. Accuracy")]
     assert "FAILED:" in accuracy and "RuntimeError: no kernel image is available" in accuracy
-    assert out.count("stand-in section") == 2 and "## 4. FP8" in out and "total time" in out
+    assert out.count("stand-in section") == 3 and "## 4. FP8" in out and "total time" in out
