@@ -107,7 +107,8 @@ class BlockForward:
     """
 
     def __init__(self, model: DiffusionLM, cache: KVCache, positions: torch.Tensor,
-                 mask: torch.Tensor | None, rows: torch.Tensor | None = None):
+                 mask: torch.Tensor | None, rows: torch.Tensor | None = None,
+                 rope: RopeTables | None = None):
         cfg, plan = model.cfg, model.cfg.plan
         self.model, self.cache, self.positions, self.mask = model, cache, positions, mask
         if not plan.has_decoder:  # the one stack denoises against its own cache
@@ -120,7 +121,7 @@ class BlockForward:
                 buffers = [cache.layers[cfg.matched_encoder_layer(k)] for k in range(cfg.num_decoder_layers)]
         self.layers = [(layer, layer.fused_weights()) for layer in layers]
         self.slots = cache.slots(buffers, rows)
-        self.rope = RopeTables(model._rope(positions), model.embed.weight.dtype)
+        self.rope = model.rope_tables(positions) if rope is None else rope
         self.sdpa_mask = None if mask is None else mask[:, None]
         self.head_t, self.eps_term = model.inference_head()
 
@@ -197,6 +198,11 @@ class DiffusionLM(nn.Module):
                 cached = (key, head_t, rms_eps_term(self.cfg.hidden_size, self.cfg.norm_eps, head_t))
             self.__dict__["_inference_head"] = cached  # a plain attribute, not a parameter
         return cached[1], cached[2]
+
+    def rope_tables(self, positions: torch.Tensor) -> RopeTables:
+        """The inference path's RoPE (`e2d2.layers.RopeTables`) for ``positions`` (``[len]`` or
+        ``[batch, len]``): a block's steps and its commit share one."""
+        return RopeTables(self._rope(positions), self.embed.weight.dtype)
 
     def _rope(self, positions: torch.Tensor):
         """cos/sin ``[len, head_dim]`` for ``positions [len]`` (``[batch, 1, len, head_dim]``
@@ -286,7 +292,7 @@ class DiffusionLM(nn.Module):
 
     def encode(
         self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-        mask: torch.Tensor | None = None, keep: int | None = None,
+        mask: torch.Tensor | None = None, keep: int | None = None, rope: RopeTables | None = None,
     ) -> torch.Tensor:
         """Run the clean stack over ``tokens [batch, n]`` placed after the cache's columns, write
         their K/V there and keep the first ``keep`` (default all) of them: ``cache.length``
@@ -296,14 +302,15 @@ class DiffusionLM(nn.Module):
         length + n]`` over the cached columns then the new tokens, or None (all visible).
         E2D2 runs its encoder (and, last-hidden, the decoder layers' K/V of ``h_enc``); BD3-LM
         and AR their stack. Returns the stack's output ``[batch, n, hidden]`` (AR reads its
-        logits from it). Inference only: no autograd (the inference path of `e2d2.layers`).
+        logits from it). ``rope``: `rope_tables` of ``positions``, where the caller has them.
+        Inference only: no autograd (the inference path of `e2d2.layers`).
         """
         cfg, n = self.cfg, tokens.shape[1]
         if cfg.plan.decoding == "whole_sequence":
             raise ValueError(f"{cfg.variant} has no block KV cache; sample it uncached")
         if cache.length + n > cache.capacity:
             raise ValueError(f"cache of {cache.capacity} columns cannot take {n} tokens after {cache.length}")
-        rope = RopeTables(self._rope(positions), self.embed.weight.dtype)
+        rope = self.rope_tables(positions) if rope is None else rope
         sdpa_mask = None if mask is None else mask[:, None]
         h = F.embedding(tokens.reshape(-1), self.embed.weight)
         for layer, slot in zip(self.layers, cache.slots(cache.layers), strict=True):
@@ -320,9 +327,10 @@ class DiffusionLM(nn.Module):
         return h
 
     def block_forward(self, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                      rows: torch.Tensor | None = None) -> BlockForward:
-        """`denoise` prepared for all the steps of one block (the sampler makes one per block)."""
-        return BlockForward(self, cache, positions, mask, rows)
+                      rows: torch.Tensor | None = None, rope: RopeTables | None = None) -> BlockForward:
+        """`denoise` prepared for all the steps of one block (the sampler makes one per block;
+        ``rope``: `rope_tables` of ``positions``, where the caller has them)."""
+        return BlockForward(self, cache, positions, mask, rows, rope)
 
     def denoise(
         self, xt: torch.Tensor, cache: KVCache, positions: torch.Tensor,

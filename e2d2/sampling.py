@@ -654,13 +654,18 @@ class _CachedDenoiser:
         col = torch.arange(self.cache.length + self.S, device=self.cache.offset.device)
         return (col[None, :] >= self.cache.offset[:, None])[:, None, :].expand(-1, self.S, -1)
 
-    def start_block(self, j: int) -> None:
+    def _begin(self, j: int) -> None:
+        """Block ``j``'s positions, visibility mask and RoPE tables (its steps' and its commit's)."""
         cfg, cache = self.run.cfg, self.cache
         if cfg.sliding_window and cache.length + self.S > self.run.model.cfg.seq_length:
             mcfg = self.run.model.cfg
             cache.drop_oldest(self.S, mcfg.kv_channels, mcfg.rope_theta)
         self._positions, self._mask = self.positions(), self._visible()
-        self._forward = self.run.model.block_forward(cache, self._positions, self._mask)
+        self._rope = self.run.model.rope_tables(self._positions)
+
+    def start_block(self, j: int) -> None:
+        self._begin(j)
+        self._forward = self.run.model.block_forward(self.cache, self._positions, self._mask, rope=self._rope)
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         return (self._forward if rows is None else self._forward.select(rows))(x)
@@ -677,14 +682,17 @@ class _CachedDenoiser:
             own_k = torch.arange(self.cache.length + self.S, device=block.device) - self.cache.length
             own_non_ctx = own_k[None, None, :] >= self.tail[:, None, None]  # a key of the block past the tail
             mask = mask & ~(tail_q & own_non_ctx)
-        self.run.model.encode(block, self.cache, self._positions, mask)
+        self.run.model.encode(block, self.cache, self._positions, mask, rope=self._rope)
 
     def select(self, rows: torch.Tensor) -> None:
+        """Keep batch ``rows`` (between a block's steps and its commit; the next block's
+        forward is made at its start)."""
         self.cache = self.cache.select(rows)
         self.tail = self.tail[rows]
         self._positions = self._positions[rows]
         self._mask = None if self._mask is None else self._mask[rows]
-        self._forward = self.run.model.block_forward(self.cache, self._positions, self._mask)
+        self._rope = self._rope.rows(rows)
+        self._forward = None
 
 
 class _ShiftedCachedDenoiser(_CachedDenoiser):
@@ -700,7 +708,7 @@ class _ShiftedCachedDenoiser(_CachedDenoiser):
         self.act = torch.arange(len(run.plens), device=run.plens.device)  # rows of run.seq
 
     def start_block(self, j: int) -> None:
-        super().start_block(j)
+        self._begin(j)
         cache, S = self.cache, self.S
         start = self.run.n_ctx[self.act] + j * S
         self._prev = self.run.seq[self.act, (start - 1).clamp(min=0)]  # [b]
