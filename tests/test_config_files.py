@@ -44,10 +44,26 @@ def test_roundtrip_through_dict():
     ({"parallel": {"fp8": "tensorwise"}}, r"parallel.fp8 was replaced by train.precision: fp8 "
                                           "with parallel.fp8_recipe"),
     ([1, 2], "expected a mapping"),
+    ({"train": {"steps": "abc"}}, r"\[train\]: steps='abc' must be a whole number"),
+    ({"train": {"steps": 2.5}}, r"\[train\]: steps=2.5 must be a whole number"),
+    ({"train": {"lr": "fast"}}, r"\[train\]: lr='fast' must be a number"),
+    ({"model": {"qk_layernorm": "maybe"}}, r"\[model\]: qk_layernorm='maybe' must be true or false"),
+    ({"model": {"head_dim": "wide"}}, r"\[model\]: head_dim='wide' must be a whole number"),
+    ({"run": {"dir": 2024}}, r"\[run\]: dir=2024 must be a string"),
 ])
 def test_bad_config_is_one_clear_error(data, match):
     with pytest.raises(ConfigError, match=match):
         run_config_from_dict(data, "x.yaml")
+
+
+def test_numbers_as_yaml_1_1_writes_them_load_as_numbers(tmp_path):
+    """PyYAML reads ``3e-4`` (no dot) as a string: in a file and in an override it is the number."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  steps: 1e5\n  micro_batch_size: null\nmodel:\n  rope_theta: 1e6\n")
+    cfg = load_run_config(path, ["train.weight_decay=1e-5", "train.warmup_steps=2e3"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.micro_batch_size) == (3e-4, 100_000, None)
+    assert (cfg.train.weight_decay, cfg.train.warmup_steps, cfg.model.rope_theta) == (1e-5, 2000, 1e6)
+    assert type(cfg.train.steps) is int and type(cfg.train.lr) is float
 
 
 def test_resolved_config_of_a_run_from_before_train_precision_still_loads():
