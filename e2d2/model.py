@@ -189,15 +189,31 @@ class DiffusionLM(nn.Module):
         ``head_t [hidden, vocab]``, contiguous, with the norm's weight and `inference_rms`'s
         ``sqrt(hidden)`` folded in, and the norm's `rms_eps_term`. Made once and kept until
         either weight changes."""
-        norm, head = self.norm.weight, self.head_weight
-        key = weights_key((norm, head))
-        cached = self.__dict__.get("_inference_head")
+        def build(norm, head):
+            head_t = (head * (norm * self.cfg.hidden_size**0.5)).t().contiguous()
+            return head_t, rms_eps_term(self.cfg.hidden_size, self.cfg.norm_eps, head_t)
+
+        return self._inference_cached("_inference_head", (self.norm.weight, self.head_weight), build)
+
+    def inference_encoder_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E2D2 last-hidden's encoder norm in the inference path's form: its weight times
+        `inference_rms`'s ``sqrt(hidden)``, and its `rms_eps_term`; kept until the weight changes."""
+        def build(weight):
+            scale = weight * self.cfg.hidden_size**0.5
+            return scale, rms_eps_term(self.cfg.hidden_size, self.cfg.norm_eps, scale)
+
+        return self._inference_cached("_inference_encoder_norm", (self.encoder_norm.weight,), build)
+
+    def _inference_cached(self, name: str, params: tuple[torch.Tensor, ...], build):
+        """``build(*params)``, made once and kept (a plain attribute ``name``, not a parameter)
+        until any of ``params`` changes (`weights_key`)."""
+        key = weights_key(params)
+        cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                head_t = (head * (norm * self.cfg.hidden_size**0.5)).t().contiguous()
-                cached = (key, head_t, rms_eps_term(self.cfg.hidden_size, self.cfg.norm_eps, head_t))
-            self.__dict__["_inference_head"] = cached  # a plain attribute, not a parameter
-        return cached[1], cached[2]
+                cached = (key, build(*params))
+            self.__dict__[name] = cached
+        return cached[1]
 
     def rope_tables(self, positions: torch.Tensor) -> RopeTables:
         """The inference path's RoPE (`e2d2.layers.RopeTables`) for ``positions`` (``[len]`` or
@@ -247,12 +263,11 @@ class DiffusionLM(nn.Module):
             return build_mask(spec, L, S, device, batch, context_mask, attention_mask)
 
         noisy = noisy_input(plan, x0, xt, S) if cfg.shift else xt  # None for AR
-        main_pos = plan.main_positions(pos)
-        main_rope = self._rope(main_pos)
+        main_rope = self._rope(plan.main_positions(pos))
         h, main_kv = run_layers(self.layers, self.embed(plan.main_tokens(x0, noisy)), main_rope,
                                 mask_of(plan.main_mask))
         if plan.has_decoder:  # a one-stream encoder (every E2D2) has the decoder's positions
-            rope = main_rope if main_pos is pos else self._rope(pos)
+            rope = main_rope if len(plan.main_streams) == 1 else self._rope(pos)
             h = self._decode(h, main_kv, noisy, rope, mask_of(plan.decoder_mask))
         else:
             h = h[:, plan.predicted(L)]
@@ -317,8 +332,8 @@ class DiffusionLM(nn.Module):
             h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot, tokens.shape[0])
         h = h.view(*tokens.shape, -1)
         if cfg.plan.own_decoder_kv:
-            scale = self.encoder_norm.weight * cfg.hidden_size**0.5
-            h_enc = inference_rms(h, rms_eps_term(cfg.hidden_size, cfg.norm_eps, h)) * scale
+            scale, eps_term = self.inference_encoder_norm()
+            h_enc = inference_rms(h, eps_term) * scale
             end = cache.length + n
             for k, (dk, dv) in enumerate(cache.decoder):
                 layer = self.decoder_layer(k)
