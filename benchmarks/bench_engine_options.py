@@ -90,8 +90,7 @@ def main() -> None:
 
             def step(chunks=chunks, optimizer=optimizer, forward=forward, stages=stages):
                 train_step(chunks, optimizer, forward, [batch],
-                                   seq_length=stages[0].stream_length(),
-                                   micro_batch_size=args.batch)
+                           seq_length=stages[0].stream_length(), micro_batch_size=args.batch)
 
             name = f"{precision}, recompute {recompute}"
             memory[name] = saved_bytes(step)

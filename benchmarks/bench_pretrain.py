@@ -89,7 +89,7 @@ def engine_overhead(args: argparse.Namespace) -> str:
 
         def engine_step():
             train_step(chunks, optimizer, forward, [batch],
-                               seq_length=stages[0].stream_length(), micro_batch_size=args.batch)
+                       seq_length=stages[0].stream_length(), micro_batch_size=args.batch)
 
         times = interleaved_medians({"reference trainer": reference_step,
                                      "engine (TP1/PP1)": engine_step}, args.warmup, args.repeats)

@@ -171,14 +171,19 @@ def _build(cls: type, values: dict[str, Any], where: str):
     if cls is TrainConfig and "betas" in values:
         values = {**values, "betas": tuple(values["betas"])}
     hints = typing.get_type_hints(cls)
-    values = {key: _scalar(value, hints[key], f"{where}: {key}={value!r}") for key, value in values.items()}
+    values = {key: _scalar(value, hints[key], where, key) for key, value in values.items()}
     try:
         return cls(**values)
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _scalar(value: Any, hint: Any, what: str) -> Any:
+# What a scalar field's value must be, by its type (`_scalar`).
+_SCALARS = {int: "a whole number", float: "a number", bool: "true or false",
+            str: "a string (quote it, as YAML quotes '2024')"}
+
+
+def _scalar(value: Any, hint: Any, where: str, key: str) -> Any:
     """``value`` as the field's scalar type (``int``, ``float``, ``bool``, ``str``, or one of
     them ``| None``), or one `ConfigError` that says what it must be. YAML 1.1 reads ``3e-4``
     (no dot) as a string: a float field takes any string Python reads as a number, an int
@@ -188,24 +193,21 @@ def _scalar(value: Any, hint: Any, what: str) -> Any:
         kinds = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None and len(kinds) < len(typing.get_args(hint)):
             return None
-        return _scalar(value, kinds[0], what) if len(kinds) == 1 else value
-    number = None
+        return _scalar(value, kinds[0], where, key) if len(kinds) == 1 else value
+    if hint not in _SCALARS:
+        return value
     if hint in (int, float) and not isinstance(value, bool):
         try:
             number = float(value) if isinstance(value, str) else value
         except ValueError:
-            pass
-    if hint is float and isinstance(number, int | float):
-        return float(number)
-    if hint is int and isinstance(number, int | float) and float(number).is_integer():
-        return int(number)
-    if hint is bool and isinstance(value, bool) or hint is str and isinstance(value, str):
+            number = None
+        if hint is float and isinstance(number, int | float):
+            return float(number)
+        if hint is int and isinstance(number, int | float) and float(number).is_integer():
+            return int(number)
+    elif hint in (bool, str) and isinstance(value, hint):  # a bool is no whole number here
         return value
-    if hint not in (int, float, bool, str):
-        return value
-    must = {int: "a whole number", float: "a number", bool: "true or false",
-            str: "a string (quote it, as YAML quotes '2024')"}[hint]
-    raise ConfigError(f"{what} must be {must}")
+    raise ConfigError(f"{where}: {key}={value!r} must be {_SCALARS[hint]}")
 
 
 def run_config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
