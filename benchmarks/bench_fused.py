@@ -12,7 +12,8 @@ Running this script's counts from a tree of d78ec23 itself gave the same unfused
   decoder layer: models one layer deeper minus the base model, so the embedding, LM head
   and loss cancel out.
 * Training steps (loss, backward, AdamW through megatron's schedule, DDP and optimizer) at
-  TP1 on one rank and TP2 on two ranks, one thread per rank, the two engines interleaved.
+  TP1 on one rank (process CPU time) and TP2 on two ranks (wall time), one thread per rank,
+  the two engines interleaved; each round's fused / unfused ratio, and their median.
 * The same TP1 step under ``torch.profiler``: the CPU time of every aten op summed per step
   (self time, so nothing counts twice), for each engine, and the ops whose time differs most.
   It does not count time other processes take from the core, so it holds on a loaded machine
@@ -27,14 +28,17 @@ import argparse
 import dataclasses
 import functools
 import json
+import time
 
 import torch
 
 from benchmarks.common import (
     add_model_args,
     environment_line,
-    interleaved_medians,
+    interleaved_times,
+    median_spread,
     model_config,
+    paired_ratio,
     quiet_malloc,
     table,
 )
@@ -134,34 +138,45 @@ def _engine_steps(cfg, parallel, batch_size: int):
 
 
 def _time_steps(rank: int, cfg, tp: int, warmup: int, repeats: int, batch_size: int) -> dict:
-    """``{engine: (median s, spread)}`` of training steps at TP ``tp``, interleaved."""
+    """``{engine: [seconds of each round]}`` of training steps at TP ``tp``, interleaved. TP1
+    counts this process's CPU time (one thread, no communication: other jobs preempting it do
+    not inflate it); TP2 counts wall time, since its all-reduces wait on the other rank."""
     from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
 
     parallel = ParallelConfig(tp, tensor_parallel=tp)
+    clock = time.process_time if tp == 1 else time.perf_counter
     with megatron_layout(parallel):
-        return interleaved_medians(dict(_engine_steps(cfg, parallel, batch_size)), warmup, repeats)
+        return interleaved_times(dict(_engine_steps(cfg, parallel, batch_size)), warmup, repeats, clock)
 
 
 def _profile_steps(rank: int, cfg, warmup: int, steps: int, batch_size: int) -> dict:
-    """``{engine: {op: (self CPU ms per step, calls per step)}}`` of TP1 training steps."""
+    """``{engine: {op: (self CPU ms per step, calls per step)}}`` of TP1 training steps, the
+    engines' steps interleaved (a profiler session each) so that a drift in the machine's
+    load weighs on both alike."""
+    from collections import defaultdict
+
     from torch.profiler import ProfilerActivity, profile
 
     from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
 
     parallel = ParallelConfig(1)
-    out = {}
+    totals = {engine: defaultdict(lambda: [0.0, 0]) for engine in ENGINES}
     with megatron_layout(parallel):
-        for engine, step in _engine_steps(cfg, parallel, batch_size):  # one engine alive at a time
-            for _ in range(warmup):
+        engines = dict(_engine_steps(cfg, parallel, batch_size))
+        for _ in range(warmup):
+            for step in engines.values():
                 step()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
+        for _ in range(steps):
+            for engine, step in engines.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
                     step()
-            out[engine] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps)
-                           for e in prof.key_averages()}
-    return out
+                for e in prof.key_averages():
+                    totals[engine][e.key][0] += e.self_cpu_time_total / 1e3 / steps
+                    totals[engine][e.key][1] += e.count
+    return {engine: {op: (ms, calls // steps) for op, (ms, calls) in ops.items()}
+            for engine, ops in totals.items()}
 
 
 def main() -> None:
@@ -191,19 +206,23 @@ def main() -> None:
 
     rows = []
     for tp in (1, 2):
-        times = spawn_gloo(_time_steps, tp, base, tp, args.warmup, args.repeats, args.batch)[0]
-        for engine, (median, spread) in times.items():
-            rows.append([f"TP{tp}", engine, f"{median * 1e3:.0f}", f"{spread:.0%}",
-                         f"{median / times['unfused'][0]:.3f}"])
+        rounds = spawn_gloo(_time_steps, tp, base, tp, args.warmup, args.repeats, args.batch)[0]
+        for engine in ENGINES:
+            median, spread = median_spread(rounds[engine])
+            ratio, ratio_spread = paired_ratio(rounds, engine, "unfused")
+            rows.append([f"TP{tp}", "CPU" if tp == 1 else "wall", engine, f"{median * 1e3:.0f}",
+                         f"{spread:.0%}", f"{ratio:.3f}", f"{ratio_spread:.0%}"])
             record[f"tp{tp}_{engine}_step_ms"] = round(median * 1e3, 1)
+            record[f"tp{tp}_{engine}_over_unfused"] = round(ratio, 3)
     print(f"training step, batch {args.batch} x L={args.seq_len}, vocab {base.vocab_size}, "
           f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up, 1 thread per rank")
-    print(table(["layout", "engine", "median ms", "p10-p90 spread", "/ unfused"], rows))
+    print(table(["layout", "clock", "engine", "median ms", "p10-p90", "/ unfused, paired by round",
+                 "p10-p90"], rows))
 
     ops = spawn_gloo(_profile_steps, 1, base, args.warmup, 5, args.batch)[0]
     totals = {engine: sum(ms for ms, _ in ops[engine].values()) for engine in ENGINES}
     record["tp1_profiled_cpu_ms"] = {e: round(t, 1) for e, t in totals.items()}
-    print(f"TP1 step under torch.profiler, 5 steps after {args.warmup} warm-up: self CPU time "
+    print(f"TP1 step under torch.profiler, 5 interleaved steps after {args.warmup} warm-up: self CPU time "
           f"per step, fused {totals['fused']:.1f} ms / unfused {totals['unfused']:.1f} ms = "
           f"{totals['fused'] / totals['unfused']:.3f}; the ops that differ most:")
 

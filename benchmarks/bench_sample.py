@@ -52,6 +52,7 @@ from benchmarks.common import (
     interleaved_times,
     median_spread,
     model_config,
+    paired_ratio,
     setup,
     table,
 )
@@ -204,10 +205,9 @@ def op_growth(model: DiffusionLM, sampler: SamplerConfig, prompt_len: int, vocab
 
 def speedup(rounds: dict[str, list[float]], label: str) -> str:
     """Median over rounds of (time of ``label (before)`` / time of ``label``), paired by round."""
-    before = rounds.get(f"{label} (before)")
-    if before is None:
+    if f"{label} (before)" not in rounds:
         return "-"
-    ratio, spread = median_spread([b / t for b, t in zip(before, rounds[label], strict=True)])
+    ratio, spread = paired_ratio(rounds, f"{label} (before)", label)
     return f"{ratio:.2f} ({spread:.0%})"
 
 

@@ -170,6 +170,13 @@ def median_spread(values: list[float]) -> tuple[float, float]:
     return med, (deciles[-1] - deciles[0]) / med
 
 
+def paired_ratio(rounds: dict[str, list[float]], name: str, base: str) -> tuple[float, float]:
+    """(median over rounds of ``name``'s time / ``base``'s in the same round, its spread) for
+    `interleaved_times` rounds: pairing by round cancels the load drifting between rounds,
+    which a ratio of the two medians keeps."""
+    return median_spread([t / b for t, b in zip(rounds[name], rounds[base], strict=True)])
+
+
 def interleaved_medians(
     steps: dict[str, Callable[[], object]], warmup: int, repeats: int
 ) -> dict[str, tuple[float, float]]:

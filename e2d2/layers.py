@@ -200,20 +200,20 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_layernorm else nn.Identity()
         self.k_norm = nn.RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_layernorm else nn.Identity()
 
-    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        b, s, _ = x.shape
-        return x.view(b, s, n, self.head_dim).transpose(1, 2)
-
     # The two projection hooks: a subclass may compute them differently (the engine fuses
-    # them into one tensor-parallel linear), the math around them stays this class's.
+    # them into one tensor-parallel linear), the math around them stays this class's. They
+    # return heads as views, so that a fused projection's q, k and v reach the norms without
+    # a copy: q ``[batch, len, groups, heads / groups, head_dim]`` (a query group's heads
+    # side by side, GQA's grouping), k and v ``[batch, len, groups, head_dim]``.
     def qkv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [batch, len, hidden]`` -> flat q ``[batch, len, heads * head_dim]``, k and v
-        ``[batch, len, groups * head_dim]``."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        """``x [batch, len, hidden]`` -> q, k and v heads (shapes above)."""
+        g, d = self.groups, self.head_dim
+        return (self.q_proj(x).unflatten(-1, (g, self.heads // g, d)), *self.kv_projections(x))
 
     def kv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat k and v only (another stream's keys/values: no query is computed)."""
-        return self.k_proj(x), self.v_proj(x)
+        """k and v heads only (another stream's keys/values: no query is computed)."""
+        g, d = self.groups, self.head_dim
+        return self.k_proj(x).unflatten(-1, (g, d)), self.v_proj(x).unflatten(-1, (g, d))
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         """The hook around ``softmax(q k^T) v`` (the engine may recompute it in the backward
@@ -221,7 +221,8 @@ class Attention(nn.Module):
         return attend(q, k, v, mask)
 
     def _rotated_kv(self, k: torch.Tensor, v: torch.Tensor, rope) -> KV:
-        return apply_rotary(self.k_norm(self._heads(k, self.groups)), rope), self._heads(v, self.groups)
+        """k, v ``[batch, len, groups, head_dim]`` -> ``[batch, groups, len, head_dim]`` each."""
+        return apply_rotary(self.k_norm(k).transpose(1, 2), rope), v.transpose(1, 2)
 
     def project_kv(self, x: torch.Tensor, rope) -> KV:
         """Keys/values of already-normed hidden states ``x [batch, len, hidden]``."""
@@ -231,7 +232,8 @@ class Attention(nn.Module):
         """x: normed ``[batch, len, hidden]``. Keys are ``[prefix ; own]``; a `KVSlot` prefix
         lives in a KV cache. Returns output and own K/V."""
         q, k, v = self.qkv_projections(x)
-        q = apply_rotary(self.q_norm(self._heads(q, self.heads)), rope)
+        # The norm writes a new tensor, after which the flatten is a view.
+        q = apply_rotary(self.q_norm(q).flatten(2, 3).transpose(1, 2), rope)
         own = self._rotated_kv(k, v, rope)
         if isinstance(prefix, KVSlot):
             k, v = prefix.extend(own)

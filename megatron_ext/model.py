@@ -208,10 +208,12 @@ def fp8_context(config: TransformerConfig):
     return get_fp8_context(config)
 
 
-def _split_groups(fused: torch.Tensor, groups: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-    """``[..., groups * sum(sizes)]``, each group holding ``sizes`` columns in order ->
-    one ``[..., groups * size]`` tensor per size (megatron's ``get_query_key_value_tensors``)."""
-    return tuple(t.flatten(-2) for t in fused.unflatten(-1, (groups, -1)).split(sizes, dim=-1))
+def _split_groups(fused: torch.Tensor, groups: int, sizes: tuple[int, ...], head_dim: int) -> tuple[torch.Tensor, ...]:
+    """``[..., groups * sum(sizes) * head_dim]``, each group holding ``sizes`` heads in order
+    (megatron's ``get_query_key_value_tensors``) -> one view ``[..., groups, size, head_dim]``
+    per size, ``[..., groups, head_dim]`` where the size is 1."""
+    parts = fused.unflatten(-1, (groups, sum(sizes), head_dim)).split(sizes, dim=-2)
+    return tuple(p.squeeze(-2) if n == 1 else p for p, n in zip(parts, sizes, strict=True))
 
 
 class ParallelAttention(Attention):
@@ -259,16 +261,14 @@ class ParallelAttention(Attention):
         return checkpoint(lambda q, k, v: attend(q, k, v, mask), False, q, k, v)
 
     def qkv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = self.head_dim
-        return _split_groups(self.linear_qkv(x), self.groups, (self.heads // self.groups * d, d, d))
+        return _split_groups(self.linear_qkv(x), self.groups, (self.heads // self.groups, 1, 1), self.head_dim)
 
     def kv_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.linear_kv is None:  # the fused linear, q discarded (see __init__)
             return self.qkv_projections(x)[1:]
         q_rows = self.heads // self.groups * self.head_dim
         kv_weight = self.linear_qkv.weight.unflatten(0, (self.groups, -1))[:, q_rows:].flatten(0, 1)
-        return _split_groups(self.linear_kv(x, weight=kv_weight), self.groups,
-                             (self.head_dim, self.head_dim))
+        return _split_groups(self.linear_kv(x, weight=kv_weight), self.groups, (1, 1), self.head_dim)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -277,22 +277,24 @@ class _SwiGLU(torch.autograd.Function):
     straight into one ``[..., 2 ffn]`` tensor. Autograd through ``chunk`` would compute them
     apart and ``cat`` them (a copy of the fc1 output's size per layer; on CPU it made the
     fused engine slower than the unfused one at TP1). Gradients are bitwise autograd's
-    (``tests/test_megatron_fused.py``). It keeps only the fc1 output and recomputes
-    ``silu(gate)`` in the backward, where autograd would keep that too."""
+    (``tests/test_megatron_fused.py``). It keeps what autograd would (the fc1 output and
+    ``silu(gate)``): recomputing ``silu(gate)`` in the backward cost an extra pass over it,
+    1% of a CPU step; ``parallel.recompute`` is the way to trade that time for memory."""
 
     @staticmethod
     def forward(ctx, fused: torch.Tensor) -> torch.Tensor:
         gate, up = fused.chunk(2, dim=-1)
-        ctx.save_for_backward(fused)
-        return F.silu(gate) * up
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(fused, silu_gate)
+        return silu_gate * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (fused,) = ctx.saved_tensors
+        fused, silu_gate = ctx.saved_tensors
         gate, up = fused.chunk(2, dim=-1)
         out = torch.empty_like(fused)
         grad_gate, grad_up = out.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.mul(grad, silu_gate, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
         return out
 
