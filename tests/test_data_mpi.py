@@ -15,6 +15,19 @@ from test_data_helpers import e2d2, output_files, pydoc_texts, write_jsonl
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
+def mpirun_e2d2(*args) -> subprocess.CompletedProcess:
+    """``mpirun -n 2 e2d2 ARGS`` (as root, this checkout first on the path); it must succeed."""
+    env = os.environ | {
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "launchers.cli", *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install 'e2d2[mpi]')")
 def test_mpi_shards_merge_to_the_single_process_output(tmp_path):
@@ -26,15 +39,7 @@ def test_mpi_shards_merge_to_the_single_process_output(tmp_path):
     args = ["data", "preprocess", "--input", src, "--tokenizer", "gpt2", "--valid-docs", 5]
     assert e2d2(*args, "--output", tmp_path / "single") == 0
 
-    env = os.environ | {
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    }
-    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "launchers.cli",
-               *map(str, args), "--output", str(tmp_path / "mpi")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = mpirun_e2d2(*args, "--output", tmp_path / "mpi")
     assert "shard 1/2" in result.stderr and "shard 2/2" in result.stderr  # both ranks worked
     assert output_files(tmp_path / "mpi") == output_files(tmp_path / "single")
     assert not list((tmp_path / "mpi").glob(".shards-*"))  # staging removed
@@ -58,13 +63,5 @@ def test_mpi_with_one_input_file(tmp_path, name):
     assert ranks_with_work == (1 if name.endswith(".gz") else 2)
     args = ["data", "preprocess", "--input", corpus, "--tokenizer", "bytes", "--valid-docs", 2]
     assert e2d2(*args, "--output", tmp_path / "single") == 0
-    env = os.environ | {
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    }
-    command = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "launchers.cli",
-               *map(str, args), "--output", str(tmp_path / "mpi")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    mpirun_e2d2(*args, "--output", tmp_path / "mpi")
     assert output_files(tmp_path / "mpi") == output_files(tmp_path / "single")
