@@ -66,15 +66,13 @@ def main() -> None:
     setup(args)
     from launchers.world import init_world, world_of_one
     from megatron_ext import cpu_compat
+    from megatron_ext.engine import build_engine
     from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
-    from megatron_ext.mapping import load_reference_state, reference_state_at_seed
-    from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step
-    from megatron_ext.training import build_training_optimizer, train_step, wrap_ddp
+    from megatron_ext.training import build_training_optimizer, train_step
 
     cfg, train, objective, _, batch = e2d2_training_inputs(args)
-    initial = reference_state_at_seed(cfg, 0)
 
     cpu_compat.install()
     init_world(world_of_one("local"))
@@ -82,9 +80,7 @@ def main() -> None:
     with megatron_layout(ParallelConfig(1)):
         for precision, recompute in MODES:
             parallel = ParallelConfig(1, precision=precision, recompute=recompute)
-            stages = build_chunks(cfg, parallel)
-            load_reference_state(stages[0], initial)
-            chunks = wrap_ddp(stages, stages[0].config, parallel)
+            stages, chunks = build_engine(cfg, parallel)
             optimizer, _ = build_training_optimizer(chunks, parallel, train)
             forward = make_forward_step(objective)
 

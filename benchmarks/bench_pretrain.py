@@ -55,18 +55,16 @@ def parse_args() -> argparse.Namespace:
 def engine_overhead(args: argparse.Namespace) -> str:
     from launchers.world import init_world, world_of_one
     from megatron_ext import cpu_compat
+    from megatron_ext.engine import build_engine
     from megatron_ext.groups import megatron_layout
     from megatron_ext.layout import ParallelConfig
-    from megatron_ext.mapping import load_reference_state, reference_state_at_seed
-    from megatron_ext.model import build_chunks
     from megatron_ext.objective import make_forward_step
-    from megatron_ext.training import build_training_optimizer, train_step, wrap_ddp
+    from megatron_ext.training import build_training_optimizer, train_step
 
     cfg, train, objective, x0, batch = e2d2_training_inputs(args)
     nb = NoisedBatch(**{k: batch[k] for k in NoisedBatch.__dataclass_fields__})
 
-    reference = DiffusionLM(cfg)
-    reference.load_state_dict(reference_state_at_seed(cfg, 0))
+    reference = DiffusionLM(cfg, seed=0)  # the engine's weights too (build_engine's seed)
     adamw = torch.optim.AdamW(reference.parameters(), lr=train.lr, betas=train.betas,
                               weight_decay=train.weight_decay)
 
@@ -81,9 +79,7 @@ def engine_overhead(args: argparse.Namespace) -> str:
     init_world(world_of_one("local"))
     parallel = ParallelConfig(1)
     with megatron_layout(parallel):
-        stages = build_chunks(cfg, parallel)
-        load_reference_state(stages[0], reference_state_at_seed(cfg, 0))
-        chunks = wrap_ddp(stages, stages[0].config, parallel)
+        stages, chunks = build_engine(cfg, parallel)
         optimizer, _ = build_training_optimizer(chunks, parallel, train)
         forward = make_forward_step(objective)
 

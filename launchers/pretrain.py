@@ -249,18 +249,16 @@ class _Trainer:
     # -- setup ------------------------------------------------------------------------------
     def _build_model(self) -> None:
         from megatron_ext import checkpoint as engine_checkpoint
-        from megatron_ext.mapping import initialize_at_seed, param_maps
-        from megatron_ext.model import build_chunks
-        from megatron_ext.training import build_training_optimizer, wrap_ddp
+        from megatron_ext.engine import build_engine
+        from megatron_ext.mapping import param_maps
+        from megatron_ext.training import build_training_optimizer
 
         cfg = self.cfg
-        self.stages = build_chunks(cfg.model, self.parallel)
-        if cfg.checkpoint.init is not None:  # it holds every weight: nothing to draw first
-            engine_checkpoint.load(self.stages, resolve_checkpoint(cfg.checkpoint.init))
-        else:
-            for stage in self.stages:  # only this rank's shards are ever in memory
-                initialize_at_seed(stage, cfg.model, cfg.run.seed)
-        self.chunks = wrap_ddp(self.stages, self.stages[0].config, self.parallel)
+        init = cfg.checkpoint.init
+        self.stages, self.chunks = build_engine(
+            cfg.model, self.parallel, seed=cfg.run.seed,
+            load=None if init is None else (
+                lambda stages: engine_checkpoint.load(stages, resolve_checkpoint(init))))
         self.optimizer, self.scheduler = build_training_optimizer(self.chunks, self.parallel,
                                                                   cfg.train)
         self.params = [m.param for stage in self.stages for m in param_maps(stage)]

@@ -122,17 +122,14 @@ def parallel_run(cfg: ModelConfig, parallel: ParallelConfig, run: Run,
     from megatron.core import parallel_state
 
     from megatron_ext import checkpoint
-    from megatron_ext.mapping import gather_reference_state, initialize_at_seed
-    from megatron_ext.model import build_chunks
+    from megatron_ext.engine import build_engine
+    from megatron_ext.mapping import gather_reference_state
     from megatron_ext.objective import make_forward_step, micro_batches, noised_batch
-    from megatron_ext.training import build_optimizer, sync_params, train_step, wrap_ddp
+    from megatron_ext.training import build_optimizer, sync_params, train_step
 
     plan = PipelinePlan(cfg, parallel)
     with megatron_layout(parallel, get_embedding_ranks=plan.get_embedding_ranks):
-        stages = build_chunks(cfg, parallel)
-        for stage in stages:
-            initialize_at_seed(stage, cfg, run.seed)  # the reference's weights, shard by shard
-        chunks = wrap_ddp(stages, stages[0].config, parallel)
+        stages, chunks = build_engine(cfg, parallel, seed=run.seed)  # the reference's weights
         objective = _objective(cfg, run)
         forward_step = make_forward_step(objective)
         per_rank = run.global_batch // parallel.data_parallel
