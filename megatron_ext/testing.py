@@ -40,6 +40,8 @@ class WorkerError(RuntimeError):
 
 
 def free_port() -> int:
+    """A port nothing listens on now (for tests of refused connections and of
+    multi-host rendezvous); another process may take it before it is used."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -49,6 +51,7 @@ def _worker(rank, world_size, port, fn, args, queue) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # the parent hosts the store (spawn_gloo)
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
@@ -79,23 +82,19 @@ def spawn_gloo(
 
     Results must be picklable (move tensors to CPU, detach them). The first rank
     that raises makes this raise ``WorkerError`` with its traceback.
+
+    The ranks rendezvous on a store this process hosts, as ``e2d2 pretrain
+    --nproc-per-node`` does (``launchers.local_launch``): bound to port 0, so no other
+    world started at the same time (pytest-xdist) can take its port.
     """
-    try:
-        return _spawn_gloo(fn, world_size, args, timeout_s)
-    except WorkerError as exc:
-        # The free port was taken by another process between our probe and rank 0's bind
-        # (many worlds start at once under pytest-xdist): once more on a new port.
-        if "EADDRINUSE" not in str(exc):
-            raise
-        return _spawn_gloo(fn, world_size, args, timeout_s)
+    from torch.distributed import TCPStore
 
-
-def _spawn_gloo(fn, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
+    store = TCPStore("127.0.0.1", 0, world_size, is_master=True,
+                     timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(rank, world_size, store.port, fn, args, queue), daemon=False)
         for rank in range(world_size)
     ]
     # CPU ranks even on a GPU machine: a spawned child inherits the environment at start,
