@@ -36,6 +36,7 @@ from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from e2d2.errors import UserError
+from megatron_ext import optimizer_fixes
 from megatron_ext.mapping import ParamMap, Part, param_maps
 
 MODEL_PREFIX = "model."
@@ -189,73 +190,13 @@ def _rng_object(state: dict[str, Any] | None) -> ShardedObject:
     return ShardedObject("rng", state, (world,), (rank,), replica_id=0)
 
 
-# Loading a DistributedOptimizer checkpoint where megatron uses torch's Adam (no Apex or
-# Transformer Engine: CPU, and some GPU installs) hits two megatron-core 0.16.1 bugs:
-# 1. ``state_dict()`` asserts that every parameter state has one common ``step``; a fresh
-#    optimizer has no state, so ``sharded_state_dict(is_loading=True)`` fails at once.
-# 2. ``load_state_dict`` sets each state's ``step`` from the saved param groups, then
-#    ``load_parameter_state_from_{fully_reshardable,fs_model_space}`` drops ``step`` from the
-#    loaded tensors and ``_set_main_param_and_optimizer_states`` copies every state key:
-#    KeyError 'step'.
-# 3. That ``step`` is one tensor object shared by every parameter state, which torch's Adam
-#    then increments in place once per parameter: the bias correction goes wrong from the
-#    first step after the load, differently on each rank.
-# All three are worked around here (tests/test_pretrain_resume.py resumes a distributed optimizer
-# on another layout); megatron_ext.cpu_compat pins the version these internals belong to.
-
-
-def _materialize_distributed_optimizer_state(optimizer) -> None:
-    """Bug 1: give a fresh DistributedOptimizer the state megatron's own ``init_state_fn``
-    creates (zero moments) and step 0; the load overwrites all of it."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    _install_step_copy_fix(DistributedOptimizer)
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and opt.init_state_fn is not None:
-            opt.init_state_fn(opt.optimizer, opt.config)
-            for state in opt.optimizer.state.values():
-                state.setdefault("step", torch.tensor(0.0))
-
-
-def _install_step_copy_fix(cls) -> None:
-    """Bug 2: copy only what was loaded; ``step`` is already set from the param groups."""
-    if getattr(cls, "_e2d2_step_copy_fix", False):
-        return
-    original = cls._set_main_param_and_optimizer_states
-
-    def set_states(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state[main_param]
-        step = state.pop("step", None) if "step" not in tensors else None
-        try:
-            original(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    cls._set_main_param_and_optimizer_states = set_states
-    cls._e2d2_step_copy_fix = True
-
-
-def _unshare_distributed_optimizer_steps(optimizer) -> None:
-    """Bug 3: one ``step`` tensor per parameter state again."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer):
-            for state in opt.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].clone()
-
-
 def _training_state_dict(chunks, optimizer, ema, common, rng, is_loading: bool) -> dict:
     model = sharded_state_dict(chunks)
     state = dict(model)
     if ema is not None:
         state.update(sharded_state_dict(chunks, EMA_PREFIX, ema))
     if optimizer is not None and is_loading:
-        _materialize_distributed_optimizer_state(optimizer)
+        optimizer_fixes.prepare_for_load(optimizer)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading,
                                                           metadata=OPTIMIZER_FORMAT)
@@ -297,7 +238,7 @@ def load_training_state(directory: str | Path, chunks: list[torch.nn.Module], op
                 tensor.copy_(value)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_distributed_optimizer_steps(optimizer)
+        optimizer_fixes.after_load(optimizer)
     if restore_rng:
         set_rng_state(loaded["rng"])
     return loaded["common"]
