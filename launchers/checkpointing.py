@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from e2d2.errors import UserError
 from launchers.config import RunConfig, save_run_config
 from megatron_ext import checkpoint as engine_checkpoint
+from megatron_ext.groups import any_rank
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
@@ -153,6 +154,4 @@ class RunCheckpoints:
 
 
 def _all_ranks_ok(ok: bool) -> bool:
-    flag = torch.tensor([0.0 if ok else 1.0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return not any_rank(not ok)

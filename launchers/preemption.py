@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
+from megatron_ext.groups import any_rank
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch template requeues on it
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -58,6 +58,4 @@ class Preemption:
 
     def requested(self) -> bool:
         """Collective: whether any rank was signalled."""
-        flag = torch.tensor([float(self.flag)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.flag)

@@ -441,6 +441,7 @@ class _Trainer:
         return self.eval_noised
 
     def _evaluate(self, step: int, logger: RunLogger) -> None:
+        from megatron_ext.groups import collective_device
         from megatron_ext.objective import make_forward_step
         from megatron_ext.training import forward_only, last_stage_sum, sync_params
 
@@ -457,9 +458,10 @@ class _Trainer:
                 values += [out["per_sequence"] for out in outputs]
             for chunk in self.chunks:
                 chunk.train()
-        local = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64)
-        total, squares, count = last_stage_sum(
-            torch.stack([local.sum(), (local**2).sum(), torch.tensor(float(local.numel()))]))
+        local = (torch.cat(values).double() if values
+                 else torch.zeros(0, dtype=torch.float64, device=collective_device()))
+        total, squares, count = last_stage_sum(torch.stack(
+            [local.sum(), (local**2).sum(), torch.tensor(float(local.numel()), device=local.device)]))
         nelbo = (total / count).item()
         variance = max((squares / count).item() - nelbo**2, 0.0)
         std_error = math.sqrt(variance / count.item()) if count > 1 else math.nan

@@ -3,7 +3,8 @@
 ``megatron_layout`` creates megatron's tensor / pipeline / data-parallel groups for a
 `megatron_ext.layout.ParallelConfig` (which only does the arithmetic) and destroys them on
 exit; the training loop, the exporter, the profiler, ``megatron_ext.verify`` and the tests
-run their engines inside it.
+run their engines inside it. ``collective_device`` and ``any_rank`` serve the small
+collectives of the loop (flags, sums) on either backend.
 """
 
 from __future__ import annotations
@@ -46,3 +47,18 @@ def megatron_layout(
         yield layout
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective on the default group must live: the current GPU
+    under NCCL, which takes no CPU tensors; the CPU under gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank of the world (collective)."""
+    out = torch.tensor([float(flag)], device=collective_device())
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return bool(out.item())

@@ -29,6 +29,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from e2d2.train import TrainConfig
+from megatron_ext.groups import any_rank, collective_device
 from megatron_ext.layout import ParallelConfig
 
 
@@ -166,12 +167,11 @@ def last_stage_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def _nonfinite_grads(chunks: list[torch.nn.Module]) -> bool:
-    """Whether any rank holds a non-finite gradient (collective over the world)."""
-    bad = any(not torch.isfinite(p.main_grad).all()
-              for chunk in chunks for p in chunk.parameters() if p.requires_grad)
-    flag = torch.tensor([float(bad)])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    """Whether any rank holds a non-finite gradient (collective over the world). One
+    device-to-host sync for all parameters, not one each."""
+    finite = [torch.isfinite(p.main_grad).all()
+              for chunk in chunks for p in chunk.parameters() if p.requires_grad]
+    return any_rank(bool(finite) and not bool(torch.stack(finite).all()))
 
 
 def forward_only(chunks: list[torch.nn.Module], forward_step_func: Callable,
@@ -214,7 +214,7 @@ def train_step(
     losses = _forward_backward(chunks, forward_step_func, micro_batches, seq_length,
                                micro_batch_size)
     local = (torch.stack([item["loss"] for item in losses]).mean().reshape(1) if losses
-             else torch.zeros(1))
+             else torch.zeros(1, device=collective_device()))
     loss = (last_stage_sum(local) / parallel_state.get_data_parallel_world_size()).item()
     if optimizer is None:
         return StepResult(loss, None, False)
