@@ -24,7 +24,7 @@ Sections of the report:
    median tokens/s after 5 steps and its MFU. This is what a user's run gets.
 
 Each section is printed when it is measured; a section that raises prints its traceback's
-end and the next one runs.
+end and the next one runs. ``--sections 5`` (or ``1,3``) runs only those.
 
 Precision: sections 1-2 run the reference model (`e2d2.model.DiffusionLM`, fp32 weights)
 under ``torch.autocast(bfloat16)``, section 3 the reference model cast to bf16 (weights and
@@ -92,7 +92,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (proves it runs)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per config")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--sections", type=_section_numbers, default=SECTIONS,
+                   help="which sections to run, e.g. 5 or 1,3 (default: all): a rerun of the "
+                        "ones that failed costs the lent machine only their minutes")
     return p.parse_args(argv)
+
+
+SECTIONS = (1, 2, 3, 4, 5)
+
+
+def _section_numbers(text: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        numbers = ()
+    if not numbers or not set(numbers) <= set(SECTIONS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give section numbers from {SECTIONS}, "
+                                         "comma-separated (e.g. 1,3)")
+    return numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,12 +350,12 @@ def report(args: argparse.Namespace) -> Iterator[str]:
         "megatron engine's bf16 (e2d2 pretrain)",
         f"attention: {'FlexAttention (block masks)' if use_flex(device) else 'SDPA, dense masks'}",
     ])
-    sections = [("## 1. Accuracy", lambda: accuracy(plan, device)),
-                ("## 2. Training", lambda: training(plan, device, steps, peak)),
-                ("## 3. Sampling", lambda: sampling(plan, device, new_tokens)),
-                ("## 4. FP8", fp8),
-                ("## 5. Training through the megatron engine", lambda: engine(plan, device, peak))]
-    for title, section in sections:
+    sections = {1: ("## 1. Accuracy", lambda: accuracy(plan, device)),
+                2: ("## 2. Training", lambda: training(plan, device, steps, peak)),
+                3: ("## 3. Sampling", lambda: sampling(plan, device, new_tokens)),
+                4: ("## 4. FP8", fp8),
+                5: ("## 5. Training through the megatron engine", lambda: engine(plan, device, peak))}
+    for title, section in (sections[n] for n in args.sections):
         yield "\n".join(_guarded(title, section))
         if device.type == "cuda":
             torch.cuda.empty_cache()

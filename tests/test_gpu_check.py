@@ -39,3 +39,16 @@ def test_a_failing_section_is_reported_and_the_others_still_run(capsys, monkeypa
     (accuracy,) = [block for block in out.split("\n\n") if block.startswith("## 1. Accuracy")]
     assert "FAILED:" in accuracy and "RuntimeError: no kernel image is available" in accuracy
     assert out.count("stand-in section") == 3 and "## 4. FP8" in out and "total time" in out
+
+
+def test_sections_picks_what_runs_and_refuses_unknown_numbers(capsys, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "sampling", lambda *args: ["## 3. Sampling", "stand-in section"])
+    gpu_check.main(["--tiny", "--sections", "4,3"])
+    out = capsys.readouterr().out
+    assert out.index("## 3. Sampling") < out.index("## 4. FP8")  # in section order
+    assert "## 1. Accuracy" not in out and "## 5." not in out and "total time" in out
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--tiny", "--sections", "6"])
+    assert "give section numbers from (1, 2, 3, 4, 5)" in capsys.readouterr().err
