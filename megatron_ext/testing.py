@@ -89,6 +89,7 @@ def spawn_gloo(
     """
     from torch.distributed import TCPStore
 
+    # Alive until this function returns, after every rank has exited.
     store = TCPStore("127.0.0.1", 0, world_size, is_master=True,
                      timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     ctx = mp.get_context("spawn")
