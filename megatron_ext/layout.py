@@ -29,6 +29,7 @@ the inter-stage tensor; the copies are then megatron's usual first and last stag
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
@@ -302,8 +303,10 @@ class PipelinePlan:
                     "so its layers must sit on one stage: use pipeline_parallel=1"
                 )
             if par.encoder_pipeline_stages is None:
+                k, imbalance = balanced_encoder_stages(model, par)
                 raise ConfigError(
-                    f"E2D2 with {n} pipeline stages needs encoder_pipeline_stages in 1..{n - 1}"
+                    f"E2D2 with {n} pipeline stages needs encoder_pipeline_stages in 1..{n - 1}; "
+                    f"{k} balances the stages best (predicted max/mean {imbalance:.2f})"
                 )
             k = par.encoder_pipeline_stages
             if model.num_layers < k or model.num_decoder_layers < n - k:
@@ -418,11 +421,19 @@ class PipelinePlan:
 
     def describe_shares(self) -> str:
         """``"stage 0 47.1%, stage 1 52.9% (max/mean 1.06)"``: each stage's predicted share of
-        the forward FLOPs, for the run's start-up log."""
+        the forward FLOPs, for the run's start-up log; followed by the ``encoder_pipeline_stages``
+        that would balance E2D2's stages clearly better on the same pipeline, if one would."""
         per_stage = self.stage_flops()
         shares = ", ".join(f"stage {s} {100 * f / sum(per_stage):.1f}%"
                            for s, f in enumerate(per_stage))
-        return f"{shares} (max/mean {self.imbalance():.2f})"
+        text = f"{shares} (max/mean {self.imbalance():.2f})"
+        par = self.parallel
+        if self.model.is_e2d2 and self.num_stages > 1 and par.pipeline_layers is None:
+            k, imbalance = balanced_encoder_stages(self.model, par)
+            if imbalance < self.imbalance() / BETTER_BALANCE:
+                text += (f"; parallel.encoder_pipeline_stages={k} predicts max/mean "
+                         f"{imbalance:.2f} on the same pipeline")
+        return text
 
     def embedding_stages(self) -> list[int]:
         """Stages with a copy of the word embedding; their gradients are all-reduced.
@@ -438,3 +449,25 @@ class PipelinePlan:
         """megatron ``initialize_model_parallel(get_embedding_ranks=...)`` callback."""
         holders = {s % self.parallel.pipeline_parallel for s in self.embedding_stages()}
         return [pp_ranks[p] for p in sorted(holders)]
+
+
+# How much lower another encoder/decoder split's predicted imbalance must be for the start-up
+# log to suggest it: the FLOPs model is not exact enough to chase smaller gains.
+BETTER_BALANCE = 1.05
+
+
+def balanced_encoder_stages(model: ModelConfig, parallel: ParallelConfig) -> tuple[int, float]:
+    """``(k, max/mean)``: the ``encoder_pipeline_stages`` whose FLOPs-balanced placement has
+    the lowest predicted imbalance for E2D2 on ``parallel``'s (virtual) pipeline stages, among
+    those that give every stage a layer (``pipeline_layers`` ignored)."""
+    n = parallel.pipeline_parallel * (parallel.virtual_pipeline or 1)
+    feasible = [k for k in range(1, n) if k <= model.num_layers and n - k <= model.num_decoder_layers]
+    if not feasible:
+        raise ConfigError(
+            f"more pipeline stages than layers: {n} stages for num_layers={model.num_layers} "
+            f"+ num_decoder_layers={model.num_decoder_layers}; every stage needs at least one layer")
+    plans = {k: PipelinePlan(model, dataclasses.replace(parallel, encoder_pipeline_stages=k,
+                                                        pipeline_layers=None))
+             for k in feasible}
+    k = min(plans, key=lambda k: plans[k].imbalance())
+    return k, plans[k].imbalance()

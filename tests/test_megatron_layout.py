@@ -243,6 +243,30 @@ def test_one_b_balances_within_15_percent_where_the_layer_counts_allow():
     assert interleaved.imbalance() == pytest.approx(1.178, abs=1e-3)
 
 
+def test_the_start_up_shares_suggest_a_clearly_better_encoder_split():
+    """PP3 with one encoder stage leaves 24 encoder layers on stage 0 (max/mean 2.12); the
+    shares say that two encoder stages would predict 1.06 (the best of every split, found by
+    trying them all), and say nothing where the split is already the best or no other exists."""
+    cfg = _one_b()
+
+    def plan(pp, k, **kw):
+        return PipelinePlan(cfg, ParallelConfig(world_size=pp, pipeline_parallel=pp,
+                                                encoder_pipeline_stages=k, **kw))
+
+    assert plan(3, 1).describe_shares().endswith(
+        "(max/mean 2.12); parallel.encoder_pipeline_stages=2 predicts max/mean 1.06 on the same "
+        "pipeline")
+    best = min(range(1, 4), key=lambda k: plan(4, k).imbalance())
+    assert f"encoder_pipeline_stages={best} predicts" in plan(4, 1).describe_shares()
+    for pp, k in [(3, 2), (2, 1)]:  # already the best split; the only split
+        assert "predicts" not in plan(pp, k).describe_shares()
+    # a user's own placement is left alone
+    assert "predicts" not in plan(3, 1, pipeline_layers=[24, 2, 2]).describe_shares()
+    with pytest.raises(ConfigError, match=r"in 1\.\.2; 2 balances the stages best \(predicted "
+                                          r"max/mean 1\.06\)"):
+        PipelinePlan(cfg, ParallelConfig(world_size=3, pipeline_parallel=3))
+
+
 def test_balanced_placement_moves_layers_off_the_head_stage():
     plan = PipelinePlan(BD3.replace(num_layers=6, vocab_size=4096, mask_token_id=4095),
                         ParallelConfig(world_size=2, pipeline_parallel=2))
