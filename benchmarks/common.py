@@ -14,6 +14,7 @@ Timing on a small shared CPU is noisy. Three things make the ratios trustworthy:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -99,12 +100,6 @@ def kjv_bytes_dataset(root: Path) -> Path:
     return data
 
 
-MODEL_KEYS = ("variant", "vocab_size", "mask_token_id", "hidden_size", "ffn_hidden_size",
-              "num_attention_heads", "num_query_groups", "num_layers", "num_decoder_layers",
-              "seq_length", "block_size", "head_dim", "qk_layernorm", "tie_word_embeddings",
-              "rope_theta")
-
-
 def pretrain_tokens_per_s(cfg: ModelConfig, data: Path, run_dir: Path, steps: int, batch: int,
                           train: dict | None = None, cpu: bool = True,
                           timeout_s: float = 900) -> list[float]:
@@ -114,7 +109,7 @@ def pretrain_tokens_per_s(cfg: ModelConfig, data: Path, run_dir: Path, steps: in
     ``train``: more ``train`` settings (``precision``, ``micro_batch_size``); ``cpu``: hide
     any GPU from the run. No evaluation but the run's first and last, no checkpoint but the
     last, no TensorBoard."""
-    config = {"model": {k: getattr(cfg, k) for k in MODEL_KEYS},
+    config = {"model": dataclasses.asdict(cfg),  # every field, as a run directory saves it
               "train": {"steps": steps, "batch_size": batch, "warmup_steps": 1,
                         "eval_every": 10**6, "eval_batches": 1, "eval_draws": 1, **(train or {})},
               "checkpoint": {"interval": 10**6}, "log": {"tensorboard": False},
