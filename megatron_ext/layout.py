@@ -111,7 +111,7 @@ class ParallelConfig:
                 f"virtual_pipeline={self.virtual_pipeline} needs pipeline_parallel > 1 and at "
                 "least 2 chunks per stage; leave it unset otherwise"
             )
-        stages = self.pipeline_parallel * (self.virtual_pipeline or 1)
+        stages = self.num_stages
         if self.encoder_pipeline_stages is not None and not (
             1 <= self.encoder_pipeline_stages <= stages - 1
         ):
@@ -194,6 +194,11 @@ class ParallelConfig:
                                          ("param gather", self.overlap_param_gather)) if on]
         return (f"{text}; recompute {self.recompute}; overlapped "
                 f"{' and '.join(overlap) if overlap else 'nothing'}")
+
+    @property
+    def num_stages(self) -> int:
+        """Virtual pipeline stages: ``pipeline_parallel x virtual_pipeline``."""
+        return self.pipeline_parallel * (self.virtual_pipeline or 1)
 
     @property
     def data_parallel(self) -> int:
@@ -340,8 +345,7 @@ class PipelinePlan:
 
     @property
     def num_stages(self) -> int:
-        """Virtual pipeline stages: ``pipeline_parallel x virtual_pipeline``."""
-        return self.parallel.pipeline_parallel * (self.parallel.virtual_pipeline or 1)
+        return self.parallel.num_stages
 
     def _groups(self) -> list[tuple[str, range, int]]:
         """(name, stages, layers) of each group of stages balanced on its own: E2D2's encoder
@@ -460,7 +464,7 @@ def balanced_encoder_stages(model: ModelConfig, parallel: ParallelConfig) -> tup
     """``(k, max/mean)``: the ``encoder_pipeline_stages`` whose FLOPs-balanced placement has
     the lowest predicted imbalance for E2D2 on ``parallel``'s (virtual) pipeline stages, among
     those that give every stage a layer (``pipeline_layers`` ignored)."""
-    n = parallel.pipeline_parallel * (parallel.virtual_pipeline or 1)
+    n = parallel.num_stages
     feasible = [k for k in range(1, n) if k <= model.num_layers and n - k <= model.num_decoder_layers]
     if not feasible:
         raise ConfigError(
