@@ -48,6 +48,7 @@ class TrainConfig:
     lr_decay: str = "cosine"
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     ema_decay: float = 0.0
     eval_every: int = 100
@@ -67,6 +68,7 @@ class TrainConfig:
                 f"unknown lr_decay {self.lr_decay!r}; choose one of {LR_DECAY_STYLES}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"betas must be two numbers in [0, 1), got {self.betas}")
+        require(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
         require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
         require(self.eval_every > 0, "eval_every must be positive")
@@ -119,7 +121,7 @@ def train(
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas,
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
     )
     writer = _writer(log_dir)
     valid_batches = [valid_rows[i : i + cfg.batch_size] for i in range(0, len(valid_rows), cfg.batch_size)]

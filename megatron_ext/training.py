@@ -122,6 +122,7 @@ def build_training_optimizer(chunks: list[DistributedDataParallel], parallel: Pa
     optimizer = build_optimizer(
         chunks, parallel, lr=train.lr, min_lr=train.lr * train.min_lr_ratio,
         weight_decay=train.weight_decay, adam_beta1=train.betas[0], adam_beta2=train.betas[1],
+        adam_eps=train.adam_eps,
         clip_grad=train.grad_clip)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.lr * train.min_lr_ratio,
