@@ -5,7 +5,9 @@
 off: the same model and weights computing the top layer's unused attention output and MLP
 (autograd already skipped their backward). One step = the diffusion loss, backward and an
 AdamW update of the reference model (`benchmarks.bench_train.make_step`); the variants
-run in interleaved rounds, and each round's after/before ratio is paired.
+run in interleaved rounds, and each round's after/before ratio is paired. Times are this
+process's CPU seconds by default (``--clock cpu``, one thread): on a machine shared with
+other work, wall time mostly measures the others.
 
     .venv/bin/python -m benchmarks.bench_shared_kv --threads 1 --repeats 15
 """
@@ -18,6 +20,7 @@ import statistics
 
 import torch
 
+from benchmarks.bench_sample import CLOCKS
 from benchmarks.bench_train import make_step
 from benchmarks.common import (
     add_model_args,
@@ -47,6 +50,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = p.parse_args()
     setup(args)
     shared = PLANS["e2d2_shared_kv"]
@@ -57,11 +61,12 @@ def main() -> None:
             "E2D2 last-hidden": "e2d2"}
     cfgs = {label: model_config(args, variant, args.layers, args.seq_len) for label, variant in rows.items()}
     x0 = torch.randint(0, args.vocab - 1, (args.batch, args.seq_len))
-    times = interleaved_times({k: make_step(c, x0) for k, c in cfgs.items()}, args.warmup, args.repeats)
+    times = interleaved_times({k: make_step(c, x0) for k, c in cfgs.items()}, args.warmup, args.repeats,
+                              CLOCKS[args.clock])
     before = times["shared-KV, top layer whole (before)"]
     print(environment_line(args))
     print(f"hidden {args.hidden}, layers {args.layers} ({args.dec_layers} decoder), L {args.seq_len}, "
-          f"batch {args.batch}; {args.warmup} warm-up steps, {args.repeats} interleaved rounds\n")
+          f"batch {args.batch}; {args.warmup} warm-up steps, {args.repeats} interleaved rounds, {args.clock} clock\n")
     out = []
     for label, ts in times.items():
         ratios = sorted(t / b for t, b in zip(ts, before, strict=True))

@@ -74,8 +74,9 @@ def _read_index(prefix: Path):
         raise DataError(f"{idx} is damaged: megatron-core cannot read it ({exc})") from None
 
 
-def _check_index(prefix: Path) -> tuple[type, np.ndarray]:
-    """The ``.idx``/``.bin`` pair agree with each other; returns the dtype and the lengths."""
+def _check_index(prefix: Path) -> tuple[type, np.ndarray, int]:
+    """The ``.idx``/``.bin`` pair agree with each other; returns the dtype, the sequence
+    lengths and the number of documents."""
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     dtype, lengths, pointers, documents = _read_index(prefix)
     expected = _IDX_HEADER_BYTES + lengths.nbytes + pointers.nbytes + documents.nbytes
@@ -92,8 +93,11 @@ def _check_index(prefix: Path) -> tuple[type, np.ndarray]:
         bad = int(np.argmax(pointers != starts))
         raise DataError(f"{idx} is damaged: document {bad} starts at byte {int(pointers[bad])}, "
                         f"its predecessors' lengths put it at {int(starts[bad])}")
-    if not np.array_equal(documents, np.arange(len(lengths) + 1)):
-        raise DataError(f"{idx} is damaged: its document indices are not 0..{len(lengths)}")
+    # a document is one sequence here; other tools' (sentence-split) may hold several
+    if (len(documents) < 1 or documents[0] != 0 or documents[-1] != len(lengths)
+            or (np.diff(documents) < 0).any()):
+        raise DataError(f"{idx} is damaged: its document indices are not an increasing run "
+                        f"from 0 to its {len(lengths):,} sequences")
     tokens = int(lengths.sum(dtype=np.int64))
     if not bin_.is_file():
         raise DataError(f"{bin_} is missing")
@@ -101,7 +105,7 @@ def _check_index(prefix: Path) -> tuple[type, np.ndarray]:
         raise DataError(f"{bin_} is damaged: {bin_.stat().st_size:,} bytes, its index says "
                         f"{tokens:,} tokens of {itemsize} bytes = {tokens * itemsize:,} "
                         "(truncated or appended to?)")
-    return dtype, lengths
+    return dtype, lengths, len(documents) - 1
 
 
 def read_manifest(directory: Path) -> dict:
@@ -134,8 +138,8 @@ def verify_split(prefix: Path, manifest: dict | None, id_bound: int | None,
                  mask_id: int | None, full: bool, result: Verified) -> None:
     """Check one ``prefix.{bin,idx}`` pair; against ``manifest`` (its directory's, with a
     record under ``prefix.name``) where there is one. Adds to ``result``."""
-    dtype, lengths = _check_index(prefix)
-    counts = {"documents": len(lengths), "tokens": int(lengths.sum(dtype=np.int64)),
+    dtype, lengths, n_documents = _check_index(prefix)
+    counts = {"documents": n_documents, "tokens": int(lengths.sum(dtype=np.int64)),
               "dtype": np.dtype(dtype).name}
     result.counts[str(prefix)] = counts
     if manifest is None:

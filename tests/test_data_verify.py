@@ -15,6 +15,7 @@ from pretrain_helpers import TINY, run_pretrain, write_config
 
 from data_tools.corpus import iter_documents
 from data_tools.verify import DataError, file_sha256
+from e2d2.errors import UserError
 from launchers.cli import main as e2d2_main
 from launchers.config import run_config_from_dict
 from launchers.data import load_run_tokenizer
@@ -142,3 +143,13 @@ def test_pretrain_on_a_truncated_file_is_one_error(data, tmp_path):
     result = run_pretrain(config, f"run.dir={tmp_path / 'run'}", nproc=2)
     assert result.returncode == 2, result.stderr
     assert "train.bin is damaged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_training_stops_at_an_id_the_start_up_check_cannot_see(data, tmp_path):
+    from launchers.data import PretrainData
+
+    tokenizer = load_run_tokenizer(run_config(data))
+    np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")[:] = 300  # sizes intact
+    pretrain_data = PretrainData(run_config(data), tokenizer, 0, 1, 2, tmp_path / "cache")
+    with pytest.raises(UserError, match=f"token id 300, not below model.vocab_size={VOCAB}"):
+        next(pretrain_data.train_steps(0))
