@@ -75,11 +75,17 @@ def _print_summary(output: Path, manifest: dict) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from data_tools.inspect_data import format_report, inspect_path
 
-    reports = inspect_path(args.path, args.tokenizer)
+    reports, verified = inspect_path(args.path, args.tokenizer, args.verify)
+    checked = ("sizes, counts, checksums and every token id" if args.verify else
+               "sizes, counts and the recorded largest id")
     if args.json:
+        for report in reports:
+            report["verified"] = checked
+            report["notes"] = [n for n in verified.notes if n.startswith(f"{report['prefix']}:")]
         print(json.dumps(reports, indent=2))
     else:
         print("\n".join(map(format_report, reports)))
+        print(f"verified: {checked}" + "".join(f"\n  note: {n}" for n in verified.notes))
     return 0
 
 
@@ -135,4 +141,6 @@ def register(subparsers) -> None:
     p.add_argument("path", help="a preprocess output directory or a dataset prefix")
     p.add_argument("--tokenizer", help="tokenizer for the sample (default: DIR/tokenizer)")
     p.add_argument("--json", action="store_true", help="print machine-readable statistics")
+    p.add_argument("--verify", action="store_true",
+                   help="also check the files' checksums and every token id (reads everything)")
     p.set_defaults(func=_inspect)

@@ -1,4 +1,7 @@
-"""``e2d2 data inspect``: counts, dtype, document-length histogram and a decoded sample."""
+"""``e2d2 data inspect``: counts, dtype, document-length histogram and a decoded sample.
+
+Every dataset is verified first (``data_tools.verify``): the cheap checks always, checksums
+and every token id with ``--verify``; damage is one ``DataError`` (exit 2)."""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.merge import SPLITS
 from data_tools.tokenizer import load_tokenizer
+from data_tools.verify import SPLITS, Verified, read_manifest, verify_split
 from e2d2.errors import UserError
 
 HISTOGRAM_WIDTH = 40  # characters of the longest bar
@@ -81,7 +84,24 @@ def format_report(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def inspect_path(path: str | Path, tokenizer_spec: str | None = None) -> list[dict]:
+def verify_prefixes(prefixes: list[Path], tokenizer, full: bool) -> Verified:
+    """``data_tools.verify`` of each prefix, against its directory's manifest where it has
+    one, ids against the tokenizer's bound and [MASK] id where there is a tokenizer."""
+    result = Verified()
+    for prefix in prefixes:
+        has_manifest = prefix.name in SPLITS and (prefix.parent / "manifest.json").is_file()
+        manifest = read_manifest(prefix.parent) if has_manifest else None
+        verify_split(prefix, manifest, tokenizer.id_bound if tokenizer else None,
+                     tokenizer.mask_id if tokenizer else None, full, result)
+    return result
+
+
+def inspect_path(path: str | Path, tokenizer_spec: str | None = None, verify: bool = False
+                 ) -> tuple[list[dict], Verified]:
+    """The statistics of every dataset under ``path``, after verifying them (``verify``: the
+    full verification); returns them and what the verification could not check."""
     path = Path(path)
     tokenizer = _tokenizer_for(path, tokenizer_spec)
-    return [inspect_dataset(prefix, tokenizer) for prefix in _prefixes(path)]
+    prefixes = _prefixes(path)
+    verified = verify_prefixes(prefixes, tokenizer, verify)
+    return [inspect_dataset(prefix, tokenizer) for prefix in prefixes], verified

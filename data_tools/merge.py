@@ -23,9 +23,9 @@ from data_tools.atomic import remove, temp_name
 from data_tools.indexed import IndexedWriter, read_index
 from data_tools.sources import SKIP_REASONS
 from data_tools.tokenizer import load_tokenizer
+from data_tools.verify import SPLITS, split_record
 from e2d2.errors import UserError
 
-SPLITS = ("train", "valid")
 OUTPUTS = ("train.bin", "train.idx", "valid.bin", "valid.idx", "manifest.json", "tokenizer")
 SHARDS_DIR = "shards"
 _SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.json")
@@ -173,11 +173,13 @@ def _copy_documents(shards, n_train: int, prefixes: dict[str, Path], dtype) -> N
 
 
 def _split_stats(prefix: Path, events: dict[str, Counter]) -> dict:
-    """Counts read back from the written files, so the manifest describes what is there."""
-    _, lengths, document_indices = read_index(f"{prefix}.idx")
+    """Counts, checksums and the largest id read back from the written files, so the
+    manifest describes what is there (``data_tools.verify`` checks against it)."""
+    dtype, lengths, document_indices = read_index(f"{prefix}.idx")
     return {
         "documents": len(document_indices) - 1,
         "tokens": int(lengths.sum(dtype=np.int64)),
+        **split_record(prefix, dtype),
         "skipped": {reason: events.get(reason, 0) for reason in SKIP_REASONS},
         "utf8_replaced": events.get("utf8_replaced", 0),
     }

@@ -8,9 +8,10 @@ Conventions:
 * Attention is counted twice: *dense* (every query against every key the kernel is given,
   what ``torch.utils.flop_counter`` and a dense-mask SDPA kernel do) and *masked* (only the
   (query, key) pairs the mask allows, what a block-sparse kernel needs and what MFU uses).
-* Training backward = 2x forward (grad of inputs + grad of weights), so training = 3x forward,
-  except where autograd prunes work that does not reach the loss: the shared-KV encoder's top
-  layer feeds the decoder only through its K/V, so its Q, attention, O and MLP get no backward.
+* Training backward = 2x forward (grad of inputs + grad of weights), so training = 3x forward.
+* Shared-KV's top encoder layer feeds the decoder only through its K/V
+  (`VariantPlan.top_layer_kv_only`): the models run only its K/V projections, in training
+  and in the sampler's clean passes, and that is what is counted.
 * Per-token training counts divide by the ``L`` tokens of ``x0`` (BD3-LM's 2L stack still
   trains L tokens).
 
@@ -165,7 +166,8 @@ def _kv_of_clean(cfg: ModelConfig, tokens: int) -> FlopsCount:
 class LayerCosts:
     """Forward FLOPs of one training sequence, per piece a pipeline stage can hold.
 
-    ``layer``: one layer of the main stack (E2D2: one encoder layer). ``decoder_layer``: one
+    ``layer``: one layer of the main stack (E2D2: one encoder layer); ``top_layer``: its top
+    layer, the same except for shared-KV (K/V projections only). ``decoder_layer``: one
     E2D2 decoder layer, with its K/V projection of ``h_enc`` (zero for single-stack variants).
     ``embedding``: the token lookup, a gather with no matmul, so zero under this module's
     conventions (kept so that placement names every piece). ``head``: final norm, LM head
@@ -176,6 +178,7 @@ class LayerCosts:
     decoder_layer: FlopsCount
     embedding: FlopsCount
     head: FlopsCount
+    top_layer: FlopsCount
 
 
 @dataclass(frozen=True)
@@ -184,13 +187,17 @@ class ModuleCosts:
     profiler sees): ``attention`` and ``mlp`` of a main-stack (E2D2: encoder) layer (the
     attention's Q/K/V/O projections and its two matmuls), ``decoder_attention`` (with the
     K/V projection of ``h_enc``) and ``decoder_mlp`` of an E2D2 decoder layer (zero for
-    single-stack variants), ``head`` the LM head. ``layer_costs`` sums them per layer."""
+    single-stack variants), ``head`` the LM head. ``top_attention`` and ``top_mlp``: the main
+    stack's top layer, the same as the others except shared-KV's (K/V projections only, no
+    MLP). ``layer_costs`` sums them per layer."""
 
     attention: FlopsCount
     decoder_attention: FlopsCount
     mlp: FlopsCount
     decoder_mlp: FlopsCount
     head: FlopsCount
+    top_attention: FlopsCount
+    top_mlp: FlopsCount
 
 
 def module_costs(cfg: ModelConfig, seq_len: int | None = None) -> ModuleCosts:
@@ -207,25 +214,28 @@ def module_costs(cfg: ModelConfig, seq_len: int | None = None) -> ModuleCosts:
     n = len(plan.main_streams) * L  # the main stack's tokens (BD3-LM: [x0 ; xt])
     main = attention(n, n, visible_pairs(plan.main_mask, L, S))
     if not plan.has_decoder:  # logits only for the predicted stream
-        return ModuleCosts(main, FlopsCount(), mlp(n), FlopsCount(), _head(cfg, L))
+        return ModuleCosts(main, FlopsCount(), mlp(n), FlopsCount(), _head(cfg, L), main, mlp(n))
     decoder = attention(L, 2 * L, visible_pairs(plan.decoder_mask, L, S))
     if plan.own_decoder_kv:  # K/V of h_enc (shared-KV reuses the encoder's)
         decoder += FlopsCount(linear=L * _kv_per_token(cfg))
-    return ModuleCosts(main, decoder, mlp(L), mlp(L), _head(cfg, L))
+    top, top_mlp = main, mlp(L)
+    if plan.top_layer_kv_only:
+        top, top_mlp = FlopsCount(linear=L * _kv_per_token(cfg)), FlopsCount()
+    return ModuleCosts(main, decoder, mlp(L), mlp(L), _head(cfg, L), top, top_mlp)
 
 
 def layer_costs(cfg: ModelConfig, seq_len: int | None = None) -> LayerCosts:
     """Per-layer forward FLOPs of one sequence of ``seq_len`` tokens (``DiffusionLM.forward``)."""
     m = module_costs(cfg, seq_len)
     return LayerCosts(m.attention + m.mlp, m.decoder_attention + m.decoder_mlp, FlopsCount(),
-                      m.head)
+                      m.head, m.top_attention + m.top_mlp)
 
 
 def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
     """One training forward (``DiffusionLM.forward``) of one sequence of ``seq_len`` tokens."""
     costs = layer_costs(cfg, seq_len)
-    return (cfg.num_layers * costs.layer + cfg.num_decoder_layers * costs.decoder_layer
-            + costs.embedding + costs.head)
+    return ((cfg.num_layers - 1) * costs.layer + costs.top_layer
+            + cfg.num_decoder_layers * costs.decoder_layer + costs.embedding + costs.head)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
@@ -235,25 +245,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> Flo
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopsCount:
-    """Forward + backward FLOPs per training token (backward = 2x the forward work it reaches)."""
-    L = seq_len or cfg.seq_length
-    forward = forward_flops_per_sequence(cfg, L)
-    return (3 * forward - 2 * _no_backward(cfg, L)) / L
-
-
-def _no_backward(cfg: ModelConfig, L: int) -> FlopsCount:
-    """Forward work of one sequence whose outputs never reach the loss, so autograd skips it.
-
-    Shared-KV: the decoder reads only the K/V of encoder layers up to the top matched one, so
-    that layer's Q, attention, O and MLP, and every encoder layer above it, are dead ends.
-    (BD3-LM's unused clean half of the last layer is a slice of a live tensor: not pruned.)
-    """
-    if cfg.plan.decoder_keys != "encoder_kv":
-        return FlopsCount()
-    top = cfg.matched_encoder_layer(cfg.num_decoder_layers - 1)
-    dead_layers = cfg.num_layers - top  # the top matched layer counts whole, minus its K/V below
-    dead = _stack(cfg, dead_layers, L, L, visible_pairs(masks.E2D2_ENCODER, L, cfg.block_size))
-    return dead + FlopsCount(linear=-L * _kv_per_token(cfg))
+    """Forward + backward FLOPs per training token (backward = 2x forward)."""
+    return 3 * forward_flops_per_token(cfg, seq_len)
 
 
 # ------------------------------------------------------------------ sampling
@@ -315,9 +308,8 @@ def _prefill(cfg: ModelConfig, n_ctx: int, P: int, S: int) -> FlopsCount:
     if n_ctx == 0:
         return FlopsCount()
     if cfg.prompt_is_bidirectional:
-        return _stack(cfg, cfg.num_layers, P, P, P * P) + _kv_of_clean(cfg, P)
-    visible = visible_pairs(masks.E2D2_ENCODER, n_ctx, S)
-    return _stack(cfg, cfg.num_layers, n_ctx, n_ctx, visible) + _kv_of_clean(cfg, n_ctx)
+        return _clean_pass(cfg, P, P, P * P)
+    return _clean_pass(cfg, n_ctx, n_ctx, visible_pairs(masks.E2D2_ENCODER, n_ctx, S))
 
 
 def _denoise(cfg: ModelConfig, start: int, S: int) -> FlopsCount:
@@ -337,4 +329,15 @@ def _denoise(cfg: ModelConfig, start: int, S: int) -> FlopsCount:
 def _commit(cfg: ModelConfig, start: int, S: int) -> FlopsCount:
     """``model.encode(block)``: the clean pass that appends a finished block to the cache."""
     keys = start + S
-    return _stack(cfg, cfg.num_layers, S, keys, S * keys) + _kv_of_clean(cfg, S)
+    return _clean_pass(cfg, S, keys, S * keys)
+
+
+def _clean_pass(cfg: ModelConfig, queries: int, keys: int, visible: int) -> FlopsCount:
+    """``model.encode``: the main stack over ``queries`` clean tokens (shared-KV's top layer
+    projects only their K/V), and E2D2 last-hidden's decoder K/V of ``h_enc``."""
+    if cfg.plan.top_layer_kv_only:
+        stack = (_stack(cfg, cfg.num_layers - 1, queries, keys, visible)
+                 + FlopsCount(linear=queries * _kv_per_token(cfg)))
+    else:
+        stack = _stack(cfg, cfg.num_layers, queries, keys, visible)
+    return stack + _kv_of_clean(cfg, queries)

@@ -326,13 +326,18 @@ class TransformerLayer(nn.Module):
         return rope.rotate(k), v
 
 
-def run_layers(layers, h: torch.Tensor, rope, mask, prefixes: list[KV | KVSlot | None] | None = None):
+def run_layers(layers, h: torch.Tensor, rope, mask, prefixes: list[KV | KVSlot | None] | None = None,
+               last_kv_only: bool = False):
     """Run ``layers`` in order over ``h [batch, len, hidden]``; layer ``i`` may attend ``prefixes[i]``.
 
     Returns the output and every layer's own K/V (for caches and the shared-KV decoder).
+    ``last_kv_only``: the last layer only projects its K/V (`VariantPlan.top_layer_kv_only`:
+    nothing reads its output), and the output returned is None.
     """
     own: list[KV] = []
     for i, layer in enumerate(layers):
+        if last_kv_only and i == len(layers) - 1:
+            return None, [*own, layer.kv(h, rope)]
         h, kv = layer(h, rope, mask, None if prefixes is None else prefixes[i])
         own.append(kv)
     return h, own

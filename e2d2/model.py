@@ -14,6 +14,13 @@ Parameter names (the megatron conversion maps these):
 
 Layer parameters: ``input_norm``, ``attn.{q,k,v,o}_proj``, ``attn.{q,k}_norm``, ``mlp_norm``,
 ``mlp.{gate,up,down}_proj`` (bias-free, like Qwen3).
+
+Shared-KV reads only the K/V of its top encoder layer (`VariantPlan.top_layer_kv_only`), so
+that layer runs ``input_norm``, ``k_proj``, ``v_proj`` and ``k_norm`` only. Unless the decoder
+is tied to it, its ``q_proj``, ``q_norm``, ``o_proj``, ``mlp_norm`` and ``mlp.*`` are unused
+and get no gradient (as before this layer's work was skipped: autograd pruned it); they stay
+in the state dict so that every layer has the same tensors (checkpoints, the Hugging Face
+export and import of a causal LM, whose top layer uses them).
 """
 
 from __future__ import annotations
@@ -265,7 +272,7 @@ class DiffusionLM(nn.Module):
         noisy = noisy_input(plan, x0, xt, S) if cfg.shift else xt  # None for AR
         main_rope = self._rope(plan.main_positions(pos))
         h, main_kv = run_layers(self.layers, self.embed(plan.main_tokens(x0, noisy)), main_rope,
-                                mask_of(plan.main_mask))
+                                mask_of(plan.main_mask), last_kv_only=plan.top_layer_kv_only)
         if plan.has_decoder:  # a one-stream encoder (every E2D2) has the decoder's positions
             rope = main_rope if len(plan.main_streams) == 1 else self._rope(pos)
             h = self._decode(h, main_kv, noisy, rope, mask_of(plan.decoder_mask))
@@ -308,7 +315,7 @@ class DiffusionLM(nn.Module):
     def encode(
         self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
         mask: torch.Tensor | None = None, keep: int | None = None, rope: RopeTables | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Run the clean stack over ``tokens [batch, n]`` placed after the cache's columns, write
         their K/V there and keep the first ``keep`` (default all) of them: ``cache.length``
         grows by ``keep``; the rest stays unclaimed (a prompt tail is re-encoded with its block).
@@ -317,7 +324,8 @@ class DiffusionLM(nn.Module):
         length + n]`` over the cached columns then the new tokens, or None (all visible).
         E2D2 runs its encoder (and, last-hidden, the decoder layers' K/V of ``h_enc``); BD3-LM
         and AR their stack. Returns the stack's output ``[batch, n, hidden]`` (AR reads its
-        logits from it). ``rope``: `rope_tables` of ``positions``, where the caller has them.
+        logits from it), or None for shared-KV, whose top encoder layer only writes its K/V
+        (`VariantPlan.top_layer_kv_only`). ``rope``: `rope_tables` of ``positions``, where the caller has them.
         Inference only: no autograd (the inference path of `e2d2.layers`).
         """
         cfg, n = self.cfg, tokens.shape[1]
@@ -328,9 +336,15 @@ class DiffusionLM(nn.Module):
         rope = self.rope_tables(positions) if rope is None else rope
         sdpa_mask = None if mask is None else mask[:, None]
         h = F.embedding(tokens.reshape(-1), self.embed.weight)
-        for layer, slot in zip(self.layers, cache.slots(cache.layers), strict=True):
+        layers, slots = list(self.layers), cache.slots(cache.layers)
+        if cfg.plan.top_layer_kv_only:  # the decoder reads the top layer's K/V, not its output
+            top, top_slot = layers.pop(), slots.pop()
+        for layer, slot in zip(layers, slots, strict=True):
             h = layer.infer(h, layer.fused_weights(), rope, sdpa_mask, slot, tokens.shape[0])
         h = h.view(*tokens.shape, -1)
+        if cfg.plan.top_layer_kv_only:
+            top_slot.extend(top.infer_kv(h, top.fused_weights(), rope))
+            h = None
         if cfg.plan.own_decoder_kv:
             scale, eps_term = self.inference_encoder_norm()
             h_enc = inference_rms(h, eps_term) * scale

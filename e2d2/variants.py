@@ -64,6 +64,13 @@ class VariantPlan:
         return self.decoder_keys == "h_enc"
 
     @property
+    def top_layer_kv_only(self) -> bool:
+        """Whether only the K/V of the main stack's top layer are read (shared-KV: the decoder
+        reads its matched encoder layers' K/V and never the encoder's output), so that layer
+        projects its K/V and skips its queries, attention, output projection and MLP."""
+        return self.decoder_keys == "encoder_kv"
+
+    @property
     def num_streams(self) -> int:
         """Length-``L`` streams the model runs: the main stack's, plus the decoder's noisy one."""
         return len(self.main_streams) + self.has_decoder

@@ -100,11 +100,14 @@ class DataSection:
 @dataclass(frozen=True)
 class CheckpointSection:
     """Save every ``interval`` steps and at the end, keep the newest ``keep``; ``init`` names a
-    checkpoint (iteration directory or run directory) whose weights start a new run."""
+    checkpoint (iteration directory or run directory) whose weights start a new run. It must
+    hold exactly the model's tensors unless ``init_strict`` is False: then the tensors that
+    match are loaded, the others drawn at ``run.seed``, and the log counts both."""
 
     interval: int = 1000
     keep: int = 3
     init: str | None = None
+    init_strict: bool = True
 
     def __post_init__(self) -> None:
         require(self.interval > 0, f"checkpoint.interval must be positive, got {self.interval}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from data_tools.batches import (
     make_dataloader,
 )
 from data_tools.tokenizer import E2D2Tokenizer, load_tokenizer
+from data_tools.verify import verify_directory
 from e2d2.config import ModelConfig
 from e2d2.errors import UserError
 from launchers.config import RunConfig
@@ -64,6 +67,11 @@ def load_run_tokenizer(cfg: RunConfig) -> E2D2Tokenizer:
             raise UserError(f"data.path {path} was tokenized with another tokenizer than "
                             f"{paths[0]}; a blend needs one tokenizer")
     check_vocabulary(tokenizer, cfg.model, str(paths[0]))
+    for path in paths:  # the cheap verification: sizes, counts, the recorded largest id
+        verified = verify_directory(path, cfg.model.vocab_size, cfg.model.mask_token_id)
+        if os.environ.get("RANK", "0") == "0":
+            for note in verified.notes:
+                print(f"e2d2 pretrain: note: {note}", file=sys.stderr)
     return tokenizer
 
 
@@ -105,8 +113,14 @@ class PretrainData:
         ids = PretrainingBatchSampler(len(dataset), consumed, self.mb, self.dp_rank, self.dp_size)
         loader = make_dataloader(dataset, consumed, self.mb, self.dp_rank, self.dp_size,
                                  self.cfg.data.num_workers)
+        vocab = self.cfg.model.vocab_size
         for sample_ids, batch in zip(ids, loader, strict=True):
-            yield batch["tokens"].long(), sample_ids
+            tokens = batch["tokens"].long()
+            if int(tokens.max()) >= vocab:  # damage the start-up check cannot see (no scan)
+                raise UserError(f"a sample of data.path holds token id {int(tokens.max())}, not "
+                                f"below model.vocab_size={vocab}: the data is damaged; find it "
+                                "with `e2d2 data inspect DIR --verify`")
+            yield tokens, sample_ids
 
     def train_steps(self, consumed_samples: int) -> Iterator[list[MicroBatch]]:
         """This rank's micro-batches of every global step after ``consumed_samples``."""

@@ -248,7 +248,6 @@ class _Trainer:
 
     # -- setup ------------------------------------------------------------------------------
     def _build_model(self) -> None:
-        from megatron_ext import checkpoint as engine_checkpoint
         from megatron_ext.engine import build_engine
         from megatron_ext.mapping import param_maps
         from megatron_ext.training import build_training_optimizer
@@ -257,8 +256,8 @@ class _Trainer:
         init = cfg.checkpoint.init
         self.stages, self.chunks = build_engine(
             cfg.model, self.parallel, seed=cfg.run.seed,
-            load=None if init is None else (
-                lambda stages: engine_checkpoint.load(stages, resolve_checkpoint(init))))
+            init=None if init is None else resolve_checkpoint(init),
+            init_strict=cfg.checkpoint.init_strict, log=lambda line: self.log(f"e2d2 pretrain: {line}"))
         self.optimizer, self.scheduler = build_training_optimizer(self.chunks, self.parallel,
                                                                   cfg.train)
         self.params = [m.param for stage in self.stages for m in param_maps(stage)]

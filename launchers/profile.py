@@ -160,7 +160,8 @@ def analytic_flops(cfg: ModelConfig, names: list[str], batch: int) -> dict[str, 
 
     def layer(stack: str, index: int) -> dict[str, float]:
         """A layer's forward FLOPs per call it gets: {"attn": ..., "mlp": ...}."""
-        calls = [(m.attention, m.mlp)] if stack == "layers" else []
+        top = stack == "layers" and index == cfg.num_layers - 1
+        calls = [(m.top_attention, m.top_mlp) if top else (m.attention, m.mlp)] if stack == "layers" else []
         if stack == "decoder_layers" or index in tied:
             calls.append((m.decoder_attention, m.decoder_mlp))
         return {"attn": sum(a.dense for a, _ in calls), "mlp": sum(f.dense for _, f in calls)}

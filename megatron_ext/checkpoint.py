@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
+from e2d2.config import ModelConfig
 from e2d2.errors import UserError
+from e2d2.model import DiffusionLM
 from megatron_ext import optimizer_fixes
-from megatron_ext.mapping import ParamMap, Part, param_maps
+from megatron_ext.mapping import ParamMap, Part, initialize_at_seed, param_maps
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema."
@@ -131,6 +134,103 @@ def load(chunks: list[torch.nn.Module], directory: str) -> None:
     _copy_into_params(chunks, loaded, MODEL_PREFIX)
 
 
+@dataclass(frozen=True)
+class InitReport:
+    """How a model's reference tensors met an initial-weights checkpoint (the same on every
+    rank): ``loaded`` from it; ``fresh``: missing or of another shape there, drawn at the
+    seed; ``dropped``: the checkpoint's tensors this model has no place for (or of another
+    shape). Names are reference names, in the model's order (``dropped``: sorted)."""
+
+    directory: str
+    loaded: tuple[str, ...]
+    fresh: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+    @property
+    def exact(self) -> bool:
+        return not self.fresh and not self.dropped
+
+    def describe(self, seed: int) -> str:
+        """One line for the run's log (``seed``: what the fresh tensors were drawn at)."""
+        if self.exact:
+            return f"checkpoint {self.directory} (all {len(self.loaded)} tensors loaded)"
+
+        def some(names: tuple[str, ...]) -> str:
+            return "" if not names else f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+        return (f"checkpoint {self.directory}, not strict: {len(self.loaded)} tensors loaded, "
+                f"{len(self.dropped)} dropped{some(self.dropped)}, {len(self.fresh)} freshly "
+                f"initialised at seed {seed}{some(self.fresh)}")
+
+
+def _init_shapes(cfg: ModelConfig, directory: str | Path) -> tuple[dict, dict]:
+    """``({reference name: shape}`` of the model, the same of the checkpoint``)``."""
+    saved = {k[len(MODEL_PREFIX):]: tuple(v.global_shape)
+             for k, v in _metadata(directory).items() if k.startswith(MODEL_PREFIX)}
+    with torch.device("meta"):
+        wanted = {name: tuple(p.shape) for name, p in DiffusionLM(cfg, seed=0).named_parameters()}
+    return wanted, saved
+
+
+def compare_init(cfg: ModelConfig, directory: str | Path) -> InitReport:
+    """Match the reference tensors of ``cfg`` against the checkpoint's (metadata only)."""
+    wanted, saved = _init_shapes(cfg, directory)
+    fits = [name for name, shape in wanted.items() if saved.get(name) == shape]
+    return InitReport(str(directory), tuple(fits),
+                      tuple(name for name in wanted if name not in fits),
+                      tuple(sorted(name for name in saved if name not in fits)))
+
+
+def _mismatch(report: InitReport, cfg: ModelConfig) -> ModelMismatchError:
+    """The one error for a checkpoint that does not match the model: its first missing or
+    mis-shaped tensor, else the first it holds that the model has no place for."""
+    wanted, saved = _init_shapes(cfg, report.directory)
+    if report.fresh:
+        name = report.fresh[0]
+        problem = (f"it has no tensor {name!r}" if name not in saved else
+                   f"{name} has shape {saved[name]} there, this model needs {wanted[name]}")
+    else:
+        problem = f"it holds {report.dropped[0]!r}, which this model has no place for"
+    return ModelMismatchError(
+        f"checkpoint.init={report.directory} does not match this model (variant "
+        f"{cfg.variant}): {problem} ({len(report.fresh)} of the model's tensors missing or "
+        f"mis-shaped, {len(report.dropped)} of the checkpoint's unused). Set the model section "
+        "as it was saved (the checkpoint's config.yaml), or pass checkpoint.init_strict=false "
+        "to load the tensors that match and draw the rest at run.seed")
+
+
+def load_init(chunks: list[torch.nn.Module], cfg: ModelConfig, directory: str | Path, *,
+              strict: bool = True, seed: int = 0) -> InitReport:
+    """Collective: the initial weights of a new run from ``directory`` (any layout).
+
+    ``strict``: the checkpoint must hold exactly this model's tensors, in its shapes; else
+    ``ModelMismatchError`` names the first missing or mis-shaped tensor (or the first one the
+    model has no place for). Not strict: every tensor is first drawn at ``seed``, then those
+    that match are loaded (a fused parameter part by part); the report says what happened.
+    """
+    report = compare_init(cfg, directory)
+    if strict and not report.exact:
+        raise _mismatch(report, cfg)
+    if not report.exact:
+        for stage in chunks:
+            initialize_at_seed(stage, cfg, seed)
+    loadable = set(report.loaded)
+    template, targets = {}, {}
+    for stage in chunks:
+        for m, replica_id in _stage_maps(stage):
+            for part in m.parts:
+                if part.reference_name in loadable:
+                    key = MODEL_PREFIX + part.reference_name
+                    template[key] = _part_tensor(key, part, part.read(m.param.detach()).clone(),
+                                                 replica_id)
+                    targets[key] = (m, part)
+    loaded = dist_checkpointing.load(template, str(directory)) if template else {}
+    with torch.no_grad():
+        for key, (m, part) in targets.items():
+            part.write(m.param, loaded[key])
+    return report
+
+
 def _copy_into_params(chunks, loaded: dict, prefix: str) -> None:
     with torch.no_grad():
         for stage in chunks:
@@ -138,12 +238,17 @@ def _copy_into_params(chunks, loaded: dict, prefix: str) -> None:
                 m.param.copy_(loaded[prefix + m.name])
 
 
-def _check_shapes(chunks: list[torch.nn.Module], directory: str | Path) -> None:
-    """One clear error when the checkpoint holds another model (a missing or resized tensor)."""
+def _metadata(directory: str | Path) -> dict:
+    """The checkpoint's tensors' metadata (global shapes), or one clear error."""
     try:
-        saved = dist_checkpointing.load_tensors_metadata(str(directory))
+        return dist_checkpointing.load_tensors_metadata(str(directory))
     except Exception as exc:  # noqa: BLE001 - any unreadable metadata is the same user error
         raise CheckpointError(f"{directory} is not a readable checkpoint: {exc}") from None
+
+
+def _check_shapes(chunks: list[torch.nn.Module], directory: str | Path) -> None:
+    """One clear error when the checkpoint holds another model (a missing or resized tensor)."""
+    saved = _metadata(directory)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for stage in chunks:
         for m in param_maps(stage):

@@ -7,10 +7,12 @@ constant rate that matches the reference trainer's."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from megatron.core.distributed import DistributedDataParallel
 
 from e2d2.config import ModelConfig
+from megatron_ext.checkpoint import load_init
 from megatron_ext.layout import ParallelConfig
 from megatron_ext.mapping import initialize_at_seed
 from megatron_ext.model import ParallelDiffusionLM, build_chunks
@@ -22,17 +24,25 @@ def build_engine(
     parallel: ParallelConfig,
     *,
     seed: int = 0,
-    load: Callable[[list[ParallelDiffusionLM]], None] | None = None,
+    init: str | Path | None = None,
+    init_strict: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[ParallelDiffusionLM], list[DistributedDataParallel]]:
     """``(stages, chunks)`` of this rank: the unwrapped stages (the handles for the name
-    mapping and checkpoints) and the same parameters wrapped for training. The weights are
-    ``load(stages)``'s when given (a checkpoint that holds every weight: nothing is drawn
-    first), else the reference model's at ``seed``, drawn shard by shard so that only this
-    rank's shards are ever in memory. Call inside ``megatron_layout(parallel)``."""
+    mapping and checkpoints) and the same parameters wrapped for training.
+
+    The weights are the checkpoint ``init``'s (`megatron_ext.checkpoint.load_init`: one that
+    holds every weight of this model and nothing else, unless ``init_strict`` is False), else
+    the reference model's at ``seed``, drawn shard by shard so that only this rank's shards
+    are ever in memory. ``log`` gets one line saying where they came from. Call inside
+    ``megatron_layout(parallel)``."""
     stages = build_chunks(cfg, parallel)
-    if load is not None:
-        load(stages)
+    if init is not None:
+        source = load_init(stages, cfg, init, strict=init_strict, seed=seed).describe(seed)
     else:
         for stage in stages:
             initialize_at_seed(stage, cfg, seed)
+        source = f"drawn at seed {seed}"
+    if log is not None:
+        log(f"initial weights: {source}")
     return stages, wrap_ddp(stages, stages[0].config, parallel)

@@ -411,6 +411,8 @@ class PipelinePlan:
         out = []
         for layers in self.stages():
             total = len(layers.encoder) * costs.layer + len(layers.decoder) * costs.decoder_layer
+            if self.model.num_layers - 1 in layers.encoder:
+                total += costs.top_layer - costs.layer
             if layers.holds_embedding:
                 total += costs.embedding
             if layers.holds_head:

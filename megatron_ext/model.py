@@ -465,7 +465,8 @@ class ParallelDiffusionLM(MegatronModule):
             h_enc, h_dec = incoming.split(incoming.shape[1] // 2, dim=1)
         enc_kv = []
         if len(self.layers):  # decoder-only stages build no encoder mask
-            h_enc, enc_kv = run_layers(self.layers, h_enc, rope, self._mask(plan.main_mask, batch))
+            h_enc, enc_kv = run_layers(self.layers, h_enc, rope, self._mask(plan.main_mask, batch),
+                                       last_kv_only=plan.top_layer_kv_only and self.ends_encoder)
         if plan.own_decoder_kv and self.ends_encoder:
             h_enc = self.encoder_norm(h_enc)
         decoder = self._decoder_layers()
