@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import e2d2.sampling as sampling
+import e2d2.sampling.denoise
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
 from e2d2.model import BlockForward, DiffusionLM
@@ -21,6 +22,7 @@ from e2d2.sampling import (
     sample,
     sample_prompts,
 )
+from e2d2.sampling.distributions import nucleus
 
 V, MASK, S = 12, 11, 4  # small vocabulary, so a random model hits any given token often
 EOS = 3
@@ -208,7 +210,7 @@ def test_eos_does_not_change_the_finished_prefix():
 def test_unchanged_block_reuses_model_output(monkeypatch, use_cache):
     model = tiny_model("e2d2_shared_kv")
     forwards = record(monkeypatch, BlockForward, "__call__") if use_cache else record(monkeypatch, model, "forward")
-    states = record(monkeypatch, sampling, "denoise_step")
+    states = record(monkeypatch, e2d2.sampling.denoise, "denoise_step")
     steps = 64  # with 4 tokens per block, most steps reveal nothing
     out = run(model, prompts(1, 4), strategy="ancestral", steps=steps, max_new_tokens=12,
               use_cache=use_cache)
@@ -518,9 +520,9 @@ def test_tiny_top_p_samples_the_argmax():
 
 def test_nucleus_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
-    kept = sampling._nucleus(probs, 0.75)  # 0.5 + 0.3 reaches it; 0.5 alone does not
+    kept = nucleus(probs, 0.75)  # 0.5 + 0.3 reaches it; 0.5 alone does not
     torch.testing.assert_close(kept, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))
-    torch.testing.assert_close(sampling._nucleus(probs, 1.0), probs)
+    torch.testing.assert_close(nucleus(probs, 1.0), probs)
 
 
 def test_min_t_ends_the_time_grid():
