@@ -3,6 +3,7 @@ per-row streams and output reuse, EOS and stop strings, strategy properties."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -415,6 +416,46 @@ def test_mixed_length_prompts_equal_each_prompt_alone(variant, temperature):
         for p, seed, completion in zip(lists, seeds, got, strict=True):
             alone = sample(model, torch.tensor([p], dtype=torch.long).view(1, len(p)), cfg, seeds=[seed])
             assert completion == alone.completion(0), (p, use_cache)
+
+
+@functools.cache
+def tiny_model_float32(name: str) -> DiffusionLM:
+    return copy.deepcopy(tiny_model(name)).float()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("variant", ["e2d2", "bd3lm", "mdlm"])
+def test_an_empty_prompt_in_a_mixed_batch_equals_it_alone(variant, strategy, dtype):
+    """After an empty prompt every position of the first block is [MASK] and gets the same
+    logits up to float noise, which differs between a padded batch row and the row alone:
+    confidence ties must be broken the same way in both (by position)."""
+    model = tiny_model(variant) if dtype == "float64" else tiny_model_float32(variant)
+    lists = [[1, 2, 3], [], [5, 6, 7, 8, 9, 10], [4]]
+    for temperature in (0.0, 1.0):
+        cfg = SamplerConfig(strategy=strategy, steps=3, temperature=temperature, max_new_tokens=10)
+        got = sample_prompts(model, lists, cfg, seeds=[1, 2, 3, 4])
+        alone = sample(model, torch.zeros(1, 0, dtype=torch.long), cfg, seeds=[2])
+        assert got[1] == alone.completion(0), temperature
+
+
+@pytest.mark.parametrize("strategy", ["topk", "topk_margin", "threshold"])
+def test_confidence_ties_go_to_the_leftmost_position(strategy):
+    """Equal distributions at every position, perturbed by noise far below any real lead
+    (the rightmost slightly ahead): the step reveals the leftmost positions."""
+    xt = torch.full((2, 6), MASK)
+    probs = _probs([[[0.5, 0.3, 0.2]] * 6] * 2)
+    noise = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 0, 4, 1, 3, 2]]) * 1e-8
+    probs[..., 0] += noise
+    half = StepTimes(0.0, 0.5, 0.0, False)  # top-k reveals 3 of 6; threshold 0.9 reveals 1
+    revealed = (_step(strategy, xt, probs, half) != MASK).tolist()
+    expected = [True] * 3 + [False] * 3 if strategy != "threshold" else [True] + [False] * 5
+    assert revealed == [expected, expected]
+    # a real lead still wins: the most confident position is the last one
+    probs[:, -1, 0] += 0.01
+    revealed = (_step(strategy, xt, probs, half) != MASK).tolist()
+    expected = [True] * 2 + [False] * 3 + [True] if strategy != "threshold" else [False] * 5 + [True]
+    assert revealed == [expected, expected]
 
 
 # ------------------------------------------------------------ API and validation

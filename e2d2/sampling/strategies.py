@@ -122,9 +122,23 @@ def _first_hitting(masked: torch.Tensor, uniform) -> torch.Tensor:
     return one & masked
 
 
+# A confidence lead smaller than this per position of distance goes to the left position.
+# Exact ties (the identical positions of an all-mask block after an empty prompt) reach the
+# sampler as float noise (~4e-7 in float32), which differs between a padded batch row and the
+# same prompt alone; ordering them by position makes a row's choice its own.
+TIE_STEP = 2.0 ** -17
+
+
+def tie_broken(conf: torch.Tensor) -> torch.Tensor:
+    """``conf [b, W]`` made strictly ordered: ``conf - TIE_STEP * position``, so confidences
+    equal up to float noise go leftmost first (``-inf`` stays ``-inf``)."""
+    return conf - torch.arange(conf.shape[-1], device=conf.device, dtype=conf.dtype) * TIE_STEP
+
+
 def _threshold(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Every masked token above ``threshold``, plus the most confident so a step never stalls."""
-    best = torch.zeros_like(masked).scatter_(-1, conf.argmax(-1, keepdim=True), True)
+    """Every masked token above ``threshold``, plus the most confident (`tie_broken`) so a
+    step never stalls."""
+    best = torch.zeros_like(masked).scatter_(-1, tie_broken(conf).argmax(-1, keepdim=True), True)
     return ((conf > threshold) | best) & masked
 
 
@@ -134,15 +148,14 @@ def _topk(conf: torch.Tensor, n_reveal: list[int]) -> torch.Tensor:
     predict x0, then re-noise to time ``s`` by confidence. ``conf`` is -inf where unmasked and
     above it where masked, so the ``n_reveal`` largest are masked tokens.
 
-    Ties go as ``torch.topk`` breaks them, per row. Rows with different counts run one
-    ``topk`` per count, so a row's choice never depends on the rest of the batch (the first
-    ``k`` of a larger ``topk`` may break a tie otherwise). One ``topk`` and a scatter: a
-    stable double ``argsort`` costs ~3x as much (a sort dispatches 8 ops)."""
+    Ties go to the left (`tie_broken`): the order is strict, so a row with a smaller count
+    takes the first ``k`` of the batch's one ``topk``, and its choice never depends on the
+    rest of the batch. One ``topk`` and a scatter: a stable double ``argsort`` costs ~3x as
+    much (a sort dispatches 8 ops)."""
     reveal = torch.zeros_like(conf, dtype=torch.bool)
-    counts = set(n_reveal)
-    if len(counts) == 1:
-        return reveal.scatter_(-1, conf.topk(n_reveal[0], dim=-1).indices, True)
-    for k in counts:
-        rows = torch.tensor([r for r, n in enumerate(n_reveal) if n == k], device=conf.device)
-        reveal[rows] = reveal[rows].scatter_(-1, conf[rows].topk(k, dim=-1).indices, True)
-    return reveal
+    most = max(n_reveal)
+    order = tie_broken(conf).topk(most, dim=-1).indices  # sorted, most confident first
+    if min(n_reveal) == most:
+        return reveal.scatter_(-1, order, True)
+    take = torch.arange(most, device=conf.device) < torch.tensor(n_reveal, device=conf.device)[:, None]
+    return reveal.scatter_(-1, order, take)
