@@ -107,8 +107,6 @@ def test_generate_is_the_reference_sampler_for_every_strategy(runs, tmp_path):
     # Unset arguments come from generation_config.json (the run's sampler: greedy top-k).
     default = SamplerConfig(strategy="topk", steps=2, temperature=0.0, max_new_tokens=8)
     assert torch.equal(hf.generate(prompt), sample(model, prompt, default).tokens)
-    with pytest.raises(ValueError, match="one length"):
-        hf.generate(prompt, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]] * 3))
 
 
 def test_ema_export_holds_the_ema_weights(runs, tmp_path):

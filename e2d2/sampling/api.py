@@ -47,7 +47,7 @@ def _check(model: DiffusionLM, prompt_lengths: torch.Tensor, cfg: SamplerConfig,
     elif longest > mcfg.seq_length:
         warnings.warn(f"sampling {longest} positions with a model trained on seq_length="
                       f"{mcfg.seq_length}: positions past it were never seen in training "
-                      "(sliding_window=True keeps them inside)", stacklevel=4)
+                      "(sliding_window=True, `e2d2 sample --sliding-window`, keeps them inside)", stacklevel=4)
 
 
 
@@ -83,14 +83,22 @@ def sample(
     *,
     seeds: Sequence[int] | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    prompt_lengths: torch.Tensor | None = None,
 ) -> SampleOutput:
     """Generate ``cfg.max_new_tokens`` tokens after ``prompt [batch, P]`` (see module docstring).
 
     ``seeds``: one seed per row (row ``r`` draws only from its own stream); by default they
     are drawn from ``generator`` (or torch's global generator). ``decode``: token ids to text,
-    needed by ``cfg.stop_strings``.
+    needed by ``cfg.stop_strings``. ``prompt_lengths [batch]``: row ``r``'s prompt is
+    ``prompt[r, :prompt_lengths[r]]`` (the rest is padding); default: every row is ``P`` long.
     """
-    plens = torch.full((prompt.shape[0],), prompt.shape[1], dtype=torch.long, device=prompt.device)
+    batch, P = prompt.shape[0], prompt.shape[-1]
+    if prompt_lengths is None:
+        plens = torch.full((batch,), P, dtype=torch.long, device=prompt.device)
+    else:
+        plens = torch.as_tensor(prompt_lengths, dtype=torch.long, device=prompt.device)
+        if plens.shape != (batch,) or bool((plens < 0).any() or (plens > P).any()):
+            raise ValueError(f"prompt_lengths must hold {batch} lengths in [0, {P}], got {plens.tolist()}")
     return _run(model, prompt, plens, cfg, generator, seeds, decode)
 
 
@@ -112,5 +120,5 @@ def sample_prompts(
     padded = torch.zeros(len(prompts), int(plens.max()), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
-    out = _run(model, padded, plens, cfg, generator, seeds, decode)
+    out = sample(model, padded, cfg, generator, seeds=seeds, decode=decode, prompt_lengths=plens)
     return [out.completion(i) for i in range(len(prompts))]
