@@ -24,6 +24,9 @@ Conventions and choices:
   the strategy's choice, ancestral and first-hitting only), and only on steps where its block
   still has a mask. A row's sample therefore does not depend on the other rows of its batch,
   and cached and uncached runs consume identical streams and give identical tokens.
+* **Confidence ties go to the left** (`strategies.tie_broken`): exact ties (an empty
+  prompt's all-mask first block) reach the sampler as float noise that differs between a
+  padded batch row and the row alone; ordering them by position keeps the row's choice its own.
 * **Output reuse is per row**: a row whose block did not change since its last forward
   reuses its distribution; a step runs the denoiser only on the rows whose block changed.
   ``row_nfe`` counts each row's forwards, ``nfe_per_block`` the batched denoiser calls.
