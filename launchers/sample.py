@@ -1,9 +1,12 @@
-"""``e2d2 sample RUN_DIR_OR_CHECKPOINT --prompt TEXT ... --max-new-tokens N``: text from a checkpoint.
+"""``e2d2 sample RUN_DIR_OR_CHECKPOINT --prompt TEXT ...``: text from a checkpoint.
 
 The checkpoint (of any TP/PP/DP layout) is read into the reference model
 (``e2d2.model.DiffusionLM``) on one process, and ``e2d2.sampling`` generates with its KV
-cache, prompts of any lengths batched together (the AR baseline autoregressively). Sampler settings default to the run's ``sampler`` section. ``--json`` prints one
-object per sample: ``{"prompt", "tokens" (the generated ids), "text" (their decoding)}``.
+cache, prompts of any lengths batched together (the AR baseline autoregressively). Sampler
+settings default to the run's ``sampler`` section; every ``SamplerConfig`` field has a flag
+(``--top-p``, ``--stop``, ``--sliding-window``, ...; docs/sampling.md). Each sample is printed
+under a numbered header line; ``--json`` prints one object per sample instead:
+``{"sample", "seed", "prompt", "tokens" (the generated ids), "text" (their decoding)}``.
 """
 
 from __future__ import annotations
@@ -11,11 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 
 import torch
 
 from e2d2.errors import UserError
+from e2d2.sampling import SamplerConfig
+
+# Command-line names besides the field's own (``--stop-strings``).
+FLAG_ALIASES = {"stop_strings": ("--stop",)}
 
 
 def register(subparsers) -> None:
@@ -24,15 +33,50 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run directory (its latest checkpoint) or an iter_* directory")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--strategy", help="override sampler.strategy")
-    p.add_argument("--steps", type=int, help="override sampler.steps (denoising steps per block)")
-    p.add_argument("--temperature", type=float, help="override sampler.temperature (0 = greedy)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     p.add_argument("--ema", action="store_true", help="sample with the EMA weights")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
+    add_sampler_flags(p)
     p.set_defaults(func=_command)
+
+
+def _none_or(kind: type):
+    """An argparse type for an optional field: ``none`` gives None."""
+
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `SamplerConfig` field (``top_p`` -> ``--top-p``), generated from the
+    dataclass; an unset flag leaves the attribute out of the namespace (`sampler_overrides`)."""
+    group = parser.add_argument_group("sampler settings (default: the run's sampler section)")
+    hints = typing.get_type_hints(SamplerConfig)
+    for field in dataclasses.fields(SamplerConfig):
+        hint, flags = hints[field.name], ("--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, ()))
+        kwargs: dict = {"dest": field.name, "default": argparse.SUPPRESS}
+        args = typing.get_args(hint)
+        if hint is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, help=f"sampler.{field.name}")
+        elif typing.get_origin(hint) is tuple:  # stop_strings: repeat the flag
+            kwargs.update(action="append", type=args[0], metavar="TEXT",
+                          help=f"sampler.{field.name}, one per flag")
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+            (kind,) = [a for a in args if a is not type(None)]
+            kwargs.update(type=_none_or(kind), metavar=kind.__name__.upper(),
+                          help=f"sampler.{field.name} (none: unset)")
+        else:
+            kwargs.update(type=hint, metavar=hint.__name__.upper(), help=f"sampler.{field.name}")
+        group.add_argument(*flags, **kwargs)
+
+
+def sampler_overrides(args: argparse.Namespace) -> dict:
+    """The `SamplerConfig` fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig) if hasattr(args, f.name)}
 
 
 def run_tokenizer(cfg, checkpoint: Path):
@@ -73,28 +117,31 @@ def load_reference_model(checkpoint: Path, ema: bool = False):
 def _command(args: argparse.Namespace) -> int:
     from e2d2.sampling import sample_prompts
     from launchers.checkpointing import resolve_checkpoint
+    from launchers.config import load_run_config
 
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise UserError("--max-new-tokens and --batch-size must be >= 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
     checkpoint = resolve_checkpoint(args.checkpoint)
+    # A bad flag fails here, before the weights are read.
+    sampler = dataclasses.replace(load_run_config(checkpoint / "config.yaml").sampler, **sampler_overrides(args))
     cfg, model = load_reference_model(checkpoint, args.ema)
     tokenizer = run_tokenizer(cfg, checkpoint)
-    overrides = {k: v for k, v in (("strategy", args.strategy), ("steps", args.steps),
-                                   ("temperature", args.temperature)) if v is not None}
-    sampler = dataclasses.replace(cfg.sampler, max_new_tokens=args.max_new_tokens,
-                                  eos_token_id=cfg.sampler.eos_token_id
-                                  if cfg.sampler.eos_token_id is not None else tokenizer.eod,
-                                  **overrides)
+    if sampler.eos_token_id is None:
+        sampler = dataclasses.replace(sampler, eos_token_id=tokenizer.eod)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
         # Prompt i draws from seed + i: a sample does not depend on --batch-size.
         seeds = [args.seed + i for i in range(start, start + len(chunk))]
         completions = sample_prompts(model, chunk, sampler, seeds=seeds, decode=tokenizer.decode)
-        for text, ids in zip(args.prompt[start:], completions, strict=False):
+        for i, (text, ids) in enumerate(zip(args.prompt[start:], completions, strict=False), start):
             completion = tokenizer.decode(ids)
             if args.json:
-                print(json.dumps({"prompt": text, "tokens": ids, "text": completion}))
-            else:
-                print(f"{text}{completion}")
+                print(json.dumps({"sample": i + 1, "seed": args.seed + i, "prompt": text, "tokens": ids,
+                                  "text": completion}))
+                continue
+            if i:
+                print()
+            print(f"=== sample {i + 1} of {len(prompts)} (seed {args.seed + i}, {len(ids)} tokens) ===")
+            print(f"{text}{completion}")
     return 0

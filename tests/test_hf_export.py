@@ -5,6 +5,7 @@ identical to ``e2d2/``, shards streamed, bad input refused with nothing written.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import shutil
 import uuid
@@ -106,8 +107,6 @@ def test_generate_is_the_reference_sampler_for_every_strategy(runs, tmp_path):
     # Unset arguments come from generation_config.json (the run's sampler: greedy top-k).
     default = SamplerConfig(strategy="topk", steps=2, temperature=0.0, max_new_tokens=8)
     assert torch.equal(hf.generate(prompt), sample(model, prompt, default).tokens)
-    with pytest.raises(ValueError, match="one length"):
-        hf.generate(prompt, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]] * 3))
 
 
 def test_ema_export_holds_the_ema_weights(runs, tmp_path):
@@ -173,27 +172,25 @@ def test_config_card_and_generation_config(runs, tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def _normalized(tree: ast.Module) -> str:
-    """The AST with the export's relative imports turned back into ``e2d2`` imports."""
+def _normalized(tree: ast.Module, modules: dict[str, str]) -> str:
+    """The AST with the export's relative imports turned back into ``e2d2`` imports
+    (``modules``: shipped file stem -> module, ``e2d2_sampling_config`` -> ``e2d2.sampling.config``)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
-            node.level = 0
-            if node.module is None:  # from . import e2d2_masks as masks
-                (alias,) = node.names
-                node.module, alias.name, alias.asname = "e2d2", alias.asname, None
-                assert node.names[0].name == alias.name
-            else:
-                node.module = node.module.replace("e2d2_", "e2d2.", 1)
+            node.level, node.module = 0, modules[node.module]
     return ast.dump(tree)
 
 
 def _drifted(out: Path) -> list[str]:
     """Shipped ``e2d2_*.py`` files whose code differs from ``e2d2/`` (an empty list: none)."""
-    repo = Path(__file__).resolve().parents[1]
+    from launchers.hf import remote_code
+
+    sources = {remote_code.shipped_name(m): m for m in remote_code.module_closure()}
+    modules = {name.removesuffix(".py"): m for name, m in sources.items()}
     bad = []
     for shipped in sorted(out.glob("e2d2_*.py")):
-        source = repo / "e2d2" / shipped.name.removeprefix("e2d2_")
-        if _normalized(ast.parse(shipped.read_text())) != ast.dump(ast.parse(source.read_text())):
+        source = Path(importlib.util.find_spec(sources[shipped.name]).origin)
+        if _normalized(ast.parse(shipped.read_text()), modules) != ast.dump(ast.parse(source.read_text())):
             bad.append(shipped.name)
     return bad
 
@@ -204,7 +201,10 @@ def test_shipped_code_is_the_reference_code(runs, tmp_path):
     out = export_hf(runs["e2d2"][1], _out(tmp_path, "code"))
     assert _drifted(out) == []
     shipped = {p.name for p in out.glob("*.py")}
-    assert {"e2d2_model.py", "e2d2_sampling.py", "e2d2_layers.py", "e2d2_masks.py"} <= shipped
+    assert {"e2d2_model.py", "e2d2_sampling.py", "e2d2_sampling_api.py", "e2d2_layers.py",
+            "e2d2_masks.py"} <= shipped
+    assert shipped >= {f"e2d2_sampling_{p.stem}.py" for p in (Path(__file__).parents[1] / "e2d2"
+                                                               / "sampling").glob("[!_]*.py")}
     # transformers copies exactly these files for the modeling module, and each of them
     # imports nothing but the standard library, torch and transformers.
     found = {Path(p).name for p in get_relative_import_files(str(out / "modeling_e2d2.py"))}

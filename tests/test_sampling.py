@@ -3,12 +3,14 @@ per-row streams and output reuse, EOS and stop strings, strategy properties."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
 
 import e2d2.sampling as sampling
+import e2d2.sampling.denoise
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
 from e2d2.model import BlockForward, DiffusionLM
@@ -21,6 +23,7 @@ from e2d2.sampling import (
     sample,
     sample_prompts,
 )
+from e2d2.sampling.distributions import nucleus
 
 V, MASK, S = 12, 11, 4  # small vocabulary, so a random model hits any given token often
 EOS = 3
@@ -208,7 +211,7 @@ def test_eos_does_not_change_the_finished_prefix():
 def test_unchanged_block_reuses_model_output(monkeypatch, use_cache):
     model = tiny_model("e2d2_shared_kv")
     forwards = record(monkeypatch, BlockForward, "__call__") if use_cache else record(monkeypatch, model, "forward")
-    states = record(monkeypatch, sampling, "denoise_step")
+    states = record(monkeypatch, e2d2.sampling.denoise, "denoise_step")
     steps = 64  # with 4 tokens per block, most steps reveal nothing
     out = run(model, prompts(1, 4), strategy="ancestral", steps=steps, max_new_tokens=12,
               use_cache=use_cache)
@@ -415,6 +418,46 @@ def test_mixed_length_prompts_equal_each_prompt_alone(variant, temperature):
             assert completion == alone.completion(0), (p, use_cache)
 
 
+@functools.cache
+def tiny_model_float32(name: str) -> DiffusionLM:
+    return copy.deepcopy(tiny_model(name)).float()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("variant", ["e2d2", "bd3lm", "mdlm"])
+def test_an_empty_prompt_in_a_mixed_batch_equals_it_alone(variant, strategy, dtype):
+    """After an empty prompt every position of the first block is [MASK] and gets the same
+    logits up to float noise, which differs between a padded batch row and the row alone:
+    confidence ties must be broken the same way in both (by position)."""
+    model = tiny_model(variant) if dtype == "float64" else tiny_model_float32(variant)
+    lists = [[1, 2, 3], [], [5, 6, 7, 8, 9, 10], [4]]
+    for temperature in (0.0, 1.0):
+        cfg = SamplerConfig(strategy=strategy, steps=3, temperature=temperature, max_new_tokens=10)
+        got = sample_prompts(model, lists, cfg, seeds=[1, 2, 3, 4])
+        alone = sample(model, torch.zeros(1, 0, dtype=torch.long), cfg, seeds=[2])
+        assert got[1] == alone.completion(0), temperature
+
+
+@pytest.mark.parametrize("strategy", ["topk", "topk_margin", "threshold"])
+def test_confidence_ties_go_to_the_leftmost_position(strategy):
+    """Equal distributions at every position, perturbed by noise far below any real lead
+    (the rightmost slightly ahead): the step reveals the leftmost positions."""
+    xt = torch.full((2, 6), MASK)
+    probs = _probs([[[0.5, 0.3, 0.2]] * 6] * 2)
+    noise = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 0, 4, 1, 3, 2]]) * 1e-8
+    probs[..., 0] += noise
+    half = StepTimes(0.0, 0.5, 0.0, False)  # top-k reveals 3 of 6; threshold 0.9 reveals 1
+    revealed = (_step(strategy, xt, probs, half) != MASK).tolist()
+    expected = [True] * 3 + [False] * 3 if strategy != "threshold" else [True] + [False] * 5
+    assert revealed == [expected, expected]
+    # a real lead still wins: the most confident position is the last one
+    probs[:, -1, 0] += 0.01
+    revealed = (_step(strategy, xt, probs, half) != MASK).tolist()
+    expected = [True] * 2 + [False] * 3 + [True] if strategy != "threshold" else [False] * 5 + [True]
+    assert revealed == [expected, expected]
+
+
 # ------------------------------------------------------------ API and validation
 @pytest.mark.parametrize("bad", [
     dict(strategy="beam"), dict(steps=0), dict(schedule="square"), dict(temperature=-1.0),
@@ -518,9 +561,9 @@ def test_tiny_top_p_samples_the_argmax():
 
 def test_nucleus_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
-    kept = sampling._nucleus(probs, 0.75)  # 0.5 + 0.3 reaches it; 0.5 alone does not
+    kept = nucleus(probs, 0.75)  # 0.5 + 0.3 reaches it; 0.5 alone does not
     torch.testing.assert_close(kept, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))
-    torch.testing.assert_close(sampling._nucleus(probs, 1.0), probs)
+    torch.testing.assert_close(nucleus(probs, 1.0), probs)
 
 
 def test_min_t_ends_the_time_grid():

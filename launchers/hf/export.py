@@ -11,7 +11,7 @@ shard. The directory holds:
   ``model.safetensors.index.json`` above ``--max-shard-size``; tensors are named
   ``model.{reference name}``;
 * the run's tokenizer (found as ``e2d2 sample`` finds it) or ``--tokenizer``;
-* ``generation_config.json``: the run's sampler settings;
+* ``generation_config.json``: the run's sampler settings, every `SamplerConfig` field;
 * ``README.md``: the model card.
 
 Everything is written into a hidden sibling directory that is renamed to OUT at the end.
@@ -29,6 +29,7 @@ import torch
 from e2d2.config import ModelConfig
 from e2d2.errors import UserError
 from e2d2.model import DiffusionLM
+from e2d2.sampling import SamplerConfig
 from launchers.hf import model_card, remote_code
 from launchers.hf.checkpoints import (
     TensorReader,
@@ -47,9 +48,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_e2d2.E2D2ForMaskedLM",
     "AutoModelForMaskedLM": "modeling_e2d2.E2D2ForMaskedLM",
 }
-# SamplerConfig fields written to generation_config.json (use_cache is a call argument).
-GENERATION_FIELDS = ("strategy", "steps", "schedule", "temperature", "threshold", "max_new_tokens",
-                     "eos_token_id")
+# generation_config.json carries every sampler setting of the run: the exported generate()
+# then samples as `e2d2 sample` does with the same run.
+GENERATION_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
 
 
 def reference_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -72,7 +73,8 @@ def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[i
 
 
 def _sampler_defaults(ckpt: TrainedCheckpoint) -> dict[str, Any]:
-    return {name: getattr(ckpt.config.sampler, name) for name in GENERATION_FIELDS}
+    values = {name: getattr(ckpt.config.sampler, name) for name in GENERATION_FIELDS}
+    return {**values, "stop_strings": list(values["stop_strings"])}
 
 
 def _data_dir(ckpt: TrainedCheckpoint) -> Path | None:

@@ -2,10 +2,11 @@
 
 The shipped network and sampler are the reference code itself, not a hand-kept second
 copy: every ``e2d2`` module that ``e2d2.model`` and ``e2d2.sampling`` need is copied as
-``e2d2_{name}.py`` with only its imports of ``e2d2`` made relative (``from e2d2.masks
-import X`` -> ``from .e2d2_masks import X``; ``from e2d2 import masks`` is refused, because
-transformers copies only the modules named in ``from .x import`` lines), so the directory
-needs torch and transformers only. Two thin
+``e2d2_{name}.py`` (a package's modules too: ``e2d2.sampling.config`` ->
+``e2d2_sampling_config.py``, its ``__init__`` -> ``e2d2_sampling.py``) with only its imports
+of ``e2d2`` made relative (``from e2d2.masks import X`` -> ``from .e2d2_masks import X``;
+``from e2d2 import masks`` is refused, because transformers copies only the modules named
+in ``from .x import`` lines), so the directory needs torch and transformers only. Two thin
 wrappers from `launchers/hf/remote/` sit beside them: ``modeling_e2d2.py`` as is, and
 ``configuration_e2d2.py`` with its field block written from `e2d2.config.ModelConfig`.
 """
@@ -110,10 +111,13 @@ def _template(name: str) -> str:
 def generate() -> dict[str, str]:
     """File name -> text of every Python file an export ships."""
     files = {}
+    root = Path(importlib.util.find_spec(PACKAGE).origin).parent.parent
     for module in module_closure():
         path, source = _source(module)
-        rel = f"{PACKAGE}/{path.name}"
-        files[shipped_name(module)] = HEADER.format(path=rel) + relative_imports(source, module)
+        name = shipped_name(module)
+        if name in files:  # e2d2.a.b and e2d2.a_b would share one file
+            raise RuntimeError(f"two e2d2 modules ship as {name}: rename one")
+        files[name] = HEADER.format(path=path.relative_to(root).as_posix()) + relative_imports(source, module)
     config = _template(CONFIG_FILE)
     if config.count(FIELDS_MARKER) != 1:
         raise RuntimeError(f"launchers/hf/remote/{CONFIG_FILE} lost its field marker line")

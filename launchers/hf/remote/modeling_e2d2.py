@@ -7,10 +7,13 @@ their imports made relative, so this directory needs torch and transformers only
 * ``model(input_ids=xt, clean_input_ids=x0)`` -> ``.logits [batch, L, vocab]``, the
   training model's logits for the noisy tokens ``xt`` given the clean ones ``x0`` (AR: the
   next-token logits of ``input_ids``; MDLM reads ``input_ids`` only).
-* ``model.generate(input_ids, max_new_tokens=N, strategy=..., steps=..., temperature=...,
-  eos_token_id=...)`` -> ``[batch, P + N]`` ids: the block-diffusion sampler with KV cache.
-  Unset arguments come from ``generation_config.json`` (the run's sampler settings).
+* ``model.generate(input_ids, attention_mask=None, max_new_tokens=N, strategy=..., ...)``
+  -> ``[batch, P + N]`` ids: the block-diffusion sampler with KV cache. It takes every
+  ``SamplerConfig`` field as a keyword; unset ones come from ``generation_config.json`` (the
+  run's sampler settings, every field).
 """
+
+import dataclasses
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
@@ -20,10 +23,8 @@ from .configuration_e2d2 import E2D2Config
 from .e2d2_model import DiffusionLM
 from .e2d2_sampling import SamplerConfig, sample
 
-# SamplerConfig fields that generate() takes as arguments or from the generation config.
-SAMPLER_FIELDS = ("max_new_tokens", "strategy", "steps", "schedule", "temperature", "threshold",
-                  "eos_token_id")
-
+# The sampler settings generate() takes as keywords and reads from the generation config.
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
 
 class E2D2PreTrainedModel(PreTrainedModel):
     config_class = E2D2Config
@@ -65,37 +66,67 @@ class E2D2ForMaskedLM(E2D2PreTrainedModel, GenerationMixin):
     def generate(
         self,
         input_ids: torch.LongTensor,
-        max_new_tokens: int | None = None,
-        strategy: str | None = None,
-        steps: int | None = None,
-        temperature: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        threshold: float | None = None,
-        schedule: str | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
+        tokenizer=None,
+        **sampler,
     ) -> torch.LongTensor:
-        """Prompt ``input_ids [batch, P]`` -> ``[batch, P + max_new_tokens]``: prompt, then the
-        completion; after a row's first EOS every position holds EOS.
+        """Prompts ``input_ids [batch, P]`` -> ``[batch, P + max_new_tokens]``: ``input_ids``
+        as given, then each row's completion; after a row's first EOS every position holds EOS.
 
-        ``strategy``: ancestral, first_hitting, topk, topk_margin or threshold;
-        ``temperature=0`` is greedy. All rows share the prompt length: the block cache has
-        no padding, so a padded ``attention_mask`` is refused.
+        ``attention_mask [batch, P]`` (1 = prompt token): rows may be padded on the left or
+        the right and have any lengths; each row's completion is that of its prompt sampled
+        alone. ``sampler``: any ``SamplerConfig`` field (``strategy``, ``steps``,
+        ``temperature`` (0 = greedy), ``top_p``, ``block_size``, ``stop_strings``, ...); an
+        unset one comes from the generation config. ``seeds``: one per row (row ``r`` draws
+        from its own stream, as ``e2d2 sample --seed`` gives prompt ``i`` seed + i); by
+        default drawn from ``generator``. ``tokenizer``: decodes for ``stop_strings``.
         """
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("generate takes prompts of one length (no padding): the block "
-                             "cache has no notion of padding; call it once per prompt length")
-        given = dict(max_new_tokens=max_new_tokens, strategy=strategy, steps=steps,
-                     temperature=temperature, eos_token_id=eos_token_id, threshold=threshold,
-                     schedule=schedule)
-        defaults = self.generation_config
-        values = {name: given[name] if given[name] is not None else getattr(defaults, name, None)
-                  for name in SAMPLER_FIELDS}
-        eos = values["eos_token_id"]
+        unknown = sorted(set(sampler) - set(SAMPLER_FIELDS))
+        if unknown:
+            raise TypeError(f"generate() got unknown arguments {unknown}; the sampler's settings "
+                            f"are {list(SAMPLER_FIELDS)}")
+        values = {}
+        for name in SAMPLER_FIELDS:
+            value = sampler.get(name)
+            if value is None:
+                value = getattr(self.generation_config, name, None)
+            if value is not None:
+                values[name] = value
+        eos = values.get("eos_token_id")
         if isinstance(eos, (list, tuple)):
             if len(eos) != 1:
                 raise ValueError(f"eos_token_id={eos}: the sampler stops on one EOS id; pass one")
             values["eos_token_id"] = eos[0]
-        cfg = SamplerConfig(**{k: v for k, v in values.items() if v is not None}, use_cache=use_cache)
-        return sample(self.model, input_ids.to(self.device), cfg, generator).tokens
+        cfg = SamplerConfig(**values)
+        if cfg.stop_strings and tokenizer is None:
+            raise ValueError(f"stop_strings {list(cfg.stop_strings)} need the model's tokenizer: "
+                             "pass tokenizer=AutoTokenizer.from_pretrained(...) to generate")
+        decode = None if tokenizer is None else tokenizer.decode
+        ids = input_ids.to(self.device)
+        prompt, lengths = _left_aligned(ids, attention_mask)
+        out = sample(self.model, prompt, cfg, generator, seeds=seeds, decode=decode, prompt_lengths=lengths)
+        completion = out.tokens.gather(1, lengths[:, None] + torch.arange(cfg.max_new_tokens, device=ids.device))
+        return torch.cat((ids, completion), 1)
+
+
+def _left_aligned(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids [batch, P]`` with each row's prompt moved to its start, and the prompt lengths
+    ``[batch]``. A row's prompt is its one run of ``attention_mask == 1`` (left or right
+    padding)."""
+    batch, width = ids.shape
+    if attention_mask is None:
+        return ids, torch.full((batch,), width, dtype=torch.long, device=ids.device)
+    real = attention_mask.to(ids.device).bool()
+    if real.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(real.shape)}, input_ids {tuple(ids.shape)}")
+    lengths = real.sum(1)
+    starts = real.long().argmax(1)  # the first prompt token (0 for an empty row)
+    runs = (real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0].long()
+    if bool((runs > 1).any()):
+        row = int((runs > 1).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} has padding inside the prompt: pad on the "
+                         "left or the right only")
+    col = (starts[:, None] + torch.arange(width, device=ids.device)).clamp(max=width - 1)
+    return ids.gather(1, col), lengths
