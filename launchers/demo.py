@@ -50,8 +50,13 @@ def _fresh(root: Path) -> None:
     (root / MARKER).write_text("made by e2d2 demo; replaced by the next demo\n")
 
 
+def e2d2(argv: list) -> int:
+    """``e2d2 ARGV`` in a child process, as a user would type it (the CLI imports this module,
+    not the other way round)."""
+    return subprocess.run([sys.executable, "-m", "launchers.cli", *map(str, argv)]).returncode
+
+
 def run(args: argparse.Namespace) -> int:
-    from launchers.cli import main as e2d2
     from launchers.config import load_run_config
     from launchers.metrics import read_metrics
 
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                   "--vocab-size", "2048"],
                  ["data", "preprocess", "--input", corpus, "--tokenizer", tokenizer,
                   "--output", data]):
-        if e2d2([str(a) for a in argv]) != 0:
+        if e2d2(argv) != 0:
             return 1
     print(f"== 2. pretrain on {args.nproc} gloo ranks", flush=True)
     code = e2d2(["pretrain", args.config, f"run.dir={run_dir}", f"data.path={data}",
