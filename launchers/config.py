@@ -111,13 +111,32 @@ class CheckpointSection:
         require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
 
 
+WANDB_MODES: tuple[str, ...] = ("online", "offline", "disabled")
+
+
 @dataclass(frozen=True)
 class LogSection:
+    """Scalars every ``interval`` steps (TensorBoard, W&B, the plain log line). ``wandb``:
+    ``{project, entity, mode}`` turns W&B logging on (off by default; ``mode`` one of
+    ``WANDB_MODES``, default online: ``offline`` writes under the run directory only)."""
+
     interval: int = 10
     tensorboard: bool = True
+    wandb: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         require(self.interval > 0, f"log.interval must be positive, got {self.interval}")
+        if self.wandb is None:
+            return
+        require(isinstance(self.wandb, dict), "log.wandb must be a mapping {project, entity, "
+                f"mode}}, got {self.wandb!r}")
+        unknown = sorted(set(self.wandb) - {"project", "entity", "mode"})
+        require(not unknown, f"log.wandb: unknown key(s) {unknown}; valid keys are "
+                "['entity', 'mode', 'project']")
+        require(isinstance(self.wandb.get("project"), str),
+                "log.wandb needs project: NAME (the W&B project to log to)")
+        require(self.wandb.get("mode", "online") in WANDB_MODES,
+                f"log.wandb.mode={self.wandb.get('mode')!r}: choose one of {WANDB_MODES}")
 
 
 _SECTIONS: dict[str, type] = {

@@ -58,10 +58,10 @@ def e2d2(argv: list) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from launchers.config import load_run_config
-    from launchers.metrics import read_metrics
+    from launchers.metrics import VALID_NELBO_NAME, read_metrics, train_loss_name
 
     root = Path(args.run_dir)
-    load_run_config(args.config, args.overrides)  # a bad config fails before any work
+    cfg = load_run_config(args.config, args.overrides)  # a bad config fails before any work
     _fresh(root)
     corpus, tokenizer, data, run_dir = (root / "kjv.jsonl", root / "tokenizer", root / "data",
                                         root / "run")
@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     evals = [r for r in read_metrics(run_dir) if "nelbo" in r]
     first, last = evals[0], evals[-1]
     print(f"== 3. validation: NELBO {first['nelbo']:.3f} -> {last['nelbo']:.3f} nats/token "
-          f"(perplexity <= {last['ppl']:.1f}) after {last['step']} steps")
+          f"(perplexity <= {last['ppl']:.1f}) after {last['step']} steps: the {VALID_NELBO_NAME}. "
+          f"The 'loss' of the training steps is the "
+          f"{train_loss_name(cfg.diffusion.loss_weighting, cfg.model.variant)}")
     print("== 4. sample from the checkpoint", flush=True)
     prompts = [arg for text in PROMPTS for arg in ("--prompt", text)]
     code = e2d2(["sample", str(run_dir), *prompts, "--max-new-tokens", "48"])
