@@ -45,6 +45,7 @@ class PreprocessConfig:
     dtype: str = "auto"
     num_shards: int = 1
     shard_index: int = 0
+    split_seed: int = 0  # keys the hash that picks the validation documents (data_tools.merge)
     # Recorded in the manifest. Default: the equivalent ``e2d2 data preprocess`` command line,
     # built from these fields (not sys.argv, which is the caller's when run in-process).
     command: list[str] | None = None
@@ -90,6 +91,7 @@ class PreprocessConfig:
             ("--dtype", self.dtype, "auto"),
             ("--num-shards", self.num_shards, 1),
             ("--shard-index", self.shard_index, 0),
+            ("--split-seed", self.split_seed, 0),
         )
         command += [str(a) for flag, value, default in options if value != default
                     for a in (flag, value)]
@@ -101,10 +103,12 @@ class PreprocessConfig:
 
     @property
     def split(self) -> dict:
-        """How merge holds out validation documents; default: 1% (at least one document)."""
+        """How merge holds out validation documents, chosen by a hash keyed by ``seed``;
+        default: 1% (at least one document)."""
         if self.valid_docs is not None:
-            return {"valid_docs": self.valid_docs}
-        return {"valid_fraction": 0.01 if self.valid_fraction is None else self.valid_fraction}
+            return {"valid_docs": self.valid_docs, "seed": self.split_seed}
+        return {"valid_fraction": 0.01 if self.valid_fraction is None else self.valid_fraction,
+                "seed": self.split_seed}
 
 
 def shard_prefix(shards_dir: Path, index: int, count: int) -> Path:

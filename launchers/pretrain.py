@@ -201,7 +201,7 @@ class _Trainer:
         self.cfg, self.faults = cfg, faults
         self.rank = torch.distributed.get_rank()
         self.parallel = cfg.parallel.engine(torch.distributed.get_world_size(),
-                                            cfg.train.precision)
+                                            cfg.train.precision, cfg.model)
         self.plan = PipelinePlan(cfg.model, self.parallel)
         dp, batch = self.parallel.data_parallel, cfg.train.batch_size
         self.micro_batch = cfg.train.micro_batch_size or batch // dp

@@ -213,7 +213,7 @@ def validate_layout(cfg: RunConfig, world_size: int, source: str) -> None:
         section, precision = dataclasses.replace(section, transformer_impl="local"), (
             "bf16" if precision == "fp8" else precision)
     try:
-        PipelinePlan(cfg.model, section.engine(world_size, precision))
+        PipelinePlan(cfg.model, section.engine(world_size, precision, cfg.model))
     except ConfigError as exc:
         raise ConfigError(f"{source}: layout on {world_size} ranks: {exc}") from None
 
