@@ -36,7 +36,6 @@ from e2d2.sampling import SamplerConfig
 from e2d2.train import TrainConfig
 from megatron_ext.layout import ParallelConfig
 
-
 AUTO = "auto"  # parallel.encoder_pipeline_stages: the FLOPs-balanced split
 
 

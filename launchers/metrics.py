@@ -73,7 +73,7 @@ def progress_line(step: int, total: int, loss: float | None, scalars: dict[str, 
              f"lr {scalars['train/lr']:.3e}",
              f"grad norm {scalars['train/grad_norm']:.3f}",
              f"{scalars['perf/tokens_per_s']:,.0f} tokens/s",
-             f"{scalars['perf/tflops']:.1f} TFLOP/s"]
+             f"{scalars['perf/tflops']:.3g} TFLOP/s"]
     if "perf/mfu" in scalars:
         parts.append(f"MFU {100 * scalars['perf/mfu']:.1f}%")
     parts += [f"mem {scalars['perf/peak_memory_gb']:.1f} GB",

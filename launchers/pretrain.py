@@ -326,11 +326,11 @@ class _Trainer:
         tokens_per_step = train.batch_size * cfg.model.seq_length
         flops_per_token = flops.training_flops_per_token(cfg.model).masked
         seq_length = self.stages[0].stream_length()
+        bar = Progress(train.steps, state.step, self.rank == 0,
+                       train_loss_name(cfg.diffusion.loss_weighting, cfg.model.variant))
         if state.step == 0:
             self._evaluate(0, logger)
         batches = self.data.train_steps(state.consumed_samples)
-        bar = Progress(train.steps, state.step, self.rank == 0,
-                       train_loss_name(cfg.diffusion.loss_weighting, cfg.model.variant))
         saved_at = state.step
         while state.step < train.steps:
             start = time.perf_counter()
