@@ -44,6 +44,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         split_seed=args.split_seed,
+        valid_inputs=args.valid_input,
     )
     manifest = preprocess(config)
     if manifest is None:
@@ -122,6 +123,9 @@ def register(subparsers) -> None:
     split.add_argument("--valid-fraction", type=float,
                        help="hold out this fraction of the documents (default 0.01), chosen "
                             "by a seeded hash of their tokens")
+    split.add_argument("--valid-input", nargs="+", metavar="PATH",
+                       help="a separate validation set (files, globs or directories); all "
+                            "of --input then trains")
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the hash that picks the validation documents")
     p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "int32"),

@@ -33,6 +33,7 @@ from e2d2.errors import UserError
 SPLITS = ("train", "valid")
 OUTPUTS = ("train.bin", "train.idx", "valid.bin", "valid.idx", "manifest.json", "tokenizer")
 SHARDS_DIR = "shards"
+VALID_SHARDS = "valid"  # under the shards directory: the shard of --valid-input
 _SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.json")
 
 
@@ -162,6 +163,11 @@ def document_keys(shards, seed: int) -> np.ndarray:
 def valid_mask(split: dict, keys: np.ndarray) -> np.ndarray:
     """``[documents]`` bool: the ``valid_count`` documents of smallest key (ties: the earlier
     document) are held out."""
+    if "valid_inputs" in split:  # all of the inputs train; the validation set is separate
+        if len(keys) == 0:
+            raise UserError("the input has no documents (every record was empty or "
+                            "skipped): check --input and --text-key")
+        return np.zeros(len(keys), dtype=bool)
     n_valid = valid_count(split, len(keys))
     order = np.lexsort((np.arange(len(keys)), keys))
     mask = np.zeros(len(keys), dtype=bool)
@@ -169,54 +175,60 @@ def valid_mask(split: dict, keys: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _split_of_events(shards, mask: np.ndarray) -> dict[str, dict[str, Counter]]:
+def _split_of_events(groups) -> dict[str, dict[str, Counter]]:
     """Count skip/repair events per split: an event at position k (before document k) counts
     for the split of document k (of the last document when none follows)."""
     counts = {split: Counter() for split in SPLITS}
-    offset = 0
-    for _, record in shards:
-        for reason, positions in record["events"].items():
-            where = np.minimum(np.asarray(positions, dtype=np.int64) + offset, len(mask) - 1)
-            in_valid = int(np.count_nonzero(mask[where]))
-            counts["valid"][reason] += in_valid
-            counts["train"][reason] += len(positions) - in_valid
-        offset += record["documents"]
+    for shards, mask in groups:
+        offset = 0
+        for _, record in shards:
+            for reason, positions in record["events"].items():
+                where = np.minimum(np.asarray(positions, dtype=np.int64) + offset, len(mask) - 1)
+                in_valid = int(np.count_nonzero(mask[where]))
+                counts["valid"][reason] += in_valid
+                counts["train"][reason] += len(positions) - in_valid
+            offset += record["documents"]
     return counts
 
 
-def _copy_documents(shards, mask: np.ndarray, prefixes: dict[str, Path], dtype) -> None:
-    """Append each shard's documents to train or valid (``mask``), in runs read straight from
-    its ``.bin``."""
+def _copy_documents(groups, prefixes: dict[str, Path], dtype) -> None:
+    """Append the documents of each group's shards to train or valid (the group's mask), in
+    runs read straight from each shard's ``.bin``."""
     writers = {s: IndexedWriter(f"{prefixes[s]}.bin", dtype) for s in SPLITS}
     try:
-        offset = 0
-        for prefix, record in tqdm(shards, desc="merge", unit="shard"):
-            if record["documents"] == 0:  # owns no sources, or only skipped records
-                # megatron cannot open its empty .bin ("cannot mmap an empty file")
-                if not Path(f"{prefix}.idx").is_file() or Path(f"{prefix}.bin").stat().st_size:
-                    raise UserError(f"{prefix}.bin disagrees with {prefix}.json; re-run that shard")
-                continue
-            shard_dtype, lengths, document_indices = read_index(f"{prefix}.idx")
-            itemsize = np.dtype(shard_dtype).itemsize
-            if (
-                len(lengths) != record["documents"]
-                or len(document_indices) != len(lengths) + 1
-                or shard_dtype is not dtype
-                or Path(f"{prefix}.bin").stat().st_size != itemsize * int(lengths.sum())
-            ):
-                raise UserError(f"{prefix}.idx disagrees with {prefix}.json; re-run that shard")
-            held = mask[offset:offset + len(lengths)]
-            starts = np.cumsum(lengths, dtype=np.int64) - lengths
-            edges = [0, *(np.flatnonzero(held[1:] != held[:-1]) + 1).tolist(), len(held)]
-            for a, b in zip(edges[:-1], edges[1:], strict=True):  # runs of one split
-                writers["valid" if held[a] else "train"].add_from(
-                    f"{prefix}.bin", lengths[a:b], itemsize * int(starts[a]))
-            offset += len(lengths)
+        for shards, mask in groups:
+            _copy_group(shards, mask, writers)
         for split in SPLITS:
             writers[split].finalize(f"{prefixes[split]}.idx")
     finally:
         for writer in writers.values():
             writer.close()
+
+
+def _copy_group(shards, mask: np.ndarray, writers: dict[str, IndexedWriter]) -> None:
+    dtype, offset = writers["train"].dtype, 0
+    for prefix, record in tqdm(shards, desc="merge", unit="shard"):
+        if record["documents"] == 0:  # owns no sources, or only skipped records
+            # megatron cannot open its empty .bin ("cannot mmap an empty file")
+            if not Path(f"{prefix}.idx").is_file() or Path(f"{prefix}.bin").stat().st_size:
+                raise UserError(f"{prefix}.bin disagrees with {prefix}.json; re-run that shard")
+            continue
+        shard_dtype, lengths, document_indices = read_index(f"{prefix}.idx")
+        itemsize = np.dtype(shard_dtype).itemsize
+        if (
+            len(lengths) != record["documents"]
+            or len(document_indices) != len(lengths) + 1
+            or shard_dtype is not dtype
+            or Path(f"{prefix}.bin").stat().st_size != itemsize * int(lengths.sum())
+        ):
+            raise UserError(f"{prefix}.idx disagrees with {prefix}.json; re-run that shard")
+        held = mask[offset:offset + len(lengths)]
+        starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        edges = [0, *(np.flatnonzero(held[1:] != held[:-1]) + 1).tolist(), len(held)]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):  # runs of one split
+            writers["valid" if held[a] else "train"].add_from(
+                f"{prefix}.bin", lengths[a:b], itemsize * int(starts[a]))
+        offset += len(lengths)
 
 
 def _split_stats(prefix: Path, events: dict[str, Counter]) -> dict:
@@ -257,8 +269,16 @@ def merge(
         raise UserError(f"{shards_dir}/tokenizer is not the tokenizer the shards were made with")
     split = first["split"]
     documents = sum(record["documents"] for _, record in shards)
-    valid_count(split, documents)  # a bad split fails before the hashing pass
-    mask = valid_mask(split, document_keys(shards, split.get("seed", 0)))
+    if "valid_inputs" in split:
+        valid_shards = read_shards(shards_dir / VALID_SHARDS)
+        held = sum(record["documents"] for _, record in valid_shards)
+        if held == 0:
+            raise UserError(f"--valid-input {' '.join(split['valid_inputs'])} has no documents")
+        groups = [(shards, valid_mask(split, np.zeros(documents, dtype=np.uint64))),
+                  (valid_shards, np.ones(held, dtype=bool))]
+    else:
+        valid_count(split, documents)  # a bad split fails before the hashing pass
+        groups = [(shards, valid_mask(split, document_keys(shards, split.get("seed", 0))))]
 
     # Everything is written under temporary names first; an earlier result is replaced only
     # once the new one is complete (manifest.json last: its presence marks a complete result).
@@ -267,10 +287,10 @@ def merge(
     staged_tokenizer = temp_name(output / "tokenizer")
     staged_manifest = temp_name(output / "manifest.json")
     try:
-        _copy_documents(shards, mask, staged, np.dtype(first["dtype"]).type)
+        _copy_documents(groups, staged, np.dtype(first["dtype"]).type)
         remove(staged_tokenizer)
         shutil.copytree(shards_dir / "tokenizer", staged_tokenizer)  # as saved by shard 0
-        events = _split_of_events(shards, mask)
+        events = _split_of_events(groups)
         manifest = {
             "format": "e2d2-indexed/1",
             "e2d2_version": _version("e2d2"),
@@ -279,7 +299,8 @@ def merge(
             "split": first["split"],
             "dtype": first["dtype"],
             "tokenizer": first["tokenizer"],
-            "sources": [source for _, record in shards for source in record["sources"]],
+            "sources": [source for group, _ in groups for _, record in group
+                        for source in record["sources"]],
             "commands": sorted({" ".join(record["command"]) for _, record in shards}),
             "shards": len(shards),
         }

@@ -467,3 +467,26 @@ def test_failed_overwrite_keeps_the_earlier_result(tmp_path, data_corpus, monkey
         e2d2(*args, "--valid-docs", 5, "--overwrite")
     assert output_files(out) == before
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_valid_input_is_a_separate_validation_set(tmp_path):
+    texts = pydoc_texts(12)
+    train_file = write_jsonl(tmp_path / "train.jsonl", texts[:9])
+    valid_file = write_jsonl(tmp_path / "valid.jsonl", texts[9:])
+    out = tmp_path / "out"
+    args = ["data", "preprocess", "--input", train_file, "--tokenizer", "bytes",
+            "--valid-input", valid_file]
+    assert e2d2(*args, "--output", out) == 0
+    assert split_texts(out) == (texts[:9], texts[9:])
+    manifest = _manifest(out)
+    assert manifest["split"] == {"valid_inputs": [str(valid_file)]}
+    assert [s["path"] for s in manifest["sources"]] == [str(train_file), str(valid_file)]
+    # shards written apart, then merged: the same result
+    sharded = tmp_path / "sharded"
+    for index in range(2):
+        assert e2d2(*args, "--output", sharded, "--num-shards", 2, "--shard-index", index) == 0
+    assert e2d2("data", "merge", sharded) == 0
+    assert split_texts(sharded) == (texts[:9], texts[9:])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    assert e2d2("data", "preprocess", "--input", train_file, "--tokenizer", "bytes",
+                "--valid-input", empty, "--output", tmp_path / "x") == 2
