@@ -52,7 +52,8 @@ print(json.dumps(sorted(m for m in ("torch", "megatron.core") if m in sys.module
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["submit", "--help"], ["sweep", "--help"],
-                                  ["data", "--help"], ["demo", "--help"]])
+                                  ["data", "--help"], ["demo", "--help"], ["export-hf", "--help"],
+                                  ["import-hf", "--help"]])
 def test_help_imports_neither_torch_nor_megatron(argv):
     done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
