@@ -43,6 +43,8 @@ def _preprocess(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         num_shards=args.num_shards,
         shard_index=args.shard_index,
+        split_seed=args.split_seed,
+        valid_inputs=args.valid_input,
     )
     manifest = preprocess(config)
     if manifest is None:
@@ -122,9 +124,16 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, help="directory for train/valid .bin/.idx")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--valid-docs", type=int, help="hold out the last N documents")
+    split.add_argument("--valid-docs", type=int,
+                       help="hold out N documents, chosen by a seeded hash of their tokens")
     split.add_argument("--valid-fraction", type=float,
-                       help="hold out the last fraction of documents (default 0.01)")
+                       help="hold out this fraction of the documents (default 0.01), chosen "
+                            "by a seeded hash of their tokens")
+    split.add_argument("--valid-input", nargs="+", metavar="PATH",
+                       help="a separate validation set (files, globs or directories); all "
+                            "of --input then trains")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the hash that picks the validation documents")
     p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "int32"),
                    help="token dtype; auto = uint16 when the vocabulary fits")
     p.add_argument("--num-shards", type=int, default=1, help="split the work into N shards")

@@ -1,13 +1,18 @@
 """Join tokenized shards, in order, into ``train`` and ``valid`` indexed datasets + manifest.
 
-The validation split is the last documents of the whole corpus (the paper holds out the last
-100k documents of OpenWebText), so it is cut here, where the total is known. Every shard's documents are
-appended in order through megatron-core's ``IndexedDatasetBuilder`` (the shard straddling the
-split point is cut at a document boundary; see ``data_tools.indexed``).
+The validation split is chosen here, where the total is known: the ``n`` documents with the
+smallest seeded hash of their tokens (``document_keys``; ``n`` from ``--valid-docs`` or
+``--valid-fraction``). A document's hash depends on its tokens and the seed alone, so the
+choice is the same for any worker or shard count, draws from every part of a corpus made of
+concatenated sources (not only from its last source, as the last documents would), and puts
+exact duplicates on one side. Each split keeps the corpus order. Documents are appended in
+runs read straight from the shards' ``.bin`` through megatron-core's
+``IndexedDatasetBuilder`` (see ``data_tools.indexed``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,6 +33,7 @@ from e2d2.errors import UserError
 
 OUTPUTS = ("train.bin", "train.idx", "valid.bin", "valid.idx", "manifest.json", "tokenizer")
 SHARDS_DIR = "shards"
+VALID_SHARDS = "valid"  # under the shards directory: the shard of --valid-input
 _SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.json")
 
 
@@ -108,7 +114,10 @@ def _check_same_inputs(first: list, prefix: Path, inputs: list) -> None:
 
 
 def valid_count(split: dict, documents: int) -> int:
-    """How many of the last documents are held out for validation."""
+    """How many documents are held out for validation."""
+    if documents == 0:
+        raise UserError("the input has no documents (every record was empty or skipped): "
+                        "check --input and --text-key")
     if "valid_docs" in split:
         n_valid = split["valid_docs"]
     else:
@@ -127,49 +136,99 @@ def valid_count(split: dict, documents: int) -> int:
     return n_valid
 
 
-def _split_of_events(shards, n_train: int) -> dict[str, dict[str, Counter]]:
-    """Count skip/repair events per split: an event at position k is in valid iff k >= n_train."""
+def _documents(prefix: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(tokens, starts, lengths)`` of a shard's documents (tokens memory-mapped)."""
+    dtype, lengths, _ = read_index(f"{prefix}.idx")
+    lengths = lengths.astype(np.int64)
+    tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r", shape=(int(lengths.sum()),))
+    return tokens, np.cumsum(lengths) - lengths, lengths
+
+
+def document_keys(shards, seed: int) -> np.ndarray:
+    """``[documents]`` uint64: each document's BLAKE2b hash (keyed by ``seed``) of its tokens
+    as little-endian int64, whatever the dtype on disk."""
+    key = int(seed).to_bytes(8, "little", signed=True)
+    keys = []
+    for prefix, record in shards:
+        if record["documents"] == 0:
+            continue
+        tokens, starts, lengths = _documents(prefix)
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            data = np.asarray(tokens[start:start + length], dtype="<i8").tobytes()
+            keys.append(int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(),
+                                       "little"))
+    return np.asarray(keys, dtype=np.uint64)
+
+
+def valid_mask(split: dict, keys: np.ndarray) -> np.ndarray:
+    """``[documents]`` bool: the ``valid_count`` documents of smallest key (ties: the earlier
+    document) are held out."""
+    if "valid_inputs" in split:  # all of the inputs train; the validation set is separate
+        if len(keys) == 0:
+            raise UserError("the input has no documents (every record was empty or "
+                            "skipped): check --input and --text-key")
+        return np.zeros(len(keys), dtype=bool)
+    n_valid = valid_count(split, len(keys))
+    order = np.lexsort((np.arange(len(keys)), keys))
+    mask = np.zeros(len(keys), dtype=bool)
+    mask[order[:n_valid]] = True
+    return mask
+
+
+def _split_of_events(groups) -> dict[str, dict[str, Counter]]:
+    """Count skip/repair events per split: an event at position k (before document k) counts
+    for the split of document k (of the last document when none follows)."""
     counts = {split: Counter() for split in SPLITS}
-    offset = 0
-    for _, record in shards:
-        for reason, positions in record["events"].items():
-            in_valid = int(np.count_nonzero(np.asarray(positions) + offset >= n_train))
-            counts["valid"][reason] += in_valid
-            counts["train"][reason] += len(positions) - in_valid
-        offset += record["documents"]
+    for shards, mask in groups:
+        offset = 0
+        for _, record in shards:
+            for reason, positions in record["events"].items():
+                where = np.minimum(np.asarray(positions, dtype=np.int64) + offset, len(mask) - 1)
+                in_valid = int(np.count_nonzero(mask[where]))
+                counts["valid"][reason] += in_valid
+                counts["train"][reason] += len(positions) - in_valid
+            offset += record["documents"]
     return counts
 
 
-def _copy_documents(shards, n_train: int, prefixes: dict[str, Path], dtype) -> None:
-    """Append each shard's documents to train and/or valid, read as ranges of its ``.bin``."""
+def _copy_documents(groups, prefixes: dict[str, Path], dtype) -> None:
+    """Append the documents of each group's shards to train or valid (the group's mask), in
+    runs read straight from each shard's ``.bin``."""
     writers = {s: IndexedWriter(f"{prefixes[s]}.bin", dtype) for s in SPLITS}
     try:
-        offset = 0
-        for prefix, record in tqdm(shards, desc="merge", unit="shard"):
-            if record["documents"] == 0:  # owns no sources, or only skipped records
-                # megatron cannot open its empty .bin ("cannot mmap an empty file")
-                if not Path(f"{prefix}.idx").is_file() or Path(f"{prefix}.bin").stat().st_size:
-                    raise UserError(f"{prefix}.bin disagrees with {prefix}.json; re-run that shard")
-                continue
-            shard_dtype, lengths, document_indices = read_index(f"{prefix}.idx")
-            itemsize = np.dtype(shard_dtype).itemsize
-            if (
-                len(lengths) != record["documents"]
-                or len(document_indices) != len(lengths) + 1
-                or shard_dtype is not dtype
-                or Path(f"{prefix}.bin").stat().st_size != itemsize * int(lengths.sum())
-            ):
-                raise UserError(f"{prefix}.idx disagrees with {prefix}.json; re-run that shard")
-            cut = min(max(n_train - offset, 0), len(lengths))  # documents of this shard in train
-            writers["train"].add_from(f"{prefix}.bin", lengths[:cut], 0)
-            train_bytes = itemsize * int(lengths[:cut].sum(dtype=np.int64))
-            writers["valid"].add_from(f"{prefix}.bin", lengths[cut:], train_bytes)
-            offset += len(lengths)
+        for shards, mask in groups:
+            _copy_group(shards, mask, writers)
         for split in SPLITS:
             writers[split].finalize(f"{prefixes[split]}.idx")
     finally:
         for writer in writers.values():
             writer.close()
+
+
+def _copy_group(shards, mask: np.ndarray, writers: dict[str, IndexedWriter]) -> None:
+    dtype, offset = writers["train"].dtype, 0
+    for prefix, record in tqdm(shards, desc="merge", unit="shard"):
+        if record["documents"] == 0:  # owns no sources, or only skipped records
+            # megatron cannot open its empty .bin ("cannot mmap an empty file")
+            if not Path(f"{prefix}.idx").is_file() or Path(f"{prefix}.bin").stat().st_size:
+                raise UserError(f"{prefix}.bin disagrees with {prefix}.json; re-run that shard")
+            continue
+        shard_dtype, lengths, document_indices = read_index(f"{prefix}.idx")
+        itemsize = np.dtype(shard_dtype).itemsize
+        if (
+            len(lengths) != record["documents"]
+            or len(document_indices) != len(lengths) + 1
+            or shard_dtype is not dtype
+            or Path(f"{prefix}.bin").stat().st_size != itemsize * int(lengths.sum())
+        ):
+            raise UserError(f"{prefix}.idx disagrees with {prefix}.json; re-run that shard")
+        held = mask[offset:offset + len(lengths)]
+        starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        edges = [0, *(np.flatnonzero(held[1:] != held[:-1]) + 1).tolist(), len(held)]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):  # runs of one split
+            writers["valid" if held[a] else "train"].add_from(
+                f"{prefix}.bin", lengths[a:b], itemsize * int(starts[a]))
+        offset += len(lengths)
 
 
 def _split_stats(prefix: Path, events: dict[str, Counter]) -> dict:
@@ -210,9 +269,18 @@ def merge(
         tokenizer = load_tokenizer(shards_dir / "tokenizer")
     if tokenizer.identity != first["tokenizer"]:
         raise UserError(f"{shards_dir}/tokenizer is not the tokenizer the shards were made with")
+    split = first["split"]
     documents = sum(record["documents"] for _, record in shards)
-    n_valid = valid_count(first["split"], documents)
-    n_train = documents - n_valid
+    if "valid_inputs" in split:
+        valid_shards = read_shards(shards_dir / VALID_SHARDS)
+        held = sum(record["documents"] for _, record in valid_shards)
+        if held == 0:
+            raise UserError(f"--valid-input {' '.join(split['valid_inputs'])} has no documents")
+        groups = [(shards, valid_mask(split, np.zeros(documents, dtype=np.uint64))),
+                  (valid_shards, np.ones(held, dtype=bool))]
+    else:
+        valid_count(split, documents)  # a bad split fails before the hashing pass
+        groups = [(shards, valid_mask(split, document_keys(shards, split.get("seed", 0))))]
 
     # Everything is written under temporary names first; an earlier result is replaced only
     # once the new one is complete (manifest.json last: its presence marks a complete result).
@@ -221,10 +289,10 @@ def merge(
     staged_tokenizer = temp_name(output / "tokenizer")
     staged_manifest = temp_name(output / "manifest.json")
     try:
-        _copy_documents(shards, n_train, staged, np.dtype(first["dtype"]).type)
+        _copy_documents(groups, staged, np.dtype(first["dtype"]).type)
         remove(staged_tokenizer)
         shutil.copytree(shards_dir / "tokenizer", staged_tokenizer)  # as saved by shard 0
-        events = _split_of_events(shards, n_train)
+        events = _split_of_events(groups)
         manifest = {
             "format": "e2d2-indexed/1",
             "e2d2_version": _version("e2d2"),
@@ -233,7 +301,8 @@ def merge(
             "split": first["split"],
             "dtype": first["dtype"],
             "tokenizer": first["tokenizer"],
-            "sources": [source for _, record in shards for source in record["sources"]],
+            "sources": [source for group, _ in groups for _, record in group
+                        for source in record["sources"]],
             "commands": sorted({" ".join(record["command"]) for _, record in shards}),
             "shards": len(shards),
         }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_tools.atomic import atomic_path, remove
 from data_tools.encode import choose_dtype
-from data_tools.merge import SHARDS_DIR, check_output_free, merge
+from data_tools.merge import SHARDS_DIR, VALID_SHARDS, check_output_free, merge
 from data_tools.shard import PreprocessConfig, shard_prefix, write_shard
 from data_tools.sources import expand_inputs
 from data_tools.split import assign_pieces
@@ -72,6 +72,11 @@ def _write_own_shard(config: PreprocessConfig, shards_dir: Path):
             tokenizer.save(tmp)
     pieces = assign_pieces(sources, config.num_shards, config.shard_index)
     write_shard(config, sources, pieces, tokenizer, prefix)
+    if config.valid_inputs and config.shard_index == 0:  # the separate validation set
+        valid = expand_inputs(config.valid_inputs)
+        write_shard(replace(config, inputs=config.valid_inputs, num_shards=1, shard_index=0),
+                    valid, assign_pieces(valid, 1, 0), tokenizer,
+                    shard_prefix(shards_dir / VALID_SHARDS, 0, 1))
     return tokenizer
 
 

@@ -45,6 +45,8 @@ class PreprocessConfig:
     dtype: str = "auto"
     num_shards: int = 1
     shard_index: int = 0
+    split_seed: int = 0  # keys the hash that picks the validation documents (data_tools.merge)
+    valid_inputs: list[str] | None = None  # a separate validation set: all of inputs train
     # Recorded in the manifest. Default: the equivalent ``e2d2 data preprocess`` command line,
     # built from these fields (not sys.argv, which is the caller's when run in-process).
     command: list[str] | None = None
@@ -58,8 +60,11 @@ class PreprocessConfig:
             raise ConfigError("--text-key must not be empty")
         if self.workers < 1:
             raise ConfigError(f"--workers {self.workers}: must be at least 1")
-        if self.valid_docs is not None and self.valid_fraction is not None:
-            raise ConfigError("give --valid-docs or --valid-fraction, not both")
+        given = [flag for flag, value in (("--valid-docs", self.valid_docs),
+                                          ("--valid-fraction", self.valid_fraction),
+                                          ("--valid-input", self.valid_inputs)) if value]
+        if len(given) > 1:
+            raise ConfigError(f"give one of {', '.join(given)}, not several")
         if self.valid_docs is not None and self.valid_docs < 1:
             raise ConfigError(
                 f"--valid-docs {self.valid_docs}: must be 1 or more (the valid split cannot be "
@@ -82,6 +87,8 @@ class PreprocessConfig:
         """The ``e2d2 data preprocess`` arguments that give this config."""
         command = ["e2d2", "data", "preprocess", "--input", *map(str, self.inputs),
                    "--tokenizer", str(self.tokenizer), "--output", str(self.output)]
+        if self.valid_inputs:
+            command += ["--valid-input", *map(str, self.valid_inputs)]
         options = (
             ("--text-key", self.text_key, "text"),
             ("--workers", self.workers, 1),
@@ -90,6 +97,7 @@ class PreprocessConfig:
             ("--dtype", self.dtype, "auto"),
             ("--num-shards", self.num_shards, 1),
             ("--shard-index", self.shard_index, 0),
+            ("--split-seed", self.split_seed, 0),
         )
         command += [str(a) for flag, value, default in options if value != default
                     for a in (flag, value)]
@@ -101,10 +109,14 @@ class PreprocessConfig:
 
     @property
     def split(self) -> dict:
-        """How merge holds out validation documents; default: 1% (at least one document)."""
+        """How merge holds out validation documents, chosen by a hash keyed by ``seed``;
+        default: 1% (at least one document). With ``valid_inputs`` they are those inputs'."""
+        if self.valid_inputs:
+            return {"valid_inputs": [str(path) for path in self.valid_inputs]}
         if self.valid_docs is not None:
-            return {"valid_docs": self.valid_docs}
-        return {"valid_fraction": 0.01 if self.valid_fraction is None else self.valid_fraction}
+            return {"valid_docs": self.valid_docs, "seed": self.split_seed}
+        return {"valid_fraction": 0.01 if self.valid_fraction is None else self.valid_fraction,
+                "seed": self.split_seed}
 
 
 def shard_prefix(shards_dir: Path, index: int, count: int) -> Path:

@@ -1,38 +1,72 @@
 """The ``e2d2`` command line.
 
-Each subsystem owns its subcommands and registers them here through a
-``register(subparsers)`` function, so this file stays a thin router. Registration
-imports are cheap (each module imports its heavy dependencies inside its handlers).
+Each subsystem owns its subcommands and registers them through a ``register(subparsers)``
+function named in ``COMMANDS``, so this file stays a thin router. Only the module of the
+command being run is imported: ``e2d2 --help``, ``e2d2 submit --dry-run`` and config errors
+do not wait for torch and megatron-core.
+
+Options and ``section.key=value`` overrides may come in any order
+(``e2d2 pretrain CONFIG --nproc-per-node 2 run.dir=x``), as with torchrun and Hydra.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 
 from e2d2.errors import UserError
 
+# name: ("module:register function", the one-line help of `e2d2 --help`). One line each.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("launchers.demo:register", "preprocess, pretrain on 2 CPU ranks, evaluate, sample"),
+    "data": ("data_tools.cli:register", "corpora, tokenizers, indexed datasets"),
+    "pretrain": ("launchers.pretrain:register",
+                 "pretrain on the megatron-core engine (any TP/PP/DP layout)"),
+    "sample": ("launchers.sample:register", "generate text from a pretraining checkpoint"),
+    "export-hf": ("launchers.hf.cli:register_export_hf",
+                  "export a training checkpoint as a Hugging Face model directory"),
+    "import-hf": ("launchers.hf.cli:register_import_hf",
+                  "convert a Hugging Face model (or our own export) into a training checkpoint"),
+    "submit": ("launchers.submit:register", "submit `e2d2 pretrain CONFIG` as a SLURM job"),
+    "sweep": ("launchers.sweep.cli:register", "scaling-law sweeps over decoder depth"),
+    "profile": ("launchers.profile:register", "per-module FLOPs and time of one model"),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from data_tools.cli import register as register_data
-    from launchers.demo import register as register_demo
-    from launchers.hf.cli import register_export_hf, register_import_hf
-    from launchers.pretrain import register as register_pretrain
-    from launchers.profile import register as register_profile
-    from launchers.sample import register as register_sample
-    from launchers.submit import register as register_submit
-    from launchers.sweep.cli import register as register_sweep
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the subcommand that ``argv`` names registered by its module and
+    every other one only listed (all of them registered when ``argv`` is None)."""
     parser = argparse.ArgumentParser(
-        prog="e2d2", description="E2D2 block-diffusion language models: data, training, sampling."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for register in (register_demo, register_data, register_pretrain, register_sample,
-                     register_export_hf, register_import_hf, register_submit, register_sweep,
-                     register_profile):
-        register(sub)
+        prog="e2d2", description="E2D2 block-diffusion language models: data, training, sampling.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else _command_of(argv)
+    for name, (target, help_text) in COMMANDS.items():
+        if argv is None or name == chosen:
+            module, _, function = target.partition(":")
+            getattr(importlib.import_module(module), function)(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; options may follow the overrides (argparse alone stops at the first
+    option after a ``nargs="*"`` positional and calls the rest unrecognized)."""
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+        if len(overrides) != len(extra) or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core's own deprecation noise about options this project never sets.
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

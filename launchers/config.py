@@ -36,21 +36,57 @@ from e2d2.sampling import SamplerConfig
 from e2d2.train import TrainConfig
 from megatron_ext.layout import ParallelConfig
 
+AUTO = "auto"  # parallel.encoder_pipeline_stages: the FLOPs-balanced split
+
 
 class _ParallelSectionRules:
-    """What the ``parallel`` section checks and derives before the world size is known."""
+    """What the ``parallel`` section checks and derives before the world size is known.
+
+    ``encoder_pipeline_stages`` is ``auto`` (the default; ``null`` means the same) or a stage
+    count. ``auto`` picks the split whose FLOPs-balanced placement is predicted most even
+    (`megatron_ext.layout.balanced_encoder_stages`). Where it does not apply (PP1, a
+    single-stack variant) any value is ignored, with a note, so that one config runs at
+    every layout.
+    """
 
     def __post_init__(self) -> None:
         require(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1,
                 "tensor_parallel and pipeline_parallel must be >= 1")
+        k = self.encoder_pipeline_stages
+        if k is None:
+            object.__setattr__(self, "encoder_pipeline_stages", AUTO)
+        else:
+            require(k == AUTO or (isinstance(k, int) and not isinstance(k, bool)),
+                    f"encoder_pipeline_stages={k!r} must be {AUTO} or a stage count")
 
     @property
     def model_parallel(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel
 
-    def engine(self, world_size: int, precision: str) -> ParallelConfig:
-        """The engine's ``ParallelConfig`` for ``world_size`` ranks at ``train.precision``."""
-        return ParallelConfig(world_size, precision=precision, **dataclasses.asdict(self))
+    def engine(self, world_size: int, precision: str, model: ModelConfig) -> ParallelConfig:
+        """The engine's ``ParallelConfig`` for ``world_size`` ranks at ``train.precision``,
+        with ``encoder_pipeline_stages`` resolved for ``model``."""
+        from megatron_ext.layout import balanced_encoder_stages
+
+        fields = {**dataclasses.asdict(self), "encoder_pipeline_stages": None}
+        parallel = ParallelConfig(world_size, precision=precision, **fields)
+        k = self.encoder_pipeline_stages
+        if not (model.is_e2d2 and parallel.num_stages > 1):
+            if k != AUTO:
+                _note(f"parallel.encoder_pipeline_stages={k} ignored: it only applies to E2D2 "
+                      "with pipeline_parallel > 1")
+            return parallel
+        if k == AUTO:
+            k, _ = balanced_encoder_stages(model, parallel)
+        return dataclasses.replace(parallel, encoder_pipeline_stages=k)
+
+
+def _note(message: str) -> None:
+    """A start-up note, printed once (by the first rank) rather than by every rank."""
+    import sys
+
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"note: {message}", file=sys.stderr)
 
 
 # The engine's fields that the section leaves out: the world size is known only at launch,
@@ -58,13 +94,15 @@ class _ParallelSectionRules:
 _LAUNCH_ONLY = ("world_size", "precision")
 ParallelSection = dataclasses.make_dataclass(
     "ParallelSection",
-    [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(ParallelConfig)
+    [(f.name, "int | str | None", field(default=AUTO)) if f.name == "encoder_pipeline_stages"
+     else (f.name, f.type, field(default=f.default)) for f in dataclasses.fields(ParallelConfig)
      if f.name not in _LAUNCH_ONLY],
     bases=(_ParallelSectionRules,), frozen=True)
 ParallelSection.__module__ = __name__
 ParallelSection.__doc__ = """`megatron_ext.layout.ParallelConfig`'s fields (the one definition of
 each, with its documentation there) less ``world_size`` and ``precision``
-(``fp8_recipe``/``fp8_format`` apply when ``train.precision`` is ``fp8``)."""
+(``fp8_recipe``/``fp8_format`` apply when ``train.precision`` is ``fp8``);
+``encoder_pipeline_stages`` also takes ``auto``, its default (see ``engine``)."""
 
 
 @dataclass(frozen=True)
@@ -114,13 +152,32 @@ class CheckpointSection:
         require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
 
 
+WANDB_MODES: tuple[str, ...] = ("online", "offline", "disabled")
+
+
 @dataclass(frozen=True)
 class LogSection:
+    """Scalars every ``interval`` steps (TensorBoard, W&B, the plain log line). ``wandb``:
+    ``{project, entity, mode}`` turns W&B logging on (off by default; ``mode`` one of
+    ``WANDB_MODES``, default online: ``offline`` writes under the run directory only)."""
+
     interval: int = 10
     tensorboard: bool = True
+    wandb: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         require(self.interval > 0, f"log.interval must be positive, got {self.interval}")
+        if self.wandb is None:
+            return
+        require(isinstance(self.wandb, dict), "log.wandb must be a mapping {project, entity, "
+                f"mode}}, got {self.wandb!r}")
+        unknown = sorted(set(self.wandb) - {"project", "entity", "mode"})
+        require(not unknown, f"log.wandb: unknown key(s) {unknown}; valid keys are "
+                "['entity', 'mode', 'project']")
+        require(isinstance(self.wandb.get("project"), str),
+                "log.wandb needs project: NAME (the W&B project to log to)")
+        require(self.wandb.get("mode", "online") in WANDB_MODES,
+                f"log.wandb.mode={self.wandb.get('mode')!r}: choose one of {WANDB_MODES}")
 
 
 _SECTIONS: dict[str, type] = {

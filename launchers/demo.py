@@ -50,13 +50,18 @@ def _fresh(root: Path) -> None:
     (root / MARKER).write_text("made by e2d2 demo; replaced by the next demo\n")
 
 
+def e2d2(argv: list) -> int:
+    """``e2d2 ARGV`` in a child process, as a user would type it (the CLI imports this module,
+    not the other way round)."""
+    return subprocess.run([sys.executable, "-m", "launchers.cli", *map(str, argv)]).returncode
+
+
 def run(args: argparse.Namespace) -> int:
-    from launchers.cli import main as e2d2
     from launchers.config import load_run_config
-    from launchers.metrics import read_metrics
+    from launchers.metrics import VALID_NELBO_NAME, read_metrics, train_loss_name
 
     root = Path(args.run_dir)
-    load_run_config(args.config, args.overrides)  # a bad config fails before any work
+    cfg = load_run_config(args.config, args.overrides)  # a bad config fails before any work
     _fresh(root)
     corpus, tokenizer, data, run_dir = (root / "kjv.jsonl", root / "tokenizer", root / "data",
                                         root / "run")
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                   "--vocab-size", "2048"],
                  ["data", "preprocess", "--input", corpus, "--tokenizer", tokenizer,
                   "--output", data]):
-        if e2d2([str(a) for a in argv]) != 0:
+        if e2d2(argv) != 0:
             return 1
     print(f"== 2. pretrain on {args.nproc} gloo ranks", flush=True)
     code = e2d2(["pretrain", args.config, f"run.dir={run_dir}", f"data.path={data}",
@@ -76,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     evals = [r for r in read_metrics(run_dir) if "nelbo" in r]
     first, last = evals[0], evals[-1]
     print(f"== 3. validation: NELBO {first['nelbo']:.3f} -> {last['nelbo']:.3f} nats/token "
-          f"(perplexity <= {last['ppl']:.1f}) after {last['step']} steps")
+          f"(perplexity <= {last['ppl']:.1f}) after {last['step']} steps: the {VALID_NELBO_NAME}. "
+          f"The 'loss' of the training steps is the "
+          f"{train_loss_name(cfg.diffusion.loss_weighting, cfg.model.variant)}")
     print("== 4. sample from the checkpoint", flush=True)
     prompts = [arg for text in PROMPTS for arg in ("--prompt", text)]
     code = e2d2(["sample", str(run_dir), *prompts, "--max-new-tokens", "48"])

@@ -48,7 +48,7 @@ from launchers.config import (
     save_run_config,
 )
 from launchers.data import PretrainData, load_run_tokenizer
-from launchers.metrics import RunLogger
+from launchers.metrics import VALID_NELBO_NAME, Progress, RunLogger, train_loss_name
 from launchers.preemption import PREEMPTED_EXIT_CODE, Preemption
 
 # Fault injection, for the tests and for rehearsing a cluster's failure handling; unset in
@@ -201,7 +201,7 @@ class _Trainer:
         self.cfg, self.faults = cfg, faults
         self.rank = torch.distributed.get_rank()
         self.parallel = cfg.parallel.engine(torch.distributed.get_world_size(),
-                                            cfg.train.precision)
+                                            cfg.train.precision, cfg.model)
         self.plan = PipelinePlan(cfg.model, self.parallel)
         dp, batch = self.parallel.data_parallel, cfg.train.batch_size
         self.micro_batch = cfg.train.micro_batch_size or batch // dp
@@ -240,7 +240,8 @@ class _Trainer:
             if self.rank == 0:
                 save_run_config(self.cfg, self.run_dir / "config.yaml")
                 _save_tokenizer(tokenizer, self.run_dir / "tokenizer")
-            logger = RunLogger(self.run_dir, self.rank == 0, self.cfg.log.tensorboard, state.step)
+            logger = RunLogger(self.run_dir, self.rank == 0, self.cfg.log.tensorboard, state.step,
+                               self.cfg.log.wandb, self.cfg.to_dict())
             try:
                 return self._loop(state, logger)
             finally:
@@ -313,8 +314,6 @@ class _Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self, state: TrainState, logger: RunLogger) -> int:
-        from tqdm.auto import tqdm
-
         from megatron_ext.objective import make_forward_step, noised_samples
         from megatron_ext.training import sync_params, train_step
 
@@ -326,11 +325,11 @@ class _Trainer:
         tokens_per_step = train.batch_size * cfg.model.seq_length
         flops_per_token = flops.training_flops_per_token(cfg.model).masked
         seq_length = self.stages[0].stream_length()
+        bar = Progress(train.steps, state.step, self.rank == 0,
+                       train_loss_name(cfg.diffusion.loss_weighting, cfg.model.variant))
         if state.step == 0:
             self._evaluate(0, logger)
         batches = self.data.train_steps(state.consumed_samples)
-        bar = tqdm(total=train.steps, initial=state.step, desc="pretrain", unit="step",
-                   disable=self.rank != 0, dynamic_ncols=True)
         saved_at = state.step
         while state.step < train.steps:
             start = time.perf_counter()
@@ -368,8 +367,7 @@ class _Trainer:
             if state.step % cfg.log.interval == 0 or state.step == train.steps:
                 scalars = self._scalars(result, lr, tokens_per_s, flops_per_token, data_wait)
             logger.record(record, scalars)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.step(state.step, result.loss, tokens_per_s, scalars)
             if result.skipped:
                 self.log(f"step {state.step}: non-finite loss or gradients, step skipped "
                          f"({state.consecutive_skips} in a row, {state.skipped_total} in all)")
@@ -469,7 +467,7 @@ class _Trainer:
                   "eval_sequences": int(count.item()) // self.cfg.train.eval_draws}
         logger.record(record, {"valid/nelbo": nelbo, "valid/ppl": ppl})
         self.last_eval = record
-        self.log(f"step {step:6d}  valid NELBO {nelbo:.4f} ± {std_error:.4f} nats/token "
+        self.log(f"step {step:6d}  {VALID_NELBO_NAME}: {nelbo:.4f} ± {std_error:.4f} "
                  f"(ppl <= {ppl:.2f})")
 
     def _write_summary(self, state: TrainState) -> None:

@@ -117,8 +117,8 @@ class ParallelConfig:
         ):
             raise ConfigError(
                 f"encoder_pipeline_stages={self.encoder_pipeline_stages} must be in "
-                f"1..{stages - 1} ({stages} pipeline stages): "
-                "the encoder and the decoder each need at least one stage"
+                f"1..{stages - 1} ({stages} pipeline stages: the encoder and the decoder each "
+                "need at least one), or auto for the FLOPs-balanced split"
             )
         if self.pipeline_layers is not None:
             object.__setattr__(self, "pipeline_layers", tuple(self.pipeline_layers))
@@ -310,8 +310,8 @@ class PipelinePlan:
             if par.encoder_pipeline_stages is None:
                 k, imbalance = balanced_encoder_stages(model, par)
                 raise ConfigError(
-                    f"E2D2 with {n} pipeline stages needs encoder_pipeline_stages in 1..{n - 1}; "
-                    f"{k} balances the stages best (predicted max/mean {imbalance:.2f})"
+                    f"E2D2 with {n} pipeline stages needs encoder_pipeline_stages in 1..{n - 1} "
+                    f"or auto; {k} balances the stages best (predicted max/mean {imbalance:.2f})"
                 )
             k = par.encoder_pipeline_stages
             if model.num_layers < k or model.num_decoder_layers < n - k:

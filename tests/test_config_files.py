@@ -17,13 +17,12 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_shipped_config_validates(path):
     cfg = load_run_config(path)
     assert cfg.model.seq_length % cfg.model.block_size == 0
-    from megatron_ext.layout import ParallelConfig, PipelinePlan
+    from megatron_ext.layout import PipelinePlan
 
-    par = {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
-           if k != "transformer_impl"}  # FP8 needs TE: checked separately, so bf16 here
+    # FP8 needs TE: checked separately, so bf16 here
+    section = dataclasses.replace(cfg.parallel, transformer_impl=None)
     precision = "bf16" if cfg.train.precision == "fp8" else cfg.train.precision
-    PipelinePlan(cfg.model, ParallelConfig(world_size=cfg.parallel.model_parallel,
-                                           precision=precision, **par))
+    PipelinePlan(cfg.model, section.engine(cfg.parallel.model_parallel, precision, cfg.model))
     dp = 2
     assert cfg.train.batch_size % ((cfg.train.micro_batch_size or 1) * dp) == 0
 

@@ -32,6 +32,24 @@ def read_documents(prefix: Path) -> list[list[int]]:
     return [dataset[i].tolist() for i in range(len(dataset))]
 
 
+def split_texts(out: Path) -> tuple[list[str], list[str]]:
+    """The decoded documents of ``out/train`` and ``out/valid`` (end-of-document dropped)."""
+    from data_tools.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out / "tokenizer")
+    return tuple([tok.decode(d[:-1]) for d in read_documents(out / s)] for s in ("train", "valid"))
+
+
+def assert_documents_are(out: Path, texts: list[str]) -> None:
+    """``out``'s two splits hold exactly ``texts``, each split in their order (the validation
+    documents are picked by hash, so the splits interleave in the corpus)."""
+    train, valid = split_texts(out)
+    assert sorted(train + valid) == sorted(texts)
+    for split in (train, valid):
+        rest = iter(texts)
+        assert all(any(t == u for u in rest) for t in split), "a split is out of corpus order"
+
+
 def output_files(directory: Path) -> dict[str, bytes]:
     """Every output byte of a preprocess run, keyed by path (manifest minus run details)."""
     files = {}

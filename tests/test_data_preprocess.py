@@ -8,11 +8,13 @@ import json
 import numpy as np
 import pytest
 from test_data_helpers import (
+    assert_documents_are,
     e2d2,
     output_files,
     pydoc_texts,
     read_documents,
     sharded_equals_single,
+    split_texts,
     write_jsonl,
 )
 
@@ -36,10 +38,11 @@ def test_round_trip_per_document(tmp_path, data_corpus, spec):
     assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", spec,
                 "--output", out, "--valid-docs", 4) == 0
     tok = load_tokenizer(out / "tokenizer")
-    docs = read_documents(out / "train") + read_documents(out / "valid")
+    train = read_documents(out / "train")
+    docs = train + read_documents(out / "valid")
     assert all(doc[-1] == tok.eod and tok.eod not in doc[:-1] for doc in docs)
-    assert [tok.decode(doc[:-1]) for doc in docs] == texts
-    assert (out / "train.bin").stat().st_size == 2 * sum(map(len, docs[:-4]))  # uint16
+    assert sorted(tok.decode(doc[:-1]) for doc in docs) == sorted(texts)
+    assert (out / "train.bin").stat().st_size == 2 * sum(map(len, train))  # uint16
 
 
 def test_manifest_counts_equal_the_files(tmp_path, data_corpus):
@@ -78,19 +81,43 @@ def test_byte_identical_at_1_and_2_workers(tmp_path, data_corpus, monkeypatch):
     assert outs[0] == outs[1]
 
 
-def test_split_holds_out_the_last_documents(tmp_path, data_corpus):
+def test_split_holds_out_hashed_documents_in_corpus_order(tmp_path, data_corpus):
     texts, corpus = data_corpus
-    tok = load_tokenizer("bytes")
     for flag, value, n_valid in (("--valid-docs", 7, 7), ("--valid-fraction", 0.1, 3)):
         out = tmp_path / flag
         assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
                     "--output", out, flag, value) == 0
-        train, valid = (
-            [tok.decode(d[:-1]) for d in read_documents(out / s)] for s in ("train", "valid")
-        )
-        assert train == texts[:-n_valid] and valid == texts[-n_valid:]
+        train, valid = split_texts(out)
+        assert len(valid) == n_valid and sorted(train + valid) == sorted(texts)
+        # each split keeps the corpus order
+        assert train == [t for t in texts if t in train] and valid == [t for t in texts if t in valid]
     assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
                 "--output", tmp_path / "x", "--valid-docs", 30) == 2
+
+
+def test_concatenated_sources_all_reach_validation_and_the_seed_picks(tmp_path):
+    """The last 1% of documents would validate on the last source only."""
+    texts = pydoc_texts(60)
+    first, second = texts[:30], texts[30:]
+    corpus = write_jsonl(tmp_path / "c.jsonl", first + second)
+    chosen = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
+                    "--output", out, "--valid-docs", 12, "--split-seed", seed) == 0
+        _, valid = split_texts(out)
+        assert any(t in first for t in valid) and any(t in second for t in valid)
+        chosen.append(valid)
+    assert chosen[0] != chosen[1]
+    assert _manifest(tmp_path / "seed1")["split"] == {"valid_docs": 12, "seed": 1}
+
+
+def test_an_empty_corpus_says_it_has_no_documents(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["", "  "])
+    assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", "bytes",
+                "--output", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "the input has no documents" in err and "--valid" not in err
 
 
 def test_inputs_txt_json_parquet_dir_and_glob(tmp_path):
@@ -104,13 +131,11 @@ def test_inputs_txt_json_parquet_dir_and_glob(tmp_path):
     (src / "b.json").write_text(json.dumps([{"body": t} for t in texts[1:3]]))
     write_jsonl(src / "sub" / "c.jsonl", texts[3:5], key="body")
     pq.write_table(pa.table({"body": texts[5:8]}), src / "sub" / "d.parquet")
-    tok = load_tokenizer("bytes")
     for inputs in ([src], [str(src / "*.*"), str(src / "sub" / "*")]):
         out = tmp_path / f"out{len(inputs)}"
         assert e2d2("data", "preprocess", "--input", *inputs, "--tokenizer", "bytes",
                     "--output", out, "--text-key", "body", "--valid-docs", 1) == 0
-        docs = read_documents(out / "train") + read_documents(out / "valid")
-        assert [tok.decode(d[:-1]) for d in docs] == texts  # sorted path order
+        assert_documents_are(out, texts)  # sorted path order
 
 
 def test_datasets_directory_is_streamed(tmp_path):
@@ -151,13 +176,14 @@ def test_skip_bad_records_counts_them(tmp_path):
     assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes", "--output", out,
                 "--valid-docs", 1, "--skip-bad-records") == 0
     manifest = _manifest(out)
-    # record order: doc0, bad json, empty, doc1; the skipped records lie after the last
-    # training document, among the held-out records, so they count for valid
+    # record order: doc0, bad json, empty, doc1; the skipped records come before doc1, so
+    # they count for doc1's split
     assert manifest["train"]["documents"] == 1 and manifest["valid"]["documents"] == 1
-    assert manifest["valid"]["skipped"]["bad_json"] == 1
-    assert manifest["valid"]["skipped"]["empty"] == 1
-    assert sum(manifest["train"]["skipped"].values()) == 0
-    assert sum(manifest["valid"]["skipped"].values()) == 2
+    split = "valid" if split_texts(out)[1] == [texts[1]] else "train"
+    other = {"train": "valid", "valid": "train"}[split]
+    assert manifest[split]["skipped"]["bad_json"] == 1
+    assert manifest[split]["skipped"]["empty"] == 1
+    assert sum(manifest[other]["skipped"].values()) == 0
 
 
 def test_empty_documents_are_skipped_and_counted(tmp_path):
@@ -167,9 +193,12 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
     assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes", "--output", out,
                 "--valid-docs", 1) == 0
     manifest = _manifest(out)
-    # the second empty record follows the last training document: it counts for valid
-    assert manifest["train"]["documents"] == 2 and manifest["train"]["skipped"]["empty"] == 1
-    assert manifest["valid"]["documents"] == 1 and manifest["valid"]["skipped"]["empty"] == 1
+    # each empty record counts for the split of the document after it (texts[1], texts[2])
+    _, valid = split_texts(out)
+    assert manifest["train"]["documents"] == 2 and manifest["valid"]["documents"] == 1
+    held = sum(t in valid for t in texts[1:])
+    assert manifest["valid"]["skipped"]["empty"] == held
+    assert manifest["train"]["skipped"]["empty"] == 2 - held
 
 
 def test_missing_text_key_is_an_error(tmp_path, capsys):
@@ -189,11 +218,11 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert e2d2("data", "preprocess", "--input", path, "--tokenizer", "bytes", "--output", out,
                 "--valid-docs", 1) == 0
     manifest = _manifest(out)
-    assert manifest["train"]["utf8_replaced"] == 1 and manifest["valid"]["utf8_replaced"] == 1
-    tok = load_tokenizer("bytes")
-    assert [tok.decode(d[:-1]) for d in read_documents(out / "train")] == [
-        "good", "caf\ufffd \ufffd"
-    ]
+    train, valid = split_texts(out)
+    assert sorted(train + valid) == sorted(["good", "caf\ufffd \ufffd", "lone \ufffd\ufffd\ufffd"])
+    replaced = {split: sum(t != "good" for t in docs) for split, docs in (("train", train),
+                                                                          ("valid", valid))}
+    assert {s: manifest[s]["utf8_replaced"] for s in replaced} == replaced
 
 
 def test_vocabulary_too_large_for_dtype_is_an_error(tmp_path, capsys):
@@ -229,8 +258,8 @@ def test_dtype_fits_the_largest_id_not_the_token_count(tmp_path):
     assert e2d2("data", "preprocess", "--input", corpus, "--tokenizer", tok_dir,
                 "--output", out, "--valid-docs", 1) == 0
     assert _manifest(out)["dtype"] == "int32"
-    assert read_documents(out / "train") + read_documents(out / "valid") == [
-        [70_000, 4, 0], [70_000, 0]
+    assert sorted(read_documents(out / "train") + read_documents(out / "valid")) == [
+        [70_000, 0], [70_000, 4, 0]
     ]
 
 
@@ -368,7 +397,9 @@ def test_empty_shards_merge(tmp_path):
     assert e2d2("data", "merge", out) == 0
     manifest = _manifest(out)
     assert manifest["train"]["documents"] == 28 and manifest["valid"]["documents"] == 2
-    assert manifest["valid"]["skipped"]["empty"] == len(empties)
+    # after the last document: they count for its split
+    last = "valid" if texts[-1] in split_texts(out)[1] else "train"
+    assert manifest[last]["skipped"]["empty"] == len(empties)
 
 
 @pytest.mark.parametrize("flag", ["--valid-docs", "--valid-fraction"])
@@ -415,9 +446,7 @@ def test_glob_matching_a_plain_directory_reads_its_files(tmp_path):
     # "src/*" matches a.jsonl and the directory sub; "src/**" also reaches b.jsonl directly
     assert e2d2("data", "preprocess", "--input", str(src / "*"), str(src / "**"),
                 "--tokenizer", "bytes", "--output", out, "--valid-docs", 1) == 0
-    tok = load_tokenizer("bytes")
-    docs = read_documents(out / "train") + read_documents(out / "valid")
-    assert [tok.decode(d[:-1]) for d in docs] == texts  # each file once
+    assert_documents_are(out, texts)  # each file once
 
 
 def test_failed_overwrite_keeps_the_earlier_result(tmp_path, data_corpus, monkeypatch):
@@ -438,3 +467,26 @@ def test_failed_overwrite_keeps_the_earlier_result(tmp_path, data_corpus, monkey
         e2d2(*args, "--valid-docs", 5, "--overwrite")
     assert output_files(out) == before
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_valid_input_is_a_separate_validation_set(tmp_path):
+    texts = pydoc_texts(12)
+    train_file = write_jsonl(tmp_path / "train.jsonl", texts[:9])
+    valid_file = write_jsonl(tmp_path / "valid.jsonl", texts[9:])
+    out = tmp_path / "out"
+    args = ["data", "preprocess", "--input", train_file, "--tokenizer", "bytes",
+            "--valid-input", valid_file]
+    assert e2d2(*args, "--output", out) == 0
+    assert split_texts(out) == (texts[:9], texts[9:])
+    manifest = _manifest(out)
+    assert manifest["split"] == {"valid_inputs": [str(valid_file)]}
+    assert [s["path"] for s in manifest["sources"]] == [str(train_file), str(valid_file)]
+    # shards written apart, then merged: the same result
+    sharded = tmp_path / "sharded"
+    for index in range(2):
+        assert e2d2(*args, "--output", sharded, "--num-shards", 2, "--shard-index", index) == 0
+    assert e2d2("data", "merge", sharded) == 0
+    assert split_texts(sharded) == (texts[:9], texts[9:])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    assert e2d2("data", "preprocess", "--input", train_file, "--tokenizer", "bytes",
+                "--valid-input", empty, "--output", tmp_path / "x") == 2

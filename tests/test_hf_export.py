@@ -7,12 +7,14 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_hf_helpers import MASK, tiny_config, write_run
 
 from e2d2.errors import UserError
@@ -268,3 +270,35 @@ def test_transformers_copies_every_module_the_shipped_code_imports(tmp_path):
             if isinstance(node, ast.ImportFrom) and node.level:
                 imported |= {node.module} if node.module else {a.name for a in node.names}
         assert imported <= set(get_relative_imports(tmp_path / name)), name
+
+
+@pytest.mark.parametrize("name", ["e2d2", "bd3lm_untied", "mdlm", "ar"])
+def test_import_hf_of_our_export_gives_bitwise_the_run_weights(runs, tmp_path, name):
+    from launchers.hf.checkpoints import TensorReader, single_process_group
+    from launchers.hf.import_hf import import_hf
+    from megatron_ext.checkpoint import MODEL_PREFIX
+
+    model, run = runs[name]
+    exported = export_hf(run, _out(tmp_path, name))
+    ckpt = import_hf(exported, tmp_path / "imported", variant=None)
+    with single_process_group():
+        reader = TensorReader(ckpt, MODEL_PREFIX)
+        state = reader.read(sorted(reader.shapes))
+    expected = model.state_dict()
+    assert sorted(state) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(state[key], tensor), key
+    with pytest.raises(UserError, match="the export is variant"):
+        import_hf(exported, tmp_path / "other", variant="mdlm" if name != "mdlm" else "ar")
+
+
+def test_export_files_are_readable_by_the_group_and_tags_are_unique(runs, tmp_path):
+    _, run = runs["e2d2"]
+    out = export_hf(run, _out(tmp_path, "modes"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    front = (out / "README.md").read_text().split("---")[1]
+    tags = yaml.safe_load(front)["tags"]
+    assert len(tags) == len(set(tags)) and "e2d2" in tags

@@ -9,7 +9,7 @@ import torch
 from e2d2.config import ModelConfig
 from e2d2.errors import ConfigError
 from megatron_ext import layout
-from megatron_ext.layout import ParallelConfig, PipelinePlan
+from megatron_ext.layout import ParallelConfig, PipelinePlan, balanced_encoder_stages
 
 E2D2 = ModelConfig(variant="e2d2", num_layers=3, num_decoder_layers=2,
                    num_attention_heads=4, num_query_groups=2)
@@ -262,7 +262,7 @@ def test_the_start_up_shares_suggest_a_clearly_better_encoder_split():
         assert "predicts" not in plan(pp, k).describe_shares()
     # a user's own placement is left alone
     assert "predicts" not in plan(3, 1, pipeline_layers=[24, 2, 2]).describe_shares()
-    with pytest.raises(ConfigError, match=r"in 1\.\.2; 2 balances the stages best \(predicted "
+    with pytest.raises(ConfigError, match=r"in 1\.\.2 or auto; 2 balances the stages best \(predicted "
                                           r"max/mean 1\.06\)"):
         PipelinePlan(cfg, ParallelConfig(world_size=3, pipeline_parallel=3))
 
@@ -307,5 +307,37 @@ def test_pipeline_layers_from_a_run_config():
                                                          "parallel.encoder_pipeline_stages=2",
                                                          "parallel.pipeline_layers=[10, 14, 4]",
                                                          "train.precision=bf16"])  # no TE here
-    parallel = cfg.parallel.engine(6, cfg.train.precision)
+    parallel = cfg.parallel.engine(6, cfg.train.precision, cfg.model)
     assert PipelinePlan(cfg.model, parallel).layer_counts() == [10, 14, 4]
+
+
+@pytest.mark.parametrize("value", [None, "auto", 0, 1, 3])
+def test_one_config_runs_at_every_layout(value, capsys):
+    """A PP2 config resumed at PP1 (TP2): any encoder_pipeline_stages is ignored there, with
+    a note for an explicit value; null and auto are the FLOPs-balanced split at PP > 1."""
+    from launchers.config import load_run_config
+
+    overrides = ["train.precision=bf16", f"parallel.encoder_pipeline_stages={value}"
+                 if value is not None else "parallel.encoder_pipeline_stages=null"]
+    cfg = load_run_config("configs/h100-1b-e2d2.yaml", [*overrides, "parallel.pipeline_parallel=1"])
+    parallel = cfg.parallel.engine(2, cfg.train.precision, cfg.model)
+    assert parallel.encoder_pipeline_stages is None
+    PipelinePlan(cfg.model, parallel)
+    err = capsys.readouterr().err
+    assert ("ignored" in err) == isinstance(value, int)
+    cfg = load_run_config("configs/h100-1b-e2d2.yaml", [*overrides, "parallel.pipeline_parallel=3"])
+    if value in (None, "auto"):
+        parallel = cfg.parallel.engine(6, cfg.train.precision, cfg.model)
+        assert parallel.encoder_pipeline_stages == balanced_encoder_stages(cfg.model, parallel)[0]
+    elif value in (0, 3):  # explicit and not in 1..2: one error naming the valid ones and auto
+        with pytest.raises(ConfigError, match=r"must be in 1\.\.2 .*or auto"):
+            cfg.parallel.engine(6, cfg.train.precision, cfg.model)
+    else:
+        assert cfg.parallel.engine(6, cfg.train.precision, cfg.model).encoder_pipeline_stages == 1
+
+
+def test_shipped_configs_leave_the_split_to_auto():
+    from launchers.config import load_run_config
+
+    for path in ("configs/tiny-cpu.yaml", "configs/h100-1b-e2d2.yaml"):
+        assert load_run_config(path, ["train.precision=bf16"]).parallel.encoder_pipeline_stages == "auto"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from e2d2.config import VARIANTS
-
 
 def _export(args: argparse.Namespace) -> int:
     from launchers.hf.export import export_hf
@@ -54,11 +52,12 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def register_import_hf(subparsers) -> None:
-    p = subparsers.add_parser("import-hf", help="convert a local Qwen3/Llama causal LM into a "
-                              "training checkpoint")
+    p = subparsers.add_parser("import-hf", help="convert a local Qwen3/Llama causal LM, or an "
+                              "e2d2 export-hf export, into a training checkpoint")
     p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and safetensors")
     p.add_argument("output", metavar="OUT_CHECKPOINT", help="new checkpoint directory")
-    p.add_argument("--variant", required=True, choices=VARIANTS)
+    p.add_argument("--variant", help="the variant to build from a causal LM (required there); "
+                   "an e2d2 export-hf export keeps its own")
     p.add_argument("--decoder-layers", type=int, default=1, help="E2D2 decoder depth (default 1)")
     p.add_argument("--decoder-from", choices=("top", "bottom"), default="top",
                    help="which causal-LM layers initialise the decoder (default top)")

@@ -1,4 +1,5 @@
-"""``e2d2 import-hf``: a local Qwen3 / Llama causal LM -> a training checkpoint.
+"""``e2d2 import-hf``: a local Qwen3 / Llama causal LM, or an ``e2d2 export-hf`` export,
+-> a training checkpoint.
 
 The model config is derived from ``config.json``; the tensors are renamed by
 `launchers.hf.param_mapping` and written as a dist checkpoint keyed ``model.{reference
@@ -10,6 +11,9 @@ OUT, as in a run's iter directories. Start training from it with
 * E2D2 variants: the encoder takes every layer; the decoder's ``--decoder-layers N``
   copy the top (or ``--decoder-from bottom``) N layers, or, with ``--tie-decoder``
   (``e2d2_shared_kv``), are the top encoder layers themselves.
+* Our own export (any variant, ``E2D2ForMaskedLM``) comes back as the model it was: the
+  model config is ``config.json``'s, the tensors are copied unchanged (a float32 export
+  gives bitwise the run's weights); ``--variant``, if given, must be the exported one.
 * Weights are read from safetensors only. A directory with only ``pytorch_model.bin``
   is refused: unpickling runs arbitrary code. ``--allow-pickle`` loads it with
   ``torch.load(weights_only=True)``.
@@ -30,10 +34,11 @@ from e2d2.errors import ConfigError, UserError
 from launchers.config import run_config_from_dict, save_run_config
 from launchers.hf import param_mapping
 from launchers.hf.checkpoints import CONFIG_NAME, save_reference_weights
-from launchers.hf.export import check_tensors, reference_shapes
+from launchers.hf.export import HF_PREFIX, check_tensors, reference_shapes
 from launchers.hf.staging import check_target, staged_directory
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+EXPORTED = "E2D2ForMaskedLM"  # the architecture `e2d2 export-hf` writes, with ModelConfig's fields
 # config.json fields that change the computation in ways the reference model does not have.
 _UNSUPPORTED = {  # field: the only value we accept (missing counts as this value)
     "attention_bias": False,
@@ -62,7 +67,8 @@ def model_config_from_hf(hf: dict[str, Any], where: str, variant: str, decoder_l
     archs = hf.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES or hf.get("model_type") != ARCHITECTURES[archs[0]]:
         raise UserError(f"{where}: unsupported architecture {archs} (model_type "
-                        f"{hf.get('model_type')!r}); import-hf reads {sorted(ARCHITECTURES)}")
+                        f"{hf.get('model_type')!r}); import-hf reads "
+                        f"{sorted([*ARCHITECTURES, EXPORTED])}")
     for field, accepted in _UNSUPPORTED.items():
         if hf.get(field, accepted) != accepted:
             raise UserError(f"{where}: {field}={hf[field]!r} is not supported (the reference "
@@ -95,6 +101,22 @@ def model_config_from_hf(hf: dict[str, Any], where: str, variant: str, decoder_l
         )
     except KeyError as exc:
         raise UserError(f"{where}: missing field {exc.args[0]!r}") from None
+    except ConfigError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def exported_model_config(hf: dict[str, Any], where: str, variant: str | None) -> ModelConfig:
+    """The ModelConfig an ``e2d2 export-hf`` config.json was written from."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    missing = sorted(fields - set(hf))
+    if missing:
+        raise UserError(f"{where}: an {EXPORTED} config without {missing}: not written by "
+                        "this version of e2d2 export-hf")
+    if variant is not None and variant != hf["variant"]:
+        raise UserError(f"{where}: the export is variant {hf['variant']!r}, not --variant "
+                        f"{variant!r}; leave --variant out to import it as it is")
+    try:
+        return ModelConfig(**{name: hf[name] for name in fields})
     except ConfigError as exc:
         raise UserError(f"{where}: {exc}") from None
 
@@ -199,7 +221,7 @@ def _mask_token_id(directory: Path, vocab_size: int, variant: str, requested: in
                     "mask_token and fills the vocabulary); pass --mask-token-id ID")
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers: int = 1,
+def import_hf(hf_dir: str | Path, out: str | Path, variant: str | None, decoder_layers: int = 1,
               tie_decoder: bool = False, decoder_from: str = "top", tp: int = 1, pp: int = 1,
               encoder_pipeline_stages: int | None = None, block_size: int = 4,
               seq_length: int | None = None, mask_token_id: int | None = None,
@@ -210,7 +232,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
 
     hf_dir, out = Path(hf_dir), Path(out)
     check_target(out, overwrite)
-    if variant not in VARIANTS:
+    if variant is not None and variant not in VARIANTS:
         raise UserError(f"--variant {variant!r}: choose one of {VARIANTS}")
     if tie_decoder and decoder_from != "top":
         raise UserError("--tie-decoder shares the top encoder layers; it cannot take the bottom ones")
@@ -218,9 +240,15 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
     if not config_path.is_file():
         raise UserError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     hf = json.loads(config_path.read_text())
-    mask = _mask_token_id(hf_dir, hf.get("vocab_size", 0), variant, mask_token_id)
-    cfg = model_config_from_hf(hf, str(config_path), variant, decoder_layers, tie_decoder,
-                               block_size, seq_length, mask, shift)
+    ours = hf.get("architectures") == [EXPORTED]
+    if ours:
+        cfg = exported_model_config(hf, str(config_path), variant)
+    elif variant is None:
+        raise UserError(f"{hf_dir} is a causal LM: pass --variant (one of {VARIANTS})")
+    else:
+        mask = _mask_token_id(hf_dir, hf.get("vocab_size", 0), variant, mask_token_id)
+        cfg = model_config_from_hf(hf, str(config_path), variant, decoder_layers, tie_decoder,
+                                   block_size, seq_length, mask, shift)
     if pp > 1 and cfg.variant == "e2d2" and encoder_pipeline_stages is None:
         encoder_pipeline_stages = pp - 1
     parallel = {"tensor_parallel": tp, "pipeline_parallel": pp,
@@ -232,18 +260,12 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
 
     weights = _Weights(hf_dir, allow_pickle)
     names = dict(weights.shapes)
-    if cfg.tie_word_embeddings and "lm_head.weight" in names:
-        # Some tied checkpoints store the head anyway; it must be the embedding itself.
-        if not torch.equal(weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")):
-            raise UserError(f"{hf_dir}: tie_word_embeddings is true but lm_head.weight differs "
-                            "from model.embed_tokens.weight")
-        del names["lm_head.weight"]
-    def source_layer(j: int) -> int:
-        return cfg.num_layers - cfg.num_decoder_layers + j if decoder_from == "top" else j
-
     shapes = reference_shapes(cfg)
-    sources = param_mapping.plan(shapes, names, source_layer, str(hf_dir))
-    check_tensors(shapes, {ours: names[hf] for ours, hf in sources.items()}, str(hf_dir))
+    if ours:
+        sources = {name: HF_PREFIX + name for name in shapes}
+        check_tensors({HF_PREFIX + n: s for n, s in shapes.items()}, names, str(hf_dir))
+    else:
+        sources = _causal_lm_sources(cfg, weights, names, decoder_from, hf_dir, shapes)
     state = _Converted(weights, sources)
     run_config = run_config_from_dict({"model": dataclasses.asdict(cfg), "parallel": parallel},
                                       str(hf_dir))
@@ -251,3 +273,22 @@ def import_hf(hf_dir: str | Path, out: str | Path, variant: str, decoder_layers:
         save_reference_weights(state, cfg, stage)
         save_run_config(run_config, stage / CONFIG_NAME)
     return out
+
+
+def _causal_lm_sources(cfg: ModelConfig, weights: _Weights, names: dict[str, tuple[int, ...]],
+                       decoder_from: str, hf_dir: Path,
+                       shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Reference name -> the causal LM's tensor name (`launchers.hf.param_mapping`)."""
+    if cfg.tie_word_embeddings and "lm_head.weight" in names:
+        # Some tied checkpoints store the head anyway; it must be the embedding itself.
+        if not torch.equal(weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")):
+            raise UserError(f"{hf_dir}: tie_word_embeddings is true but lm_head.weight differs "
+                            "from model.embed_tokens.weight")
+        del names["lm_head.weight"]
+
+    def source_layer(j: int) -> int:
+        return cfg.num_layers - cfg.num_decoder_layers + j if decoder_from == "top" else j
+
+    sources = param_mapping.plan(shapes, names, source_layer, str(hf_dir))
+    check_tensors(shapes, {ours: names[hf] for ours, hf in sources.items()}, str(hf_dir))
+    return sources

@@ -60,8 +60,9 @@ def render(
     source: str,
 ) -> str:
     """The model card text (YAML front matter, then Markdown)."""
+    tags = list(dict.fromkeys(["e2d2", "block-diffusion", model.variant]))  # once each
     front = yaml.safe_dump({"library_name": "transformers", "pipeline_tag": "fill-mask",
-                            "tags": ["e2d2", "block-diffusion", model.variant]}, sort_keys=False)
+                            "tags": tags}, sort_keys=False)
     size = (f"{num_params / 1e6:.1f}M" if num_params >= 1e6 else f"{num_params:,}")
     decoder = (f", decoder {model.num_decoder_layers} layers"
                + (" (tied to the encoder's top layers)" if model.tie_decoder_to_encoder else "")

@@ -1,7 +1,9 @@
 """Atomic output directories: everything is written into a hidden sibling, then renamed.
 
 A crash or an error leaves OUT as it was (absent, or the previous export with
-``overwrite``), never half written.
+``overwrite``), never half written. Files get the umask's usual modes (0644 under umask
+022): safetensors writes through a private temporary file (0600), which would keep an
+export from the rest of a shared group.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     except BaseException:
         remove(stage)
         raise
+    _usual_modes(stage)
     if out.exists():  # overwrite: swap, then drop the old one
         old = out.with_name(f".old-{os.getpid()}-{out.name}")
         os.replace(out, old)
@@ -44,3 +47,14 @@ def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
         remove(old)
     else:
         os.replace(stage, out)
+
+
+def _usual_modes(root: Path) -> None:
+    """Give every file and directory under ``root`` the mode a plain ``open``/``mkdir``
+    would: 0666 / 0777 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
