@@ -25,6 +25,7 @@ from e2d2.diffusion import (
     per_sequence_loss,
     stratified_times,
 )
+from megatron_ext.context import ContextSplit
 
 Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/context masks
 
@@ -142,6 +143,17 @@ def vocab_parallel_token_nll(logits: torch.Tensor, target: torch.Tensor,
     return vocab_parallel_cross_entropy(logits, target)
 
 
+def _sequence_nll(logits: torch.Tensor, targets: torch.Tensor,
+                  exclude_token: int | None = None) -> torch.Tensor:
+    """``vocab_parallel_token_nll`` of the whole sequence's ``targets [batch, L]``; with
+    context parallelism ``logits`` hold this rank's positions only (``megatron_ext.context``)
+    and the ranks' NLLs are gathered, so that every CP rank reduces the whole sequence."""
+    split = ContextSplit.current()
+    if split is None:
+        return vocab_parallel_token_nll(logits, targets, exclude_token)
+    return split.gather_tokens(vocab_parallel_token_nll(logits, split.local(targets), exclude_token))
+
+
 def _reduced(per_sequence: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Micro-batch mean for the backward pass; the detached mean (``loss``) and per-sequence
     values (``per_sequence``, evaluation) for what the schedule returns."""
@@ -153,7 +165,7 @@ def diffusion_loss(batch: Batch, logits: torch.Tensor, *, mask_token_id: int,
                    weighting: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Micro-batch mean of ``e2d2.diffusion.per_sequence_loss`` (the reference's reduction).
     With ``weighting="elbo"`` on evaluation noise, ``per_sequence`` is each row's NELBO."""
-    nll = vocab_parallel_token_nll(logits, batch["x0"], mask_token_id)
+    nll = _sequence_nll(logits, batch["x0"], mask_token_id)
     fields = {f.name: batch[f.name] for f in dataclasses.fields(NoisedBatch)}
     return _reduced(per_sequence_loss(nll, NoisedBatch(**fields), weighting))
 
@@ -165,7 +177,7 @@ def ar_loss(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str,
     non-contiguous ``[:, :-1]`` slice. Dropped, it gets a zero gradient."""
     x0 = batch["x0"]
     targets = torch.cat((x0[:, 1:], torch.zeros_like(x0[:, :1])), dim=1)
-    nll = vocab_parallel_token_nll(logits, targets)[:, :-1]
+    nll = _sequence_nll(logits, targets)[:, :-1]
     return _reduced(ar_per_sequence_loss(nll, batch["loss_mask"]))
 
 
