@@ -41,12 +41,13 @@ class _ParallelSectionRules:
     """What the ``parallel`` section checks and derives before the world size is known."""
 
     def __post_init__(self) -> None:
-        require(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1,
-                "tensor_parallel and pipeline_parallel must be >= 1")
+        require(min(self.tensor_parallel, self.pipeline_parallel, self.context_parallel) >= 1,
+                "tensor_parallel, pipeline_parallel and context_parallel must be >= 1")
 
     @property
     def model_parallel(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel
+        """Ranks one data-parallel replica spans: TP x PP x CP."""
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
 
     def engine(self, world_size: int, precision: str) -> ParallelConfig:
         """The engine's ``ParallelConfig`` for ``world_size`` ranks at ``train.precision``."""
