@@ -160,6 +160,8 @@ def test_pretrain_at_cp2_repeats_the_one_process_losses(tmp_path):
         result = run_pretrain(config, f"run.dir={run_dir}", f"data.path={data}", *extra,
                               nproc=nproc)
         assert result.returncode == 0, result.stderr
+        if nproc > 1:  # two processes that are not DP2 (which would give the same losses)
+            assert "layout tp1-pp1-dp1-cp2 " in result.stderr
         runs[name] = records(run_dir)
     for key in ("loss", "nelbo"):
         single = [r[key] for r in runs["single"] if key in r]
