@@ -1,8 +1,9 @@
 """Context parallelism (``parallel.context_parallel``) gives the reference model's loss,
 every gradient and three optimizer steps: CP2 for E2D2 (also shared-KV), BD3-LM (both with
-a prompt and padding), MDLM and AR; CP2 x TP2 (E2D2 with sequence parallelism), CP2 x PP2
-(one encoder and one decoder stage), CP2 x DP2 with the distributed optimizer and full
-recompute. A CP2 x TP2 checkpoint loads at CP1 (TP2 x PP2) and at CP2 x PP2. The zig-zag
+a prompt and padding), MDLM and AR, and E2D2 with selective recompute and (within bf16
+tolerance) in bf16; CP2 x TP2 (E2D2 with sequence parallelism), CP2 x PP2 (one encoder and
+one decoder stage; BD3-LM also interleaved), CP2 x DP2 with the distributed optimizer and
+full recompute. A CP2 x TP2 checkpoint loads at CP1 (TP2 x PP2) and at CP2 x PP2. The zig-zag
 split gives every rank the same share of the block-causal masks; lengths that do not split
 into whole blocks are refused with the valid ones. ``e2d2 pretrain`` on two processes at
 CP2 repeats the one-process losses and validation NELBO.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pretrain_helpers import make_data_dir, records, run_pretrain, write_config
+from test_megatron_precision_and_scale import _check_bf16
 
 from e2d2 import masks
 from e2d2.errors import ConfigError
@@ -66,10 +68,18 @@ CASES2 = {  # name: (model config, run)
 }
 
 
+# Other settings of the engine at CP2, on E2D2 with a prompt and padding.
+OPTIONS2 = {"bf16": ParallelConfig(2, context_parallel=2, precision="bf16"),
+            "recompute_selective": ParallelConfig(2, context_parallel=2, recompute="selective")}
+
+
 def _world2(rank: int) -> dict:
-    return {case: {"reference": reference_run(cfg, run) if rank == 0 else None,
-                   "parallel": parallel_run(cfg, CP2, run)}
-            for case, (cfg, run) in CASES2.items()}
+    out = {case: {"reference": reference_run(cfg, run) if rank == 0 else None,
+                  "parallel": parallel_run(cfg, CP2, run)}
+           for case, (cfg, run) in CASES2.items()}
+    cfg, run = CASES2["e2d2_prompt_pad"]
+    out["options"] = {name: parallel_run(cfg, layout, run) for name, layout in OPTIONS2.items()}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +94,19 @@ def test_cp2_matches_reference(world2, case):
     assert not compare(reference, [r[case]["parallel"] for r in world2], 1e-5, STEPS_ATOL)
 
 
+@pytest.mark.slow
+def test_cp2_in_bf16_matches_reference_within_bf16_tolerance(world2):
+    _check_bf16(world2[0]["e2d2_prompt_pad"]["reference"],
+                [r["options"]["bf16"] for r in world2])
+
+
+@pytest.mark.slow
+def test_cp2_with_selective_recompute_matches_reference(world2):
+    reference = world2[0]["e2d2_prompt_pad"]["reference"]
+    assert not compare(reference, [r["options"]["recompute_selective"] for r in world2],
+                       1e-5, STEPS_ATOL)
+
+
 # ------------------------------------------------------------------- equivalence, 4 ranks
 LAYOUTS4 = {  # name: (model config, layout, run)
     "e2d2_cp2_tp2_sp": (model_config("e2d2"), ParallelConfig(
@@ -94,6 +117,9 @@ LAYOUTS4 = {  # name: (model config, layout, run)
         4, pipeline_parallel=2, encoder_pipeline_stages=1, context_parallel=2), PROMPT_PAD),
     "bd3lm_cp2_pp2": (model_config("bd3lm"), ParallelConfig(
         4, pipeline_parallel=2, context_parallel=2), PROMPT_PAD),
+    # megatron's interleaved schedule: two chunks of two layers on each pipeline rank
+    "bd3lm_cp2_pp2_interleaved": (model_config("bd3lm", num_layers=4), ParallelConfig(
+        4, pipeline_parallel=2, virtual_pipeline=2, context_parallel=2), PLAIN),
     "e2d2_cp2_dp2_distopt_recompute": (model_config("e2d2"), ParallelConfig(
         4, context_parallel=2, use_distributed_optimizer=True, recompute="full"),
         Run(global_batch=8, prompt_and_padding=True)),
