@@ -31,6 +31,13 @@ STEPS_ATOL = 1e-5  # as tests/test_parallel_equivalence.py
 PLAIN, PROMPT_PAD = Run(), Run(prompt_and_padding=True)
 
 
+def _problems(world: list[dict], case: str, option: str | None = None) -> list[str]:
+    """``compare`` of ``case``'s reference with every rank's parallel result of ``case``
+    (or of the engine ``option`` run on ``case``'s model and batch)."""
+    results = [rank["options"][option] if option else rank[case]["parallel"] for rank in world]
+    return compare(world[0][case]["reference"], results, 1e-5, STEPS_ATOL)
+
+
 # ----------------------------------------------------------------------- split and limits
 @pytest.mark.parametrize("cp", [2, 4])
 def test_zigzag_split_covers_every_position_once_and_balances_block_causal_masks(cp):
@@ -90,8 +97,7 @@ def world2():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES2))
 def test_cp2_matches_reference(world2, case):
-    reference = world2[0][case]["reference"]
-    assert not compare(reference, [r[case]["parallel"] for r in world2], 1e-5, STEPS_ATOL)
+    assert not _problems(world2, case)
 
 
 @pytest.mark.slow
@@ -102,9 +108,7 @@ def test_cp2_in_bf16_matches_reference_within_bf16_tolerance(world2):
 
 @pytest.mark.slow
 def test_cp2_with_selective_recompute_matches_reference(world2):
-    reference = world2[0]["e2d2_prompt_pad"]["reference"]
-    assert not compare(reference, [r["options"]["recompute_selective"] for r in world2],
-                       1e-5, STEPS_ATOL)
+    assert not _problems(world2, "e2d2_prompt_pad", "recompute_selective")
 
 
 # ------------------------------------------------------------------- equivalence, 4 ranks
@@ -160,8 +164,7 @@ def world4(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS4))
 def test_cp2_with_tp_pp_dp_matches_reference(world4, name):
-    reference = world4[0][name]["reference"]
-    assert not compare(reference, [r[name]["parallel"] for r in world4], 1e-5, STEPS_ATOL)
+    assert not _problems(world4, name)
 
 
 @pytest.mark.slow
