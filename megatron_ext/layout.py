@@ -474,10 +474,6 @@ def _check_context_parallel(model: ModelConfig, cp: int) -> None:
             f"context_parallel={cp} splits each sequence into {2 * cp} chunks of whole blocks "
             f"(block_size={model.block_size}): seq_length={model.seq_length} must be a multiple "
             f"of {unit} ({valid}, ...)")
-    if model.shift:
-        raise ConfigError("context_parallel > 1 with model.shift (an adapted AR model) is not "
-                          "supported: its logits move one position across the CP chunks; use "
-                          "context_parallel=1")
 
 
 # How much lower another encoder/decoder split's predicted imbalance must be for the start-up

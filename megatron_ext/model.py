@@ -452,8 +452,10 @@ class ParallelDiffusionLM(MegatronModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with fp8_context(self.config):  # a no-op unless TransformerConfig.fp8 is set
             out = self._forward(batch)
-        # the reference's alignment with the targets, on the logits of the last stage
-        return shift.align_logits(out) if self.cfg.shift and self.post_process else out
+        # the reference's alignment with the targets, on the logits of the last stage (with
+        # context parallelism on the gathered NLL: megatron_ext.objective._sequence_nll)
+        aligned = self.cfg.shift and self.post_process and not self.context
+        return shift.align_logits(out) if aligned else out
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         plan, x0 = self.cfg.plan, batch["x0"]

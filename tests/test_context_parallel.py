@@ -1,6 +1,7 @@
 """Context parallelism (``parallel.context_parallel``) gives the reference model's loss,
 every gradient and three optimizer steps: CP2 for E2D2 (also shared-KV), BD3-LM (both with
-a prompt and padding), MDLM and AR, and E2D2 with selective recompute and (within bf16
+a prompt and padding), MDLM and AR, E2D2 and BD3-LM with the shift of an adapted AR
+model, and E2D2 with selective recompute and (within bf16
 tolerance) in bf16; CP2 x TP2 (E2D2 with sequence parallelism), CP2 x PP2 (one encoder and
 one decoder stage; BD3-LM also interleaved), CP2 x DP2 with the distributed optimizer and
 full recompute. A CP2 x TP2 checkpoint loads at CP1 (TP2 x PP2) and at CP2 x PP2. The zig-zag
@@ -58,8 +59,6 @@ def test_lengths_that_do_not_split_into_whole_blocks_are_refused_with_valid_valu
         PipelinePlan(cfg, ParallelConfig(4, context_parallel=4))
     with pytest.raises(ConfigError, match="tensor_parallel x pipeline_parallel x context_parallel"):
         ParallelConfig(6, tensor_parallel=2, context_parallel=2)
-    with pytest.raises(ConfigError, match="shift"):
-        PipelinePlan(model_config("bd3lm", shift=True), ParallelConfig(2, context_parallel=2))
     layout = ParallelConfig(8, tensor_parallel=2, context_parallel=2)
     assert (layout.data_parallel, layout.name) == (2, "tp2-pp1-dp2-cp2")
 
@@ -72,6 +71,9 @@ CASES2 = {  # name: (model config, run)
     "bd3lm_prompt_pad": (model_config("bd3lm"), PROMPT_PAD),
     "mdlm": (model_config("mdlm"), PLAIN),
     "ar": (model_config("ar"), PROMPT_PAD),
+    # an adapted AR model (e2d2.shift): slot s predicts s + 1, across the chunk boundaries
+    "e2d2_shift_prompt_pad": (model_config("e2d2", shift=True), PROMPT_PAD),
+    "bd3lm_shift": (model_config("bd3lm", shift=True), PLAIN),
 }
 
 
