@@ -305,11 +305,11 @@ class PipelinePlan:
         if cp > 1:
             _check_context_parallel(model, cp)
         if par.sequence_parallel and (model.seq_length // cp) % tp:
-            raise ConfigError(
-                f"sequence_parallel splits positions over TP ranks: tensor_parallel={tp} must "
-                f"divide the positions per context-parallel rank, seq_length / context_parallel"
-                f" = {model.seq_length // cp}"
-            )
+            positions = (f"seq_length={model.seq_length}" if cp == 1 else "the positions per "
+                         f"context-parallel rank, seq_length / context_parallel = "
+                         f"{model.seq_length // cp}")
+            raise ConfigError(f"sequence_parallel splits positions over TP ranks: "
+                              f"tensor_parallel={tp} must divide {positions}")
         n = self.num_stages
         if model.is_e2d2 and pp > 1:
             if model.plan.decoder_keys == "encoder_kv":

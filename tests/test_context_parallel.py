@@ -59,6 +59,11 @@ def test_lengths_that_do_not_split_into_whole_blocks_are_refused_with_valid_valu
         PipelinePlan(cfg, ParallelConfig(4, context_parallel=4))
     with pytest.raises(ConfigError, match="tensor_parallel x pipeline_parallel x context_parallel"):
         ParallelConfig(6, tensor_parallel=2, context_parallel=2)
+    odd = model_config("ar", seq_length=12, block_size=1, num_attention_heads=8,
+                       num_query_groups=4)  # 6 positions per CP rank
+    with pytest.raises(ConfigError, match=r"seq_length / context_parallel = 6"):
+        PipelinePlan(odd, ParallelConfig(8, tensor_parallel=4, context_parallel=2,
+                                         sequence_parallel=True))
     layout = ParallelConfig(8, tensor_parallel=2, context_parallel=2)
     assert (layout.data_parallel, layout.name) == (2, "tp2-pp1-dp2-cp2")
 
