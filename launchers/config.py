@@ -50,8 +50,8 @@ class _ParallelSectionRules:
     """
 
     def __post_init__(self) -> None:
-        require(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1,
-                "tensor_parallel and pipeline_parallel must be >= 1")
+        require(min(self.tensor_parallel, self.pipeline_parallel, self.context_parallel) >= 1,
+                "tensor_parallel, pipeline_parallel and context_parallel must be >= 1")
         k = self.encoder_pipeline_stages
         if k is None:
             object.__setattr__(self, "encoder_pipeline_stages", AUTO)
@@ -61,7 +61,8 @@ class _ParallelSectionRules:
 
     @property
     def model_parallel(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel
+        """Ranks one data-parallel replica spans: TP x PP x CP."""
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
 
     def engine(self, world_size: int, precision: str, model: ModelConfig) -> ParallelConfig:
         """The engine's ``ParallelConfig`` for ``world_size`` ranks at ``train.precision``,

@@ -140,7 +140,10 @@ def _layout_of(parallel) -> dict:
     return {"world_size": parallel.world_size, "tensor_parallel": parallel.tensor_parallel,
             "pipeline_parallel": parallel.pipeline_parallel,
             "virtual_pipeline": parallel.virtual_pipeline,
-            "encoder_pipeline_stages": parallel.encoder_pipeline_stages}
+            "encoder_pipeline_stages": parallel.encoder_pipeline_stages,
+            # only when set, so that checkpoints from before the key keep matching
+            **({"context_parallel": parallel.context_parallel}
+               if parallel.context_parallel > 1 else {})}
 
 
 def resume_candidates(cfg: RunConfig, resume: str) -> list[Path]:

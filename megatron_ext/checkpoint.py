@@ -101,7 +101,8 @@ def _build_parts(m: ParamMap, key: str, data: torch.Tensor, replica_id, flattene
 
 def _stage_maps(stage: torch.nn.Module):
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dp_rank = parallel_state.get_data_parallel_rank()
+    # context-parallel ranks hold replicas too
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     embedding_stages = stage.plan.embedding_stages()
     for m in param_maps(stage):
         # Only the word embedding lives on several stages; the first holder is the main copy.

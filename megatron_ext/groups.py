@@ -1,6 +1,6 @@
 """megatron-core's parallel state for one layout on the live process group.
 
-``megatron_layout`` creates megatron's tensor / pipeline / data-parallel groups for a
+``megatron_layout`` creates megatron's tensor / pipeline / context / data-parallel groups for a
 `megatron_ext.layout.ParallelConfig` (which only does the arithmetic) and destroys them on
 exit; the training loop, the exporter, the profiler, ``megatron_ext.verify`` and the tests
 run their engines inside it. ``collective_device`` and ``any_rank`` serve the small
@@ -40,6 +40,7 @@ def megatron_layout(
         tensor_model_parallel_size=layout.tensor_parallel,
         pipeline_model_parallel_size=layout.pipeline_parallel,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context_parallel,
         get_embedding_ranks=get_embedding_ranks,
     )
     model_parallel_cuda_manual_seed(seed)

@@ -55,7 +55,7 @@ def transformer_engine_available() -> bool:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How ``world_size`` ranks are split: ``world = TP x PP x DP`` (DP derived).
+    """How ``world_size`` ranks are split: ``world = TP x PP x CP x DP`` (DP derived).
 
     ``encoder_pipeline_stages`` (k) only applies to E2D2 with ``pipeline_parallel > 1`` and
     counts virtual stages (``1..P x V - 1``);
@@ -74,7 +74,8 @@ class ParallelConfig:
     ``overlap_grad_reduce`` / ``overlap_param_gather``: megatron DDP's bucketed gradient
     reduction during the backward pass / parameter all-gather during the next forward (the
     latter needs the distributed optimizer). ``recompute`` (``RECOMPUTE``): activation
-    recomputation in the backward pass.
+    recomputation in the backward pass. ``context_parallel`` (C): each sequence split over C
+    ranks of megatron's context-parallel group (``megatron_ext.context``).
     """
 
     world_size: int
@@ -92,16 +93,18 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     recompute: str = "none"
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "tensor_parallel", "pipeline_parallel"):
+        for name in ("world_size", "tensor_parallel", "pipeline_parallel", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
         if self.world_size % model_parallel:
             raise ConfigError(
                 f"world size {self.world_size} is not divisible by tensor_parallel x "
-                f"pipeline_parallel = {self.tensor_parallel} x {self.pipeline_parallel}; "
+                f"pipeline_parallel x context_parallel = {self.tensor_parallel} x "
+                f"{self.pipeline_parallel} x {self.context_parallel}; "
                 "use a world size that is a multiple of their product"
             )
         if self.virtual_pipeline is not None and (
@@ -202,11 +205,14 @@ class ParallelConfig:
 
     @property
     def data_parallel(self) -> int:
-        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel
+                                   * self.context_parallel)
 
     @property
     def name(self) -> str:
         parts = [f"tp{self.tensor_parallel}", f"pp{self.pipeline_parallel}", f"dp{self.data_parallel}"]
+        if self.context_parallel > 1:
+            parts.append(f"cp{self.context_parallel}")
         if self.encoder_pipeline_stages is not None:
             parts.append(f"enc{self.encoder_pipeline_stages}")
         if self.virtual_pipeline is not None:
@@ -295,11 +301,15 @@ class PipelinePlan:
                 f"tensor_parallel={tp} does not divide vocab_size={model.vocab_size}; the "
                 "vocab-parallel embedding needs equal slices (pad the vocabulary)"
             )
-        if par.sequence_parallel and model.seq_length % tp:
-            raise ConfigError(
-                f"sequence_parallel splits positions over TP ranks: tensor_parallel={tp} must "
-                f"divide seq_length={model.seq_length}"
-            )
+        cp = par.context_parallel
+        if cp > 1:
+            _check_context_parallel(model, cp)
+        if par.sequence_parallel and (model.seq_length // cp) % tp:
+            positions = (f"seq_length={model.seq_length}" if cp == 1 else "the positions per "
+                         f"context-parallel rank, seq_length / context_parallel = "
+                         f"{model.seq_length // cp}")
+            raise ConfigError(f"sequence_parallel splits positions over TP ranks: "
+                              f"tensor_parallel={tp} must divide {positions}")
         n = self.num_stages
         if model.is_e2d2 and pp > 1:
             if model.plan.decoder_keys == "encoder_kv":
@@ -455,6 +465,17 @@ class PipelinePlan:
         """megatron ``initialize_model_parallel(get_embedding_ranks=...)`` callback."""
         holders = {s % self.parallel.pipeline_parallel for s in self.embedding_stages()}
         return [pp_ranks[p] for p in sorted(holders)]
+
+
+def _check_context_parallel(model: ModelConfig, cp: int) -> None:
+    """Each stream splits into ``2 cp`` chunks of whole blocks (``megatron_ext.context``)."""
+    unit = 2 * cp * model.block_size
+    if model.seq_length % unit:
+        valid = ", ".join(str(unit * n) for n in range(1, 4))
+        raise ConfigError(
+            f"context_parallel={cp} splits each sequence into {2 * cp} chunks of whole blocks "
+            f"(block_size={model.block_size}): seq_length={model.seq_length} must be a multiple "
+            f"of {unit} ({valid}, ...)")
 
 
 # How much lower another encoder/decoder split's predicted imbalance must be for the start-up

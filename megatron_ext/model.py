@@ -72,6 +72,7 @@ from e2d2 import masks, shift
 from e2d2.attention import attend, build_mask
 from e2d2.config import ModelConfig
 from e2d2.layers import MLP, Attention, TransformerLayer, rotary, run_layers
+from megatron_ext.context import ContextSplit, gather_kv
 from megatron_ext.layout import ParallelConfig, PipelinePlan, StageLayers
 from megatron_ext.mapping import param_maps
 
@@ -91,6 +92,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # finalize_model_grads sums q/k-norm gradients over TP ranks (each rank sees some heads).
         qk_layernorm=model.qk_layernorm,
         tensor_model_parallel_size=parallel.tensor_parallel,
+        context_parallel_size=parallel.context_parallel,
         sequence_parallel=parallel.sequence_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
@@ -255,7 +257,11 @@ class ParallelAttention(Attention):
 
     def core_attention(self, q, k, v, mask) -> torch.Tensor:
         """``recompute="selective"``: the attention scores are recomputed in the backward pass
-        instead of kept (the mask, never differentiated, stays out of the checkpoint's inputs)."""
+        instead of kept (the mask, never differentiated, stays out of the checkpoint's inputs).
+        With context parallelism the keys and values (prefix and own) of the whole CP group
+        are gathered first (``megatron_ext.context``): the mask holds their columns."""
+        if self.config.context_parallel_size > 1:
+            k, v = gather_kv(k), gather_kv(v)
         if self.config.recompute_granularity != "selective" or not torch.is_grad_enabled():
             return attend(q, k, v, mask)
         return checkpoint(lambda q, k, v: attend(q, k, v, mask), False, q, k, v)
@@ -369,6 +375,7 @@ class ParallelDiffusionLM(MegatronModule):
         # several stages (tied head, or an E2D2 decoder that starts on a later stage).
         self.share_embeddings_and_output_weights = len(plan.embedding_stages()) > 1
         self.input_tensor: torch.Tensor | None = None
+        self.context = ContextSplit.current()  # None without context parallelism
 
         if layers.holds_embedding or (layers.holds_head and cfg.tie_word_embeddings):
             self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
@@ -409,8 +416,13 @@ class ParallelDiffusionLM(MegatronModule):
         anneal = float(batch["anneal_ratio"][0]) if "anneal_ratio" in batch else 1.0
         spec = masks.for_model(spec, bidirectional_prompt=self.cfg.prompt_is_bidirectional,
                                shift=self.cfg.shift, anneal=anneal)
-        return build_mask(spec, x0.shape[1], self.cfg.diffusion_block_size, x0.device,
-                          x0.shape[0], batch.get("context_mask"), batch.get("attention_mask"))
+        args = (spec, x0.shape[1], self.cfg.diffusion_block_size, x0.device, x0.shape[0],
+                batch.get("context_mask"), batch.get("attention_mask"))
+        return self.context.mask(*args) if self.context else build_mask(*args)
+
+    def _local(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[b, L]`` -> this context-parallel rank's ``[b, L / C]`` (itself without CP)."""
+        return self.context.local(tokens) if self.context else tokens
 
     def _rope(self, positions: torch.Tensor):
         return rotary(positions, self.cfg.kv_channels, self.cfg.rope_theta)
@@ -429,8 +441,9 @@ class ParallelDiffusionLM(MegatronModule):
         if self.cfg.plan.autoregressive:
             return None
         if not self.cfg.shift:
-            return batch["xt"]
-        return shift.noisy_input(self.cfg.plan, batch["x0"], batch["xt"], self.cfg.diffusion_block_size)
+            return self._local(batch["xt"])
+        return self._local(shift.noisy_input(self.cfg.plan, batch["x0"], batch["xt"],
+                                             self.cfg.diffusion_block_size))
 
     def _incoming(self) -> torch.Tensor:
         """Previous stage's tensor ``[T, b, hidden]`` as ``[b, T, hidden]``."""
@@ -439,23 +452,27 @@ class ParallelDiffusionLM(MegatronModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with fp8_context(self.config):  # a no-op unless TransformerConfig.fp8 is set
             out = self._forward(batch)
-        # the reference's alignment with the targets, on the logits of the last stage
-        return shift.align_logits(out) if self.cfg.shift and self.post_process else out
+        # the reference's alignment with the targets, on the logits of the last stage (with
+        # context parallelism on the gathered NLL: megatron_ext.objective._sequence_nll)
+        aligned = self.cfg.shift and self.post_process and not self.context
+        return shift.align_logits(out) if aligned else out
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         plan, x0 = self.cfg.plan, batch["x0"]
         L = x0.shape[1]
-        pos = torch.arange(L, device=x0.device)
+        # this rank's positions of each stream (all of them without context parallelism)
+        pos = self.context.positions(L, x0.device) if self.context else torch.arange(L, device=x0.device)
         if plan.has_decoder:
             return self._forward_e2d2(batch, self._rope(pos))
         # a single stack: its streams concatenated, its layers spread over the stages
-        h = self._embed(plan.main_tokens(x0, self._noisy(batch))) if self.pre_process else self._incoming()
+        h = (self._embed(plan.main_tokens(self._local(x0), self._noisy(batch))) if self.pre_process
+             else self._incoming())
         h, _ = run_layers(self.layers, h, self._rope(plan.main_positions(pos)),
                           self._mask(plan.main_mask, batch))
-        return self._out(h, predicted=plan.predicted(L))
+        return self._out(h, predicted=plan.predicted(len(pos)))
 
     def _forward_e2d2(self, batch: dict[str, torch.Tensor], rope) -> torch.Tensor:
-        cfg, plan, x0 = self.cfg, self.cfg.plan, batch["x0"]
+        cfg, plan, x0 = self.cfg, self.cfg.plan, self._local(batch["x0"])
         here = self.layers_here
         if self.pre_process:
             h_enc = self._embed(x0)

@@ -25,6 +25,7 @@ from e2d2.diffusion import (
     per_sequence_loss,
     stratified_times,
 )
+from megatron_ext.context import ContextSplit
 
 Batch = dict[str, torch.Tensor]  # NoisedBatch fields plus optional attention/context masks
 
@@ -142,6 +143,25 @@ def vocab_parallel_token_nll(logits: torch.Tensor, target: torch.Tensor,
     return vocab_parallel_cross_entropy(logits, target)
 
 
+def _sequence_nll(logits: torch.Tensor, targets: torch.Tensor,
+                  exclude_token: int | None = None, shifted: bool = False) -> torch.Tensor:
+    """``vocab_parallel_token_nll`` of the whole sequence's ``targets [batch, L]``; with
+    context parallelism ``logits`` hold this rank's positions only (``megatron_ext.context``)
+    and the ranks' NLLs are gathered, so that every CP rank reduces the whole sequence.
+
+    ``shifted`` (``ModelConfig.shift`` under CP): the logits are the model's unaligned slot
+    outputs, slot ``s`` predicting ``targets[s + 1]``, which may sit on another CP rank, so
+    the NLL is aligned after the gather instead (as ``e2d2.shift.align_logits`` aligns the
+    logits: position 0 gets slot 0's value, a dummy that never counts)."""
+    split = ContextSplit.current()
+    if split is None:
+        return vocab_parallel_token_nll(logits, targets, exclude_token)
+    if shifted:
+        targets = torch.cat((targets[:, 1:], targets[:, -1:]), 1)
+    nll = split.gather_tokens(vocab_parallel_token_nll(logits, split.local(targets), exclude_token))
+    return torch.cat((nll[:, :1], nll[:, :-1]), 1) if shifted else nll
+
+
 def _reduced(per_sequence: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Micro-batch mean for the backward pass; the detached mean (``loss``) and per-sequence
     values (``per_sequence``, evaluation) for what the schedule returns."""
@@ -150,10 +170,11 @@ def _reduced(per_sequence: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
 
 
 def diffusion_loss(batch: Batch, logits: torch.Tensor, *, mask_token_id: int,
-                   weighting: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   weighting: str, shifted: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Micro-batch mean of ``e2d2.diffusion.per_sequence_loss`` (the reference's reduction).
-    With ``weighting="elbo"`` on evaluation noise, ``per_sequence`` is each row's NELBO."""
-    nll = vocab_parallel_token_nll(logits, batch["x0"], mask_token_id)
+    With ``weighting="elbo"`` on evaluation noise, ``per_sequence`` is each row's NELBO.
+    ``shifted``: see ``_sequence_nll``."""
+    nll = _sequence_nll(logits, batch["x0"], mask_token_id, shifted)
     fields = {f.name: batch[f.name] for f in dataclasses.fields(NoisedBatch)}
     return _reduced(per_sequence_loss(nll, NoisedBatch(**fields), weighting))
 
@@ -165,7 +186,7 @@ def ar_loss(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str,
     non-contiguous ``[:, :-1]`` slice. Dropped, it gets a zero gradient."""
     x0 = batch["x0"]
     targets = torch.cat((x0[:, 1:], torch.zeros_like(x0[:, :1])), dim=1)
-    nll = vocab_parallel_token_nll(logits, targets)[:, :-1]
+    nll = _sequence_nll(logits, targets)[:, :-1]
     return _reduced(ar_per_sequence_loss(nll, batch["loss_mask"]))
 
 
@@ -182,7 +203,8 @@ def make_forward_step(objective: DiffusionObjective, evaluation: bool = False,
         loss_of = ar_loss
     else:
         loss_of = partial(diffusion_loss, mask_token_id=cfg.mask_token_id,
-                          weighting="elbo" if evaluation else objective.cfg.loss_weighting)
+                          weighting="elbo" if evaluation else objective.cfg.loss_weighting,
+                          shifted=cfg.shift)
     if poison_loss:
         clean_loss_of = loss_of
 

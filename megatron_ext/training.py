@@ -158,10 +158,12 @@ def _forward_backward(chunks, forward_step_func, micro_batches, seq_length, micr
 
 def last_stage_sum(values: torch.Tensor) -> torch.Tensor:
     """``values`` of the last pipeline stage summed over its data-parallel ranks (once per
-    TP group), on every rank of the world: the last stage computes losses, rank 0 logs them.
-    Collective over the world; float64."""
+    TP and context-parallel group: their ranks hold the same whole-sequence losses), on every
+    rank of the world: the last stage computes losses, rank 0 logs them. Collective over the
+    world; float64."""
     contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                   and parallel_state.get_tensor_model_parallel_rank() == 0)
+                   and parallel_state.get_tensor_model_parallel_rank() == 0
+                   and parallel_state.get_context_parallel_rank() == 0)
     out = values.double() if contributes else torch.zeros_like(values, dtype=torch.float64)
     torch.distributed.all_reduce(out)
     return out

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-stages", type=int, default=None)
     p.add_argument("--virtual-pipeline", type=int, default=None)
     p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--cp", type=int, default=1, help="context_parallel")
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--layers", type=int, default=None, help="main-stack (encoder) layers")
     p.add_argument("--decoder-layers", type=int, default=None)
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tiny_model_config(args.variant, **overrides)
         parallel = ParallelConfig(args.world, args.tp, args.pp, args.encoder_stages,
                                   args.virtual_pipeline, args.sequence_parallel,
-                                  use_distributed_optimizer=args.distributed_optimizer)
+                                  use_distributed_optimizer=args.distributed_optimizer,
+                                  context_parallel=args.cp)
         run = Run(global_batch=4 * parallel.data_parallel, micro_batch=args.micro_batch,
                   prompt_and_padding=args.prompt_and_padding)
         PipelinePlan(cfg, parallel)  # fail here, before any process starts
