@@ -8,10 +8,12 @@ imports are cheap (each module imports its heavy dependencies inside its handler
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 
-from e2d2.errors import UserError
+from e2d2.errors import ReportedElsewhere, UserError
+from launchers.preemption import INTERRUPTED_EXIT_CODE, STOP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,19 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `e2d2 pretrain` notes stop signals from its first moment (the imports below alone take
+    # seconds): a preemption then must requeue the job, not kill it (launchers.preemption).
+    with STOP.installed() if argv[:1] == ["pretrain"] else contextlib.nullcontext():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     # megatron-core warns at import on every machine without TE/Apex; the FP8 path checks for
     # TE itself and fails with a clear error, so the warning is only noise on the CLI.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     # megatron-core's own deprecation noise about options this project never sets.
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
+    except ReportedElsewhere as exc:  # another rank printed the error
+        return exc.code
     except UserError as exc:  # one clear message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from pretrain_helpers import (
     write_config,
 )
 
-from launchers.pretrain import PREEMPTED_EXIT_CODE
+from launchers.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
