@@ -6,6 +6,12 @@
 * ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
 * SIGTERM to every process of the run (as SLURM's ``--signal`` does) saves, exits with the
   preempted code, and the resumed run continues exactly;
+* SIGTERM to the local launcher while the ranks start up exits with the preempted code and
+  writes nothing;
+* Ctrl-C (SIGINT to the launcher and every rank) saves, exits 130 and the run continues
+  exactly; re-running the finished run says so and writes nothing;
+* a user error found inside one rank while its peer waits in a collective is one line on the
+  console, with exit code 2;
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
   optimizer's state from DP2 to PP2) with the same losses; at another precision without the
   distributed optimizer it is refused with one message;
@@ -21,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from pretrain_helpers import (
     make_data_dir,
@@ -32,7 +39,7 @@ from pretrain_helpers import (
     write_config,
 )
 
-from launchers.preemption import PREEMPTED_EXIT_CODE
+from launchers.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -168,6 +175,57 @@ def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_
     assert result.returncode == 0, result.stderr
     losses = train_losses(run_dir)
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+
+
+def test_a_stop_signal_during_start_up_exits_preempted_and_writes_nothing(setup, tmp_path):
+    _, data, config = setup
+    run_dir = tmp_path / "startup"
+    # Held once the world is up, before the model and data are built, until the signal.
+    proc = start_pretrain(config, *_args(run_dir, data, "tp2"), nproc=2,
+                          env={"E2D2_FAULTS": "hold@startup"})
+    # Once the launcher has started ranks its handlers are in place; the ranks may be anywhere
+    # in their own start-up, the interpreter's included.
+    wait_for(lambda: psutil.Process(proc.pid).children(), proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher alone: it forwards the signal
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    assert "preempted during the start-up; nothing written" in out
+    assert not run_dir.exists()
+
+
+def test_ctrl_c_saves_exits_130_continues_exactly_and_a_finished_run_writes_nothing(
+        setup, straight, tmp_path):
+    _, data, config = setup
+    reference = train_losses(straight("tp2"))
+    run_dir = tmp_path / "interrupted"
+    args = _args(run_dir, data, "tp2")
+    proc = start_pretrain(config, *args, nproc=2, env={"E2D2_FAULTS": "hold@2"})
+    wait_for((run_dir / "checkpoints" / "latest").is_file, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # a Ctrl-C in the terminal: launcher and ranks, once each
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, out
+    assert "interrupted (Ctrl-C) at step 2; checkpoint saved" in out
+    assert run_pretrain(config, *args, nproc=2).returncode == 0
+    assert train_losses(run_dir) == reference
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    for steps in (STEPS, STEPS // 2):
+        result = run_pretrain(config, *args, f"train.steps={steps}", nproc=2)
+        assert result.returncode == 0, result.stderr
+        assert f"already finished at step {STEPS}" in result.stderr
+        assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
+
+
+def test_a_user_error_inside_one_rank_is_one_line_and_exit_2(setup, straight, tmp_path):
+    _, data, config = setup
+    checkpoint = straight("single") / "checkpoints" / "iter_0000004"
+    # A decoder one layer deeper than the checkpoint's: only the decoder stage (rank 1) finds
+    # the missing tensor, while rank 0 waits for it in a collective.
+    result = run_pretrain(config, *_args(tmp_path / "deeper", data, "pp2"),
+                          f"checkpoint.init={checkpoint}", "model.num_decoder_layers=2", nproc=2)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr
+    assert "has no tensor 'model.decoder_layers.1." in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("source,target", [("single", "tp2"), ("pp2", "single"),
