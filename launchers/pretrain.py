@@ -178,7 +178,7 @@ class TrainState:
     consecutive_skips: int = 0
 
 
-def injected_faults() -> dict[str, set[int]]:
+def injected_faults() -> dict[str, set]:
     """``{"nan": {steps}, "kill_in_save": {steps}, "hold": {steps, "startup"?}}`` from
     ``E2D2_FAULTS``."""
     faults: dict[str, set] = {"nan": set(), "kill_in_save": set(), "hold": set()}
@@ -280,8 +280,8 @@ class _Trainer:
         logged; 0 when none. Called where nothing of the run has been written yet."""
         code = STOP.requested()
         if code:
-            self.log(f"e2d2 pretrain: {describe(code)} during the start-up; nothing written, "
-                     f"exiting with code {code} ({how_to_continue(code)})")
+            self.log(f"e2d2 pretrain: {describe(code)} during the start-up; no step taken, nothing "
+                     f"half-written; exiting with code {code} ({how_to_continue(code)})")
         return code
 
     def run(self, candidates: list[Path], tokenizer) -> int:

@@ -5,11 +5,11 @@
   decoder stage; bf16 on one process and on DP2 with the distributed optimizer);
 * ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
 * SIGTERM to every process of the run (as SLURM's ``--signal`` does) saves, exits with the
-  preempted code, and the resumed run continues exactly;
+  preempted code, and the resumed run continues exactly; so does Ctrl-C (SIGINT to the
+  launcher and every rank), with exit code 130;
 * SIGTERM to the local launcher while the ranks start up exits with the preempted code and
   writes nothing;
-* Ctrl-C (SIGINT to the launcher and every rank) saves, exits 130 and the run continues
-  exactly; re-running the finished run says so and writes nothing;
+* re-running a finished run says so and writes nothing;
 * a user error found inside one rank while its peer waits in a collective is one line on the
   console, with exit code 2;
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,28 +154,43 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(setup, straigh
     assert losses[3] == reference[3] or losses[3] is not None
 
 
-def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_path):
+@pytest.mark.parametrize("sig,code,said", [
+    (signal.SIGTERM, PREEMPTED_EXIT_CODE, "preempted at step 2; checkpoint saved"),
+    # A Ctrl-C in the terminal reaches the launcher and each rank once, as killpg does.
+    (signal.SIGINT, INTERRUPTED_EXIT_CODE, "interrupted (Ctrl-C) at step 2; checkpoint saved"),
+])
+def test_a_stop_signal_saves_exits_and_the_run_continues_exactly(sig, code, said, setup,
+                                                                 straight, tmp_path):
     _, data, config = setup
     reference = train_losses(straight("tp2"))
-    run_dir = tmp_path / "preempted"
+    run_dir = tmp_path / "stopped"
     args = _args(run_dir, data, "tp2")
     # Held after the first checkpoint (so that dist_checkpointing's helper processes exist)
     # until the signal: a tiny run would otherwise finish before it arrives.
     proc = start_pretrain(config, *args, nproc=2, env={"E2D2_FAULTS": "hold@2"})
     wait_for((run_dir / "checkpoints" / "latest").is_file, proc)
     # To every process of the run, as SLURM signals a job step: the launcher (which forwards
-    # it), both ranks, and the helpers dist_checkpointing spawns to write the checkpoint.
-    os.killpg(proc.pid, signal.SIGTERM)
+    # SIGTERM), both ranks, and the helpers dist_checkpointing spawns to write the checkpoint.
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, out
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    stopped = int(latest.removeprefix("iter_"))
-    assert f"preempted at step {stopped}" in out
-    assert stopped == 2
+    assert proc.returncode == code, out
+    assert said in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     result = run_pretrain(config, *args, nproc=2)
     assert result.returncode == 0, result.stderr
-    losses = train_losses(run_dir)
-    assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+    assert train_losses(run_dir) == reference
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_nothing(setup, straight, tmp_path):
+    _, data, config = setup
+    run_dir = tmp_path / "finished"
+    shutil.copytree(straight("single"), run_dir)
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    for steps in (STEPS, STEPS // 2):
+        result = run_pretrain(config, *_args(run_dir, data, "single"), f"train.steps={steps}")
+        assert result.returncode == 0, result.stderr
+        assert f"already finished at step {STEPS}" in result.stderr
+        assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
 
 
 def test_a_stop_signal_during_start_up_exits_preempted_and_writes_nothing(setup, tmp_path):
@@ -189,30 +205,8 @@ def test_a_stop_signal_during_start_up_exits_preempted_and_writes_nothing(setup,
     proc.send_signal(signal.SIGTERM)  # the launcher alone: it forwards the signal
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT_CODE, out
-    assert "preempted during the start-up; nothing written" in out
+    assert "preempted during the start-up; no step taken, nothing half-written" in out
     assert not run_dir.exists()
-
-
-def test_ctrl_c_saves_exits_130_continues_exactly_and_a_finished_run_writes_nothing(
-        setup, straight, tmp_path):
-    _, data, config = setup
-    reference = train_losses(straight("tp2"))
-    run_dir = tmp_path / "interrupted"
-    args = _args(run_dir, data, "tp2")
-    proc = start_pretrain(config, *args, nproc=2, env={"E2D2_FAULTS": "hold@2"})
-    wait_for((run_dir / "checkpoints" / "latest").is_file, proc)
-    os.killpg(proc.pid, signal.SIGINT)  # a Ctrl-C in the terminal: launcher and ranks, once each
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == INTERRUPTED_EXIT_CODE, out
-    assert "interrupted (Ctrl-C) at step 2; checkpoint saved" in out
-    assert run_pretrain(config, *args, nproc=2).returncode == 0
-    assert train_losses(run_dir) == reference
-    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
-    for steps in (STEPS, STEPS // 2):
-        result = run_pretrain(config, *args, f"train.steps={steps}", nproc=2)
-        assert result.returncode == 0, result.stderr
-        assert f"already finished at step {STEPS}" in result.stderr
-        assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
 
 
 def test_a_user_error_inside_one_rank_is_one_line_and_exit_2(setup, straight, tmp_path):
