@@ -84,7 +84,8 @@ class StopRequests:
         if self.interrupted:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.interrupted = True
-        if os.environ.get("RANK", "0") == "0":  # os.write: safe inside a handler, unlike print
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        if rank == "0":  # os.write: safe inside a handler, unlike print
             os.write(2, b"\ne2d2 pretrain: Ctrl-C: finishing the step in flight and saving a "
                         b"checkpoint; press Ctrl-C again to stop now\n")
 
