@@ -59,8 +59,10 @@ def launch_local(nproc: int, argv: list[str]) -> int:
                      wait_for_workers=False)
     threads = max(1, (os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen] = []
+    received: set[int] = set()
 
     def forward(signum, _frame):
+        received.add(signum)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
@@ -71,8 +73,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
         # waits for the ranks to save and stop.
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: None)
     try:
-        # Blocked while the ranks are spawned, which inherit the mask; here, a signal that
-        # came meanwhile is forwarded when the mask is restored.
+        # Blocked in this thread while the ranks are spawned, so that they inherit the mask.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for rank in range(nproc):
@@ -85,6 +86,11 @@ def launch_local(nproc: int, argv: list[str]) -> int:
                                               env=env))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # Another thread of this process (the store's) may have taken a signal meanwhile, and
+        # it was forwarded only to the ranks started by then: now to all (a repeated SIGTERM or
+        # SIGUSR1 changes nothing).
+        for signum in sorted(received):
+            forward(signum, None)
         return _wait(procs)
     finally:
         for sig, handler in previous.items():

@@ -21,7 +21,6 @@ from launchers.local_launch import _wait
 from launchers.preemption import (
     INTERRUPTED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
-    STOP_SIGNALS,
     StopRequests,
 )
 
@@ -60,13 +59,19 @@ def test_an_ignored_sigint_stays_ignored():
 
 
 def test_a_signal_received_while_blocked_reaches_the_handler_once_installed():
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)  # pending: a blocked signal is not lost
-        with StopRequests().installed() as stops:
-            assert stops.code() == PREEMPTED_EXIT_CODE
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    # A fresh interpreter with the signals blocked, as the local launcher starts a rank (in a
+    # process with other threads, one of them would take the signal instead).
+    script = """
+import os, signal
+from launchers.preemption import STOP_SIGNALS, StopRequests
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+os.kill(os.getpid(), signal.SIGTERM)  # pending: a blocked signal is not lost
+with StopRequests().installed() as stops:
+    print(stops.code())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == str(PREEMPTED_EXIT_CODE), out.stderr
 
 
 def _rank(code: int, after_s: float = 0.0) -> subprocess.Popen:
