@@ -13,3 +13,12 @@ def require(condition: bool, message: str) -> None:
     """Raise `ConfigError(message)` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+class ReportedElsewhere(Exception):
+    """This process stops because of an error that another process (a peer rank) reports:
+    the CLI exits with ``code`` and prints nothing, so the console shows the error once."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code

@@ -12,11 +12,13 @@ Options and ``section.key=value`` overrides may come in any order
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import warnings
 
-from e2d2.errors import UserError
+from e2d2.errors import ReportedElsewhere, UserError
+from launchers.preemption import INTERRUPTED_EXIT_CODE, STOP
 
 # name: ("module:register function", the one-line help of `e2d2 --help`). One line each.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,18 +72,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # `e2d2 pretrain` notes stop signals from its first moment (the imports below alone take
+    # seconds): a preemption then must requeue the job, not kill it (launchers.preemption).
+    with STOP.installed() if argv[:1] == ["pretrain"] else contextlib.nullcontext():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     # megatron-core warns at import on every machine without TE/Apex; the FP8 path checks for
     # TE itself and fails with a clear error, so the warning is only noise on the CLI.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     # megatron-core's own deprecation noise about options this project never sets.
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
-    args = parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
+        args = parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
+    except ReportedElsewhere as exc:  # another rank printed the error
+        return exc.code
     except UserError as exc:  # one clear message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

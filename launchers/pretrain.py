@@ -15,9 +15,11 @@ The run directory holds ``config.yaml``, ``metrics.jsonl`` (``launchers.metrics`
 ``checkpoints/`` (``launchers.checkpointing``), ``tensorboard/`` and, once the last step
 is done, ``summary.json``.
 
-Exit codes: 0 done; 2 bad input (one message); ``PREEMPTED_EXIT_CODE`` (75) after SIGTERM or
-SIGUSR1: the step in flight finished and a checkpoint was saved, requeue the job; 1 anything
-else, such as ``train.max_consecutive_skips`` non-finite steps in a row.
+Exit codes: 0 done (or already done: nothing written); 2 bad input (one message);
+``PREEMPTED_EXIT_CODE`` (75) after SIGTERM or SIGUSR1 and ``INTERRUPTED_EXIT_CODE`` (130) after
+Ctrl-C: the step in flight finished and a checkpoint was saved (during the start-up: nothing
+was written), requeue the job or run the command again; 1 anything else, such as
+``train.max_consecutive_skips`` non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -49,12 +51,18 @@ from launchers.config import (
 )
 from launchers.data import PretrainData, load_run_tokenizer
 from launchers.metrics import VALID_NELBO_NAME, Progress, RunLogger, train_loss_name
-from launchers.preemption import PREEMPTED_EXIT_CODE, Preemption
+from launchers.preemption import (
+    STOP,
+    describe,
+    how_to_continue,
+    start_checkpoint_helpers,
+)
 
 # Fault injection, for the tests and for rehearsing a cluster's failure handling; unset in
 # normal runs. Comma-separated ``nan@STEP`` (that step's loss is NaN), ``kill_in_save@STEP``
-# (SIGKILL the rank's process group while the checkpoint of STEP is half written) and
-# ``hold@STEP`` (after STEP and its checkpoint, wait for a preemption signal).
+# (SIGKILL the rank's process group while the checkpoint of STEP is half written),
+# ``hold@STEP`` (after STEP and its checkpoint, wait for a stop signal) and ``hold@startup``
+# (wait for it once the world is up, before the model and data are built).
 FAULTS_ENV = "E2D2_FAULTS"
 HOLD_TIMEOUT_S = 600.0  # hold@STEP waits this long for the signal a test promised
 
@@ -84,8 +92,13 @@ def _command(args: argparse.Namespace) -> int:
     if args.nproc_per_node:
         from launchers.local_launch import launch_local
 
+        # Every check that needs no rank fails here, once; the ranks repeat them (cheaply).
+        candidates, _, _ = checked_inputs(cfg, args.resume)
+        micro_batch_size(cfg, cfg.parallel.engine(args.nproc_per_node, cfg.train.precision))
+        if finished_at(cfg, args.resume, candidates) is not None:
+            return 0
         argv = ["pretrain", args.config, *args.overrides, "--resume", args.resume]
-        return launch_local(args.nproc_per_node, argv, PREEMPTED_EXIT_CODE)
+        return launch_local(args.nproc_per_node, argv)
     try:
         return pretrain(cfg, args.resume)
     except TrainingAborted as exc:
@@ -95,22 +108,69 @@ def _command(args: argparse.Namespace) -> int:
 
 def pretrain(cfg: RunConfig, resume: str = "auto") -> int:
     """Run (or continue) the training described by ``cfg`` on this process's world."""
-    from launchers.world import init_world
+    from launchers.world import init_world, reported_once
     from megatron_ext import cpu_compat
 
-    # Everything that can be checked without the other ranks fails here, on every rank alike.
-    candidates = resume_candidates(cfg, resume)
-    tokenizer = load_run_tokenizer(cfg)
-    faults = injected_faults()
+    candidates, tokenizer, faults = checked_inputs(cfg, resume)
+    if finished_at(cfg, resume, candidates) is not None:
+        return 0
     cpu_compat.install()  # a no-op where CUDA is available
     from megatron_ext.training import enable_tf32
 
     enable_tf32()
     init_world()
     try:
-        return _Trainer(cfg, faults).run(candidates, tokenizer)
+        with reported_once():
+            return _Trainer(cfg, faults).run(candidates, tokenizer)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def checked_inputs(cfg: RunConfig, resume: str) -> tuple[list[Path], object, dict[str, set]]:
+    """Everything that can be checked without the other ranks (one ``UserError``): the
+    checkpoints to resume from, the run's tokenizer, the injected faults."""
+    candidates = resume_candidates(cfg, resume)
+    tokenizer = load_run_tokenizer(cfg)
+    faults = injected_faults()
+    if cfg.checkpoint.init is not None:
+        resolve_checkpoint(cfg.checkpoint.init)
+    return candidates, tokenizer, faults
+
+
+def finished_at(cfg: RunConfig, resume: str, candidates: list[Path]) -> int | None:
+    """The step at which ``run.dir`` already finished, for ``train.steps`` at or below it (its
+    summary written at the step of the checkpoint ``--resume auto`` would continue from),
+    said once on the console; None when there is training to do."""
+    from megatron_ext.checkpoint import CheckpointError, read_common
+
+    summary = Path(cfg.run.dir) / "summary.json"
+    if resume != "auto" or not candidates or not summary.is_file():
+        return None
+    step = json.loads(summary.read_text())["step"]
+    try:
+        saved = read_common(candidates[0])["state"]["step"]
+    except CheckpointError:
+        return None  # the restore falls back to an earlier checkpoint, and says so
+    if not saved == step >= cfg.train.steps:
+        return None
+    from launchers.world import discover_world
+
+    if discover_world().rank == 0:
+        print(f"e2d2 pretrain: {cfg.run.dir} already finished at step {step} (train.steps="
+              f"{cfg.train.steps}); nothing to do, nothing written. Raise train.steps to train "
+              "further", file=sys.stderr)
+    return step
+
+
+def micro_batch_size(cfg: RunConfig, parallel) -> int:
+    """``train.micro_batch_size``, or the whole per-DP-rank batch, checked against the layout."""
+    dp, batch = parallel.data_parallel, cfg.train.batch_size
+    micro = cfg.train.micro_batch_size or batch // dp
+    if micro < 1 or batch % (micro * dp):
+        raise ConfigError(
+            f"train.batch_size={batch} must be a multiple of train.micro_batch_size x "
+            f"data-parallel size = {cfg.train.micro_batch_size or 'batch_size/DP'} x {dp}")
+    return micro
 
 
 @dataclass
@@ -123,15 +183,19 @@ class TrainState:
     consecutive_skips: int = 0
 
 
-def injected_faults() -> dict[str, set[int]]:
-    """``{"nan": {steps}, "kill_in_save": {steps}, "hold": {steps}}`` from ``E2D2_FAULTS``."""
-    faults: dict[str, set[int]] = {"nan": set(), "kill_in_save": set(), "hold": set()}
+def injected_faults() -> dict[str, set]:
+    """``{"nan": {steps}, "kill_in_save": {steps}, "hold": {steps, "startup"?}}`` from
+    ``E2D2_FAULTS``."""
+    faults: dict[str, set] = {"nan": set(), "kill_in_save": set(), "hold": set()}
     raw = os.environ.get(FAULTS_ENV, "")
     for item in filter(None, (part.strip() for part in raw.split(","))):
         kind, _, step = item.partition("@")
+        if kind == "hold" and step == "startup":
+            faults[kind].add(step)
+            continue
         if kind not in faults or not step.isdigit():
             raise ConfigError(f"{FAULTS_ENV}={raw!r}: expected comma-separated nan@STEP, "
-                              "kill_in_save@STEP or hold@STEP")
+                              "kill_in_save@STEP, hold@STEP or hold@startup")
         faults[kind].add(int(step))
     return faults
 
@@ -206,12 +270,7 @@ class _Trainer:
         self.parallel = cfg.parallel.engine(torch.distributed.get_world_size(),
                                             cfg.train.precision, cfg.model)
         self.plan = PipelinePlan(cfg.model, self.parallel)
-        dp, batch = self.parallel.data_parallel, cfg.train.batch_size
-        self.micro_batch = cfg.train.micro_batch_size or batch // dp
-        if self.micro_batch < 1 or batch % (self.micro_batch * dp):
-            raise ConfigError(
-                f"train.batch_size={batch} must be a multiple of train.micro_batch_size x "
-                f"data-parallel size = {cfg.train.micro_batch_size or 'batch_size/DP'} x {dp}")
+        self.micro_batch = micro_batch_size(cfg, self.parallel)
         self.run_dir = Path(cfg.run.dir)
         self.checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep)
         self.objective = DiffusionObjective(cfg.model, cfg.diffusion)
@@ -224,9 +283,22 @@ class _Trainer:
 
             tqdm.write(message, file=sys.stderr)
 
+    def _stopped_in_startup(self) -> int:
+        """The stop code of a signal received so far (imports, build and restore included),
+        logged; 0 when none. Called where nothing of the run has been written yet."""
+        code = STOP.requested()
+        if code:
+            self.log(f"e2d2 pretrain: {describe(code)} during the start-up; no step taken, nothing "
+                     f"half-written; exiting with code {code} ({how_to_continue(code)})")
+        return code
+
     def run(self, candidates: list[Path], tokenizer) -> int:
         from megatron_ext.groups import megatron_layout
 
+        if "startup" in self.faults["hold"]:
+            STOP.wait(HOLD_TIMEOUT_S)
+        if code := self._stopped_in_startup():
+            return code
         with megatron_layout(self.parallel, seed=self.cfg.run.seed,
                              get_embedding_ranks=self.plan.get_embedding_ranks):
             from launchers.world import log_layout
@@ -240,6 +312,8 @@ class _Trainer:
             self.data = PretrainData(self.cfg, tokenizer, parallel_state.get_data_parallel_rank(),
                                      self.parallel.data_parallel, self.micro_batch,
                                      self.run_dir / "cache")
+            if code := self._stopped_in_startup():
+                return code
             if self.rank == 0:
                 save_run_config(self.cfg, self.run_dir / "config.yaml")
                 _save_tokenizer(tokenizer, self.run_dir / "tokenizer")
@@ -321,7 +395,7 @@ class _Trainer:
         from megatron_ext.training import sync_params, train_step
 
         cfg, train = self.cfg, self.cfg.train
-        preemption = Preemption()
+        start_checkpoint_helpers()
         poisoned = self.faults["nan"]
         forward = make_forward_step(self.objective)
         poisoned_forward = make_forward_step(self.objective, poison_loss=True)
@@ -386,16 +460,17 @@ class _Trainer:
                 self._save(state)
                 saved_at = state.step
             if state.step in self.faults["hold"]:
-                preemption.wait(HOLD_TIMEOUT_S)
-            if preemption.requested():
+                STOP.wait(HOLD_TIMEOUT_S)
+            # After the last step the run completes instead (its summary is a step away).
+            if state.step < train.steps and (code := STOP.requested()):
                 if saved_at != state.step:
                     self._save(state)
-                self.log(f"e2d2 pretrain: preempted at step {state.step}; checkpoint saved, "
-                         f"exiting with code {PREEMPTED_EXIT_CODE} (requeue to continue)")
+                self.log(f"e2d2 pretrain: {describe(code)} at step {state.step}; checkpoint "
+                         f"saved, exiting with code {code} ({how_to_continue(code)})")
                 bar.close()
-                return PREEMPTED_EXIT_CODE
+                return code
         bar.close()
-        if self.last_eval is None:  # resumed a run that had already finished
+        if self.last_eval is None:  # resumed a finished run whose summary was not written
             self._evaluate(state.step, logger)
         self._write_summary(state)
         return 0

@@ -12,6 +12,10 @@ srun and mpirun:
 * ``init_world`` creates the process group: NCCL with CUDA, gloo without. A rendezvous that
   cannot be reached fails after ``timeout_s`` with one message naming the address, never a
   silent hang.
+* ``reported_once`` makes an error raised inside the ranks reach the console once: the first
+  rank to hit a ``UserError`` records it in the rendezvous store and reports it; every other
+  rank (one with the same error, or one whose collective failed because that rank left) exits
+  with code 2 silently.
 * ``describe_layout`` / ``log_layout`` (after megatron's ``initialize_model_parallel``)
   report which ranks hold which pipeline stage (encoder or decoder), the TP and DP groups
   and the device of every rank.
@@ -19,6 +23,7 @@ srun and mpirun:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
-from e2d2.errors import UserError
+from e2d2.errors import ReportedElsewhere, UserError
 
 if TYPE_CHECKING:
     from megatron_ext.layout import PipelinePlan
@@ -247,6 +252,37 @@ def init_world(world: World | None = None, timeout_s: float = 300.0) -> World:
             "that MASTER_ADDR is rank 0's host and reachable from every node, that MASTER_PORT "
             "is open and free, and that all ranks were started with the same values") from None
     return world
+
+
+_USER_ERROR_KEY = "e2d2/user_error"
+
+
+@contextlib.contextmanager
+def reported_once():
+    """Inside an initialised world: a ``UserError`` leaves as itself on the first rank to
+    raise one (the CLI prints it) and as ``ReportedElsewhere(2)`` on every other rank, as does
+    any exception of a rank whose peer recorded a user error (a collective that failed because
+    the peer left). The record is made before this rank leaves its process group, so a peer
+    that fails on its departure finds it."""
+    try:
+        yield
+    except UserError as exc:
+        mine = f"rank {torch.distributed.get_rank()}: {exc}"
+        store = torch.distributed.distributed_c10d._get_default_store()
+        if store.compare_set(_USER_ERROR_KEY, "", mine) != mine.encode():
+            raise ReportedElsewhere(2) from None
+        raise
+    except Exception:
+        if _peer_reported():
+            raise ReportedElsewhere(2) from None
+        raise
+
+
+def _peer_reported() -> bool:
+    try:
+        return torch.distributed.distributed_c10d._get_default_store().check([_USER_ERROR_KEY])
+    except Exception:  # noqa: BLE001  the store's host (rank 0 under srun) is gone: no word
+        return False
 
 
 def _device_name() -> str:

@@ -112,3 +112,18 @@ def test_empty_valid_split_is_refused(tmp_path, data_dir, capsys):
     config = write_config(tmp_path / "c.yaml")
     assert _pretrain(config, f"run.dir={tmp_path / 'r'}", f"data.path={broken}") == 2
     assert "the valid split has no documents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("checkpoint.init=/nonexistent/run", "/nonexistent/run is neither a checkpoint"),
+    ("train.batch_size=4", "train.batch_size=4 must be a multiple of train.micro_batch_size x "
+                           "data-parallel size = batch_size/DP x 3"),
+])
+def test_the_local_launcher_refuses_bad_input_once_before_any_rank_starts(
+        override, message, tmp_path, data_dir, capsys):
+    config = write_config(tmp_path / "c.yaml")
+    assert _pretrain(config, f"run.dir={tmp_path / 'r'}", f"data.path={data_dir}", override,
+                     "--nproc-per-node", 3) == 2
+    err = capsys.readouterr().err
+    assert err.count(message) == 1 and err.count("error:") == 1, err
+    assert not (tmp_path / "r").exists()  # no rank ran

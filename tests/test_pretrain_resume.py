@@ -5,7 +5,13 @@
   decoder stage; bf16 on one process and on DP2 with the distributed optimizer);
 * ``kill -9`` while a checkpoint is half written leaves the previous one, which resume uses;
 * SIGTERM to every process of the run (as SLURM's ``--signal`` does) saves, exits with the
-  preempted code, and the resumed run continues exactly;
+  preempted code, and the resumed run continues exactly; so does Ctrl-C (SIGINT to the
+  launcher and every rank), with exit code 130;
+* SIGTERM to the local launcher while the ranks start up exits with the preempted code and
+  writes nothing;
+* re-running a finished run says so and writes nothing;
+* a user error found inside one rank while its peer waits in a collective is one line on the
+  console, with exit code 2;
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
   optimizer's state from DP2 to PP2) with the same losses; at another precision without the
   distributed optimizer it is refused with one message;
@@ -16,11 +22,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from pretrain_helpers import (
     make_data_dir,
@@ -32,7 +40,7 @@ from pretrain_helpers import (
     write_config,
 )
 
-from launchers.pretrain import PREEMPTED_EXIT_CODE
+from launchers.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -149,28 +157,72 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(setup, straigh
     assert losses[3] == reference[3] or losses[3] is not None
 
 
-def test_sigterm_saves_exits_preempted_and_resumes_exactly(setup, straight, tmp_path):
+@pytest.mark.parametrize("sig,code,said", [
+    (signal.SIGTERM, PREEMPTED_EXIT_CODE, "preempted at step 2; checkpoint saved"),
+    # A Ctrl-C in the terminal reaches the launcher and each rank once, as killpg does.
+    (signal.SIGINT, INTERRUPTED_EXIT_CODE, "interrupted (Ctrl-C) at step 2; checkpoint saved"),
+])
+def test_a_stop_signal_saves_exits_and_the_run_continues_exactly(sig, code, said, setup,
+                                                                 straight, tmp_path):
     _, data, config = setup
     reference = train_losses(straight("tp2"))
-    run_dir = tmp_path / "preempted"
+    run_dir = tmp_path / "stopped"
     args = _args(run_dir, data, "tp2")
     # Held after the first checkpoint (so that dist_checkpointing's helper processes exist)
     # until the signal: a tiny run would otherwise finish before it arrives.
     proc = start_pretrain(config, *args, nproc=2, env={"E2D2_FAULTS": "hold@2"})
     wait_for((run_dir / "checkpoints" / "latest").is_file, proc)
     # To every process of the run, as SLURM signals a job step: the launcher (which forwards
-    # it), both ranks, and the helpers dist_checkpointing spawns to write the checkpoint.
-    os.killpg(proc.pid, signal.SIGTERM)
+    # SIGTERM), both ranks, and the helpers dist_checkpointing spawns to write the checkpoint.
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, out
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    stopped = int(latest.removeprefix("iter_"))
-    assert f"preempted at step {stopped}" in out
-    assert stopped == 2
+    assert proc.returncode == code, out
+    assert said in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     result = run_pretrain(config, *args, nproc=2)
     assert result.returncode == 0, result.stderr
-    losses = train_losses(run_dir)
-    assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+    assert train_losses(run_dir) == reference
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_nothing(setup, straight, tmp_path):
+    _, data, config = setup
+    run_dir = tmp_path / "finished"
+    shutil.copytree(straight("single"), run_dir)
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    for steps in (STEPS, STEPS // 2):
+        result = run_pretrain(config, *_args(run_dir, data, "single"), f"train.steps={steps}")
+        assert result.returncode == 0, result.stderr
+        assert f"already finished at step {STEPS}" in result.stderr
+        assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
+
+
+def test_a_stop_signal_during_start_up_exits_preempted_and_writes_nothing(setup, tmp_path):
+    _, data, config = setup
+    run_dir = tmp_path / "startup"
+    # Held once the world is up, before the model and data are built, until the signal.
+    proc = start_pretrain(config, *_args(run_dir, data, "tp2"), nproc=2,
+                          env={"E2D2_FAULTS": "hold@startup"})
+    # Once the launcher has started ranks its handlers are in place; the ranks may be anywhere
+    # in their own start-up, the interpreter's included.
+    wait_for(lambda: psutil.Process(proc.pid).children(), proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher alone: it forwards the signal
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    assert "preempted during the start-up; no step taken, nothing half-written" in out
+    assert not run_dir.exists()
+
+
+def test_a_user_error_inside_one_rank_is_one_line_and_exit_2(setup, straight, tmp_path):
+    _, data, config = setup
+    checkpoint = straight("single") / "checkpoints" / "iter_0000004"
+    # A decoder one layer deeper than the checkpoint's: only the decoder stage (rank 1) finds
+    # the missing tensor, while rank 0 waits for it in a collective.
+    result = run_pretrain(config, *_args(tmp_path / "deeper", data, "pp2"),
+                          f"checkpoint.init={checkpoint}", "model.num_decoder_layers=2", nproc=2)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr
+    assert "has no tensor 'model.decoder_layers.1." in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("source,target", [("single", "tp2"), ("pp2", "single"),
