@@ -226,12 +226,16 @@ def test_resume_past_an_epoch_repeats_the_straight_run_and_a_new_batch_size_cont
     config = setup[2]
     data = make_data_dir(tmp_path, documents=30)  # 10 training documents: 139 samples, 4 steps
     # constant LR: the first segment's schedule is then the straight run's
-    common = [f"data.path={data}", "train.batch_size=32", "train.lr_decay=constant"]
+    common = [f"data.path={data}", "train.batch_size=32", "train.lr_decay=constant",
+              "checkpoint.keep=10"]
     straight_dir, extended_dir = tmp_path / "straight", tmp_path / "extended"
     result = run_pretrain(config, f"run.dir={straight_dir}", *common, "train.steps=10")
     assert result.returncode == 0, result.stderr
     result = run_pretrain(config, f"run.dir={extended_dir}", *common, "train.steps=3")
     assert result.returncode == 0, result.stderr
+    result = run_pretrain(config, f"run.dir={extended_dir}", *common, "train.steps=10")
+    assert result.returncode == 0, result.stderr
+    assert train_losses(extended_dir) == train_losses(straight_dir)
     # Another batch size continues from the 96 consumed samples (not a multiple of 40).
     batch_dir = tmp_path / "batch40"
     result = run_pretrain(config, f"run.dir={batch_dir}", *common, "train.steps=5",
@@ -240,9 +244,6 @@ def test_resume_past_an_epoch_repeats_the_straight_run_and_a_new_batch_size_cont
     assert result.returncode == 0, result.stderr
     summary = json.loads((batch_dir / "summary.json").read_text())
     assert summary["tokens"] == (3 * 32 + 2 * 40) * 32
-    result = run_pretrain(config, f"run.dir={extended_dir}", *common, "train.steps=10")
-    assert result.returncode == 0, result.stderr
-    assert train_losses(extended_dir) == train_losses(straight_dir)
 
 
 def test_retention_keeps_the_new_trajectory_and_moves_the_abandoned_one_aside(
