@@ -10,18 +10,28 @@ are both ``L`` long. Diffusion trains on ``L`` tokens, so we set
 token is used once per epoch. ``labels`` is then ``tokens`` shifted left with the last label
 masked in ``loss_mask`` (an AR baseline loses one target per sample, 1/L of the data).
 
+Epochs: megatron shuffles all the epochs it builds together, so its sample ``i`` depends on
+how many samples were asked for. ``build_train_dataset`` therefore builds the training data
+epoch by epoch: epoch ``e`` is megatron's one-epoch dataset (for a blend, the blend of one
+epoch's worth of samples) with the seed ``epoch_seed(seed, e)``, and sample ``i`` is sample
+``i mod S`` of epoch ``i // S``. Sample ``i`` is then the same however long the run is.
+
 Order: sample ``i`` of the (already shuffled) dataset is consumed at global position ``i``;
-global batch ``g`` holds samples ``[g*B, (g+1)*B)`` with ``B = micro_batch_size * dp_size``,
-and data-parallel rank ``r`` takes the ``r``-th micro-batch of it. Resuming from
-``consumed_samples`` therefore continues exactly where a run stopped, for any rank.
+the micro-batches from ``consumed_samples`` on are ``consumed_samples + k*B + r*mbs + [0, mbs)``
+with ``B = micro_batch_size * dp_size``: data-parallel rank ``r`` takes the ``r``-th
+micro-batch of each round. Resuming from ``consumed_samples`` therefore continues exactly
+where a run stopped, for any rank and any batch size.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from e2d2.errors import ConfigError, UserError
@@ -87,9 +97,11 @@ class DataConfig:
 
 
 def build_gpt_datasets(
-    config: DataConfig, tokenizer, train_samples: int | None = None, valid_samples: int | None = None
+    config: DataConfig, tokenizer, train_samples: int | None = None, valid_samples: int | None = None,
+    splits: tuple[str, ...] = ("train", "valid"),
 ):
-    """(train, valid) megatron datasets; ``None`` samples means one epoch.
+    """(train, valid) megatron datasets; ``None`` samples means one epoch. A split left out
+    of ``splits`` is not built (``None`` in its place).
 
     With weights (a blend), ``train_samples`` is required: megatron sizes each member from it.
     Must be called on every rank when torch.distributed is initialized (rank 0 builds and
@@ -101,13 +113,16 @@ def build_gpt_datasets(
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     blends = [
-        (list(config.train_prefixes), _list(config.train_weights)),
-        (list(config.valid_prefixes), _list(config.valid_weights)),
+        (list(config.train_prefixes), _list(config.train_weights)) if "train" in splits else None,
+        (list(config.valid_prefixes), _list(config.valid_weights)) if "valid" in splits else None,
         None,  # no test split
     ]
-    for (prefixes, weights), samples, name in zip(
+    for blend, samples, name in zip(
         blends[:2], (train_samples, valid_samples), ("train", "valid"), strict=True
     ):
+        if blend is None:
+            continue
+        prefixes, weights = blend
         if weights is not None and samples is None:
             raise ConfigError(f"{name}_weights need {name}_samples (the number of samples to draw)")
         blended = len(prefixes) > 1
@@ -138,6 +153,59 @@ def _list(weights):
     return None if weights is None else list(weights)
 
 
+def epoch_samples(config: DataConfig) -> int:
+    """Samples of one epoch of the training prefixes (all of them, for a blend): disjoint
+    ``seq_length``-token windows, the last partial one dropped, as megatron's GPTDataset cuts."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    total = 0
+    for prefix in config.train_prefixes:
+        dataset = IndexedDataset(prefix)  # alive while its memory-mapped lengths are read
+        total += int(dataset.sequence_lengths.sum(dtype=np.int64)) // config.seq_length
+    return total
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of ``epoch``: the run's seed for the first (a run within one epoch
+    keeps megatron's order), then independent seeds derived from ``(seed, epoch)``."""
+    if epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """Whole epochs one after another: sample ``i`` is sample ``i mod S`` of epoch ``i // S``."""
+
+    def __init__(self, epochs: list, samples_per_epoch: int) -> None:
+        short = [len(e) for e in epochs if len(e) < samples_per_epoch]
+        if short:
+            raise ValueError(f"an epoch of {short[0]} samples, expected {samples_per_epoch}")
+        self.epochs, self.samples_per_epoch = epochs, samples_per_epoch
+
+    def __len__(self) -> int:
+        return len(self.epochs) * self.samples_per_epoch
+
+    def __getitem__(self, index: int):
+        epoch, sample = divmod(index, self.samples_per_epoch)
+        return self.epochs[epoch][sample]
+
+
+def build_train_dataset(config: DataConfig, tokenizer, num_samples: int) -> EpochDataset:
+    """At least ``num_samples`` training samples, whole epochs built one by one (see the module
+    docstring): sample ``i`` does not depend on ``num_samples``. Collective, like
+    ``build_gpt_datasets``."""
+    per_epoch = epoch_samples(config)
+    if per_epoch == 0:
+        raise UserError(f"the training data {', '.join(config.train_prefixes)} holds fewer than "
+                        f"{config.seq_length} tokens: not one sample")
+    epochs = [
+        build_gpt_datasets(dataclasses.replace(config, seed=epoch_seed(config.seed, e)), tokenizer,
+                           train_samples=per_epoch, splits=("train",))[0]
+        for e in range(max(1, math.ceil(num_samples / per_epoch)))
+    ]
+    return EpochDataset(epochs, per_epoch)
+
+
 class PretrainingBatchSampler:
     """Index lists of one data-parallel rank's micro-batches, from ``consumed_samples`` on.
 
@@ -159,11 +227,8 @@ class PretrainingBatchSampler:
                 "need micro_batch_size >= 1 and 0 <= dp_rank < dp_size"
             )
         global_batch = micro_batch_size * dp_size
-        if consumed_samples < 0 or consumed_samples % global_batch:
-            raise ConfigError(
-                f"consumed_samples {consumed_samples} must be a non-negative multiple of the "
-                f"global batch {global_batch} (micro_batch_size * dp_size)"
-            )
+        if consumed_samples < 0:
+            raise ConfigError(f"consumed_samples {consumed_samples} must be non-negative")
         if consumed_samples + global_batch > num_samples:
             raise UserError(
                 f"consumed_samples {consumed_samples} leaves no full global batch of "

@@ -9,6 +9,10 @@
 * ``keep`` newest checkpoints are kept; older ones are deleted after ``latest`` moves on.
 * Resume (``load``) tries ``latest`` first, then older complete checkpoints, newest first,
   saying which one it falls back to and why.
+* A resume from step ``k`` abandons the trajectory after ``k``: this run's checkpoints of later
+  steps are moved to ``abandoned/`` (``abandon_after``, which says so), and ``latest`` names
+  the newest one left. Retention therefore only ever counts the current trajectory, and a
+  new checkpoint is always the newest.
 """
 
 from __future__ import annotations
@@ -30,20 +34,25 @@ from launchers.config import RunConfig, save_run_config
 from megatron_ext import checkpoint as engine_checkpoint
 from megatron_ext.groups import any_rank
 
-ITER_DIR = re.compile(r"^iter_(\d{7})$")
+ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 LATEST = "latest"
+ABANDONED = "abandoned"
 
 
 def iteration_dir(root: Path, step: int) -> Path:
     return root / f"iter_{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(ITER_DIR.match(path.name).group(1))
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete iteration directories under ``root``, newest first."""
+    """Complete iteration directories under ``root``, newest (highest step) first."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and ITER_DIR.match(p.name)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    return sorted(found, key=checkpoint_step, reverse=True)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -113,6 +122,8 @@ class RunCheckpoints:
             save_run_config(cfg, partial / "config.yaml")
             os.replace(partial, final)
             _write_atomic(self.root / LATEST, final.name + "\n")
+            # Every checkpoint here is of this trajectory (``abandon_after`` moved the others
+            # away on resume), so the newest ``keep`` by step include the one just written.
             for old in complete_checkpoints(self.root)[self.keep:]:
                 shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
@@ -122,9 +133,38 @@ class RunCheckpoints:
         """Checkpoints to resume from, in order of preference: ``latest``, then older ones."""
         latest = latest_checkpoint(self.root)
         ordered = complete_checkpoints(self.root)
-        if latest is not None:
-            ordered = [latest] + [p for p in ordered if p != latest and p.name < latest.name]
+        if latest is not None and ITER_DIR.match(latest.name):
+            ordered = [latest] + [p for p in ordered
+                                  if checkpoint_step(p) < checkpoint_step(latest)]
         return ordered
+
+    def abandon_after(self, step: int) -> list[Path]:
+        """Collective, after resuming from ``step``: move this run's checkpoints of later steps
+        (the trajectory the resume abandons) to ``abandoned/``, so that retention never counts
+        them ahead of the new ones. Returns where they went (on rank 0; empty elsewhere)."""
+        moved = []
+        if _is_rank0():
+            ours = complete_checkpoints(self.root)
+            later = [p for p in ours if checkpoint_step(p) > step]
+            if later:
+                # ``latest`` first: a crash part-way still leaves it naming a checkpoint.
+                kept = [p for p in ours if checkpoint_step(p) <= step]
+                if kept:
+                    _write_atomic(self.root / LATEST, kept[0].name + "\n")
+                else:
+                    (self.root / LATEST).unlink(missing_ok=True)
+                aside = self.root / ABANDONED
+                aside.mkdir(exist_ok=True)
+                for path in later:
+                    target = aside / path.name
+                    copy = 1
+                    while target.exists():  # abandoned before, by an earlier resume
+                        target = aside / f"{path.name}.{copy}"
+                        copy += 1
+                    os.replace(path, target)
+                    moved.append(target)
+        torch.distributed.barrier()
+        return moved
 
     def load(self, candidates: list[Path], chunks, optimizer, ema, same_layout) -> tuple[Path, dict]:
         """Collective: load the first candidate every rank can read; ``same_layout(common)``

@@ -1,12 +1,14 @@
 """The pretraining data of a run: preprocessed directories -> this rank's micro-batches.
 
 Built on ``data_tools.batches`` (megatron-core's GPTDataset, BlendedMegatronDatasetBuilder,
-and the data-parallel batch order). Step ``s`` consumes the global samples
-``[s x B, (s + 1) x B)`` (``B = train.batch_size``), whatever the layout: micro-batch ``j`` of
-data-parallel rank ``r`` holds samples ``s x B + j x mb x DP + r x mb + [0, mb)``. A run
-resumed from ``consumed_samples`` therefore continues exactly. The train dataset is sized
-to ``train.steps x B`` samples; megatron adds shuffled epochs deterministically (from
-``run.seed``) when one epoch is shorter.
+and the data-parallel batch order). The training samples form one fixed sequence, built
+epoch by epoch (``build_train_dataset``: each epoch megatron's one-epoch dataset with its own
+seed from ``run.seed``), so sample ``i`` does not depend on ``train.steps``. A run consumes it
+in order: a step of ``B = train.batch_size`` samples from ``consumed_samples`` on takes
+``[consumed, consumed + B)``, micro-batch ``j`` of data-parallel rank ``r`` holding
+``consumed + j x mb x DP + r x mb + [0, mb)``, whatever the layout. A run resumed from
+``consumed_samples`` therefore continues exactly, with a longer ``train.steps`` too; with
+another ``batch_size`` it continues from the same sample with larger or smaller steps.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from data_tools.batches import (
     DataConfig,
     PretrainingBatchSampler,
     build_gpt_datasets,
+    build_train_dataset,
     make_dataloader,
 )
 from data_tools.tokenizer import E2D2Tokenizer, load_tokenizer
@@ -85,10 +88,11 @@ def check_vocabulary(tokenizer: E2D2Tokenizer, model: ModelConfig, where: str) -
 
 
 class PretrainData:
-    """This rank's training and evaluation micro-batches (collective to build)."""
+    """This rank's training and evaluation micro-batches (collective to build): at least
+    ``train_samples`` training samples (the consumed-sample count at the run's last step)."""
 
     def __init__(self, cfg: RunConfig, tokenizer: E2D2Tokenizer, dp_rank: int, dp_size: int,
-                 micro_batch_size: int, cache_dir: Path) -> None:
+                 micro_batch_size: int, cache_dir: Path, train_samples: int) -> None:
         self.cfg, self.dp_rank, self.dp_size, self.mb = cfg, dp_rank, dp_size, micro_batch_size
         self.global_batch = cfg.train.batch_size
         self.accumulation = self.global_batch // (micro_batch_size * dp_size)
@@ -98,8 +102,8 @@ class PretrainData:
             tuple(str(p / "train") for p in paths), tuple(str(p / "valid") for p in paths),
             seq_length=cfg.model.seq_length, block_size=cfg.model.diffusion_block_size,
             seed=cfg.run.seed, train_weights=weights, cache_dir=str(cache_dir))
-        self.train, self.valid = build_gpt_datasets(
-            config, tokenizer, train_samples=cfg.train.steps * self.global_batch)
+        self.train = build_train_dataset(config, tokenizer, train_samples)
+        self.valid = build_gpt_datasets(config, tokenizer, splits=("valid",))[1]
         per_round = micro_batch_size * dp_size
         wanted = cfg.train.eval_batches * self.global_batch
         self.eval_samples = min(wanted, len(self.valid) // per_round * per_round)

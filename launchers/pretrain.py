@@ -309,9 +309,12 @@ class _Trainer:
             state = self._restore(candidates)
             from megatron.core import parallel_state
 
+            # Continued from the consumed-sample count, also after a change of batch_size.
+            last_sample = (state.consumed_samples
+                           + max(self.cfg.train.steps - state.step, 0) * self.cfg.train.batch_size)
             self.data = PretrainData(self.cfg, tokenizer, parallel_state.get_data_parallel_rank(),
                                      self.parallel.data_parallel, self.micro_batch,
-                                     self.run_dir / "cache")
+                                     self.run_dir / "cache", last_sample)
             if code := self._stopped_in_startup():
                 return code
             if self.rank == 0:
@@ -346,7 +349,7 @@ class _Trainer:
     def _restore(self, candidates: list[Path]) -> TrainState:
         if not candidates:
             return TrainState()
-        self._check_precision(candidates[0])
+        self._check_optimizer_state(candidates[0])
         layout = _layout_of(self.parallel)
         path, common = self.checkpoints.load(
             candidates, self.stages, self.optimizer, self.ema,
@@ -359,23 +362,45 @@ class _Trainer:
         changed = "" if common.get("layout") == layout else (
             f" (saved on {common.get('layout')}: resharded; RNG states from run.seed)")
         self.log(f"e2d2 pretrain: resumed from {path} at step {state.step}{changed}")
+        moved = self.checkpoints.abandon_after(state.step)
+        if moved:
+            self.log(f"e2d2 pretrain: the checkpoints after step {state.step} belong to the "
+                     f"trajectory this resume abandons; moved {', '.join(p.name for p in moved)} "
+                     f"to {moved[0].parent} (delete them when no longer needed)")
         return state
 
-    def _check_precision(self, path: Path) -> None:
-        """megatron's fp32 and mixed-precision optimizers keep different states (only the
-        distributed optimizer's loads across precisions): one clear error, not a KeyError."""
+    def _check_optimizer_state(self, path: Path) -> None:
+        """One clear error, before any load, for a checkpoint whose optimizer state this run's
+        optimizer cannot read (megatron-core 0.16.1 gives a KeyError deep in the load, and
+        every checkpoint would then look corrupt)."""
         from megatron_ext.checkpoint import CheckpointError, read_common
 
         try:
-            saved = read_common(path).get("precision", "fp32")  # older checkpoints: fp32
+            common = read_common(path)
         except CheckpointError:
             return  # unreadable: the loader reports it and falls back
+        way_out = (f"or start a new run from its weights (Adam's moments start afresh) with "
+                   f"checkpoint.init={path} and --resume none")
+        # The two optimizers' formats differ: the distributed optimizer keeps fp32 main
+        # weights and per-parameter group metadata, megatron's other optimizers neither.
+        distributed = self.parallel.use_distributed_optimizer
+        saved_distributed = common.get("config", {}).get("parallel", {}).get(
+            "use_distributed_optimizer", distributed)
+        if saved_distributed != distributed:
+            raise UserError(
+                f"checkpoint {path} was saved with parallel.use_distributed_optimizer="
+                f"{str(saved_distributed).lower()}, this run has "
+                f"{str(distributed).lower()}: megatron-core stores the two optimizers' states "
+                "in formats that do not load into each other. Resume with parallel."
+                f"use_distributed_optimizer={str(saved_distributed).lower()}, {way_out}")
+        # megatron's fp32 and mixed-precision optimizers keep different states (only the
+        # distributed optimizer's loads across precisions).
+        saved = common.get("precision", "fp32")  # older checkpoints: fp32
         now = self.cfg.train.precision
-        if not self.parallel.use_distributed_optimizer and (saved == "fp32") != (now == "fp32"):
+        if not distributed and (saved == "fp32") != (now == "fp32"):
             raise UserError(f"checkpoint {path} was saved with train.precision={saved}, this run "
                             f"has train.precision={now}: the optimizer states differ. Resume "
-                            f"with train.precision={saved}, or start a new run from its weights "
-                            f"with checkpoint.init={path} and --resume none")
+                            f"with train.precision={saved}, {way_out}")
 
     def _save(self, state: TrainState) -> None:
         from megatron_ext.training import sync_params

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,9 @@ from data_tools.batches import (
     DataConfig,
     PretrainingBatchSampler,
     build_gpt_datasets,
+    build_train_dataset,
+    epoch_samples,
+    epoch_seed,
     make_dataloader,
 )
 from data_tools.tokenizer import load_tokenizer
@@ -86,13 +91,42 @@ def test_resume_and_data_parallel_shards(data_dir, tmp_path):
 
 
 def test_sampler_validates(data_dir):
-    with pytest.raises(ConfigError, match="multiple of the global batch"):
-        PretrainingBatchSampler(100, 3, 2, 0, 2)
+    with pytest.raises(ConfigError, match="non-negative"):
+        PretrainingBatchSampler(100, -2, 2, 0, 2)
     with pytest.raises(ConfigError, match="dp_rank"):
         PretrainingBatchSampler(100, 0, 2, 2, 2)
     with pytest.raises(UserError, match="no full global batch"):
         PretrainingBatchSampler(100, 100, 2, 0, 2)
     assert [list(b) for b in PretrainingBatchSampler(10, 4, 2, 1, 2)] == [[6, 7]]
+    # after a change of batch size the count of consumed samples need not be a whole round
+    assert [list(b) for b in PretrainingBatchSampler(11, 3, 2, 1, 2)] == [[5, 6], [9, 10]]
+
+
+def test_sample_i_does_not_depend_on_how_many_samples_are_built(data_dir, tmp_path):
+    """megatron shuffles the epochs it builds together; the training data of a run is built
+    epoch by epoch so that a longer run (a resume with more train.steps) sees the same samples
+    in the same order, then more."""
+    config = DataConfig.from_directory(data_dir, seq_length=SEQ, block_size=BLOCK, seed=7,
+                                       cache_dir=str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    one_epoch, _ = build_gpt_datasets(config, tokenizer)
+    short = build_train_dataset(config, tokenizer, num_samples=3)
+    long = build_train_dataset(config, tokenizer, num_samples=2 * len(one_epoch) + 1)
+    assert len(short) == epoch_samples(config) == len(one_epoch)
+    assert len(long) == 3 * len(one_epoch)
+    # the first epoch is megatron's one-epoch order, whatever the size asked for
+    assert np.array_equal(_all_tokens(short), _all_tokens(one_epoch))
+    assert np.array_equal(_all_tokens(long)[: len(short)], _all_tokens(short))
+    # epoch e is megatron's one-epoch dataset with its own seed: reshuffled each epoch
+    epochs = _all_tokens(long).reshape(3, len(one_epoch), SEQ)
+    for e in (1, 2):
+        alone, _ = build_gpt_datasets(dataclasses.replace(config, seed=epoch_seed(7, e)),
+                                      tokenizer)
+        assert np.array_equal(epochs[e], _all_tokens(alone))
+        assert not np.array_equal(epochs[e], epochs[e - 1])
+    # megatron's own multi-epoch build reorders even the first epoch: what this avoids
+    multi, _ = build_gpt_datasets(config, tokenizer, train_samples=len(long))
+    assert not np.array_equal(_all_tokens(multi)[: len(short)], _all_tokens(short))
 
 
 def test_config_validates(data_dir, tmp_path):

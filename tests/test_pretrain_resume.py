@@ -15,12 +15,19 @@
 * a checkpoint resumes on another layout (TP1 -> TP2, PP2 -> PP1, and the distributed
   optimizer's state from DP2 to PP2) with the same losses; at another precision without the
   distributed optimizer it is refused with one message;
+* switching ``parallel.use_distributed_optimizer`` on resume is refused with one message,
+  before any load;
+* a resume that raises ``train.steps`` past one epoch of the data repeats the straight run's
+  losses bitwise, and one with another ``batch_size`` continues from the consumed samples;
+* retention keeps the newest checkpoints of the current trajectory and moves those of an
+  abandoned one aside;
 * a NaN step is skipped and counted; repeated NaN steps abort the run;
 * the same command under ``torchrun`` trains identically.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -249,6 +256,69 @@ def test_resume_at_another_precision_is_one_clear_error_without_the_distributed_
     result = run_pretrain(config, *_args(tmp_path / "fp32", data, "single"), resume=str(checkpoint))
     assert result.returncode == 2
     assert "was saved with train.precision=bf16, this run has train.precision=fp32" in result.stderr
+
+
+@pytest.mark.parametrize("source,target", [("single", "dp2-distopt"), ("dp2-distopt", "single")])
+def test_switching_the_distributed_optimizer_on_resume_is_one_clear_error(source, target, setup,
+                                                                         straight, tmp_path):
+    _, data, config = setup
+    checkpoint = straight(source) / "checkpoints" / "iter_0000004"
+    result = run_pretrain(config, *_args(tmp_path / "switched", data, target),
+                          nproc=LAYOUTS[target][0], resume=str(checkpoint))
+    assert result.returncode == 2, result.stderr
+    saved, now = ("false", "true") if source == "single" else ("true", "false")
+    assert (f"was saved with parallel.use_distributed_optimizer={saved}, this run has {now}"
+            in result.stderr)
+    assert f"checkpoint.init={checkpoint} and --resume none" in result.stderr
+    assert "could not be loaded" not in result.stderr  # refused before any load
+
+
+def test_resume_past_an_epoch_repeats_the_straight_run_and_a_new_batch_size_continues(
+        setup, tmp_path):
+    """The data order does not depend on train.steps: a run of 3 steps extended to 10 (past
+    two epochs of a small corpus) trains on the samples of a straight 10-step run."""
+    config = setup[2]
+    data = make_data_dir(tmp_path, documents=30)  # 10 training documents: 139 samples, 4 steps
+    # constant LR: the first segment's schedule is then the straight run's
+    common = [f"data.path={data}", "train.batch_size=32", "train.lr_decay=constant",
+              "checkpoint.keep=10"]
+    straight_dir, extended_dir = tmp_path / "straight", tmp_path / "extended"
+    result = run_pretrain(config, f"run.dir={straight_dir}", *common, "train.steps=10")
+    assert result.returncode == 0, result.stderr
+    result = run_pretrain(config, f"run.dir={extended_dir}", *common, "train.steps=3")
+    assert result.returncode == 0, result.stderr
+    result = run_pretrain(config, f"run.dir={extended_dir}", *common, "train.steps=10")
+    assert result.returncode == 0, result.stderr
+    assert train_losses(extended_dir) == train_losses(straight_dir)
+    # Another batch size continues from the 96 consumed samples (not a multiple of 40).
+    batch_dir = tmp_path / "batch40"
+    result = run_pretrain(config, f"run.dir={batch_dir}", *common, "train.steps=5",
+                          "train.batch_size=40",
+                          resume=str(extended_dir / "checkpoints" / "iter_0000003"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((batch_dir / "summary.json").read_text())
+    assert summary["tokens"] == (3 * 32 + 2 * 40) * 32
+
+
+def test_retention_keeps_the_new_trajectory_and_moves_the_abandoned_one_aside(
+        setup, straight, tmp_path):
+    _, data, config = setup
+    run_dir = tmp_path / "branched"
+    shutil.copytree(straight("single"), run_dir)  # checkpoints of steps 2, 4, 6, 8
+    checkpoints = run_dir / "checkpoints"
+    result = run_pretrain(config, *_args(run_dir, data, "single"), "train.steps=5",
+                          "checkpoint.keep=1", resume=str(checkpoints / "iter_0000004"))
+    assert result.returncode == 0, result.stderr
+    assert "moved iter_0000008, iter_0000006 to" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["abandoned", "iter_0000005", "latest"]
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000005"
+    assert sorted(p.name for p in (checkpoints / "abandoned").iterdir()) == [
+        "iter_0000006", "iter_0000008"]
+    result = run_pretrain(config, *_args(run_dir, data, "single"), "train.steps=6",
+                          "checkpoint.keep=1", resume="auto")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {checkpoints / 'iter_0000005'} at step 5" in result.stderr
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000006"
 
 
 def test_nan_steps_are_skipped_counted_and_abort_when_repeated(setup, tmp_path):
