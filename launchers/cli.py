@@ -17,6 +17,7 @@ from e2d2.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     from data_tools.cli import register as register_data
     from launchers.demo import register as register_demo
+    from launchers.eval.cli import register as register_eval
     from launchers.hf.cli import register_export_hf, register_import_hf
     from launchers.pretrain import register as register_pretrain
     from launchers.profile import register as register_profile
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for register in (register_demo, register_data, register_pretrain, register_sample,
                      register_export_hf, register_import_hf, register_submit, register_sweep,
-                     register_profile):
+                     register_profile, register_eval):
         register(sub)
     return parser
 
