@@ -39,10 +39,11 @@ def test_document_convention_starts_each_document_with_a_clean_prompt_token(tmp_
                      cache_dir=tmp_path)
     texts = [json.loads(line)["text"] for line in gzip.open(path, "rt")]
     lengths = [len(tok.encode(t)) + 2 for t in texts]  # BOS (= EOD) before, EOD after
-    assert len(rows) == sum(math.ceil(n / 32) for n in lengths)
-    assert int(rows.attention_mask.sum()) == sum(lengths)  # padding is not real
-    assert int(rows.context_mask.sum()) == len(texts)  # one prompt token per document
-    assert rows.x0[0, 0] == tok.eod and rows.context_mask[0, 0]
+    assert len(rows) == sum(math.ceil((n - 1) / 31) for n in lengths)  # 1 token of overlap
+    assert int(rows.context_mask.sum()) == len(rows)  # each chunk starts with a clean prompt
+    scored = rows.attention_mask & ~rows.context_mask
+    assert int(scored.sum()) == sum(n - 1 for n in lengths)  # every token once, no padding
+    assert rows.x0[0, 0] == tok.eod and rows.x0[1, 0] == rows.x0[0, 31]
     packed = eval_rows([str(path)], tok, seq_length=32, block_size=4, convention="packed",
                        cache_dir=tmp_path)
     assert int(packed.attention_mask.sum()) == sum(n - 1 for n in lengths)

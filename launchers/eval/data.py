@@ -6,9 +6,10 @@
   run's seed), so ``e2d2 eval`` on a run's own data reproduces its evaluation; raw files are
   packed in file order, the last window padded.
 * ``document`` (MDLM's zero-shot evaluation): each document alone, ``[BOS] + document + [EOD]``
-  cut into ``seq_length`` chunks, the last one padded. BOS is the token that precedes every
-  document in the packed training stream, EOD (GPT-2's convention, BOS = EOS): a clean prompt
-  token, never a target. Padding is never counted.
+  cut into ``seq_length`` chunks, the last one padded; a chunk after the first starts with
+  the previous chunk's last token (`document_windows`). BOS is the token that precedes every
+  document in the packed training stream, EOD (GPT-2's convention, BOS = EOS). A chunk's first
+  token is a clean prompt, never a target; padding is never counted.
 
 ``PATH`` is a preprocessed directory (its ``--split``) or raw ``.jsonl``/``.json``/``.txt``/
 ``.parquet`` files, directories or globs (compressed too), tokenized with the run's tokenizer.
@@ -95,27 +96,33 @@ def _gpt_samples(prefix: str, tokenizer, seq_length: int, block_size: int, seed:
     return torch.stack([torch.as_tensor(valid[i]["tokens"]).long() for i in range(len(valid))])
 
 
-def _windows(stream: list[int], L: int, pad: int, start: int | None) -> list[tuple[list[int], int]]:
-    """``stream`` cut into ``L``-token windows: ``(padded ids, real length)``; ``start``: a
-    prompt token before the first window's tokens."""
-    tokens = ([start] if start is not None else []) + stream
-    return [(tokens[i:i + L] + [pad] * max(0, i + L - len(tokens)), min(L, len(tokens) - i))
-            for i in range(0, len(tokens), L)]
-
-
-def _rows(windows: list[tuple[list[int], int]], prompt_first: list[bool], L: int) -> EvalRows:
-    n = len(windows)
-    x0 = torch.tensor([ids for ids, _ in windows], dtype=torch.long).view(n, L)
-    real = torch.arange(L)[None] < torch.tensor([length for _, length in windows])[:, None]
-    context = torch.zeros(n, L, dtype=torch.bool)
-    context[:, 0] = torch.tensor(prompt_first, dtype=torch.bool)
-    return EvalRows(x0, real, context)
+def _windows(stream: list[int], L: int, pad: int) -> list[tuple[list[int], int]]:
+    """``stream`` cut into disjoint ``L``-token windows: ``(padded ids, real length)``."""
+    return [(stream[i:i + L] + [pad] * max(0, i + L - len(stream)), min(L, len(stream) - i))
+            for i in range(0, len(stream), L)]
 
 
 def document_windows(ids: list[int], L: int, start: int, pad: int) -> list[tuple[list[int], int]]:
     """One document's rows under the ``document`` convention (also lm-eval's rolling
-    log-likelihood): ``[start] + ids`` in ``L``-token chunks."""
-    return _windows(ids, L, pad, start)
+    log-likelihood): ``[start] + ids`` in ``L``-token chunks whose first token is a clean
+    prompt: ``start`` for the first, the previous chunk's last token for the others, so that
+    every token of ``ids`` is a target exactly once (an AR model too, which never predicts
+    position 0)."""
+    tokens = [start] + list(ids)
+    windows = []
+    for i in range(0, max(len(tokens) - 1, 1), L - 1):
+        piece = tokens[i:i + L]
+        windows.append((piece + [pad] * (L - len(piece)), len(piece)))
+    return windows
+
+
+def _rows(windows: list[tuple[list[int], int]], prompt_first: bool, L: int) -> EvalRows:
+    n = len(windows)
+    x0 = torch.tensor([ids for ids, _ in windows], dtype=torch.long).view(n, L)
+    real = torch.arange(L)[None] < torch.tensor([length for _, length in windows])[:, None]
+    context = torch.zeros(n, L, dtype=torch.bool)
+    context[:, 0] = prompt_first
+    return EvalRows(x0, real, context)
 
 
 def eval_rows(paths: list[str], tokenizer, *, seq_length: int, block_size: int, convention: str,
@@ -137,17 +144,11 @@ def eval_rows(paths: list[str], tokenizer, *, seq_length: int, block_size: int, 
         documents = (_indexed_documents(_preprocessed_prefix(path, split)) if preprocessed
                      else _raw_documents(item, tokenizer))
         if convention == "packed":
-            windows = _windows([t for doc in documents for t in doc], L, pad, None)
-            if windows:
-                parts.append(_rows(windows, [False] * len(windows), L))
-            continue
-        windows, first = [], []
-        for doc in documents:
-            chunks = document_windows(doc, L, tokenizer.eod, pad)
-            windows += chunks
-            first += [True] + [False] * (len(chunks) - 1)
+            windows = _windows([t for doc in documents for t in doc], L, pad)
+        else:
+            windows = [w for doc in documents for w in document_windows(doc, L, tokenizer.eod, pad)]
         if windows:
-            parts.append(_rows(windows, first, L))
+            parts.append(_rows(windows, convention == "document", L))
     if not parts or sum(len(p) for p in parts) == 0:
         raise UserError(f"--data {' '.join(paths)}: no evaluation sequence (no documents in the "
                         f"{split} split or the files)")
