@@ -71,7 +71,7 @@ def block_times(draws: int, n_blocks: int, generator: torch.Generator, eps: floa
 def score_rows(model, objective: DiffusionObjective, x0: torch.Tensor, context_mask: torch.Tensor,
                attention_mask: torch.Tensor, draws: int,
                generators: Sequence[torch.Generator]) -> ScoredRows:
-    """NLL estimates of the scored tokens (real, not context) of each row ``x0 [n, L]`` (CPU
+    """NLL estimates of the scored tokens (real, not context) of each right-padded row ``x0 [n, L]`` (CPU
     tensors; the model may be elsewhere), with ``draws`` Monte-Carlo draws from
     ``generators[i]`` for row ``i`` (module docstring)."""
     cfg = objective.model_cfg
@@ -87,17 +87,22 @@ def score_rows(model, objective: DiffusionObjective, x0: torch.Tensor, context_m
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     n, L = x0.shape
-    n_blocks = L // cfg.diffusion_block_size
+    S = cfg.diffusion_block_size
     rep = lambda t: t.repeat_interleave(draws, 0)  # noqa: E731 - row i's draws are rows i*draws..
-    noised = [objective.noise(x0[i : i + 1].expand(draws, L), attention_mask[i : i + 1].expand(draws, L),
-                              context_mask[i : i + 1].expand(draws, L), train=False,
-                              generator=generators[i],
-                              times=block_times(draws, n_blocks, generators[i],
-                                                objective.sampling_eps))
-              for i in range(n)]
-    xt = torch.cat([nb.xt for nb in noised]).to(device)
-    masked = torch.cat([nb.masked for nb in noised]).to(device)
-    weight = torch.cat([elbo_weight(nb) for nb in noised]).to(device)
+    xt, masked = rep(x0).clone(), torch.zeros(n * draws, L, dtype=torch.bool)
+    weight = torch.zeros(n * draws, L, dtype=torch.float64)
+    for i in range(n):
+        # Noise drawn at the row's own width (its real tokens, in whole blocks), so the
+        # stream of random numbers does not depend on the batch's padding.
+        w = -(-int(attention_mask[i].sum()) // S) * S
+        nb = objective.noise(x0[i : i + 1, :w].expand(draws, w),
+                             attention_mask[i : i + 1, :w].expand(draws, w),
+                             context_mask[i : i + 1, :w].expand(draws, w), train=False,
+                             generator=generators[i],
+                             times=block_times(draws, w // S, generators[i], objective.sampling_eps))
+        rows = slice(i * draws, (i + 1) * draws)
+        xt[rows, :w], masked[rows, :w], weight[rows, :w] = nb.xt, nb.masked, elbo_weight(nb).double()
+    xt, masked, weight = xt.to(device), masked.to(device), weight.to(device)
     X, A, C = (rep(t).to(device) for t in (x0, attention_mask, context_mask))
     nll = token_nll(model(X, xt, A, C), X, cfg.mask_token_id)
     nats = (nll.double() * weight * masked).sum(-1).view(n, draws)
