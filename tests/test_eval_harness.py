@@ -69,7 +69,7 @@ def test_ar_loglikelihood_is_exact_and_matches_the_hf_export(runs, tmp_path):
 
     harness = E2D2Harness(str(runs["ar"]), batch_size=4)
     got = harness.loglikelihood(_requests(REQUESTS))
-    tok, model = harness.tokenizer, harness.model
+    model = harness.model
     export = tmp_path / "hf"
     assert main(["export-hf", str(runs["ar"]), str(export)]) == 0
     from transformers import AutoModelForMaskedLM

@@ -168,9 +168,9 @@ def engine_nats(chunks, objective, rows, draws: int, seed: int, micro_batch: int
     data-parallel rank runs micro-batches of ``micro_batch`` rows through megatron's schedule
     (``forward_only``); row ``i`` of draw ``d`` is noised by ``sample_generator(seed,
     EVAL_NOISE, d, i)``, as ``e2d2 pretrain`` noises its validation sample ``i``."""
+    from megatron.core import parallel_state
     from tqdm.auto import tqdm
 
-    from megatron.core import parallel_state
     from megatron_ext.groups import collective_device
     from megatron_ext.objective import (
         EVAL_NOISE,
