@@ -113,8 +113,8 @@ def _lm_eval_step(root: Path, run_dir: Path) -> int:
         return 0
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # local files only
     out = root / "lm-eval"
-    code = e2d2(["lm-eval", "--model_args", f"pretrained={run_dir},mc_draws=8", "--tasks",
-                 "kjv_cloze", "--limit", "200", "--batch_size", "32", "--output_path", str(out)])
+    code = e2d2(["lm-eval", "--model_args", f"pretrained={run_dir},mc_draws=4", "--tasks",
+                 "kjv_cloze", "--limit", "100", "--batch_size", "32", "--output_path", str(out)])
     if code != 0:
         return code
     result = json.loads(max(out.rglob("results_*.json")).read_text())["results"]["kjv_cloze"]
