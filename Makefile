@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-EXTRAS ?= hf,mpi,corpus,dev,profile
+EXTRAS ?= hf,mpi,corpus,dev,profile,eval,wandb
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-quick install lint bench clean-venv

@@ -75,3 +75,30 @@ def evaluate_nelbo(
     mc = (values.var(1).mean() / (n * draws)).sqrt().item() if draws > 1 else float("nan")
     between = values.mean(1).std().item() / math.sqrt(n) if n > 1 else float("nan")
     return NelboResult(mean, mc, between, math.exp(mean), n, draws)
+
+
+def token_weighted_nelbo(nats: torch.Tensor, tokens: torch.Tensor, exact: bool = False) -> NelboResult:
+    """NELBO per token over sequences of unequal lengths: total nats over total tokens.
+
+    ``nats [n, draws]``: each draw's NELBO of sequence ``i`` in nats (not per token);
+    ``tokens [n]``: its counted tokens; sequences without one are left out. ``exact`` (AR):
+    one exact column, Monte-Carlo error 0. The errors of this ratio: Monte-Carlo
+    ``sqrt(sum_i var_i / draws) / T``; between sequences, the ratio estimator's
+    ``sqrt(n / (n - 1) sum_i (m_i - r t_i)^2) / T`` (``m_i`` the draws' mean, ``r`` the
+    NELBO, ``T`` the total tokens), which is ``std_i / sqrt(n)`` for equal lengths.
+    """
+    keep = tokens > 0
+    nats, tokens = nats[keep].double(), tokens[keep].double()
+    n, draws = nats.shape
+    if n == 0:
+        raise ValueError("no sequence has a token to evaluate (all padding or prompt)")
+    total = tokens.sum()
+    means = nats.mean(1)
+    nelbo = (means.sum() / total).item()
+    if exact:
+        mc = 0.0
+    else:
+        mc = (nats.var(1).sum() / draws).sqrt().item() / total.item() if draws > 1 else float("nan")
+    residual = means - nelbo * tokens
+    between = ((residual**2).sum() * n / (n - 1)).sqrt().item() / total.item() if n > 1 else float("nan")
+    return NelboResult(nelbo, mc, between, math.exp(min(nelbo, 700.0)), n, draws)

@@ -34,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("launchers.submit:register", "submit `e2d2 pretrain CONFIG` as a SLURM job"),
     "sweep": ("launchers.sweep.cli:register", "scaling-law sweeps over decoder depth"),
     "profile": ("launchers.profile:register", "per-module FLOPs and time of one model"),
+    "eval": ("launchers.eval.nelbo:register", "NELBO / perplexity bound on held-out data"),
+    "lm-eval": ("launchers.eval.cli:register_lm_eval",
+                "lm-evaluation-harness with the model registered as `e2d2`"),
 }
 
 

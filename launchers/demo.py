@@ -7,7 +7,9 @@
 3. the validation NELBO and perplexity bound;
 4. ``e2d2 sample`` from the checkpoint (block sampler with KV cache);
 5. ``e2d2 export-hf``, then a fresh process loads the export with
-   ``transformers.AutoModelForMaskedLM`` (offline) and generates one sample.
+   ``transformers.AutoModelForMaskedLM`` (offline) and generates one sample;
+6. ``e2d2 lm-eval`` on the offline ``kjv_cloze`` task (held-out KJV paragraphs, left out of
+   the training corpus in step 1): accuracy against chance (needs the ``eval`` extra).
 
 Everything goes under ``--run-dir`` (default ``runs/demo``), which a later demo replaces; a
 directory that is not a demo's own is never touched.
@@ -66,8 +68,12 @@ def run(args: argparse.Namespace) -> int:
     corpus, tokenizer, data, run_dir = (root / "kjv.jsonl", root / "tokenizer", root / "data",
                                         root / "run")
     print("== 1. data: corpus, tokenizer, indexed datasets", flush=True)
-    for argv in (["data", "corpus", "kjv", "--output", corpus],
-                 ["data", "train-tokenizer", "--input", corpus, "--output", tokenizer,
+    if e2d2(["data", "corpus", "kjv", "--output", str(corpus)]) != 0:
+        return 1
+    from launchers.eval.tasks import drop_held_out
+
+    print(f"held out {drop_held_out(corpus)} paragraphs for the lm-eval task pack (step 6)")
+    for argv in (["data", "train-tokenizer", "--input", corpus, "--output", tokenizer,
                   "--vocab-size", "2048"],
                  ["data", "preprocess", "--input", corpus, "--tokenizer", tokenizer,
                   "--output", data]):
@@ -96,8 +102,32 @@ def run(args: argparse.Namespace) -> int:
         return code
     loaded = subprocess.run([sys.executable, "-c", _HF_LOAD, str(hf_dir), PROMPTS[0]],
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if loaded.returncode != 0:
+        return loaded.returncode
     print(f"TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}")
-    return loaded.returncode
+    return _lm_eval_step(root, run_dir)
+
+
+def _lm_eval_step(root: Path, run_dir: Path) -> int:
+    import importlib.util
+    import json
+
+    from launchers.cli import main as e2d2
+
+    print("== 6. lm-eval: the offline kjv_cloze task (4 choices)", flush=True)
+    if importlib.util.find_spec("lm_eval") is None:
+        print("skipped: lm-evaluation-harness is not installed (pip install '.[eval]')")
+        return 0
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # local files only
+    out = root / "lm-eval"
+    code = e2d2(["lm-eval", "--model_args", f"pretrained={run_dir},mc_draws=4", "--tasks",
+                 "kjv_cloze", "--limit", "100", "--batch_size", "32", "--output_path", str(out)])
+    if code != 0:
+        return code
+    result = json.loads(max(out.rglob("results_*.json")).read_text())["results"]["kjv_cloze"]
+    print(f"kjv_cloze accuracy {result['acc,none']:.3f} ± {result['acc_stderr,none']:.3f} "
+          f"(chance 0.250)")
+    return 0
 
 
 # What a user of the export runs: transformers alone, offline.

@@ -128,11 +128,15 @@ def save(chunks: list[torch.nn.Module], directory: str) -> None:
     dist_checkpointing.save(sharded_state_dict(chunks), str(directory))
 
 
-def load(chunks: list[torch.nn.Module], directory: str) -> None:
-    """Collective over all ranks: fill this rank's model chunks from a checkpoint of any layout."""
+def load(chunks: list[torch.nn.Module], directory: str, prefix: str = MODEL_PREFIX) -> None:
+    """Collective over all ranks: fill this rank's model chunks from a checkpoint of any layout
+    (``prefix``: its model weights, or ``EMA_PREFIX`` for its EMA)."""
     _check_shapes(chunks, directory)
-    loaded = dist_checkpointing.load(sharded_state_dict(chunks), str(directory))
-    _copy_into_params(chunks, loaded, MODEL_PREFIX)
+    if prefix != MODEL_PREFIX and not any(
+            k.startswith(prefix) for k in dist_checkpointing.load_tensors_metadata(str(directory))):
+        raise CheckpointError(f"{directory} has no {prefix}* tensors: the run kept no EMA")
+    loaded = dist_checkpointing.load(sharded_state_dict(chunks, prefix), str(directory))
+    _copy_into_params(chunks, loaded, prefix)
 
 
 @dataclass(frozen=True)
