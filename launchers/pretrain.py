@@ -94,7 +94,7 @@ def _command(args: argparse.Namespace) -> int:
 
         # Every check that needs no rank fails here, once; the ranks repeat them (cheaply).
         candidates, _, _ = checked_inputs(cfg, args.resume)
-        micro_batch_size(cfg, cfg.parallel.engine(args.nproc_per_node, cfg.train.precision))
+        micro_batch_size(cfg, cfg.parallel.engine(args.nproc_per_node, cfg.train.precision, cfg.model))
         if finished_at(cfg, args.resume, candidates) is not None:
             return 0
         argv = ["pretrain", args.config, *args.overrides, "--resume", args.resume]

@@ -130,7 +130,8 @@ def _evaluate(args, found, cfg, tokenizer) -> dict | None:
     from megatron_ext.layout import PipelinePlan
 
     rank = torch.distributed.get_rank()
-    parallel = cfg.parallel.engine(torch.distributed.get_world_size(), cfg.train.precision)
+    parallel = cfg.parallel.engine(torch.distributed.get_world_size(), cfg.train.precision,
+                                   cfg.model)
     plan = PipelinePlan(cfg.model, parallel)
     objective = DiffusionObjective(cfg.model, cfg.diffusion)
     exact = cfg.model.plan.autoregressive
