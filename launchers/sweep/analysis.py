@@ -154,7 +154,8 @@ def compute_optimal(points: Sequence[dict], joint: Fit, budgets: Sequence[float]
     """The decoder depth (of the sweep's depths) with the lowest NELBO the joint fit predicts
     at each FLOPs budget, with its bootstrap 95% interval: for training compute alone, and for
     training plus ``sampling_tokens`` generated tokens (at each depth's analytic FLOPs per
-    generated token). ``extrapolated``: the budget is beyond the sweep's."""
+    generated token). ``extrapolated``: the budget is beyond the sweep's; a best depth at the
+    end of the sweep's depths is only a bound (the note says so)."""
     depths: dict[int, dict] = {}
     for p in sorted(points, key=lambda p: p["decoder_layers"] or 0):
         if p["baseline"] is None:
@@ -182,7 +183,9 @@ def compute_optimal(points: Sequence[dict], joint: Fit, budgets: Sequence[float]
             best = d[feasible][np.argmin(joint.predict(x))]
             chosen = d[feasible][np.argmin(joint.predict_draws(x), axis=1)]
             lo, hi = np.percentile(chosen, [2.5, 97.5], method="nearest")
+            edge = best in (d.min(), d.max())
             rows.append(row | {"best_decoder_layers": int(best), "ci_low": int(lo),
                                "ci_high": int(hi), "share_of_draws": float(np.mean(chosen == best)),
-                               "note": ""})
+                               "note": "at the edge of the sweep's depths: the optimum may lie "
+                                       "beyond them" if edge else ""})
     return rows

@@ -81,8 +81,10 @@ def run_rows(spec: SweepSpec) -> tuple[list[dict], list[str]]:
 
 
 def _label(values: dict, axes) -> str:
-    return ", ".join(f"{a}={values[a]:.3g}" if a in BUDGET_AXES else f"{a}={values[a]}"
-                     for a in axes if a in values) or "all"
+    def value(v: int) -> str:  # budgets: 1.5e12 rather than 1500000000000
+        return str(v) if v < 10**6 else f"{v:.3g}".replace("e+", "e")
+
+    return ", ".join(f"{a}={value(values[a])}" for a in axes if a in values) or "all"
 
 
 def point_rows(runs: Sequence[dict]) -> list[dict]:
@@ -156,7 +158,9 @@ def collect(spec: SweepSpec, draws: int = 1000) -> str:
     fits = analysis.fit_all(points, draws)
     reduced, validation = analysis.validate(points, draws)
     joint = [f for f in fits if f.x == "joint"]
-    budgets = sorted({round(p["train_flops"], -8) for p in points if p["baseline"] is None})
+    # the sweep's smallest, middle and largest training FLOPs, and two beyond it
+    spent = [p["train_flops"] for p in points if p["baseline"] is None]
+    budgets = [float(f"{b:.3g}") for b in np.unique(np.quantile(spent, [0, 0.5, 1]))]
     budgets += [budgets[-1] * 4, budgets[-1] * 16]
     optimal = analysis.compute_optimal(points, joint[0].fit, budgets, spec.sampling_tokens) \
         if len(joint) == 1 else []

@@ -58,6 +58,11 @@ def _log_axis(ax, values: Sequence[float], integer: bool) -> None:
         ax.ticklabel_format(axis="x", style="plain")
 
 
+def _legend_below(ax) -> None:
+    """Under the axes: a legend never hides a point."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
+
+
 def _errorbar(ax, points: Sequence[dict], x_key: str, colour: str, label: str | None,
               marker: str = "o", xerr: str | None = None) -> None:
     ax.errorbar([p[x_key] for p in points], [p["valid_nelbo"] for p in points],
@@ -78,7 +83,8 @@ def fit_plot(out: Path, points: Sequence[dict], fits: Sequence[ScalingFit], x_ke
         members = [by_name[n] for n in f.points]
         colour = colours.get(members[0]["groups"]["budget"], f"C{i}") \
             if x_key != "train_flops" else f"C{i % 10}"
-        verdict = "" if f.fit.identified else f" — not identified: {f.fit.reason}"
+        verdict = " — fit, 95% band" if f.fit.identified else \
+            f" — not identified: {f.fit.reason}"
         _errorbar(ax, members, x_key, colour, f"{f.group}{verdict}")
         if f.fit.identified:
             ax.plot(grid, f.fit.predict(grid), color=colour, lw=1.2)
@@ -90,14 +96,14 @@ def fit_plot(out: Path, points: Sequence[dict], fits: Sequence[ScalingFit], x_ke
             ax.axhline(p["valid_nelbo"], color=colour, ls="--", lw=1)
             ax.axhspan(p["valid_nelbo"] - Z * p["valid_nelbo_se"],
                        p["valid_nelbo"] + Z * p["valid_nelbo_se"], color=colour, alpha=0.08)
-            ax.annotate(p["baseline"], (0.99, p["valid_nelbo"]), xycoords=("axes fraction",
-                        "data"), ha="right", va="bottom", fontsize=7, color=colour)
+            ax.annotate(p["baseline"], (0.01, p["valid_nelbo"]), xycoords=("axes fraction",
+                        "data"), ha="left", va="bottom", fontsize=7, color=colour)
     _log_axis(ax, xs, integer=x_key == "decoder_layers")
     ax.set_xlabel(x_label)
     ax.set_ylabel("validation NELBO (nats/token)")
     ax.set_title(f"NELBO = E + A·(x/x0)^-alpha over {x_label}\n"
                  f"error bars ±{Z:g} SE; bands: 95% bootstrap (identified fits only)", fontsize=9)
-    ax.legend(fontsize=6.5, loc="best")
+    _legend_below(ax)
     return _save(fig, out, f"fit_{x_key}")
 
 
@@ -126,7 +132,7 @@ def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, ste
     note = "lines: frontier (points no other beats beyond noise)" if frontier else \
         "x error bars: ±1 SD over runs and repeats"
     ax.set_title(f"error bars ±{Z:g} SE; squares: baselines; {note}", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    _legend_below(ax)
     return _save(fig, out, stem)
 
 

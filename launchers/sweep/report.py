@@ -115,12 +115,13 @@ def _findings(points, fits, reduced, validation, optimal, best, baselines) -> li
         lines.append("* not given: the joint fit is not identified.")
     for row in optimal:
         where = "extrapolated" if row["extrapolated"] else "within the sweep"
-        if row.get("note"):
+        if "best_decoder_layers" not in row:
             lines.append(f"* {row['budget_flops']:.3g} FLOPs, {row['objective']}: {row['note']}.")
             continue
+        note = f"; {row['note']}" if row["note"] else ""
         lines.append(f"* {row['budget_flops']:.3g} FLOPs ({where}), {row['objective']}: depth "
                      f"{row['best_decoder_layers']} [{row['ci_low']}, {row['ci_high']}] "
-                     f"({row['share_of_draws']:.0%} of bootstrap fits agree).")
+                     f"({row['share_of_draws']:.0%} of bootstrap fits agree{note}).")
     spread = [p["sampling_tokens_per_s_sd"] / p["sampling_tokens_per_s"] for p in points
               if np.isfinite(p["sampling_tokens_per_s_sd"])]
     if spread:
