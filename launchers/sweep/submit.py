@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from e2d2 import flops
+from e2d2.errors import UserError
 from launchers.config import save_run_config
 from launchers.submit import (
     e2d2_command,
@@ -118,7 +119,12 @@ def submit_slurm(spec: SweepSpec, dry_run: bool = False) -> list[str]:
         require_sbatch()
     statuses = sweep_status(spec)
     points = to_submit(statuses)
-    _check_data(points)
+    try:
+        _check_data(points)
+    except UserError as exc:
+        if not dry_run:
+            raise
+        print(f"warning: {exc} (a real submit stops here)")  # scripts can be read before data
     queued = [s for s in statuses if s.state in ("pending", "running") and s.submitted]
     messages = [f"{len(statuses) - len(points) - len(queued)} done, {len(queued)} queued, "
                 f"{len(points)} to submit"]
