@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launchers.sweep.analysis import Z, ScalingFit, pareto
+from launchers.sweep.analysis import ScalingFit, Z, pareto
 
 
 def _pyplot():

@@ -139,11 +139,20 @@ def _pid_alive(pid: int) -> bool:
 def point_status(point: Point, record: dict | None, queue: dict[str, str] | None) -> PointStatus:
     metrics = last_metrics(point.run_dir)
     changes = config_changes(point)
-    if changes:
+    if not changes and is_done(point.run_dir):
+        return PointStatus(point, "done", "finished", *metrics)
+    status = _job_status(point, record, queue, metrics)
+    # a run still queued or running is left alone; once it has ended, it is stale
+    if changes and not (status.submitted and status.state in ("pending", "running")):
         return PointStatus(point, "stale", "trained on another config: " + "; ".join(changes),
                            *metrics)
-    if is_done(point.run_dir):
-        return PointStatus(point, "done", "finished", *metrics)
+    return status
+
+
+def _job_status(point: Point, record: dict | None, queue: dict[str, str] | None,
+                metrics: tuple) -> PointStatus:
+    """The state of the run's job: not submitted, queued, running or ended without a
+    finished run (failed)."""
     if record is None:
         return PointStatus(point, "pending", "not submitted", *metrics)
     job = record["job"]
