@@ -210,3 +210,26 @@ def test_local_rerun_benchmarks_a_trained_run_without_training_it_again(tmp_path
     assert result["tokens_per_s"] > 0 and result["device"] == "cpu"
     assert (trained.run_dir / "metrics.jsonl").read_text() == before  # not trained again
     assert (spec.results_dir / "runs.csv").read_text().count("\ndec") == 2
+
+
+def test_points_run_with_the_same_seeds_are_compared_paired():
+    """Seed 1 sits 0.05 above seed 0 at every depth (its evaluation's noise draws): depth 1
+    is 0.01 better in both seeds. Unpaired, that is a tie; paired by seed, a winner."""
+    from launchers.sweep.collect import add_paired_se
+
+    def point(name, depth, nelbos, seeds):
+        p = _point(name, float(np.mean(nelbos)), 0.03, depth)
+        return p | {"runs": nelbos, "seeds": seeds}
+
+    paired = [point("dec1", 1, [6.00, 6.051], [0, 1]), point("dec2", 2, [6.01, 6.06], [0, 1]),
+              point("dec4", 4, [6.02, 6.069], [0, 1])]
+    add_paired_se(paired)
+    assert 0 < paired[0]["valid_nelbo_paired_se"] < 0.002
+    [row] = analysis.best_depth(paired)
+    assert (row["verdict"], row["best_decoder_layers"]) == ("winner", 1)
+    # the same numbers from different seeds share no offset: no pairing, a tie
+    unpaired = [point("dec1", 1, [6.00, 6.051], [0, 1]), point("dec2", 2, [6.01, 6.06], [2, 3]),
+                point("dec4", 4, [6.02, 6.069], [4, 5])]
+    add_paired_se(unpaired)
+    assert all(np.isnan(p["valid_nelbo_paired_se"]) for p in unpaired)
+    assert analysis.best_depth(unpaired)[0]["verdict"] == "tie"

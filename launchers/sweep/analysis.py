@@ -3,9 +3,10 @@ tie), the Pareto frontiers, the scaling-law fits, their leave-largest-out valida
 compute-optimal decoder depth.
 
 A point is a dict (``collect.point_rows``) with its runs' NELBOs (``runs``), their mean
-``valid_nelbo`` and its standard error ``valid_nelbo_se``. Two points differ *beyond noise*
-when their NELBOs differ by more than ``Z`` times their combined standard error
-``sqrt(se_a^2 + se_b^2)``; every choice below is made only on such differences.
+``valid_nelbo`` and its standard error ``valid_nelbo_se`` (and ``valid_nelbo_paired_se``
+when it ran with every seed). Two points differ *beyond noise* when their NELBOs differ by
+more than ``Z`` standard errors of the difference (``difference_se``: paired for points run
+with the same seeds); every choice below is made only on such differences.
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ JOINT_AXES = ("non_embedding_params", "tokens")
 LEAVE_OUT_FACTOR = 1.5  # leave-largest-out: the points within this factor of the most FLOPs
 
 
+def difference_se(a: dict, b: dict) -> float:
+    """The standard error of ``b - a``: paired when both ran with the same seeds (their
+    shared seed offsets cancel), else from their independent standard errors."""
+    paired = (a.get("valid_nelbo_paired_se", np.nan), b.get("valid_nelbo_paired_se", np.nan))
+    if np.all(np.isfinite(paired)):
+        return float(np.hypot(*paired))
+    return float(np.hypot(a["valid_nelbo_se"], b["valid_nelbo_se"]))
+
+
 def beyond_noise(a: dict, b: dict) -> bool:
-    """``a`` has a lower NELBO than ``b`` by more than ``Z`` combined standard errors."""
-    return b["valid_nelbo"] - a["valid_nelbo"] > Z * np.hypot(a["valid_nelbo_se"],
-                                                               b["valid_nelbo_se"])
+    """``a`` has a lower NELBO than ``b`` by more than ``Z`` standard errors of the
+    difference."""
+    return b["valid_nelbo"] - a["valid_nelbo"] > Z * difference_se(a, b)
 
 
 def best_depth(points: Sequence[dict]) -> list[dict]:
@@ -58,7 +68,7 @@ def baseline_comparison(points: Sequence[dict]) -> list[dict]:
         best = min(e2d2, key=lambda p: p["valid_nelbo"])
         for other in (p for p in members if p["baseline"] is not None):
             diff = other["valid_nelbo"] - best["valid_nelbo"]
-            se = float(np.hypot(other["valid_nelbo_se"], best["valid_nelbo_se"]))
+            se = difference_se(best, other)
             verdict = ("E2D2 better" if beyond_noise(best, other) else
                        f"{other['baseline']} better" if beyond_noise(other, best) else "tie")
             out.append({"group": group, "baseline": other["baseline"],

@@ -9,7 +9,8 @@ configurations are never mixed):
 * ``points.csv`` / ``points.md``: one row per grid point (or baseline): the mean NELBO over
   its runs and its standard error (within-point variance pooled over the sweep's points:
   each point alone has seeds - 1 degrees of freedom; the evaluation's own standard error
-  when every point has one run), the analytic sampling FLOPs per generated token and the
+  when every point has one run), its paired standard error against the points run with the
+  same seeds (``add_paired_se``), the analytic sampling FLOPs per generated token and the
   measured sampling tokens/s with its spread over runs and repeats;
 * ``best_depth.csv``, ``baselines.csv``: the best depth per budget only where it wins
   beyond noise, else the depths that tie; each baseline against E2D2's best;
@@ -42,7 +43,8 @@ RUN_COLUMNS = ("run", "point", "seed", "variant", "decoder_layers", "steps", "to
                "sampling_tokens_per_s_sd")
 POINT_COLUMNS = ("point", "variant", "decoder_layers", "encoder_layers", "hidden_size",
                  "block_size", "runs", "steps", "tokens", "params", "non_embedding_params",
-                 "train_flops", "valid_nelbo", "valid_nelbo_se", "valid_nelbo_eval_se",
+                 "train_flops", "valid_nelbo", "valid_nelbo_se", "valid_nelbo_paired_se",
+                 "valid_nelbo_eval_se",
                  "sampling_flops_per_token", "sampling_tokens_per_s", "sampling_tokens_per_s_sd")
 
 
@@ -110,6 +112,7 @@ def point_rows(runs: Sequence[dict]) -> list[dict]:
             "variant": first.baseline or cfg.variant,
             "decoder_layers": values.get("decoder_layers"), "encoder_layers": cfg.num_layers,
             "hidden_size": cfg.hidden_size, "block_size": cfg.block_size, "runs": nelbos,
+            "seeds": [r["seed"] for r in members],
             "steps": summary["step"], "tokens": float(np.mean([r["tokens"] for r in members])),
             "params": summary["params"], "non_embedding_params": summary["non_embedding_params"],
             "train_flops": float(np.mean([r["train_flops"] for r in members])),
@@ -125,7 +128,29 @@ def point_rows(runs: Sequence[dict]) -> list[dict]:
                        "flops_axis": _label(values, [a for a in AXES if a not in BUDGET_AXES]),
                        "joint": _label(values, [a for a in others if a not in BUDGET_AXES])},
         })
+    add_paired_se(points)
     return points
+
+
+def add_paired_se(points: list[dict]) -> None:
+    """``valid_nelbo_paired_se`` of the points run with every seed: runs of one seed share
+    their evaluation's noise draws and data order, so seed k shifts every point alike. With
+    ``nelbo[p, k] = mu[p] + s[k] + e`` (a randomized block design), the standard error of a
+    difference of two such points is ``sigma sqrt(2 / K)``: each gets ``sigma / sqrt(K)``,
+    sigma from the residuals over ``(P - 1)(K - 1)`` degrees of freedom."""
+    seeds = sorted({k for p in points for k in p["seeds"]})
+    complete = [p for p in points if sorted(p["seeds"]) == seeds]
+    dof = (len(complete) - 1) * (len(seeds) - 1)
+    for p in points:
+        p["valid_nelbo_paired_se"] = float("nan")
+    if dof < 1:
+        return
+    table = np.array([[dict(zip(p["seeds"], p["runs"], strict=True))[k] for k in seeds]
+                      for p in complete])  # [P, K]
+    resid = table - table.mean(1, keepdims=True) - table.mean(0, keepdims=True) + table.mean()
+    sigma = float(np.sqrt((resid**2).sum() / dof))
+    for p in complete:
+        p["valid_nelbo_paired_se"] = sigma / np.sqrt(len(seeds))
 
 
 def _csv(rows: Sequence[dict], columns: Sequence[str]) -> str:

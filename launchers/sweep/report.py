@@ -54,11 +54,34 @@ def _pm(value: float, se: float) -> str:
     return f"{value:.4f} ± {se:.4f}"
 
 
+def _seed_offsets(points: Sequence[dict]) -> list[str]:
+    """How far each seed's runs sit from their points' means, on average over the points:
+    an offset shared by every point is noise the comparisons above count in full."""
+    seeds = sorted({k for p in points for k in p["seeds"]})
+    complete = [p for p in points if sorted(p["seeds"]) == seeds]
+    if len(seeds) < 2 or not complete:
+        return []
+    offsets = {k: np.mean([y - p["valid_nelbo"] for p in complete
+                           for s, y in zip(p["seeds"], p["runs"], strict=True) if s == k])
+               for k in seeds}
+    within = np.mean([np.std([y - p["valid_nelbo"] - offsets[s]
+                              for s, y in zip(p["seeds"], p["runs"], strict=True)])
+                      for p in complete])
+    text = ", ".join(f"seed {k}: {v:+.4f}" for k, v in offsets.items())
+    return ["", f"**Seeds**: mean offset of each seed's runs from their points' means ({text}); "
+            f"spread left after removing it: {within:.4f}. A run's seed also seeds its "
+            "evaluation's noise draws and its data order, so its offset is common to every "
+            "point: comparisons pair the runs by seed (points.csv: valid_nelbo_paired_se), "
+            "while the error bars and the fits' bootstrap count the offset in full."]
+
+
 def _findings(points, fits, reduced, validation, optimal, best, baselines) -> list[str]:
     z = f"{analysis.Z:g}"
-    lines = [f"Two numbers differ *beyond noise* when they differ by more than {z} combined "
-             "standard errors; everything else is a tie. NELBO values are ± one standard "
-             "error of the mean over seeds.", ""]
+    lines = [f"Two numbers differ *beyond noise* when they differ by more than {z} standard "
+             "errors of their difference; everything else is a tie. Points run with the same "
+             "seeds are compared paired (a seed shifts every point alike, see **Seeds**), "
+             "others from their own standard errors. NELBO values are ± one standard error of "
+             "the mean over seeds; differences ± their standard error.", ""]
     by_name = {p["point"]: p for p in points}
     for row in best:
         members = [p for p in points if p["groups"]["budget"] == row["group"]
@@ -122,6 +145,7 @@ def _findings(points, fits, reduced, validation, optimal, best, baselines) -> li
         lines.append(f"* {row['budget_flops']:.3g} FLOPs ({where}), {row['objective']}: depth "
                      f"{row['best_decoder_layers']} [{row['ci_low']}, {row['ci_high']}] "
                      f"({row['share_of_draws']:.0%} of bootstrap fits agree{note}).")
+    lines += _seed_offsets(points)
     spread = [p["sampling_tokens_per_s_sd"] / p["sampling_tokens_per_s"] for p in points
               if np.isfinite(p["sampling_tokens_per_s_sd"])]
     if spread:
