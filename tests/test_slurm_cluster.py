@@ -181,6 +181,7 @@ def test_decoder_depth_sweep_end_to_end_then_rerun_resubmits_only_the_failed(
         expected = flops.training_flops_per_token(cfg.model).masked * tokens
         assert float(row["train_flops"]) == pytest.approx(expected)
         assert float(row["sampling_tokens_per_s"]) > 0 and float(row["valid_nelbo"]) > 0
+        assert float(row["valid_nelbo_eval_se"]) > 0  # summary.json keeps the evaluation's
     points = {p["point"]: p for p in csv.DictReader((results / "points.csv").open())}
     assert sorted(points) == ["dec1", "dec2", "dec4"]
     for name, point in points.items():
