@@ -1,5 +1,6 @@
 """The sweep's figures (matplotlib, no display), each as PNG and PDF: every point with its
-error bar, one colour per budget group, fitted curves with their 95% bootstrap band only for
+error bar (±2 standard errors, paired by seed where the point ran with every seed: the
+error that the comparisons use), one colour per budget group, fitted curves with their 95% bootstrap band only for
 identified fits (a fit that is not identified is named in the legend, without a curve).
 
 * ``fit_<x>``: NELBO against each single-axis ``x``; baselines as dashed lines with their
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from launchers.sweep.analysis import ScalingFit, Z, pareto
+
+ERRORBARS = f"error bars ±{Z:g} SE (paired by seed where every seed ran)"
 
 
 def _pyplot():
@@ -58,6 +61,13 @@ def _log_axis(ax, values: Sequence[float], integer: bool) -> None:
         ax.ticklabel_format(axis="x", style="plain")
 
 
+def _se(point: dict) -> float:
+    """The standard error that comparisons use: paired by seed where the point ran with
+    every seed (their shared offsets cancel), else its own."""
+    paired = point.get("valid_nelbo_paired_se", float("nan"))
+    return paired if np.isfinite(paired) else point["valid_nelbo_se"]
+
+
 def _legend_below(ax) -> None:
     """Under the axes: a legend never hides a point."""
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
@@ -66,7 +76,7 @@ def _legend_below(ax) -> None:
 def _errorbar(ax, points: Sequence[dict], x_key: str, colour: str, label: str | None,
               marker: str = "o", xerr: str | None = None) -> None:
     ax.errorbar([p[x_key] for p in points], [p["valid_nelbo"] for p in points],
-                yerr=[Z * p["valid_nelbo_se"] for p in points],
+                yerr=[Z * _se(p) for p in points],
                 xerr=None if xerr is None else [p[xerr] for p in points],
                 fmt=marker, color=colour, capsize=3, markersize=5, label=label, zorder=3)
 
@@ -94,15 +104,15 @@ def fit_plot(out: Path, points: Sequence[dict], fits: Sequence[ScalingFit], x_ke
         for p in (p for p in points if p["baseline"] is not None):
             colour = colours[p["groups"]["budget"]]
             ax.axhline(p["valid_nelbo"], color=colour, ls="--", lw=1)
-            ax.axhspan(p["valid_nelbo"] - Z * p["valid_nelbo_se"],
-                       p["valid_nelbo"] + Z * p["valid_nelbo_se"], color=colour, alpha=0.08)
+            ax.axhspan(p["valid_nelbo"] - Z * _se(p), p["valid_nelbo"] + Z * _se(p),
+                       color=colour, alpha=0.08)
             ax.annotate(p["baseline"], (0.01, p["valid_nelbo"]), xycoords=("axes fraction",
                         "data"), ha="left", va="bottom", fontsize=7, color=colour)
     _log_axis(ax, xs, integer=x_key == "decoder_layers")
     ax.set_xlabel(x_label)
     ax.set_ylabel("validation NELBO (nats/token)")
     ax.set_title(f"NELBO = E + A·(x/x0)^-alpha over {x_label}\n"
-                 f"error bars ±{Z:g} SE; bands: 95% bootstrap (identified fits only)", fontsize=9)
+                 f"{ERRORBARS}; bands: 95% bootstrap (identified fits only)", fontsize=9)
     _legend_below(ax)
     return _save(fig, out, f"fit_{x_key}")
 
@@ -131,7 +141,7 @@ def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, ste
     ax.set_ylabel("validation NELBO (nats/token, lower is better)")
     note = "lines: frontier (points no other beats beyond noise)" if frontier else \
         "x error bars: ±1 SD over runs and repeats"
-    ax.set_title(f"error bars ±{Z:g} SE; squares: baselines; {note}", fontsize=9)
+    ax.set_title(f"{ERRORBARS}; squares: baselines\n{note}", fontsize=9)
     _legend_below(ax)
     return _save(fig, out, stem)
 

@@ -98,7 +98,8 @@ def _findings(points, fits, reduced, validation, optimal, best, baselines) -> li
                     f"(lowest: depth {lowest['decoder_layers']}, "
                     f"{_pm(lowest['valid_nelbo'], lowest['valid_nelbo_se'])}); no winner")
             if worse:
-                text += f"; depths {', '.join(map(str, worse))} are worse beyond noise"
+                text += (f"; depth {worse[0]} is" if len(worse) == 1 else
+                         f"; depths {', '.join(map(str, worse))} are") + " worse beyond noise"
         lines.append(f"* **{row['group']}**: {text}.")
     for row in baselines:
         lines.append(f"* **{row['group']}**: {row['baseline']} "
