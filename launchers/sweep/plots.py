@@ -5,6 +5,7 @@ identified fits (a fit that is not identified is named in the legend, without a 
 
 * ``fit_<x>``: NELBO against each single-axis ``x``; baselines as dashed lines with their
   ±2 SE band in their budget's colour;
+* ``fit_joint``: NELBO against training FLOPs per decoder depth, with the joint fit;
 * ``pareto_sampling_flops``: NELBO against the analytic sampling FLOPs per generated token,
   the frontier (points no other beats beyond noise) of each budget joined;
 * ``pareto_tokens_per_s``: NELBO against measured sampling tokens/s, with its spread (±1 SD
@@ -49,9 +50,17 @@ def _colours(points: Sequence[dict]) -> dict[str, str]:
     return {g: f"C{i % 10}" for i, g in enumerate(groups)}
 
 
-def _log_axis(ax, values: Sequence[float], integer: bool) -> None:
-    """A log x axis; integers (depths) get a tick at each value, written as integers."""
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+def _log_axis(ax, values: Sequence[float], integer: bool = False) -> None:
+    """A log x axis with readable ticks: integers (depths) get a tick at each value, written
+    as integers; other values ticks at 1, 2 and 5 per decade, no minor labels (they overlap)."""
+    from matplotlib.ticker import (
+        FixedLocator,
+        LogFormatterSciNotation,
+        LogLocator,
+        NullFormatter,
+        NullLocator,
+        ScalarFormatter,
+    )
 
     ax.set_xscale("log")
     if integer:
@@ -59,6 +68,10 @@ def _log_axis(ax, values: Sequence[float], integer: bool) -> None:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.ticklabel_format(axis="x", style="plain")
+        return
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _se(point: dict) -> float:
@@ -117,6 +130,36 @@ def fit_plot(out: Path, points: Sequence[dict], fits: Sequence[ScalingFit], x_ke
     return _save(fig, out, f"fit_{x_key}")
 
 
+def joint_plot(out: Path, points: Sequence[dict], joint: ScalingFit) -> str:
+    """NELBO against training FLOPs, one colour per decoder depth; the joint fit's curve of
+    each depth over the tokens its points span, with its band, if it is identified."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    members = [p for p in points if p["point"] in joint.points]
+    depths = sorted({p["decoder_layers"] for p in members})
+    for i, depth in enumerate(depths):
+        mine = sorted((p for p in members if p["decoder_layers"] == depth),
+                      key=lambda p: p["train_flops"])
+        colour = f"C{i % 10}"
+        _errorbar(ax, mine, "train_flops", colour, f"decoder layers {depth}")
+        if joint.fit.identified and len(mine) > 1:
+            tokens = np.geomspace(mine[0]["tokens"], mine[-1]["tokens"], 50)
+            x = np.stack([np.full_like(tokens, mine[0]["non_embedding_params"]), tokens], 1)
+            cost = tokens * mine[0]["train_flops_per_token"]
+            ax.plot(cost, joint.fit.predict(x), color=colour, lw=1.2)
+            lo, hi = np.percentile(joint.fit.predict_draws(x), [2.5, 97.5], axis=0)
+            ax.fill_between(cost, lo, hi, color=colour, alpha=0.15, lw=0)
+    verdict = "identified: curves and 95% bands" if joint.fit.identified else \
+        f"not identified: {joint.fit.reason}"
+    _log_axis(ax, [p["train_flops"] for p in members])
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation NELBO (nats/token)")
+    ax.set_title(f"joint fit E + A·(N/N0)^-alpha + B·(D/D0)^-beta ({joint.group})\n{verdict}; "
+                 f"{ERRORBARS}", fontsize=8)
+    _legend_below(ax)
+    return _save(fig, out, "fit_joint")
+
+
 def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, stem: str,
                 xerr: str | None = None, frontier: bool = True) -> str:
     plt = _pyplot()
@@ -136,7 +179,7 @@ def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, ste
             front = pareto(members, x_key)
             ax.plot([p[x_key] for p in front], [p["valid_nelbo"] for p in front], "-",
                     color=colour, lw=1, alpha=0.7)
-    ax.set_xscale("log")
+    _log_axis(ax, [p[x_key] for p in points])
     ax.set_xlabel(x_label)
     ax.set_ylabel("validation NELBO (nats/token, lower is better)")
     note = "lines: frontier (points no other beats beyond noise)" if frontier else \
@@ -154,6 +197,9 @@ def write_all(out: Path, points: list[dict], fits: list[ScalingFit],
         group = [f for f in fits if f.x == x]
         if group:
             images.append(fit_plot(out, points, group, x, label))
+    joint = [f for f in fits if f.x == "joint"]
+    if len(joint) == 1:
+        images.append(joint_plot(out, points, joint[0]))
     images.append(pareto_plot(out, points, "sampling_flops_per_token",
                               "sampling FLOPs per generated token (analytic; lower is better)",
                               "pareto_sampling_flops"))
