@@ -7,15 +7,18 @@ exponents and their intervals would span decades for no reason):
 * ``single``: ``L = E + A (x / x0)^-alpha``;
 * ``joint`` (Chinchilla): ``L = E + A (N / N0)^-alpha + B (D / D0)^-beta``.
 
-The fit minimises a Huber loss (``delta = 1e-3``) on log residuals ``log f(x) - log L`` with
-scipy's L-BFGS-B within the bounds of ``search_range``, from a grid of starts; ``E``, ``A`` and
-``B`` are searched in log space. Many problems of one form (the starts, the bootstrap resamples)
-are solved as one L-BFGS-B problem whose variables are the stacked parameter vectors: the
-objective is a sum of independent terms, so its minimum is each term's minimum.
+The fit minimises a Huber loss on log residuals ``log f(x) - log L`` with scipy's L-BFGS-B
+within the bounds of ``search_range``, from the best points of a grid of starts; ``E``, ``A``
+and ``B`` are searched in log space. Huber's ``delta`` is ``HUBER_NOISE`` standard errors of a
+point's log mean (quadratic within the noise, linear for an outlying point); Hoffmann et al.'s
+1e-3 where the noise is unknown (one run per point). Many problems of one form (the starts,
+the bootstrap resamples) are solved ``CHUNK`` at a time as one L-BFGS-B problem whose
+variables are the stacked parameter vectors: the objective is a sum of independent terms, so
+its minimum is each term's minimum, and one call costs less than many small ones.
 
 Uncertainty: a bootstrap that resamples the runs (seeds) within each point, with replacement,
-and refits the points' means from the full-data optimum. Resampling ``n`` runs shrinks their
-spread by ``(n - 1) / n``; each run's deviation from its point's mean is widened by
+and refits the points' means from the full-data optimum. Resampling ``n`` runs shrinks the
+variance of their mean by ``(n - 1) / n``; each run's deviation from its point's mean is widened by
 ``sqrt(n / (n - 1))`` first, so that the resampled means vary as much as the means of new runs
 would. Intervals are percentile intervals of the refits.
 
