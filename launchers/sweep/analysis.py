@@ -91,7 +91,12 @@ def _groups(points: Sequence[dict], key: str) -> list[tuple[str, list[dict]]]:
     groups: dict[str, list[dict]] = {}
     for p in points:
         groups.setdefault(p["groups"][key], []).append(p)
-    return sorted(groups.items(), key=lambda kv: (_mean(kv[1], "train_flops"), kv[0]))
+    def order(item: tuple[str, list[dict]]) -> tuple:
+        depths = [p["decoder_layers"] or 0 for p in item[1]]
+        return (min(depths) if key == "flops_axis" else 0, _mean(item[1], "train_flops"),
+                item[0])
+
+    return sorted(groups.items(), key=order)
 
 
 def _mean(points: Sequence[dict], key: str) -> float:

@@ -228,7 +228,7 @@ def fit_many(form: str, x, replicates: Sequence[Sequence[Sequence[float]]], draw
     x0 = tuple(float(v) for v in np.exp(np.log(x).mean(axis=0)))
     empty = np.zeros((0, p))
     if n < p + 2:
-        why = f"{n} points for {p} parameters (needs >= {p + 2})"
+        why = f"{n} point{'s' * (n != 1)} for {p} parameters (needs >= {p + 2})"
         return [Fit(form, {}, x0, n, empty, False, why) for _ in replicates]
     z = np.log(x / np.array(x0))
     means = np.array([[np.mean(r) for r in runs] for runs in replicates])  # [R, n]

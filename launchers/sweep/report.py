@@ -71,8 +71,8 @@ def _seed_offsets(points: Sequence[dict]) -> list[str]:
     return ["", f"**Seeds**: mean offset of each seed's runs from their points' means ({text}); "
             f"spread left after removing it: {within:.4f}. A run's seed also seeds its "
             "evaluation's noise draws and its data order, so its offset is common to every "
-            "point: comparisons pair the runs by seed (points.csv: valid_nelbo_paired_se), "
-            "while the error bars and the fits' bootstrap count the offset in full."]
+            "point: comparisons and error bars pair the runs by seed (points.csv: "
+            "valid_nelbo_paired_se), while the fits' bootstrap counts the offset in full."]
 
 
 def _findings(points, fits, reduced, validation, optimal, best, baselines) -> list[str]:
