@@ -203,7 +203,7 @@ def test_local_rerun_benchmarks_a_trained_run_without_training_it_again(tmp_path
     trained = spec.points[1]
     (trained.run_dir / "sampling.json").unlink()
     before = (trained.run_dir / "metrics.jsonl").read_text()
-    assert main(["sweep", "submit", str(spec.path), "--local"]) == 0
+    assert main(["sweep", "submit", str(spec.path), "--local", "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "run dec2-seed0: exit code 0" in out and "run dec1-seed0" not in out
     result = json.loads((trained.run_dir / "sampling.json").read_text())

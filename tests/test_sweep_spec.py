@@ -130,3 +130,10 @@ def test_the_shipped_example_specs_are_valid():
     assert [p.values["decoder_layers"] for p in spec.points] == [1, 2, 4]
     kjv = load_spec(ROOT / "configs" / "sweeps" / "decoder-depth-kjv.yaml")
     assert kjv.seeds == 2 and len(kjv.points) == (6 + 1) * 3 * 2
+
+
+def test_jobs_needs_local(tmp_path, capsys):
+    path = write_spec(tmp_path)
+    assert main(["sweep", "submit", str(path), "--jobs", "2"]) == 2
+    assert "--jobs 2: give a number >= 1, with --local" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
