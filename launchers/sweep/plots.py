@@ -50,28 +50,40 @@ def _colours(points: Sequence[dict]) -> dict[str, str]:
     return {g: f"C{i % 10}" for i, g in enumerate(groups)}
 
 
+def _log_ticks(values: Sequence[float]) -> list[float]:
+    """Round-number ticks within the data's range: 1, 2, 5 per decade, denser when the
+    range is narrow; never more than a few, so that labels do not overlap."""
+    lo, hi = min(values), max(values)
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
+        ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.log10(hi)) + 1)
+                 for m in mantissas if lo * 0.97 <= m * 10.0**e <= hi * 1.03]
+        if len(ticks) >= 2:
+            return ticks if len(ticks) <= 7 else ticks[::int(np.ceil(len(ticks) / 7))]
+    return sorted({float(f"{lo:.2g}"), float(f"{hi:.2g}")})
+
+
+def _compact(value: float, _position=None) -> str:
+    """1.5e12 rather than 1.5x10^12 or 1500000000000."""
+    if abs(value) < 1e4:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def _log_axis(ax, values: Sequence[float], integer: bool = False) -> None:
-    """A log x axis with readable ticks: integers (depths) get a tick at each value, written
-    as integers; other values ticks at 1, 2 and 5 per decade, no minor labels (they overlap)."""
-    from matplotlib.ticker import (
-        FixedLocator,
-        LogFormatterSciNotation,
-        LogLocator,
-        NullFormatter,
-        NullLocator,
-        ScalarFormatter,
-    )
+    """A log x axis with readable ticks: integers (depths) at each value, written as
+    integers; other values at round numbers (``_log_ticks``), written compactly."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator, ScalarFormatter
 
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
     if integer:
         ax.xaxis.set_major_locator(FixedLocator(sorted(set(values))))
-        ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.ticklabel_format(axis="x", style="plain")
         return
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(FixedLocator(_log_ticks(values)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_compact))
 
 
 def _se(point: dict) -> float:
