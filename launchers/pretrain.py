@@ -579,6 +579,7 @@ class _Trainer:
         params, non_embedding = _parameter_counts(self.cfg.model)
         tokens = state.consumed_samples * self.cfg.model.seq_length
         summary = {"step": state.step, "nelbo": self.last_eval["nelbo"],
+                   "nelbo_std_error": self.last_eval["nelbo_std_error"],
                    "ppl": self.last_eval["ppl"], "params": params,
                    "non_embedding_params": non_embedding,
                    "train_flops": flops.training_flops_per_token(self.cfg.model).masked * tokens,

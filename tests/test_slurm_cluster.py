@@ -3,6 +3,7 @@ multi-task pre-tokenization, a decoder-depth sweep end to end, and preemption wi
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -150,52 +151,63 @@ def test_decoder_depth_sweep_end_to_end_then_rerun_resubmits_only_the_failed(
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "depth", "base": str(base), "output": str(tmp_path / "sweep"),
-        "grid": {"decoder_layers": [1, 2, 4]},
+        "grid": {"decoder_layers": [1, 2, 4]}, "seeds": 2,
         "slurm": {"gpus_per_node": 0, "tasks_per_node": 1, "time": "00:20:00"}}))
     out = tmp_path / "sweep"
+    names = [f"dec{d}-seed{k}" for d in (1, 2, 4) for k in (0, 1)]
 
     def e2d2(*args: str) -> str:
         assert e2d2_main([*args, str(spec)]) == 0
         return capsys.readouterr().out
 
     first = e2d2("sweep", "submit")
-    assert "0 done, 0 queued, 3 to submit" in first
-    assert "(dec1, dec2, dec4)" in first  # one array job over the three points
+    assert "0 done, 0 queued, 6 to submit" in first
+    assert f"({', '.join(names)})" in first  # one array job over the six runs
     state = json.loads((out / "state.json").read_text())
-    queued = [line.split()[1] for line in e2d2("sweep", "status").splitlines()[1:4]]
+    queued = [line.split()[1] for line in e2d2("sweep", "status").splitlines()[1:7]]
     assert set(queued) <= {"pending", "running"}, queued  # submitted, not finished yet
     collect = state["collect_job"]
-    cluster.wait(collect, 1200)
+    cluster.wait(collect, 1800)
     assert cluster.states(collect) == ["COMPLETED"], cluster.job(collect)
     results = out / "results"
-    rows = (results / "points.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    table = {r.split(",")[0]: dict(zip(header, r.split(","), strict=True)) for r in rows[1:]}
-    assert sorted(table) == ["dec1", "dec2", "dec4"]
-    for name, row in table.items():
-        cfg = load_run_config(out / "configs" / f"{name}.yaml")
-        assert int(row["decoder_layers"]) == cfg.model.num_decoder_layers == int(name[3:])
+    runs = list(csv.DictReader((results / "runs.csv").open()))
+    assert sorted(r["run"] for r in runs) == names
+    assert {r["seed"] for r in runs} == {"0", "1"}  # run.seed = base seed + k
+    for row in runs:
+        cfg = load_run_config(out / "configs" / f"{row['run']}.yaml")
+        assert cfg.run.seed == int(row["run"][-1])
+        assert int(row["decoder_layers"]) == cfg.model.num_decoder_layers
         tokens = 4 * cfg.train.batch_size * cfg.model.seq_length
         expected = flops.training_flops_per_token(cfg.model).masked * tokens
         assert float(row["train_flops"]) == pytest.approx(expected)
         assert float(row["sampling_tokens_per_s"]) > 0 and float(row["valid_nelbo"]) > 0
-    params = [int(table[n]["non_embedding_params"]) for n in ("dec1", "dec2", "dec4")]
+        assert float(row["valid_nelbo_eval_se"]) > 0  # summary.json keeps the evaluation's
+    points = {p["point"]: p for p in csv.DictReader((results / "points.csv").open())}
+    assert sorted(points) == ["dec1", "dec2", "dec4"]
+    for name, point in points.items():
+        mine = [float(r["valid_nelbo"]) for r in runs if r["point"] == name]
+        assert int(point["runs"]) == 2 and float(point["valid_nelbo"]) == pytest.approx(
+            sum(mine) / 2)
+        assert float(point["valid_nelbo_se"]) > 0  # two seeds: a standard error
+    params = [int(points[n]["non_embedding_params"]) for n in ("dec1", "dec2", "dec4")]
     assert params == sorted(params) and len(set(params)) == 3
     fits = {f["x"]: f for f in json.loads((results / "fits.json").read_text())}
-    assert fits["decoder_layers"]["n"] == 3 and "E" in fits["decoder_layers"]
-    for png in ("fit_decoder_layers", "pareto_sampling", "pareto_flops"):
-        assert (results / f"{png}.png").stat().st_size > 1000
-    assert "3 done, 0 running, 0 pending, 0 failed" in e2d2("sweep", "status")
+    depth = fits["decoder_layers"]  # three points cannot identify three parameters
+    assert depth["n"] == 3 and not depth["identified"] and "E" not in depth
+    for stem in ("fit_decoder_layers", "pareto_sampling_flops", "pareto_tokens_per_s"):
+        assert (results / f"{stem}.png").stat().st_size > 1000
+        assert (results / f"{stem}.pdf").stat().st_size > 1000
+    assert "6 done, 0 running, 0 pending, 0 stale, 0 failed" in e2d2("sweep", "status")
 
-    # a point whose job ended without a finished run is failed (here: its run directory was
-    # lost); re-running the sweep resubmits that point alone
-    shutil.rmtree(out / "points" / "dec2")
+    # a run whose job ended without a finished run is failed (here: its run directory was
+    # lost); re-running the sweep resubmits that run alone
+    shutil.rmtree(out / "points" / "dec2-seed1")
     lines = e2d2("sweep", "status").splitlines()
-    assert ["dec2", "failed"] in [line.split()[:2] for line in lines]
+    assert ["dec2-seed1", "failed"] in [line.split()[:2] for line in lines]
     second = e2d2("sweep", "submit")
-    assert "2 done, 0 queued, 1 to submit" in second and "(dec2)" in second
+    assert "5 done, 0 queued, 1 to submit" in second and "(dec2-seed1)" in second
     state = json.loads((out / "state.json").read_text())
-    cluster.wait(state["points"]["dec2"]["job"], 1200)
+    cluster.wait(state["points"]["dec2-seed1"]["job"], 1200)
     cluster.run("scancel", state["collect_job"])  # the first collect was checked above
-    assert "3 done" in e2d2("sweep", "status")
+    assert "6 done" in e2d2("sweep", "status")
     assert "all points are done" in e2d2("sweep", "submit")

@@ -1,5 +1,6 @@
-"""Sweep status, resubmission choice, collect (tables, fits, frontiers, plots) and the sampling
-benchmark, on run directories laid out as `e2d2 pretrain` writes them."""
+"""Sweep status (stale runs included), resubmission choice, collect (per-run and per-point
+tables, fits, comparisons that respect noise, figures, report) and the sampling benchmark,
+on run directories laid out as `e2d2 pretrain` writes them."""
 
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
+import yaml
 from test_sweep_spec import write_spec
 
 from launchers.cli import main
 from launchers.config import save_run_config
+from launchers.sweep import analysis
 from launchers.sweep import status as status_module
+from launchers.sweep import submit as submit_module
 from launchers.sweep.bench import sampling_benchmark
-from launchers.sweep.collect import best_depth_per_budget, pareto
 from launchers.sweep.spec import load_spec
 from launchers.sweep.status import STATE_FILE, sweep_status
 from launchers.sweep.submit import to_submit
 from megatron_ext.verify import tiny_model_config
 
-E, A, ALPHA = 2.0, 1.5, 0.8  # the synthetic points' NELBO law over decoder depth
+E, A, ALPHA = 2.0, 1.5, 0.8  # the synthetic runs' NELBO law over decoder depth
 
 
 def finish_point(point, nelbo: float, tokens_per_s: float, flops: float, params: int) -> None:
@@ -31,93 +35,127 @@ def finish_point(point, nelbo: float, tokens_per_s: float, flops: float, params:
     save_run_config(point.config, run / "config.yaml")
     records = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "grad_norm": 1.0,
                 "tokens_per_s": 100.0, "skipped": 0} for s in (1, 2, 3)]
-    records.append({"step": 3, "nelbo": nelbo, "ppl": 2.718281828 ** nelbo})
+    records.append({"step": 3, "nelbo": nelbo, "ppl": 2.718281828 ** nelbo,
+                    "nelbo_std_error": 0.2})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "summary.json").write_text(json.dumps({
-        "step": 3, "nelbo": nelbo, "ppl": 2.718281828 ** nelbo, "params": params + 33280,
-        "non_embedding_params": params, "train_flops": flops, "tokens": 12288}))
-    (run / "sampling.json").write_text(json.dumps({"tokens_per_s": tokens_per_s, "nfe": 32}))
+        "step": 3, "nelbo": nelbo, "nelbo_std_error": 0.2, "ppl": 2.718281828 ** nelbo,
+        "params": params + 33280, "non_embedding_params": params, "train_flops": flops,
+        "tokens": 12288}))
+    (run / "sampling.json").write_text(json.dumps({
+        "tokens_per_s": tokens_per_s, "nfe": 32,
+        "tokens_per_s_repeats": [tokens_per_s * f for f in (0.95, 1.0, 1.05)]}))
+
+
+DEPTHS = [1, 2, 3, 4, 6, 8]
 
 
 @pytest.fixture
 def finished_sweep(tmp_path):
-    spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 2, 4, 8]}))
+    """Six depths x 3 seeds following the law with 0.5% noise per run."""
+    spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": DEPTHS}, seeds=3))
+    rng = np.random.default_rng(0)
     for point in spec.points:
         d = point.values["decoder_layers"]
-        finish_point(point, E + A * d ** -ALPHA, tokens_per_s=1000.0 / d,
-                     flops=1e12 * (4 + d), params=10000 * (4 + d))
+        finish_point(point, (E + A * d ** -ALPHA) * np.exp(rng.normal(0, 0.005)),
+                     tokens_per_s=1000.0 / d, flops=1e12 * (4 + d), params=10000 * (4 + d))
     return spec
 
 
-def test_collect_writes_tables_fits_frontiers_and_plots(finished_sweep, capsys):
+def test_collect_writes_runs_points_fits_figures_and_report(finished_sweep, capsys):
     spec = finished_sweep
-    assert main(["sweep", "collect", str(spec.path), "--draws", "50"]) == 0
+    assert main(["sweep", "collect", str(spec.path), "--draws", "200"]) == 0
     out = spec.results_dir
-    rows = list(csv.DictReader((out / "points.csv").open()))
-    assert [r["point"] for r in rows] == ["dec1", "dec2", "dec4", "dec8"]
-    assert [int(r["decoder_layers"]) for r in rows] == [1, 2, 4, 8]
-    assert float(rows[2]["valid_nelbo"]) == pytest.approx(E + A * 4 ** -ALPHA)
-    assert float(rows[2]["train_flops"]) == 8e12 and int(rows[2]["non_embedding_params"]) == 80000
-    assert float(rows[3]["sampling_tokens_per_s"]) == 125.0
-    assert (out / "points.md").read_text().count("\n| dec") == 4
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(runs) == 18 and {r["seed"] for r in runs} == {"0", "1", "2"}
+    points = list(csv.DictReader((out / "points.csv").open()))
+    assert [p["point"] for p in points] == [f"dec{d}" for d in DEPTHS]
+    for p in points:  # the mean over its three runs, with a standard error
+        mine = [float(r["valid_nelbo"]) for r in runs if r["point"] == p["point"]]
+        assert float(p["valid_nelbo"]) == pytest.approx(np.mean(mine))
+        assert int(p["runs"]) == 3 and 0 < float(p["valid_nelbo_se"]) < 0.05
+        assert float(p["valid_nelbo_eval_se"]) == pytest.approx(0.2) and float(p["sampling_flops_per_token"]) > 0
+        assert float(p["sampling_tokens_per_s_sd"]) > 0
 
-    fits = {f["x"]: f for f in json.loads((out / "fits.json").read_text())}
-    assert set(fits) == {"decoder_layers", "non_embedding_params", "train_flops"}
-    depth = fits["decoder_layers"]
-    assert depth["E"] == pytest.approx(E, abs=1e-3) and depth["alpha"] == pytest.approx(ALPHA, rel=1e-3)
-    assert depth["A"] == pytest.approx(A, rel=1e-3)
-    assert depth["E_ci_low"] <= depth["E"] <= depth["E_ci_high"]
-    assert {"E_se", "A_se", "alpha_se", "rmse", "n"} <= set(depth)
-    assert len(list(csv.DictReader((out / "fits.csv").open()))) == 3
-
-    best = list(csv.DictReader((out / "best_depth.csv").open()))
-    # deeper is better and costs more: each budget's best is the deepest that fits in it
-    assert [int(b["decoder_layers"]) for b in best] == [1, 2, 4, 8]
-    for name in ("fit_decoder_layers", "fit_non_embedding_params", "fit_train_flops",
-                 "pareto_sampling", "pareto_flops"):
-        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fits = json.loads((out / "fits.json").read_text())
+    depth = next(f for f in fits if f["x"] == "decoder_layers")
+    assert depth["identified"], depth["reason"]
+    assert depth["alpha_ci_low"] < ALPHA < depth["alpha_ci_high"]
+    assert depth["E_ci_low"] < E < depth["E_ci_high"]
+    joint = next(f for f in fits if f["x"] == "joint")
+    assert not joint["identified"] and "E" not in joint  # one token budget: D is not varied
+    for stem in ("fit_decoder_layers", "fit_non_embedding_params", "pareto_sampling_flops",
+                 "pareto_tokens_per_s"):
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
     report = (out / "report.md").read_text()
-    assert "## Best decoder depth per compute budget" in report and "pareto_flops.png" in report
-    assert "4/4 points" in capsys.readouterr().out
+    assert "## What is significant" in report and "**not identified**" in report
+    assert "decoder layers (all): identified" in report
+    assert "18/18 runs" in capsys.readouterr().out
 
 
-def test_collect_leaves_out_unfinished_points_and_says_why(tmp_path):
-    spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 2]}))
-    finish_point(spec.points[0], 3.0, 10.0, 1e12, 1000)
-    assert main(["sweep", "collect", str(spec.path), "--draws", "10"]) == 0
-    report = (spec.results_dir / "report.md").read_text()
-    assert "dec2 (pending: not submitted)" in report
-    assert "needs >= 3 distinct decoder layers, have 1" in report
+def _point(name, nelbo, se, depth=1, cost=1.0, group="train_flops=1e+12"):
+    return {"point": name, "baseline": None, "decoder_layers": depth, "valid_nelbo": nelbo,
+            "valid_nelbo_se": se, "train_flops": 1e12, "cost": cost,
+            "groups": {"budget": group}}
 
 
-def _dominated(row, rows, key, higher):
-    better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)
-    return any((o["valid_nelbo"] <= row["valid_nelbo"] and
-                (better(o[key], row[key]) or o[key] == row[key]))
-               and (o["valid_nelbo"] < row["valid_nelbo"] or better(o[key], row[key]))
-               for o in rows if o is not row)
+def test_best_depth_reports_a_tie_when_differences_are_within_noise():
+    """0.0007 nats apart with standard errors of 0.2: no winner (the issue's example)."""
+    points = [_point("dec1", 7.0460, 0.2, 1), _point("dec2", 7.0467, 0.2, 2),
+              _point("dec4", 7.9, 0.2, 4)]
+    [row] = analysis.best_depth(points)
+    assert row["verdict"] == "tie" and row["best_decoder_layers"] == ""
+    assert row["tied_decoder_layers"] == "1 2"  # depth 4 is worse beyond noise
 
 
-@pytest.mark.parametrize("key, higher", [("sampling_tokens_per_s", True), ("train_flops", False)])
-def test_pareto_frontier_is_the_set_of_non_dominated_points(key, higher):
-    import random
-
-    rng = random.Random(0)
-    rows = [{"point": str(i), "valid_nelbo": rng.uniform(2, 4), key: rng.uniform(1, 100)}
-            for i in range(40)]
-    frontier = pareto(rows, key, higher)
-    assert {r["point"] for r in frontier} == {r["point"] for r in rows
-                                             if not _dominated(r, rows, key, higher)}
+def test_best_depth_names_a_winner_only_beyond_noise():
+    points = [_point("dec1", 7.0, 0.01, 1), _point("dec2", 7.1, 0.01, 2)]
+    [row] = analysis.best_depth(points)
+    assert (row["verdict"], row["best_decoder_layers"]) == ("winner", 1)
 
 
-def test_best_depth_per_budget_is_the_best_point_within_each_budget():
-    rows = [{"point": "a", "decoder_layers": 1, "train_flops": 1.0, "valid_nelbo": 3.0},
-            {"point": "b", "decoder_layers": 4, "train_flops": 2.0, "valid_nelbo": 3.5},
-            {"point": "c", "decoder_layers": 2, "train_flops": 3.0, "valid_nelbo": 2.5}]
-    assert [b["point"] for b in best_depth_per_budget(rows)] == ["a", "a", "c"]
+def test_pareto_keeps_points_not_beaten_beyond_noise():
+    points = [_point("cheap", 7.00, 0.05, cost=1.0), _point("close", 6.95, 0.05, cost=2.0),
+              _point("better", 6.50, 0.05, cost=3.0), _point("beaten", 7.20, 0.05, cost=4.0)]
+    # "close" is 0.05 better than "cheap", within 2 combined SE: both stay on the frontier
+    assert [p["point"] for p in analysis.pareto(points, "cost")] == ["cheap", "close", "better"]
 
 
-def test_status_per_point_and_what_a_rerun_resubmits(tmp_path, monkeypatch):
+def test_a_changed_spec_makes_runs_stale_and_submit_reruns_them(tmp_path, monkeypatch):
+    """A done run trained on another hidden size: status says stale and why, collect leaves
+    it out, submit moves its run directory aside and submits it again."""
+    path = write_spec(tmp_path, grid={"decoder_layers": [1, 2]})
+    for point in load_spec(path).points:
+        finish_point(point, 3.0, 10.0, 1e12, 1000)
+    spec_data = yaml.safe_load(path.read_text())
+    spec_data["overrides"] += ["model.hidden_size=64"]
+    path.write_text(yaml.safe_dump(spec_data))
+    spec = load_spec(path)
+    statuses = sweep_status(spec)
+    assert [s.state for s in statuses] == ["stale", "stale"]
+    assert "model.hidden_size: 32 -> 64" in statuses[0].detail
+    assert to_submit(statuses) == list(spec.points)
+    assert main(["sweep", "collect", str(path)]) == 0
+    assert not (spec.results_dir / "points.csv").exists()  # nothing of the old config
+
+    jobs = iter(["71", "72"])
+    monkeypatch.setattr(submit_module, "require_sbatch", lambda: None)
+    monkeypatch.setattr(submit_module, "sbatch", lambda *args: next(jobs))
+    monkeypatch.setattr(submit_module, "validate_data", lambda configs: None)
+    messages = "\n".join(submit_module.submit_slurm(spec))
+    assert "0 done, 0 queued, 2 to submit" in messages and "moved to" in messages
+    kept = sorted((spec.output / "stale").iterdir())
+    assert [k.name.rsplit("-", 2)[0] for k in kept] == ["dec1-seed0", "dec2-seed0"]
+    assert (kept[0] / "summary.json").is_file()  # the old run is kept, not deleted
+    assert not spec.points[0].run_dir.exists()
+    state = json.loads((spec.output / STATE_FILE).read_text())
+    assert state["points"]["dec1-seed0"]["job"] == "71_0"
+    saved = yaml.safe_load((spec.output / "configs" / "dec1-seed0.yaml").read_text())
+    assert saved["model"]["hidden_size"] == 64
+
+
+def test_status_per_run_and_what_a_rerun_resubmits(tmp_path, monkeypatch):
     spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 2, 3, 4, 5, 6, 7]}))
     p = {point.values["decoder_layers"]: point for point in spec.points}
     finish_point(p[1], 3.0, 10.0, 1e12, 1000)
@@ -152,22 +190,46 @@ def test_sampling_benchmark_counts_one_denoiser_call_per_token():
     # topk with steps = block_size reveals one token per step: block_size calls per block
     assert (result["new_tokens"], result["nfe"]) == (32, 32)
     assert result["tokens_per_s"] == pytest.approx(4 * 32 / result["seconds"])
+    assert len(result["tokens_per_s_repeats"]) == 5  # each repeat kept: the spread is reported
 
 
 @pytest.mark.slow
-def test_local_rerun_benchmarks_a_trained_point_without_training_it_again(tmp_path, capsys):
-    """--local: a point with summary.json but no benchmark runs only the benchmark (a real
-    `e2d2 sweep bench` process); a done point is skipped; then the results are collected."""
+def test_local_rerun_benchmarks_a_trained_run_without_training_it_again(tmp_path, capsys):
+    """--local: a run with summary.json but no benchmark runs only the benchmark (a real
+    `e2d2 sweep bench` process); a done run is skipped; then the results are collected."""
     spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 2]}))
     for point in spec.points:
         finish_point(point, 3.0, 10.0, 1e12, 1000)
     trained = spec.points[1]
     (trained.run_dir / "sampling.json").unlink()
     before = (trained.run_dir / "metrics.jsonl").read_text()
-    assert main(["sweep", "submit", str(spec.path), "--local"]) == 0
+    assert main(["sweep", "submit", str(spec.path), "--local", "--jobs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "point dec2: exit code 0" in out and "point dec1" not in out
+    assert "run dec2-seed0: exit code 0" in out and "run dec1-seed0" not in out
     result = json.loads((trained.run_dir / "sampling.json").read_text())
     assert result["tokens_per_s"] > 0 and result["device"] == "cpu"
     assert (trained.run_dir / "metrics.jsonl").read_text() == before  # not trained again
-    assert (spec.results_dir / "points.csv").read_text().count("\ndec") == 2
+    assert (spec.results_dir / "runs.csv").read_text().count("\ndec") == 2
+
+
+def test_points_run_with_the_same_seeds_are_compared_paired():
+    """Seed 1 sits 0.05 above seed 0 at every depth (its evaluation's noise draws): depth 1
+    is 0.01 better in both seeds. Unpaired, that is a tie; paired by seed, a winner."""
+    from launchers.sweep.collect import add_paired_se
+
+    def point(name, depth, nelbos, seeds):
+        p = _point(name, float(np.mean(nelbos)), 0.03, depth)
+        return p | {"runs": nelbos, "seeds": seeds}
+
+    paired = [point("dec1", 1, [6.00, 6.051], [0, 1]), point("dec2", 2, [6.01, 6.06], [0, 1]),
+              point("dec4", 4, [6.02, 6.069], [0, 1])]
+    add_paired_se(paired)
+    assert 0 < paired[0]["valid_nelbo_paired_se"] < 0.002
+    [row] = analysis.best_depth(paired)
+    assert (row["verdict"], row["best_decoder_layers"]) == ("winner", 1)
+    # the same numbers from different seeds share no offset: no pairing, a tie
+    unpaired = [point("dec1", 1, [6.00, 6.051], [0, 1]), point("dec2", 2, [6.01, 6.06], [2, 3]),
+                point("dec4", 4, [6.02, 6.069], [4, 5])]
+    add_paired_se(unpaired)
+    assert all(np.isnan(p["valid_nelbo_paired_se"]) for p in unpaired)
+    assert analysis.best_depth(unpaired)[0]["verdict"] == "tie"

@@ -29,7 +29,8 @@ def write_spec(tmp_path: Path, **fields) -> Path:
 def test_points_are_the_grid_cross_product_as_full_configs(tmp_path):
     spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 2],
                                                 "block_size": [4, 8]}))
-    assert [p.name for p in spec.points] == ["dec1-bs4", "dec1-bs8", "dec2-bs4", "dec2-bs8"]
+    assert [p.point for p in spec.points] == ["dec1-bs4", "dec1-bs8", "dec2-bs4", "dec2-bs8"]
+    assert [p.name for p in spec.points] == [f"{p.point}-seed0" for p in spec.points]
     assert [p.index for p in spec.points] == [0, 1, 2, 3]
     base = TINY
     for point in spec.points:
@@ -39,6 +40,37 @@ def test_points_are_the_grid_cross_product_as_full_configs(tmp_path):
         assert cfg.train.steps == 100  # the spec's override
         assert cfg.model.hidden_size == base["model"]["hidden_size"]  # the base, untouched
         assert point.run_dir == tmp_path / "out" / "points" / point.name
+
+
+def test_seeds_run_every_point_n_times_in_separate_run_directories(tmp_path):
+    spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 2]}, seeds=3,
+                                overrides=["train.steps=100", "run.seed=10"]))
+    assert [(p.point, p.seed, p.config.run.seed) for p in spec.points] == [
+        ("dec1", 0, 10), ("dec1", 1, 11), ("dec1", 2, 12),
+        ("dec2", 0, 10), ("dec2", 1, 11), ("dec2", 2, 12)]
+    assert len({p.run_dir for p in spec.points}) == 6
+    assert [p.index for p in spec.points] == list(range(6))
+
+
+def test_train_flops_become_steps_and_baselines_train_at_each_budget(tmp_path):
+    from e2d2 import flops
+
+    spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": [1, 4],
+                                                "train_flops": ["2.0e11"]},  # YAML 1.1: a str
+                                baselines={"bd3lm": ["model.variant=bd3lm",
+                                                     "model.num_decoder_layers=0"]},
+                                sampling_tokens="1.0e9"))
+    assert [p.name for p in spec.points] == ["dec1-fl2e11-seed0", "dec4-fl2e11-seed0",
+                                             "bd3lm-fl2e11-seed0"]
+    for point in spec.points:
+        cfg = point.config
+        per_step = flops.training_flops_per_token(cfg.model).masked * cfg.train.batch_size \
+            * cfg.model.seq_length
+        assert abs(cfg.train.steps * per_step - 2e11) <= per_step / 2  # the nearest step
+    assert spec.points[0].config.train.steps > spec.points[1].config.train.steps
+    baseline = spec.points[2]
+    assert baseline.baseline == "bd3lm" and baseline.config.model.variant == "bd3lm"
+    assert "decoder_layers" not in baseline.values and spec.sampling_tokens == 1e9
 
 
 def test_train_tokens_become_steps(tmp_path):
@@ -57,6 +89,12 @@ def test_train_tokens_become_steps(tmp_path):
     ({"grid": {"decoder_layers": [1], "depth": [3]}}, "[grid]: unknown key(s) ['depth']"),
     ({"grid": {"decoder_layers": [1, 1.5]}}, "1.5 is not a positive integer"),
     ({"slurm": {"gpus": 8}}, "[slurm]: unknown key(s) ['gpus']"),
+    ({"seeds": 0}, "seeds: 0 is not a positive integer"),
+    ({"sampling_tokens": -1}, "sampling_tokens=-1 must be a number >= 0"),
+    ({"baselines": {"bd3lm": "model.variant=bd3lm"}}, "[baselines]: expected name: ["),
+    ({"grid": {"decoder_layers": [1], "train_tokens": [4096], "train_flops": [1e12]}},
+     "train_tokens and train_flops both set train.steps"),
+    ({"grid": {"decoder_layers": [1], "train_flops": [1000]}}, "is less than one step"),
     ({"grid": {"decoder_layers": [1, 2], "hidden_size": [128, 130]}},
      "point dec1-h130 (decoder_layers=1, hidden_size=130) is invalid: "),
     ({"grid": {"decoder_layers": [1], "train_tokens": [1000]}},
@@ -87,6 +125,15 @@ def test_the_cli_refuses_a_bad_spec_before_writing_anything(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_shipped_example_spec_is_valid():
+def test_the_shipped_example_specs_are_valid():
     spec = load_spec(ROOT / "configs" / "sweeps" / "decoder-depth-tiny.yaml")
     assert [p.values["decoder_layers"] for p in spec.points] == [1, 2, 4]
+    kjv = load_spec(ROOT / "configs" / "sweeps" / "decoder-depth-kjv.yaml")
+    assert kjv.seeds == 2 and len(kjv.points) == (6 + 1) * 3 * 2
+
+
+def test_jobs_needs_local(tmp_path, capsys):
+    path = write_spec(tmp_path)
+    assert main(["sweep", "submit", str(path), "--jobs", "2"]) == 2
+    assert "--jobs 2: give a number >= 1, with --local" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,8 @@ these settings every block costs the same denoiser calls whatever the weights, s
 model is built from the point's config at a fixed seed (the trained checkpoint would give
 the same timing). On CPU one thread is used: comparable on a shared machine.
 ``tokens_per_s`` is generated tokens (batch x new tokens) per second, the median of
-``REPEATS`` timed runs after one warm-up run.
+``REPEATS`` timed runs after one warm-up run; ``tokens_per_s_repeats`` keeps each timed run,
+so that the spread of a measurement on a shared machine is reported with it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from e2d2.config import ModelConfig
 
-BATCH, PROMPT_BLOCKS, NEW_BLOCKS, REPEATS = 4, 2, 8, 3
+BATCH, PROMPT_BLOCKS, NEW_BLOCKS, REPEATS = 4, 2, 8, 5
 RESULT_FILE = "sampling.json"
 
 
@@ -56,7 +57,8 @@ def sampling_benchmark(cfg: ModelConfig, device: str | None = None) -> dict:
             seconds.append(time.perf_counter() - start)
         nfe = out.nfe
     median = statistics.median(seconds)
-    return {"tokens_per_s": BATCH * new / median, "seconds": median, "batch_size": BATCH,
+    return {"tokens_per_s": BATCH * new / median, "seconds": median,
+            "tokens_per_s_repeats": [BATCH * new / s for s in seconds], "batch_size": BATCH,
             "prompt_tokens": prompt_len, "new_tokens": new, "nfe": nfe, "device": device,
             "threads": torch.get_num_threads()}
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from e2d2.errors import UserError
+
 
 def _submit(args: argparse.Namespace) -> int:
     from launchers.sweep.spec import load_spec
     from launchers.sweep.submit import submit_local, submit_slurm
 
     spec = load_spec(args.spec)
-    messages = submit_local(spec) if args.local else submit_slurm(spec, args.dry_run)
+    if args.jobs < 1 or (args.jobs > 1 and not args.local):
+        raise UserError(f"--jobs {args.jobs}: give a number >= 1, with --local")
+    messages = submit_local(spec, args.jobs) if args.local else submit_slurm(spec, args.dry_run)
     print("\n".join(messages))
     return 0
 
@@ -51,9 +55,11 @@ def register(subparsers) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="run the points here, in turn")
     mode.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with --local: runs at a time (default 1; each uses the spec's ranks)")
     p.set_defaults(func=_submit)
 
-    p = sub.add_parser("status", help="pending / running / done / failed, per point")
+    p = sub.add_parser("status", help="pending / running / done / stale / failed, per run")
     p.add_argument("spec")
     p.set_defaults(func=_status)
 

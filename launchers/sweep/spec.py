@@ -10,7 +10,15 @@ A spec is a YAML file::
     grid:                               # the cross product is the set of points
       decoder_layers: [1, 2, 4, 8]      # required: the sweep is over decoder depth
       encoder_layers: [12]              # optional axes: encoder_layers, hidden_size,
-      train_tokens: [1.0e9, 4.0e9]      #   block_size, train_tokens (-> train.steps)
+      train_tokens: [1.0e9, 4.0e9]      #   block_size, train_tokens or train_flops (each
+                                        #   -> train.steps; FLOPs counted by e2d2.flops)
+    seeds: 2                            # runs per grid point, run.seed = base seed + k
+    baselines:                          # optional: other models, trained at every value of
+      bd3lm:                            #   the grid's other axes (the same train_flops)
+        - model.variant=bd3lm
+        - model.num_decoder_layers=0
+    sampling_tokens: 1.0e12             # optional: tokens the model will generate over its
+                                        #   life (compute-optimal depth with sampling cost)
     output: runs/sweeps/dec-depth       # default: runs/sweeps/<name> (relative to the cwd)
     slurm:                              # per point job (`e2d2 submit`'s options)
       nodes: 1
@@ -20,8 +28,9 @@ A spec is a YAML file::
 
 Everything is checked when the spec is loaded: an unknown key is named, an empty grid is
 refused, and each point is validated as a full run config (and its layout on the job's
-world size); an invalid point is named with its config error. Point ``i`` (grid order)
-trains in ``OUTPUT/points/<name>``.
+world size); an invalid point is named with its config error. Each grid point runs
+``seeds`` times: run ``i`` (grid order, then seed) is grid point ``<point>`` with seed ``k``
+and trains in ``OUTPUT/points/<point>-seed<k>``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from e2d2 import flops
 from e2d2.errors import ConfigError
 from launchers.config import RunConfig, apply_overrides, run_config_from_dict
 from launchers.submit import Resources, validate_layout
@@ -45,20 +55,26 @@ AXES: dict[str, tuple[str, str]] = {
     "hidden_size": ("model.hidden_size", "h"),
     "block_size": ("model.block_size", "bs"),
     "train_tokens": ("train.steps", "tok"),
+    "train_flops": ("train.steps", "fl"),
 }
-SPEC_KEYS = ("name", "base", "overrides", "grid", "output", "slurm")
+BUDGET_AXES = ("train_tokens", "train_flops")  # axes that set train.steps
+SPEC_KEYS = ("name", "base", "overrides", "grid", "seeds", "baselines", "sampling_tokens",
+             "output", "slurm")
 SLURM_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "time", "partition",
               "account", "array")
 
 
 @dataclass(frozen=True)
 class Point:
-    """One training run of the sweep."""
+    """One training run of the sweep: a grid point (or a baseline) and a seed."""
 
-    index: int
-    name: str
-    values: dict[str, int]  # grid axis -> value
-    config: RunConfig  # the resolved run config, run.dir included
+    index: int  # in run order (the array task index)
+    name: str  # the run: "<point>-seed<k>"
+    point: str  # the grid point: "dec2-fl1e14", or a baseline's "bd3lm-fl1e14"
+    seed: int  # k: run.seed = the base config's run.seed + k
+    values: dict[str, int]  # grid axis -> value (a baseline has no decoder_layers)
+    config: RunConfig  # the resolved run config, run.dir and run.seed included
+    baseline: str | None = None  # the baseline's name, None for the grid's E2D2 points
 
     @property
     def run_dir(self) -> Path:
@@ -74,7 +90,9 @@ class SweepSpec:
     resources: Resources
     array: bool
     grid: dict[str, tuple[int, ...]]
-    points: tuple[Point, ...]
+    points: tuple[Point, ...]  # every run
+    seeds: int = 1
+    sampling_tokens: float = 0.0
 
     @property
     def results_dir(self) -> Path:
@@ -87,11 +105,21 @@ def _unknown(where: str, given: Mapping, valid: tuple[str, ...] | Mapping) -> No
         raise ConfigError(f"{where}: unknown key(s) {bad}; valid keys are {sorted(valid)}")
 
 
+def _number(value: Any) -> float | None:
+    """A YAML number; also ``4.0e12``, which YAML 1.1 reads as a string (no exponent sign)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None if isinstance(value, bool) or not isinstance(value, int | float) else value
+
+
 def _int_value(where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) \
-            or value < 1:
+    number = _number(value)
+    if number is None or number != int(number) or number < 1:
         raise ConfigError(f"{where}: {value!r} is not a positive integer")
-    return int(value)
+    return int(number)
 
 
 def _grid(where: str, raw: Any) -> dict[str, tuple[int, ...]]:
@@ -112,12 +140,18 @@ def _grid(where: str, raw: Any) -> dict[str, tuple[int, ...]]:
     if "decoder_layers" not in grid:
         raise ConfigError(f"{where} [grid]: decoder_layers is required (the sweep is over "
                           "decoder depth; other axes are crossed with it)")
+    if all(axis in grid for axis in BUDGET_AXES):
+        raise ConfigError(f"{where} [grid]: train_tokens and train_flops both set train.steps; "
+                          "keep one")
     return grid
 
 
 def _point_name(values: Mapping[str, int]) -> str:
     def short(v: int) -> str:
-        for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if v >= 10**9:  # FLOPs and token budgets: 1e14, 2.5e9
+            mantissa, exponent = f"{v:.3e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        for unit, scale in (("M", 10**6), ("k", 10**3)):
             if v >= scale and v % scale == 0:
                 return f"{v // scale}{unit}"
         return str(v)
@@ -125,20 +159,49 @@ def _point_name(values: Mapping[str, int]) -> str:
     return "-".join(f"{AXES[axis][1]}{short(v)}" for axis, v in values.items())
 
 
+def _steps(cfg: RunConfig, axis: str, budget: int) -> int:
+    """``train.steps`` for a token budget (exact) or a FLOPs budget (the nearest step)."""
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
+    if axis == "train_tokens":
+        if budget % tokens_per_step:
+            raise ConfigError(f"train_tokens={budget} is not a whole number of steps of "
+                              f"{tokens_per_step} tokens (train.batch_size x model.seq_length)")
+        return budget // tokens_per_step
+    per_step = flops.training_flops_per_token(cfg.model).masked * tokens_per_step
+    steps = round(budget / per_step)
+    if steps < 1:
+        raise ConfigError(f"train_flops={budget:.3e} is less than one step ({per_step:.3e} "
+                          "FLOPs); raise it")
+    return steps
+
+
 def _point_config(base: dict, overrides: list[str], values: Mapping[str, int],
-                  run_dir: Path, source: str) -> RunConfig:
-    settings = [f"{AXES[a][0]}={v}" for a, v in values.items() if a != "train_tokens"]
-    settings += [f"run.dir={run_dir}"]
+                  run: list[str], source: str) -> RunConfig:
+    """The run config of a point: base, spec overrides, the grid values, ``run``'s settings."""
+    settings = [f"{AXES[a][0]}={v}" for a, v in values.items() if a not in BUDGET_AXES] + run
     cfg = run_config_from_dict(apply_overrides(base, [*overrides, *settings]), source)
-    if "train_tokens" in values:
-        per_step = cfg.train.batch_size * cfg.model.seq_length
-        tokens = values["train_tokens"]
-        if tokens % per_step:
-            raise ConfigError(f"train_tokens={tokens} is not a whole number of steps of "
-                              f"{per_step} tokens (train.batch_size x model.seq_length)")
-        settings.append(f"train.steps={tokens // per_step}")
-        cfg = run_config_from_dict(apply_overrides(base, [*overrides, *settings]), source)
+    for axis in BUDGET_AXES:
+        if axis in values:
+            settings.append(f"train.steps={_steps(cfg, axis, values[axis])}")
+            cfg = run_config_from_dict(apply_overrides(base, [*overrides, *settings]), source)
     return cfg
+
+
+def _sampling_tokens(where: str, value: Any) -> float:
+    number = _number(value)
+    if number is None or number < 0:
+        raise ConfigError(f"{where}: sampling_tokens={value!r} must be a number >= 0 (tokens "
+                          "generated over the model's life, e.g. 1.0e12)")
+    return float(number)
+
+
+def _baselines(where: str, raw: Any) -> dict[str, list[str]]:
+    raw = raw or {}
+    if not isinstance(raw, Mapping) or not all(
+            isinstance(v, list) and all(isinstance(o, str) for o in v) for v in raw.values()):
+        raise ConfigError(f"{where} [baselines]: expected name: [section.key=value, ...], e.g. "
+                          "bd3lm: [model.variant=bd3lm, model.num_decoder_layers=0]")
+    return {str(name): list(v) for name, v in raw.items()}
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -165,6 +228,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{where} [overrides]: expected a list of section.key=value strings "
                           "(e.g. - train.steps=1000)")
     grid = _grid(where, raw.get("grid"))
+    seeds = _int_value(f"{where}: seeds", raw.get("seeds", 1))
+    sampling_tokens = _sampling_tokens(where, raw.get("sampling_tokens", 0))
+    baselines = _baselines(where, raw.get("baselines"))
     slurm = dict(raw.get("slurm") or {})
     _unknown(f"{where} [slurm]", slurm, SLURM_KEYS)
     array = bool(slurm.pop("array", True))
@@ -172,16 +238,24 @@ def load_spec(path: str | Path) -> SweepSpec:
     name = str(raw.get("name") or path.stem)
     output = Path(raw.get("output") or f"runs/sweeps/{name}").resolve()
 
+    base_seed = run_config_from_dict(apply_overrides(base, overrides), str(base_path)).run.seed
+    others = {a: v for a, v in grid.items() if a != "decoder_layers"}
+    combos = [(None, dict(zip(grid, c, strict=True))) for c in itertools.product(*grid.values())]
+    combos += [(b, dict(zip(others, c, strict=True))) for b in baselines
+               for c in itertools.product(*others.values())]
     points = []
-    for index, combo in enumerate(itertools.product(*grid.values())):
-        values = dict(zip(grid, combo, strict=True))
-        point_name = _point_name(values)
+    for baseline, values in combos:
+        point_name = "-".join(filter(None, [baseline, _point_name(values)]))
         label = f"{where}: point {point_name} ({', '.join(f'{a}={v}' for a, v in values.items())})"
-        try:
-            config = _point_config(base, overrides, values, output / "points" / point_name,
-                                   str(base_path))
-            validate_layout(config, resources.world_size, str(base_path))
-        except ConfigError as exc:
-            raise ConfigError(f"{label} is invalid: {exc}") from None
-        points.append(Point(index, point_name, values, config))
-    return SweepSpec(path, name, base_path, output, resources, array, grid, tuple(points))
+        for k in range(seeds):
+            run_name = f"{point_name}-seed{k}"
+            run = [f"run.dir={output / 'points' / run_name}", f"run.seed={base_seed + k}"]
+            try:
+                config = _point_config(base, [*overrides, *baselines.get(baseline, [])], values,
+                                       run, str(base_path))
+                validate_layout(config, resources.world_size, str(base_path))
+            except ConfigError as exc:
+                raise ConfigError(f"{label} is invalid: {exc}") from None
+            points.append(Point(len(points), run_name, point_name, k, values, config, baseline))
+    return SweepSpec(path, name, base_path, output, resources, array, grid, tuple(points),
+                     seeds, sampling_tokens)

@@ -1,7 +1,10 @@
-"""Where each sweep point stands: pending, running, done or failed.
+"""Where each sweep run stands: pending, running, done, stale or failed.
 
-A point is *done* when its run directory holds ``summary.json`` (written by ``e2d2 pretrain``
-on success) and ``sampling.json`` (the benchmark). Otherwise its state comes from the job
+A run is *done* when its run directory holds ``summary.json`` (written by ``e2d2 pretrain``
+on success) and ``sampling.json`` (the benchmark), and its saved ``config.yaml`` is the
+config the spec resolves to now. A run directory trained on another config (the spec has
+changed since) is *stale*: ``submit`` sets it aside and runs it again, ``collect`` leaves it
+out. Otherwise its state comes from the job
 recorded in ``OUTPUT/state.json`` by ``e2d2 sweep submit``: SLURM's view of the job
 (``squeue``), or, for ``--local`` runs, the recorded exit code and process.
 """
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from e2d2.errors import ConfigError
+from launchers.config import load_run_config
 from launchers.submit import write_text_atomic
 from launchers.sweep.bench import RESULT_FILE
 from launchers.sweep.spec import Point, SweepSpec
@@ -30,7 +35,7 @@ _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 @dataclass(frozen=True)
 class PointStatus:
     point: Point
-    state: str  # "pending" | "running" | "done" | "failed"
+    state: str  # "pending" | "running" | "done" | "stale" | "failed"
     detail: str  # e.g. "not submitted", "job 12_0 RUNNING", "exit code 1"
     step: int | None = None  # last training step in metrics.jsonl
     loss: float | None = None  # its training loss
@@ -79,6 +84,31 @@ def is_done(run_dir: Path) -> bool:
     return (run_dir / SUMMARY_FILE).is_file() and (run_dir / RESULT_FILE).is_file()
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(point: Point) -> list[str]:
+    """``key: saved -> wanted`` for each setting in which the run directory's saved
+    ``config.yaml`` differs from what the spec resolves to now (empty: the same run)."""
+    saved_path = point.run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = _flat(load_run_config(saved_path).to_dict())
+    except ConfigError as exc:  # a config of an older code version or a damaged file
+        return [f"config.yaml does not load ({exc})"]
+    wanted = _flat(point.config.to_dict())
+    return [f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}"
+            for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
+
+
 def slurm_job_states() -> dict[str, str] | None:
     """``{job id: state}`` of this user's jobs, array tasks expanded (``123_4``); None
     without SLURM."""
@@ -108,8 +138,21 @@ def _pid_alive(pid: int) -> bool:
 
 def point_status(point: Point, record: dict | None, queue: dict[str, str] | None) -> PointStatus:
     metrics = last_metrics(point.run_dir)
-    if is_done(point.run_dir):
+    changes = config_changes(point)
+    if not changes and is_done(point.run_dir):
         return PointStatus(point, "done", "finished", *metrics)
+    status = _job_status(point, record, queue, metrics)
+    # a run still queued or running is left alone; once it has ended, it is stale
+    if changes and not (status.submitted and status.state in ("pending", "running")):
+        return PointStatus(point, "stale", "trained on another config: " + "; ".join(changes),
+                           *metrics)
+    return status
+
+
+def _job_status(point: Point, record: dict | None, queue: dict[str, str] | None,
+                metrics: tuple) -> PointStatus:
+    """The state of the run's job: not submitted, queued, running or ended without a
+    finished run (failed)."""
     if record is None:
         return PointStatus(point, "pending", "not submitted", *metrics)
     job = record["job"]
@@ -148,6 +191,6 @@ def format_status(statuses: list[PointStatus]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     counts = {state: sum(s.state == state for s in statuses)
-              for state in ("done", "running", "pending", "failed")}
+              for state in ("done", "running", "pending", "stale", "failed")}
     lines.append(", ".join(f"{n} {state}" for state, n in counts.items()))
     return "\n".join(lines)

@@ -1,10 +1,12 @@
 """``e2d2 sweep submit``: one job per point (an sbatch array or separate jobs), then a collect
 job with ``--dependency=afterok``; or ``--local``, the points in turn on this machine.
 
-Re-running skips points that are done or still queued/running and resubmits the failed
+Re-running skips runs that are done or still queued/running and resubmits the failed
 ones (and the never submitted); their training resumes from its latest checkpoint
-(``--resume auto``). Every point job runs ``e2d2 pretrain`` on the point's resolved config
-and then the sampling benchmark (``e2d2 sweep bench RUN_DIR``).
+(``--resume auto``). A stale run (trained on a config the spec no longer resolves to) has its
+run directory moved to ``OUTPUT/stale/<run>-<time>`` and is run again from scratch. Every job
+runs ``e2d2 pretrain`` on the run's resolved config and then the sampling benchmark
+(``e2d2 sweep bench RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+from e2d2 import flops
+from e2d2.errors import UserError
 from launchers.config import save_run_config
 from launchers.submit import (
     e2d2_command,
@@ -34,8 +40,27 @@ from launchers.sweep.status import (
 )
 
 
+def training_flops(point: Point) -> float:
+    """The run's training FLOPs (``e2d2.flops``), before it runs."""
+    cfg = point.config
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.model.seq_length
+    return flops.training_flops_per_token(cfg.model).masked * tokens
+
+
 def to_submit(statuses: list[PointStatus]) -> list[Point]:
-    return [s.point for s in statuses if s.state == "failed" or not s.submitted]
+    return [s.point for s in statuses if s.state in ("failed", "stale") or not s.submitted]
+
+
+def set_aside_stale(spec: SweepSpec, statuses: list[PointStatus], stamp: str) -> list[str]:
+    """Move each stale run directory to ``OUTPUT/stale/`` (kept, never deleted)."""
+    messages = []
+    for status in statuses:
+        if status.state == "stale":
+            target = spec.output / "stale" / f"{status.point.name}-{stamp}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            status.point.run_dir.rename(target)
+            messages.append(f"{status.point.name}: {status.detail}; moved to {target}")
+    return messages
 
 
 def _check_data(points: list[Point]) -> None:
@@ -94,7 +119,12 @@ def submit_slurm(spec: SweepSpec, dry_run: bool = False) -> list[str]:
         require_sbatch()
     statuses = sweep_status(spec)
     points = to_submit(statuses)
-    _check_data(points)
+    try:
+        _check_data(points)
+    except UserError as exc:
+        if not dry_run:
+            raise
+        print(f"warning: {exc} (a real submit stops here)")  # scripts can be read before data
     queued = [s for s in statuses if s.state in ("pending", "running") and s.submitted]
     messages = [f"{len(statuses) - len(points) - len(queued)} done, {len(queued)} queued, "
                 f"{len(points)} to submit"]
@@ -105,10 +135,11 @@ def submit_slurm(spec: SweepSpec, dry_run: bool = False) -> list[str]:
     if dry_run:
         return messages + [script for script, _ in scripts] + [
             "sbatch " + shlex.join(_collect_options(spec, ["<point jobs>"]))]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    messages += set_aside_stale(spec, statuses, stamp)
     _write_point_files(spec, points)
     (spec.output / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create it
     state = read_state(spec)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     new_jobs = []
     by_index = {p.index: p for p in points}
     for n, (script, array) in enumerate(scripts):
@@ -132,32 +163,40 @@ def submit_slurm(spec: SweepSpec, dry_run: bool = False) -> list[str]:
     return messages
 
 
-def submit_local(spec: SweepSpec) -> list[str]:
-    """Run the points that are not done, in turn, on this machine; then collect."""
+def submit_local(spec: SweepSpec, jobs: int = 1) -> list[str]:
+    """Run the runs that are not done on this machine, ``jobs`` at a time; then collect."""
     from launchers.sweep.collect import collect
 
     statuses = sweep_status(spec)
-    points = [s.point for s in statuses if s.state != "done"]
+    # the cheapest first: an interrupted sweep has whole small budgets, every depth in them
+    points = sorted((s.point for s in statuses if s.state != "done"), key=training_flops)
     _check_data(points)
+    messages = set_aside_stale(spec, statuses, time.strftime("%Y%m%d-%H%M%S"))
     world = spec.resources.world_size
     _write_point_files(spec, points)
-    messages = []
-    for point in points:
-        state = read_state(spec)
-        state["points"][point.name] = {"job": "local", "pid": os.getpid(), "rc": None}
-        write_state(spec, state)
+    lock = threading.Lock()  # state.json is read, changed and written by one run at a time
+
+    def record(name: str, entry: dict) -> None:
+        with lock:
+            state = read_state(spec)
+            state["points"][name] = state["points"].get(name, {}) | entry
+            write_state(spec, state)
+
+    def run(point: Point) -> str:
+        record(point.name, {"job": "local", "pid": os.getpid(), "rc": None})
         train, after = _commands(spec, point)
         if world > 1:
             train += ["--nproc-per-node", str(world)]
-        print(f"sweep {spec.name}: point {point.name} ({point.index + 1}/{len(spec.points)})",
+        print(f"sweep {spec.name}: run {point.name} ({point.index + 1}/{len(spec.points)})",
               flush=True)
         trained = (point.run_dir / SUMMARY_FILE).is_file()
         rc = 0 if trained else subprocess.run(train).returncode
         if rc == 0:
             rc = subprocess.run(after).returncode
-        state = read_state(spec)
-        state["points"][point.name]["rc"] = rc
-        write_state(spec, state)
-        messages.append(f"point {point.name}: exit code {rc}")
+        record(point.name, {"rc": rc})
+        return f"run {point.name}: exit code {rc}"
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        messages += list(pool.map(run, points))
     messages.append(collect(spec))
     return messages
