@@ -61,7 +61,7 @@ BUDGET_AXES = ("train_tokens", "train_flops")  # axes that set train.steps
 SPEC_KEYS = ("name", "base", "overrides", "grid", "seeds", "baselines", "sampling_tokens",
              "output", "slurm")
 SLURM_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "time", "partition",
-              "account", "array")
+              "account", "mem", "exclusive", "setup", "array")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from e2d2 import flops
 from e2d2.errors import UserError
 from launchers.config import save_run_config
 from launchers.submit import (
+    config_env,
     e2d2_command,
     job_setup,
     render_pretrain,
@@ -92,10 +93,12 @@ def _point_scripts(spec: SweepSpec, points: list[Point]) -> list[tuple[str, str 
     if spec.array:
         setup = f'source "{jobs}/${{SLURM_ARRAY_TASK_ID}}.sh"'
         array = ",".join(str(p.index) for p in points)
+        env = {k: v for p in points for k, v in config_env(p.config).items()}  # any point's
         return [(render_pretrain(f"sweep-{spec.name}", spec.resources,
-                                 str(logs / "%x-%A_%a.log"), setup, array=array), array)]
+                                 str(logs / "%x-%A_%a.log"), setup, array=array, env=env), array)]
     return [(render_pretrain(f"sweep-{spec.name}-{p.name}", spec.resources,
-                             str(logs / "%x-%j.log"), f'source "{jobs}/{p.index}.sh"'), None)
+                             str(logs / "%x-%j.log"), f'source "{jobs}/{p.index}.sh"',
+                             env=config_env(p.config)), None)
             for p in points]
 
 
