@@ -137,3 +137,17 @@ def test_jobs_needs_local(tmp_path, capsys):
     assert main(["sweep", "submit", str(path), "--jobs", "2"]) == 2
     assert "--jobs 2: give a number >= 1, with --local" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_spec_passes_sbatch_resources_and_the_config_environment_to_its_jobs(tmp_path):
+    from launchers.sweep.submit import _point_scripts
+
+    spec = load_spec(write_spec(tmp_path, overrides=["train.steps=100",
+                                                     "parallel.overlap_grad_reduce=true"],
+                                slurm={"gpus_per_node": 0, "mem": "64G",
+                                       "setup": "module load cuda"}))
+    (script, array), = _point_scripts(spec, list(spec.points))
+    assert array == "0,1,2"
+    assert "#SBATCH --mem=64G" in script
+    assert "module load cuda" in script
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
