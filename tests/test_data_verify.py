@@ -150,6 +150,8 @@ def test_training_stops_at_an_id_the_start_up_check_cannot_see(data, tmp_path):
 
     tokenizer = load_run_tokenizer(run_config(data))
     np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")[:] = 300  # sizes intact
-    pretrain_data = PretrainData(run_config(data), tokenizer, 0, 1, 2, tmp_path / "cache")
+    cfg = run_config(data)
+    pretrain_data = PretrainData(cfg, tokenizer, 0, 1, 2, tmp_path / "cache",
+                                 train_samples=cfg.train.steps * cfg.train.batch_size)
     with pytest.raises(UserError, match=f"token id 300, not below model.vocab_size={VOCAB}"):
         next(pretrain_data.train_steps(0))
