@@ -156,6 +156,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(setup, straigh
     # A complete-looking checkpoint whose shard files were truncated (a bad disk, a bad copy).
     for shard in (run_dir / "checkpoints" / "iter_0000004").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
+    # As if it stopped before its summary: a finished run is not trained again.
+    (run_dir / "summary.json").unlink()
     result = run_pretrain(config, *_args(run_dir, data, "single"), "train.steps=4")
     assert result.returncode == 0, result.stderr
     assert "iter_0000004 could not be loaded" in result.stderr
