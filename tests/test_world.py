@@ -95,7 +95,9 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil
 def test_mpirun_ranks_find_rank_0_host_through_mpi4py():
     code = ("from launchers.world import discover_world; import socket; w = discover_world(); "
             "print(w.rank, w.world_size, w.source, w.master_addr == socket.gethostname())")
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
+    # without the torchrun variables an in-process world of one may have left in this process
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     done = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-c", code],
                           env=env, capture_output=True, text=True, timeout=300)
