@@ -72,9 +72,8 @@ def model_config(args: argparse.Namespace, variant: str, layers: int, seq_length
 def e2d2_training_inputs(args: argparse.Namespace):
     """The E2D2 model, training settings, objective and one noised batch the engine
     benchmarks time a step on: ``(cfg, train, objective, x0, batch)``."""
-    from e2d2.config import DiffusionConfig
+    from e2d2.config import DiffusionConfig, TrainConfig
     from e2d2.diffusion import DiffusionObjective
-    from e2d2.train import TrainConfig
     from megatron_ext.objective import noised_batch
 
     cfg = model_config(args, "e2d2", args.layers, args.seq_len)

@@ -2,8 +2,8 @@
 
 Two levels, each ending in one ``DataError`` that names the file and what is wrong:
 
-* ``cheap`` (``e2d2 data inspect``, and ``e2d2 pretrain`` at start-up): megatron-core can
-  read the ``.idx``; its size is what its header's counts make; the document lengths are
+* ``cheap`` (``e2d2 data inspect``, and ``e2d2 pretrain`` at start-up): the ``.idx`` reads as
+  megatron-core's format; its size is what its header's counts make; the document lengths are
   positive and the sequence pointers and document indices consistent with them; the
   ``.bin`` holds exactly their tokens; the counts and dtype are the manifest's; the largest
   token id the manifest recorded fits the vocabulary (``id_bound``) and is no ``[MASK]``.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from e2d2.errors import UserError
 SPLITS = ("train", "valid")
 # megatron-core's .idx header: magic (9 bytes), version (8), dtype code (1), two counts (16)
 _IDX_HEADER_BYTES = 34
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+               7: np.float32, 8: np.uint16}  # megatron.core.datasets.indexed_dataset.DType
 _SCAN_TOKENS = 1 << 24  # tokens per chunk of the full scan (32-64 MiB)
 
 
@@ -62,16 +66,28 @@ def split_record(prefix: str | Path, dtype) -> dict:
 
 
 def _read_index(prefix: Path):
-    """``(dtype, sequence_lengths, sequence_pointers, document_indices)`` via megatron-core."""
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
+    """``(dtype, sequence_lengths, sequence_pointers, document_indices)`` of a megatron-core
+    ``.idx`` (version 1: magic, version, dtype code, the two counts, then the three arrays),
+    read with numpy: the start-up check runs on a login node without torch or megatron-core.
+    `tests/test_data_verify.py` checks this reader against megatron-core's own."""
     idx = Path(f"{prefix}.idx")
     try:
-        index = _IndexReader(str(idx), multimodal=False)
-        return (index.dtype, np.array(index.sequence_lengths), np.array(index.sequence_pointers),
-                np.array(index.document_indices))
-    except Exception as exc:  # noqa: BLE001 - any unreadable index is the same damage
-        raise DataError(f"{idx} is damaged: megatron-core cannot read it ({exc})") from None
+        with open(idx, "rb") as f:
+            header = f.read(_IDX_HEADER_BYTES)
+        if len(header) < _IDX_HEADER_BYTES or header[:9] != _IDX_MAGIC:
+            raise ValueError("not a megatron-core index (bad magic or short header)")
+        version, code, sequences, documents = struct.unpack("<QBQQ", header[9:])
+        if version != 1 or code not in _IDX_DTYPES:
+            raise ValueError(f"unknown index version {version} or dtype code {code}")
+        arrays, offset = [], _IDX_HEADER_BYTES
+        for dtype, count in ((np.int32, sequences), (np.int64, sequences), (np.int64, documents)):
+            arrays.append(np.fromfile(idx, dtype=dtype, count=count, offset=offset))
+            if len(arrays[-1]) != count:
+                raise ValueError(f"{idx.stat().st_size:,} bytes end inside its arrays")
+            offset += arrays[-1].nbytes
+        return (_IDX_DTYPES[code], *arrays)
+    except (OSError, ValueError, struct.error) as exc:
+        raise DataError(f"{idx} is damaged: it cannot be read as a megatron-core index ({exc})") from None
 
 
 def _check_index(prefix: Path) -> tuple[type, np.ndarray, int]:

@@ -1,4 +1,15 @@
-"""Configuration dataclasses. Every invalid combination raises one `ConfigError` at construction."""
+"""Configuration dataclasses. Every invalid combination raises one `ConfigError` at construction.
+
+| dataclass | what |
+| --- | --- |
+| `ModelConfig` | architecture and variant |
+| `DiffusionConfig` | noise schedule and loss weighting |
+| `TrainConfig` | optimizer, schedule, batch sizes, evaluation |
+| `SamplerConfig` | how to sample (`e2d2.sampling`) |
+
+This module imports no torch (nor does anything it imports): the command line validates a
+run config and answers ``--help`` without waiting seconds for it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from e2d2.errors import require
+from e2d2.errors import ConfigError, require
 from e2d2.variants import PLANS, VariantPlan
 
 Variant = Literal["e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar"]
@@ -167,3 +178,133 @@ class DiffusionConfig:
         from e2d2.noise import get_schedule
 
         get_schedule(self.schedule, **self.schedule_kwargs)  # validates the kwargs now
+
+
+LR_DECAY_STYLES: tuple[str, ...] = ("cosine", "linear", "constant")
+# Training precision of the megatron engine (megatron_ext.layout.ParallelConfig.precision);
+# this module's single-process trainer always runs fp32.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer and loop settings (defaults follow the paper: Adam(0.9, 0.98), clip 1.0).
+
+    ``batch_size`` is the global batch in sequences: ``micro_batch_size x gradient
+    accumulation x data-parallel size`` in the megatron engine (``micro_batch_size`` unset
+    means no accumulation). The learning rate warms up linearly for ``warmup_steps``, then
+    follows ``lr_decay`` down to ``min_lr_ratio x lr`` at ``steps``. ``ema_decay`` > 0 keeps
+    an exponential moving average of the weights (the paper uses 0.9999), used for
+    evaluation and export. ``max_consecutive_skips`` non-finite steps in a row abort a run.
+    ``precision`` (``PRECISIONS``) is the engine's: fp32, bf16 mixed precision (fp32 main
+    parameters and gradients), or fp8 (bf16 plus FP8 linears, needs Transformer Engine).
+    """
+
+    steps: int = 600
+    batch_size: int = 32
+    micro_batch_size: int | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    lr_decay: str = "cosine"
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    eval_draws: int = 2
+    max_consecutive_skips: int = 5
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
+        require(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
+                f"micro_batch_size={self.micro_batch_size} must be in 1..batch_size={self.batch_size}")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.lr_decay in LR_DECAY_STYLES,
+                f"unknown lr_decay {self.lr_decay!r}; choose one of {LR_DECAY_STYLES}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"betas must be two numbers in [0, 1), got {self.betas}")
+        require(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
+        require(self.eval_every > 0, "eval_every must be positive")
+        require(self.eval_batches > 0 and self.eval_draws > 0, "eval_batches and eval_draws must be positive")
+        require(self.max_consecutive_skips > 0, "max_consecutive_skips must be positive")
+        require(self.precision in PRECISIONS,
+                f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+
+
+STRATEGIES: tuple[str, ...] = ("ancestral", "first_hitting", "topk", "topk_margin", "threshold")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample.
+
+    * ``strategy``: ``ancestral`` (posterior of the masked process), ``first_hitting`` (one
+      token per step; ``steps`` does not apply), ``topk`` / ``topk_margin`` (reveal the most
+      confident tokens, as many as the schedule says), ``threshold`` (reveal every token whose
+      probability exceeds ``threshold``, at least one per step). AR models ignore it.
+    * ``steps``: denoising steps per block; the last one reveals whatever is still masked.
+    * ``schedule``: noise schedule that places the step times (`e2d2.noise`) on the grid
+      ``1 = t_0 > ... > t_steps = min_t``. ``min_t`` (in ``[0, 1)``) is the last step's time.
+    * ``temperature``: 0 means greedy (argmax values); otherwise logits are divided by it.
+    * ``top_p``: nucleus filtering: values are drawn from the smallest set of tokens whose
+      probability reaches ``top_p`` (1 = off); confidences still read the model's unfiltered
+      probabilities (filtered, every kept-alone token would have confidence 1).
+    * ``eos_token_id``: a row stops after the block in which it generates this token;
+      positions after its first EOS are filled with EOS.
+    * ``stop_strings``: a row also stops once its decoded completion contains one of them
+      (``sample`` then needs ``decode``); it ends with the token that completes the string.
+    * ``use_cache``: False recomputes the full forward over the whole prefix at every step
+      (the reference the KV cache is tested against).
+    * ``block_size``: block size at inference (E2D2 and BD3-LM; None = the trained one).
+    * ``sliding_window``: generate past ``seq_length`` by dropping the oldest cached blocks
+      (needs ``use_cache``; E2D2 and BD3-LM).
+    """
+
+    strategy: str = "ancestral"
+    steps: int = 16
+    schedule: str = "linear"
+    temperature: float = 1.0
+    threshold: float = 0.9
+    max_new_tokens: int = 64
+    eos_token_id: int | None = None
+    use_cache: bool = True
+    top_p: float = 1.0
+    min_t: float = 0.0
+    stop_strings: tuple[str, ...] = ()
+    block_size: int | None = None
+    sliding_window: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ConfigError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))  # YAML gives a list
+        checks = (
+            (self.strategy in STRATEGIES,
+             f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}"),
+            (self.schedule in SCHEDULES,
+             f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.temperature >= 0,
+             f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (0.0 <= self.threshold < 1.0, f"threshold must be in [0, 1), got {self.threshold}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.eos_token_id is None or self.eos_token_id >= 0,
+             f"eos_token_id must be a token id >= 0, got {self.eos_token_id}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
+            (0.0 <= self.min_t < 1.0, f"min_t must be in [0, 1), got {self.min_t}"),
+            (self.block_size is None or self.block_size >= 1,
+             f"block_size must be >= 1 (or unset for the trained one), got {self.block_size}"),
+            (not (self.sliding_window and not self.use_cache),
+             "sliding_window drops cached blocks: it needs use_cache=True"),
+        )
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)

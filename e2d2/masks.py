@@ -52,11 +52,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported where a mask is built, not here: the variants' plans, and with them the
+# run configs, import this module, and the command line validates a config without torch.
+if TYPE_CHECKING:
+    import torch
 
-Rule = Callable[[torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]  # (q, k, L, S, shift)
-MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    Rule = Callable[[torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]  # (q, k, L, S, shift)
+    MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ``shift`` (0 or 1) is added to a position before its block is taken wherever the query is
@@ -69,7 +73,7 @@ def _e2d2_decoder_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int, shift: 
     clean_key = k < L
     qb, kb = (q + shift) // S, (k % L + shift) // S
     # offset block-causal to the clean part, block-diagonal to the noisy part
-    return torch.where(clean_key, kb < qb, kb == qb)
+    return (kb < qb).where(clean_key, kb == qb)
 
 
 def _bd3lm_rule(q: torch.Tensor, k: torch.Tensor, L: int, S: int, shift: int) -> torch.Tensor:
@@ -144,6 +148,8 @@ class AttentionMask:
     ) -> MaskMod:
         """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``; context/padding are ``[B, L]``.
         ``device``: where the indices will live (the annealing threshold is a tensor there)."""
+        import torch
+
         L, S = seq_len, block_size
         ctx = None if context is None or not self.bidirectional_context else _as_batch(context)
         pad = None if padding is None else _as_batch(padding)
@@ -159,7 +165,7 @@ class AttentionMask:
             if ctx is not None:
                 q_ctx = ((q // L + self.query_stream0) == 0) & ctx[b, q_pos]  # clean context query
                 k_ctx = (k < L) & ctx[b, k_pos]  # clean context key
-                allowed = torch.where(q_ctx, k_ctx, allowed)
+                allowed = k_ctx.where(q_ctx, allowed)
             if pad is not None:
                 own_key = k == q + self.self_key_offset * L
                 allowed = (allowed & pad[b, k_pos]) | (~pad[b, q_pos] & own_key)
@@ -181,6 +187,8 @@ class AttentionMask:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """``bool[Lq, Lk]``, or ``bool[B, Lq, Lk]`` when context/padding are given."""
+        import torch
+
         lq, lk = self.shape(seq_len)
         batched = context is not None or padding is not None
         q = torch.arange(lq, device=device).view(1, lq, 1)

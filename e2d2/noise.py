@@ -3,6 +3,9 @@
 ``alpha`` is the probability that a token is still clean at time ``t``; it is
 monotone decreasing with ``alpha(0) ~ 1`` and ``alpha(1) ~ 0``. ``alpha'`` is the
 exact derivative with respect to ``t`` (tests compare it to finite differences).
+
+The schedules are written with tensor methods, so that the run configs (which build one to
+validate its arguments) import this module without torch.
 """
 
 from __future__ import annotations
@@ -10,18 +13,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from e2d2.errors import ConfigError
 
-Schedule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+Schedule = Callable[["torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
 class Linear:
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return 1.0 - t, -torch.ones_like(t)
+        return 1.0 - t, -t.new_ones(t.shape)
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class Cosine:
 
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         half_pi = math.pi / 2
-        return (1 - self.eps) * torch.cos(half_pi * t), -(1 - self.eps) * half_pi * torch.sin(half_pi * t)
+        return (1 - self.eps) * (half_pi * t).cos(), -(1 - self.eps) * half_pi * (half_pi * t).sin()
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class Exponential:
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tk = t.pow(self.k)
         alpha = 1.0 - tk.clamp(min=self.eps)
-        alpha_prime = torch.where(tk > self.eps, -self.k * t.pow(self.k - 1), torch.zeros_like(t))
+        alpha_prime = (-self.k * t.pow(self.k - 1)).where(tk > self.eps, t.new_zeros(t.shape))
         return alpha, alpha_prime
 
 
@@ -55,7 +60,7 @@ class Exponential:
 class Logarithmic:
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log2 = math.log(2.0)
-        return 1.0 - torch.log1p(t) / log2, -1.0 / (log2 * (1.0 + t))
+        return 1.0 - t.log1p() / log2, -1.0 / (log2 * (1.0 + t))
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class ClippedLinear:
 
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.beta_max - self.beta_min
-        return 1.0 - (self.beta_min + width * t), torch.full_like(t, -width)
+        return 1.0 - (self.beta_min + width * t), t.new_full(t.shape, -width)
 
 
 _SCHEDULES: dict[str, type] = {

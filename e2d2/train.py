@@ -15,67 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from e2d2.config import TrainConfig
 from e2d2.diffusion import DiffusionObjective
 from e2d2.errors import require
 from e2d2.evaluate import NelboResult, evaluate_nelbo
-
-LR_DECAY_STYLES: tuple[str, ...] = ("cosine", "linear", "constant")
-# Training precision of the megatron engine (megatron_ext.layout.ParallelConfig.precision);
-# this module's single-process trainer always runs fp32.
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimizer and loop settings (defaults follow the paper: Adam(0.9, 0.98), clip 1.0).
-
-    ``batch_size`` is the global batch in sequences: ``micro_batch_size x gradient
-    accumulation x data-parallel size`` in the megatron engine (``micro_batch_size`` unset
-    means no accumulation). The learning rate warms up linearly for ``warmup_steps``, then
-    follows ``lr_decay`` down to ``min_lr_ratio x lr`` at ``steps``. ``ema_decay`` > 0 keeps
-    an exponential moving average of the weights (the paper uses 0.9999), used for
-    evaluation and export. ``max_consecutive_skips`` non-finite steps in a row abort a run.
-    ``precision`` (``PRECISIONS``) is the engine's: fp32, bf16 mixed precision (fp32 main
-    parameters and gradients), or fp8 (bf16 plus FP8 linears, needs Transformer Engine).
-    """
-
-    steps: int = 600
-    batch_size: int = 32
-    micro_batch_size: int | None = None
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    lr_decay: str = "cosine"
-    weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0
-    eval_every: int = 100
-    eval_batches: int = 4
-    eval_draws: int = 2
-    max_consecutive_skips: int = 5
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        require(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
-        require(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
-                f"micro_batch_size={self.micro_batch_size} must be in 1..batch_size={self.batch_size}")
-        require(self.lr > 0, f"lr must be positive, got {self.lr}")
-        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        require(self.lr_decay in LR_DECAY_STYLES,
-                f"unknown lr_decay {self.lr_decay!r}; choose one of {LR_DECAY_STYLES}")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                f"betas must be two numbers in [0, 1), got {self.betas}")
-        require(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
-        require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
-        require(self.eval_every > 0, "eval_every must be positive")
-        require(self.eval_batches > 0 and self.eval_draws > 0, "eval_batches and eval_draws must be positive")
-        require(self.max_consecutive_skips > 0, "max_consecutive_skips must be positive")
-        require(self.precision in PRECISIONS,
-                f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
 
 
 @dataclass

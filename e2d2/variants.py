@@ -15,11 +15,12 @@ reads them concatenated along the sequence, each at positions ``0..L-1``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from e2d2.masks import AR, BD3LM, E2D2_DECODER, E2D2_ENCODER, MDLM, AttentionMask
+
+if TYPE_CHECKING:  # the run configs read the plans without torch
+    import torch
 
 Stream = Literal["clean", "noisy"]
 # Where each E2D2 decoder layer's clean keys come from: its own K/V projection of the
@@ -81,13 +82,14 @@ class VariantPlan:
 
     def main_tokens(self, x0: torch.Tensor, noisy: torch.Tensor | None) -> torch.Tensor:
         """The main stack's tokens ``[batch, len(main_streams) * L]``."""
+        import torch
+
         streams = [x0 if s == "clean" else noisy for s in self.main_streams]
         return streams[0] if len(streams) == 1 else torch.cat(streams, 1)
 
     def main_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Positions ``[len(main_streams) * L]`` of the main stack's tokens (each stream restarts)."""
-        n = len(self.main_streams)
-        return positions if n == 1 else torch.cat([positions] * n)
+        return positions.repeat(len(self.main_streams))
 
     def predicted(self, L: int) -> slice:
         """The main stack's outputs that are predictions, without a decoder: its last stream."""

@@ -6,6 +6,7 @@
   and a directory named ``iter_*`` without a suffix is always complete.
 * Each iteration directory holds megatron's dist_checkpointing files (see
   ``megatron_ext.checkpoint``) and a plain ``config.yaml``, the resolved run config.
+  The names and how a path resolves to a checkpoint: `launchers.checkpoint_dirs`.
 * ``keep`` newest checkpoints are kept; older ones are deleted after ``latest`` moves on.
 * Resume (``load``) tries ``latest`` first, then older complete checkpoints, newest first,
   saying which one it falls back to and why.
@@ -18,7 +19,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import sys
@@ -30,51 +30,18 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from e2d2.errors import UserError
+from launchers.checkpoint_dirs import (
+    ABANDONED,
+    ITER_DIR,
+    LATEST,
+    checkpoint_step,
+    complete_checkpoints,
+    iteration_dir,
+    latest_checkpoint,
+)
 from launchers.config import RunConfig, save_run_config
 from megatron_ext import checkpoint as engine_checkpoint
 from megatron_ext.groups import any_rank
-
-ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-LATEST = "latest"
-ABANDONED = "abandoned"
-
-
-def iteration_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(ITER_DIR.match(path.name).group(1))
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete iteration directories under ``root``, newest (highest step) first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and ITER_DIR.match(p.name)]
-    return sorted(found, key=checkpoint_step, reverse=True)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The directory ``latest`` names (None when there is none)."""
-    latest = root / LATEST
-    if not latest.is_file():
-        return None
-    return root / latest.read_text().strip()
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """An iteration directory from an iteration directory, a ``checkpoints`` directory or a
-    run directory (its ``latest``)."""
-    path = Path(path)
-    for root in (path, path / "checkpoints"):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            return latest
-    if (path / "metadata.json").is_file():
-        return path
-    raise UserError(f"{path} is neither a checkpoint (iter_* directory with metadata.json) nor "
-                    "a run directory with checkpoints/latest")
 
 
 def _is_rank0() -> bool:

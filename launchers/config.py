@@ -6,8 +6,8 @@ Sections and their dataclasses:
 | --- | --- | --- |
 | ``model`` | `e2d2.config.ModelConfig` | architecture and variant |
 | ``diffusion`` | `e2d2.config.DiffusionConfig` | noise schedule and loss weighting |
-| ``train`` | `e2d2.train.TrainConfig` | optimizer, schedule, batch sizes, evaluation |
-| ``sampler`` | `e2d2.sampling.SamplerConfig` | sampling defaults (``e2d2 sample``, export) |
+| ``train`` | `e2d2.config.TrainConfig` | optimizer, schedule, batch sizes, evaluation |
+| ``sampler`` | `e2d2.config.SamplerConfig` | sampling defaults (``e2d2 sample``, export) |
 | ``parallel`` | `ParallelSection` | TP / PP / encoder stages / ... (DP comes from the world size) |
 | ``run`` | `RunSection` | run directory and seed |
 | ``data`` | `DataSection` | preprocessed data directories and blend weights |
@@ -30,10 +30,8 @@ from typing import Any
 
 import yaml
 
-from e2d2.config import DiffusionConfig, ModelConfig
+from e2d2.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
 from e2d2.errors import ConfigError, require
-from e2d2.sampling import SamplerConfig
-from e2d2.train import TrainConfig
 from megatron_ext.layout import ParallelConfig
 
 AUTO = "auto"  # parallel.encoder_pipeline_stages: the FLOPs-balanced split

@@ -7,6 +7,8 @@ settings default to the run's ``sampler`` section; every ``SamplerConfig`` field
 (``--top-p``, ``--stop``, ``--sliding-window``, ...; docs/sampling.md). Each sample is printed
 under a numbered header line; ``--json`` prints one object per sample instead:
 ``{"sample", "seed", "prompt", "tokens" (the generated ids), "text" (their decoding)}``.
+
+torch is imported once the flags and the config are checked (``--help`` answers at once).
 """
 
 from __future__ import annotations
@@ -18,10 +20,8 @@ import types
 import typing
 from pathlib import Path
 
-import torch
-
+from e2d2.config import SamplerConfig
 from e2d2.errors import UserError
-from e2d2.sampling import SamplerConfig
 
 # Command-line names besides the field's own (``--stop-strings``).
 FLAG_ALIASES = {"stop_strings": ("--stop",)}
@@ -94,6 +94,8 @@ def run_tokenizer(cfg, checkpoint: Path):
 def load_reference_model(checkpoint: Path, ema: bool = False):
     """``(RunConfig, DiffusionLM)`` from an iteration directory, on this process (a gloo world
     of one is created if torch.distributed is not initialized)."""
+    import torch
+
     from e2d2.model import DiffusionLM
     from launchers.config import load_run_config
     from launchers.world import init_world, world_of_one
@@ -115,8 +117,7 @@ def load_reference_model(checkpoint: Path, ema: bool = False):
 
 
 def _command(args: argparse.Namespace) -> int:
-    from e2d2.sampling import sample_prompts
-    from launchers.checkpointing import resolve_checkpoint
+    from launchers.checkpoint_dirs import resolve_checkpoint
     from launchers.config import load_run_config
 
     if args.batch_size < 1:
@@ -124,6 +125,8 @@ def _command(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     # A bad flag fails here, before the weights are read.
     sampler = dataclasses.replace(load_run_config(checkpoint / "config.yaml").sampler, **sampler_overrides(args))
+    from e2d2.sampling import sample_prompts
+
     cfg, model = load_reference_model(checkpoint, args.ema)
     tokenizer = run_tokenizer(cfg, checkpoint)
     if sampler.eos_token_id is None:

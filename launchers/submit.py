@@ -220,7 +220,7 @@ def validate_layout(cfg: RunConfig, world_size: int, source: str) -> None:
 
 def validate_data(cfgs: Sequence[RunConfig]) -> None:
     """The data directories (and tokenizer/vocabulary fit) the runs will read, checked once."""
-    from launchers.data import load_run_tokenizer
+    from launchers.inputs import load_run_tokenizer
 
     seen = set()
     for cfg in cfgs:

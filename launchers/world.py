@@ -222,9 +222,13 @@ def init_world(world: World | None = None, timeout_s: float = 300.0) -> World:
     world = world or discover_world()
     if world.source == "single":
         print(f"e2d2: {single_reason()}", file=sys.stderr)
-    os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size),
-                      LOCAL_RANK=str(world.local_rank), MASTER_ADDR=world.master_addr,
-                      MASTER_PORT=str(world.master_port))
+    if world.world_size > 1:
+        # torch's env:// rendezvous reads them. A world of one leaves the environment as it
+        # found it: a process that later starts srun or mpirun must not hand its children a
+        # torchrun world of one, which would win over their own launcher's variables.
+        os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size),
+                          LOCAL_RANK=str(world.local_rank), MASTER_ADDR=world.master_addr,
+                          MASTER_PORT=str(world.master_port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         count = torch.cuda.device_count()

@@ -34,9 +34,8 @@ import importlib.util
 from dataclasses import dataclass
 
 from e2d2 import flops
-from e2d2.config import ModelConfig
+from e2d2.config import PRECISIONS, ModelConfig
 from e2d2.errors import ConfigError
-from e2d2.train import PRECISIONS
 
 # megatron-core's TransformerConfig.fp8_recipe values ("custom" needs a quantizer factory: not offered).
 FP8_RECIPES: tuple[str, ...] = ("delayed", "tensorwise", "mxfp8", "blockwise")

@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from e2d2.train import TrainConfig
+from e2d2.config import TrainConfig
 from megatron_ext.groups import any_rank, collective_device
 from megatron_ext.layout import ParallelConfig
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pretrain_helpers import make_data_dir, write_config
 
 from launchers.cli import COMMANDS, build_parser, parse_args
 
@@ -37,25 +38,58 @@ def test_every_command_registers_under_its_name():
     assert set(choices) == set(COMMANDS)
 
 
-# Help answers without importing torch or megatron (checked in a fresh interpreter through
-# sys.modules, which cannot be flaky as a timing would be).
+# Help, a dry run, the sweep's status and bad input answer without importing torch or
+# megatron-core (checked in a fresh interpreter through sys.modules, which cannot be flaky as
+# a timing would be); the exit code shows the case reached its answer.
 _PROBE = """
 import contextlib, io, json, sys
 from launchers.cli import main
-with contextlib.redirect_stdout(io.StringIO()):
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
     try:
-        main(sys.argv[1:])
-    except SystemExit:
-        pass
-print(json.dumps(sorted(m for m in ("torch", "megatron.core") if m in sys.modules)))
+        code = main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+print(json.dumps([code, sorted(m for m in ("torch", "megatron.core") if m in sys.modules)]))
 """
+HELP = [["--help"], *([name, "--help"] for name in COMMANDS if name != "lm-eval"),
+        ["sweep", "status", "--help"]]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["submit", "--help"], ["sweep", "--help"],
-                                  ["data", "--help"], ["demo", "--help"], ["export-hf", "--help"],
-                                  ["import-hf", "--help"]])
-def test_help_imports_neither_torch_nor_megatron(argv):
-    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    data = make_data_dir(tmp_path_factory.mktemp("data"), documents=40)
+    return write_config(tmp_path_factory.mktemp("config") / "tiny.yaml", data={"path": str(data)})
+
+
+def _probe(argv: list[str], cwd: Path = ROOT) -> tuple[int, list[str]]:
+    done = subprocess.run([sys.executable, "-c", _PROBE, *map(str, argv)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    code, modules = json.loads(done.stdout.splitlines()[-1])
+    return code, modules
+
+
+@pytest.mark.parametrize("argv", HELP, ids=" ".join)
+def test_help_imports_neither_torch_nor_megatron(argv):
+    assert _probe(argv) == (0, [])
+
+
+def test_a_dry_run_and_the_sweep_status_import_neither_torch_nor_megatron(tiny, tmp_path):
+    # PP2 picks the encoder stages by the FLOPs balance, counted in closed form
+    assert _probe(["submit", tiny, "parallel.pipeline_parallel=2", "--nodes", "1",
+                   "--gpus-per-node", "2", "--dry-run"]) == (0, [])
+    spec = ROOT / "configs/sweeps/decoder-depth-owt-h100.yaml"
+    assert _probe(["sweep", "status", spec], cwd=tmp_path) == (0, [])
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "{tiny}", "model.hidden_size=-1"],
+    ["pretrain", "{tiny}", "model.no_such_key=1", "--nproc-per-node", "2"],
+    ["profile", "{tiny}", "train.lr=-1"],
+    ["submit", "{tiny}", "parallel.pipeline_parallel=5", "--dry-run"],
+    ["sample", "/no/such/run", "--prompt", "x"],
+    ["eval", "/no/such/run", "--data", "x"],
+    ["export-hf", "/no/such/run", "out"],
+], ids=" ".join)
+def test_bad_input_is_refused_without_torch_or_megatron(tiny, argv):
+    assert _probe([word.format(tiny=tiny) for word in argv]) == (2, [])

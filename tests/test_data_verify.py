@@ -14,11 +14,11 @@ import pytest
 from pretrain_helpers import TINY, run_pretrain, write_config
 
 from data_tools.corpus import iter_documents
-from data_tools.verify import DataError, file_sha256
+from data_tools.verify import DataError, _read_index, file_sha256
 from e2d2.errors import UserError
 from launchers.cli import main as e2d2_main
 from launchers.config import run_config_from_dict
-from launchers.data import load_run_tokenizer
+from launchers.inputs import load_run_tokenizer
 
 VOCAB = 260  # the bytes tokenizer's: ids 0-258 and [MASK] 259
 
@@ -73,13 +73,29 @@ def test_the_manifest_records_checksums_and_the_largest_id(clean, capsys):
     assert "note:" not in out
 
 
+def test_the_index_reader_reads_what_megatron_core_reads(clean):
+    # The check reads .idx files with numpy (no torch on a login node): the same arrays as
+    # megatron-core's own reader, or its format changed under us.
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    for split in ("train", "valid"):
+        theirs = _IndexReader(str(clean / f"{split}.idx"), multimodal=False)
+        dtype, lengths, pointers, documents = _read_index(clean / split)
+        assert dtype is theirs.dtype
+        for ours, their in ((lengths, theirs.sequence_lengths), (pointers, theirs.sequence_pointers),
+                            (documents, theirs.document_indices)):
+            assert ours.dtype == their.dtype and np.array_equal(ours, their)
+
+
 @pytest.mark.parametrize(("damage", "named"), [
     (lambda d: os.truncate(d / "train.bin", (d / "train.bin").stat().st_size - 10),
      "train.bin is damaged: "),
     (lambda d: write_at(d / "train.idx", 34 + 8, (-65219).to_bytes(4, "little", signed=True)),
      "train.idx is damaged: document 2 has length -65219"),
     (lambda d: os.truncate(d / "train.idx", (d / "train.idx").stat().st_size - 20),
-     "train.idx is damaged: megatron-core cannot read it"),
+     "train.idx is damaged: it cannot be read as a megatron-core index"),
+    (lambda d: write_at(d / "valid.idx", 0, b"NOTANIDX"),
+     "valid.idx is damaged: it cannot be read as a megatron-core index (not a megatron-core"),
     (lambda d: (d / "valid.idx").write_bytes((d / "valid.idx").read_bytes() + b"\0" * 8),
      "valid.idx is damaged: "),
     (lambda d: edit_manifest(d, lambda m: m["train"].update(tokens=m["train"]["tokens"] + 1)),

@@ -176,7 +176,7 @@ def test_config_card_and_generation_config(runs, tmp_path):
 
 def _normalized(tree: ast.Module, modules: dict[str, str]) -> str:
     """The AST with the export's relative imports turned back into ``e2d2`` imports
-    (``modules``: shipped file stem -> module, ``e2d2_sampling_config`` -> ``e2d2.sampling.config``)."""
+    (``modules``: shipped file stem -> module, ``e2d2_sampling_api`` -> ``e2d2.sampling.api``)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             node.level, node.module = 0, modules[node.module]

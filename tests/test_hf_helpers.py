@@ -15,9 +15,10 @@ from packaging.requirements import Requirement
 
 from e2d2.config import ModelConfig
 from e2d2.model import DiffusionLM
+from launchers.checkpoint_dirs import locate
 from launchers.checkpointing import RunCheckpoints
 from launchers.config import run_config_from_dict, save_run_config
-from launchers.hf.checkpoints import TensorReader, locate, single_process_group
+from launchers.hf.checkpoints import TensorReader, single_process_group
 from megatron_ext.groups import megatron_layout
 from megatron_ext.layout import ParallelConfig
 from megatron_ext.mapping import load_reference_state, param_maps

@@ -12,7 +12,7 @@ from e2d2 import flops
 from e2d2.model import DiffusionLM
 from launchers.cli import main
 from launchers.config import load_run_config
-from launchers.profile import analytic_flops, profile
+from launchers.profiler import analytic_flops, profile
 
 OVERRIDES = ["model.seq_length=32", "train.micro_batch_size=2"]
 BATCH = 2
@@ -58,7 +58,7 @@ def test_table_has_the_attention_mlp_and_head_rows_and_deepspeed_agrees(cfg, mod
 
 
 def test_a_module_off_by_more_than_two_percent_is_flagged():
-    from launchers.profile import ProfileReport, Row
+    from launchers.profiler import ProfileReport, Row
 
     report = ProfileReport("t", [Row("a", 1, 103.0, 100.0, 0.1, 0.2), Row("b", 1, 101.0, 100.0, 0.1, None),
                                  Row("norm", 1, 5.0, 0.0, 0.1, None)])

@@ -6,10 +6,10 @@ import torch
 
 from data_tools.corpus import iter_documents
 from data_tools.tokenizer import load_tokenizer
-from e2d2.config import DiffusionConfig, ModelConfig
+from e2d2.config import DiffusionConfig, ModelConfig, TrainConfig
 from e2d2.diffusion import DiffusionObjective
 from e2d2.model import DiffusionLM
-from e2d2.train import TrainConfig, pack_documents, train
+from e2d2.train import pack_documents, train
 
 
 def test_tiny_e2d2_validation_nelbo_falls():

@@ -90,15 +90,30 @@ def test_inconsistent_variables_are_one_clear_error(env, fragment):
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
+def test_a_world_of_one_leaves_the_environment_as_it_found_it(monkeypatch):
+    # A process that starts a world of one in-process (e2d2 sample, eval, a test) and later
+    # launches srun or mpirun must not hand its children a torchrun world of one.
+    import torch
+
+    from launchers.world import init_world, world_of_one
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    init_world(world_of_one("local"))
+    try:
+        assert torch.distributed.get_world_size() == 1
+        assert dict(os.environ) == before
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install 'e2d2[mpi]')")
 def test_mpirun_ranks_find_rank_0_host_through_mpi4py():
     code = ("from launchers.world import discover_world; import socket; w = discover_world(); "
             "print(w.rank, w.world_size, w.source, w.master_addr == socket.gethostname())")
-    # without the torchrun variables an in-process world of one may have left in this process
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     done = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-c", code],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -45,8 +45,8 @@ Conventions and choices:
   semi-autoregressive generation of any length. Without it, a warning.
 """
 
+from e2d2.config import STRATEGIES, SamplerConfig
 from e2d2.sampling.api import sample, sample_prompts
-from e2d2.sampling.config import STRATEGIES, SamplerConfig
 from e2d2.sampling.distributions import Distribution, RowStreams, draw_dtype
 from e2d2.sampling.outputs import SampleOutput
 from e2d2.sampling.strategies import StepTimes, denoise_step, reveal_counts, step_times

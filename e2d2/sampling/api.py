@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from e2d2.config import SamplerConfig
 from e2d2.errors import ConfigError
 from e2d2.model import DiffusionLM
 from e2d2.sampling.ar import sample_ar
 from e2d2.sampling.blocks import sample_blocks, sample_mdlm
-from e2d2.sampling.config import SamplerConfig
 from e2d2.sampling.distributions import RowStreams
 from e2d2.sampling.outputs import SampleOutput
 

@@ -8,7 +8,7 @@ from functools import partial
 
 import torch
 
-from e2d2.sampling.config import SamplerConfig
+from e2d2.config import SamplerConfig
 from e2d2.sampling.distributions import Distribution, RowStreams
 from e2d2.sampling.strategies import StepTimes, denoise_step, reveal_counts
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from e2d2.config import SamplerConfig
 from e2d2.model import DiffusionLM, KVCache
-from e2d2.sampling.config import SamplerConfig
 from e2d2.sampling.outputs import stop_lengths
 
 

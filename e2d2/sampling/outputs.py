@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from e2d2.sampling.config import SamplerConfig
+from e2d2.config import SamplerConfig
 
 
 @dataclass

@@ -97,7 +97,7 @@ def load_pretrained(path: str, ema: bool = False):
         # The schedule does not change the NELBO's expectation (docs/eval.md), only its spread.
         objective = DiffusionObjective(cfg, DiffusionConfig())
         return model.float().eval(), objective, load_tokenizer(directory), sampler
-    from launchers.checkpointing import resolve_checkpoint
+    from launchers.checkpoint_dirs import resolve_checkpoint
     from launchers.sample import load_reference_model, run_tokenizer
 
     checkpoint = resolve_checkpoint(path)

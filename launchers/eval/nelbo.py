@@ -28,10 +28,12 @@ import os
 import re
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from e2d2.errors import UserError
+
+if TYPE_CHECKING:  # torch comes with the engine, after the arguments are checked
+    import torch
 
 _OVERRIDE = re.compile(r"^[a-z_]+\.[a-z_.]+=")
 
@@ -85,9 +87,9 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _setup(args):
+    from launchers.checkpoint_dirs import locate
     from launchers.config import identity_differences, load_run_config
-    from launchers.data import check_vocabulary
-    from launchers.hf.checkpoints import locate
+    from launchers.inputs import check_vocabulary
     from launchers.sample import run_tokenizer
 
     found = locate(args.checkpoint)
@@ -104,6 +106,8 @@ def _setup(args):
 
 def evaluate(args, found, cfg, tokenizer) -> int:
     """This rank's part of ``e2d2 eval`` (collective)."""
+    import torch
+
     from launchers.world import init_world
     from megatron_ext import cpu_compat
     from megatron_ext.training import enable_tf32
@@ -121,6 +125,8 @@ def evaluate(args, found, cfg, tokenizer) -> int:
 
 
 def _evaluate(args, found, cfg, tokenizer) -> dict | None:
+    import torch
+
     from e2d2.diffusion import DiffusionObjective
     from e2d2.evaluate import token_weighted_nelbo
     from launchers.eval.data import eval_rows
@@ -168,6 +174,7 @@ def engine_nats(chunks, objective, rows, draws: int, seed: int, micro_batch: int
     data-parallel rank runs micro-batches of ``micro_batch`` rows through megatron's schedule
     (``forward_only``); row ``i`` of draw ``d`` is noised by ``sample_generator(seed,
     EVAL_NOISE, d, i)``, as ``e2d2 pretrain`` noises its validation sample ``i``."""
+    import torch
     from megatron.core import parallel_state
     from tqdm.auto import tqdm
 

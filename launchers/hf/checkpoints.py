@@ -12,42 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from e2d2.config import ModelConfig
-from e2d2.errors import UserError
-from launchers.checkpointing import resolve_checkpoint
-from launchers.config import RunConfig, load_run_config
-
-CONFIG_NAME = "config.yaml"
-
-
-@dataclass(frozen=True)
-class TrainedCheckpoint:
-    """One iteration directory, its run directory (None for a lone checkpoint), its config."""
-
-    directory: Path
-    run_dir: Path | None
-    config: RunConfig
-
-
-def locate(path: str | Path) -> TrainedCheckpoint:
-    """A run directory (its ``checkpoints/latest``) or an iteration directory -> the checkpoint
-    and the run config saved with it (or, failing that, the run directory's)."""
-    directory = resolve_checkpoint(path)
-    if not (directory / "metadata.json").is_file():
-        raise UserError(f"{directory} is not a complete checkpoint (no metadata.json); pass "
-                        "an earlier iteration directory")
-    parent = directory.parent.parent
-    run_dir = parent if directory.parent.name == "checkpoints" else None
-    for candidate in (directory / CONFIG_NAME, None if run_dir is None else run_dir / CONFIG_NAME):
-        if candidate is not None and candidate.is_file():
-            return TrainedCheckpoint(directory, run_dir, load_run_config(candidate))
-    raise UserError(f"{directory} has no {CONFIG_NAME} (and no run directory with one): the "
-                    "model configuration is needed to read it")
 
 
 @contextlib.contextmanager

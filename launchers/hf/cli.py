@@ -7,6 +7,9 @@ import argparse
 
 
 def _export(args: argparse.Namespace) -> int:
+    from launchers.checkpoint_dirs import locate
+
+    locate(args.checkpoint)  # a wrong path fails at once, before torch and transformers load
     from launchers.hf.export import export_hf
 
     out = export_hf(args.checkpoint, args.output, args.max_shard_size, args.dtype, args.ema,
@@ -37,7 +40,7 @@ def register_export_hf(subparsers) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from launchers.hf.checkpoints import CONFIG_NAME
+    from launchers.checkpoint_dirs import CONFIG_NAME
     from launchers.hf.import_hf import import_hf
 
     out = import_hf(args.hf_dir, args.output, args.variant, args.decoder_layers, args.tie_decoder,

@@ -26,18 +26,12 @@ from typing import Any
 
 import torch
 
-from e2d2.config import ModelConfig
+from e2d2.config import ModelConfig, SamplerConfig
 from e2d2.errors import UserError
 from e2d2.model import DiffusionLM
-from e2d2.sampling import SamplerConfig
+from launchers.checkpoint_dirs import TrainedCheckpoint, locate
 from launchers.hf import model_card, remote_code
-from launchers.hf.checkpoints import (
-    TensorReader,
-    TrainedCheckpoint,
-    locate,
-    single_process_group,
-    tensor_mismatch,
-)
+from launchers.hf.checkpoints import TensorReader, single_process_group, tensor_mismatch
 from launchers.hf.staging import check_target, staged_directory
 from megatron_ext.checkpoint import EMA_PREFIX, MODEL_PREFIX
 

@@ -31,9 +31,10 @@ import torch
 
 from e2d2.config import VARIANTS, ModelConfig
 from e2d2.errors import ConfigError, UserError
+from launchers.checkpoint_dirs import CONFIG_NAME
 from launchers.config import run_config_from_dict, save_run_config
 from launchers.hf import param_mapping
-from launchers.hf.checkpoints import CONFIG_NAME, save_reference_weights
+from launchers.hf.checkpoints import save_reference_weights
 from launchers.hf.export import HF_PREFIX, check_tensors, reference_shapes
 from launchers.hf.staging import check_target, staged_directory
 

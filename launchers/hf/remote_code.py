@@ -2,8 +2,8 @@
 
 The shipped network and sampler are the reference code itself, not a hand-kept second
 copy: every ``e2d2`` module that ``e2d2.model`` and ``e2d2.sampling`` need is copied as
-``e2d2_{name}.py`` (a package's modules too: ``e2d2.sampling.config`` ->
-``e2d2_sampling_config.py``, its ``__init__`` -> ``e2d2_sampling.py``) with only its imports
+``e2d2_{name}.py`` (a package's modules too: ``e2d2.sampling.api`` ->
+``e2d2_sampling_api.py``, its ``__init__`` -> ``e2d2_sampling.py``) with only its imports
 of ``e2d2`` made relative (``from e2d2.masks import X`` -> ``from .e2d2_masks import X``;
 ``from e2d2 import masks`` is refused, because transformers copies only the modules named
 in ``from .x import`` lines), so the directory needs torch and transformers only. Two thin

@@ -18,8 +18,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from e2d2.config import ModelConfig
 
 BATCH, PROMPT_BLOCKS, NEW_BLOCKS, REPEATS = 4, 2, 8, 5
@@ -27,6 +25,8 @@ RESULT_FILE = "sampling.json"
 
 
 def sampling_benchmark(cfg: ModelConfig, device: str | None = None) -> dict:
+    import torch  # not at the top: `e2d2 sweep status` reads RESULT_FILE without torch
+
     from e2d2.model import DiffusionLM
     from e2d2.sampling import SamplerConfig, sample
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREFIX = Path(os.environ.get("E2D2_SLURM_PREFIX", "/tmp/e2d2-slurm-ci"))
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED",
           "SIGNALING", "STAGE_OUT", "RESIZING"}
@@ -34,12 +33,8 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment for SLURM clients (and, through sbatch, for the jobs), as a login
-        shell has it: without the torchrun variables that an in-process world of one
-        (``launchers.world.init_world``) leaves in this test process, which would otherwise
-        win over srun's SLURM_* variables in the jobs."""
-        shell = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-        return shell | {"SLURM_CONF": str(self.prefix / "etc" / "slurm.conf"),
+        """The environment for SLURM clients (and, through sbatch, for the jobs)."""
+        return os.environ | {"SLURM_CONF": str(self.prefix / "etc" / "slurm.conf"),
                         "OMP_NUM_THREADS": "1"}
 
     def run(self, *command: str, timeout: float = 60, check: bool = True,
