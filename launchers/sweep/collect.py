@@ -199,7 +199,7 @@ def add_paired_se(points: list[dict]) -> None:
     dof = (len(complete) - 1) * (len(seeds) - 1)
     for p in points:
         p["valid_nelbo_paired_se"] = float("nan")
-    if dof < 1:
+    if len(complete) < 2 or dof < 1:
         return
     table = np.array([[dict(zip(p["seeds"], p["runs"], strict=True))[k] for k in seeds]
                       for p in complete])  # [P, K]
@@ -229,6 +229,14 @@ def _fit_rows(fits: Sequence[analysis.ScalingFit]) -> list[dict]:
             for f in fits]
 
 
+def _named(rows: Sequence[dict], response: Metric) -> str:
+    """A table of the comparisons, whose ``valid_nelbo`` columns are named ``response`` when
+    they hold another metric."""
+    if response is not VALID_NELBO:
+        rows = [{k.replace("valid_nelbo", "response"): v for k, v in r.items()} for r in rows]
+    return _csv(rows, list(rows[0]) if rows else ["group"])
+
+
 def choose_metric(name: str, metrics: Sequence[Metric]) -> Metric:
     known = {m.name: m for m in (VALID_NELBO, *metrics)}
     if name not in known:
@@ -248,6 +256,9 @@ def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> 
     base = point_rows(runs, [m.name for m in metrics])
     extra = metric_columns(base, metrics)
     points = response_points(base, response)
+    if not points:
+        raise UserError(f"--metric {response.name}: no run has a value (its evaluations "
+                        f"failed: {'; '.join(failures)}); fix them or choose another metric")
     fits = analysis.fit_all(points, draws)
     reduced, validation = analysis.validate(points, draws)
     loss = VALID_NELBO if response.higher_is_better else response
@@ -276,8 +287,8 @@ def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> 
         "points.md": markdown(base, [*POINT_COLUMNS, *extra]),
         "fits.csv": _csv(fit_rows, fit_columns),
         "fits.json": json.dumps(fit_rows, indent=2) + "\n",
-        "best_depth.csv": _csv(best, list(best[0]) if best else ["group"]),
-        "baselines.csv": _csv(baselines, list(baselines[0]) if baselines else ["group"]),
+        "best_depth.csv": _named(best, response),
+        "baselines.csv": _named(baselines, response),
         "validation.csv": _csv(validation, ["point", "train_flops", "measured", "measured_se",
                                             "predicted", "predicted_ci_low",
                                             "predicted_ci_high", "error", "error_in_se"]),

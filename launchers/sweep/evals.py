@@ -170,7 +170,8 @@ def evaluate_runs(spec: SweepSpec, rows: list[dict]) -> tuple[list[Metric], list
     if not (evals.corpora or evals.tasks) or not rows:
         return [], [], 0
     check_data(evals)
-    metrics: dict[str, Metric] = {}
+    # a corpus's metric is known before it runs: a column even where every run failed
+    metrics = {c.metric: Metric(c.metric, False) for c in evals.corpora}
     failures, ran = [], 0
     for row in rows:
         run_dir, step = row["_point"].run_dir, row["steps"]
