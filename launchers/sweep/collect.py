@@ -1,23 +1,35 @@
-"""``e2d2 sweep collect``: the tables, fits, comparisons, plots and report of a sweep.
+"""``e2d2 sweep collect``: the eval metrics, tables, fits, comparisons, plots and report of a
+sweep.
 
-Writes into ``OUTPUT/results/`` (only runs whose saved config is the spec's current one:
-configurations are never mixed):
+First the spec's ``eval`` metrics of every finished run that lacks them (``evals.py``: run
+once, stored in the run directory, evaluated again only for a later step or changed
+settings). Writes into ``OUTPUT/results/`` (only runs whose saved config is the spec's
+current one: configurations are never mixed):
 
 * ``runs.csv``: one row per finished run (seed): its final validation NELBO and that
-  evaluation's standard error, parameters, tokens, training FLOPs (``e2d2.flops``) and
-  sampling tokens/s (median of the benchmark's repeats, and their spread);
+  evaluation's standard error, each eval metric ``<m>`` and its ``<m>_eval_se``,
+  parameters, tokens, training FLOPs (``e2d2.flops``) and sampling tokens/s (median of the
+  benchmark's repeats, and their spread);
 * ``points.csv`` / ``points.md``: one row per grid point (or baseline): the mean NELBO over
   its runs and its standard error (within-point variance pooled over the sweep's points:
   each point alone has seeds - 1 degrees of freedom; the evaluation's own standard error
   when every point has one run), its paired standard error against the points run with the
-  same seeds (``add_paired_se``), the analytic sampling FLOPs per generated token and the
-  measured sampling tokens/s with its spread over runs and repeats;
+  same seeds (``add_paired_se``), the same four numbers of each eval metric (``<m>``,
+  ``<m>_se``, ``<m>_paired_se``, ``<m>_eval_se``), the analytic sampling FLOPs per
+  generated token and the measured sampling tokens/s with its spread over runs and repeats;
 * ``best_depth.csv``, ``baselines.csv``: the best depth per budget only where it wins
   beyond noise, else the depths that tie; each baseline against E2D2's best;
 * ``fits.csv`` / ``fits.json``: the single-axis and joint fits (``fit.py``), each
   identified (estimate and 95% interval) or not (the reason, no numbers);
 * ``validation.csv``: leave-largest-out predictions; ``compute_optimal.csv``;
+* ``two_step.csv`` / ``two_step_fits.json`` (with an accuracy among the eval metrics):
+  OLMo's two-step prediction of each accuracy at the leave-largest-out points
+  (``analysis.two_step``) and the step-2 sigmoid fits;
 * PNG and PDF plots (``plots.py``) and ``report.md``, which says what is significant.
+
+The comparisons, fits and figures are of one *response*: the validation NELBO, or the
+metric ``--metric`` names (``response_points``; an accuracy as its error ``1 - acc``, so
+that lower is better everywhere); their tables then name it ``response``.
 """
 
 from __future__ import annotations
@@ -237,6 +249,13 @@ def _named(rows: Sequence[dict], response: Metric) -> str:
     return _csv(rows, list(rows[0]) if rows else ["group"])
 
 
+def is_accuracy(metric: Metric, runs: Sequence[dict]) -> bool:
+    """Higher is better and every run's value is within [0, 1]: step 2 of the two-step
+    prediction applies."""
+    values = [r[metric.name] for r in runs if np.isfinite(r[metric.name])]
+    return metric.higher_is_better and bool(values) and 0 <= min(values) <= max(values) <= 1
+
+
 def choose_metric(name: str, metrics: Sequence[Metric]) -> Metric:
     known = {m.name: m for m in (VALID_NELBO, *metrics)}
     if name not in known:
@@ -264,7 +283,7 @@ def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> 
     loss = VALID_NELBO if response.higher_is_better else response
     reduced_loss = reduced if loss is response else analysis.validate(base, draws)[0]
     two_step = [(m.name, *analysis.two_step(base, loss.name, m.name, reduced_loss, draws))
-                for m in metrics if m.higher_is_better]
+                for m in metrics if is_accuracy(m, runs)]
     joint = [f for f in fits if f.x == "joint"]
     # the sweep's smallest, middle and largest training FLOPs, and two beyond it
     spent = [p["train_flops"] for p in points if p["baseline"] is None]
