@@ -130,6 +130,9 @@ def test_the_shipped_example_specs_are_valid():
     assert [p.values["decoder_layers"] for p in spec.points] == [1, 2, 4]
     kjv = load_spec(ROOT / "configs" / "sweeps" / "decoder-depth-kjv.yaml")
     assert kjv.seeds == 2 and len(kjv.points) == (6 + 1) * 3 * 2
+    evals = load_spec(ROOT / "configs" / "sweeps" / "decoder-depth-eval-tiny.yaml").evals
+    assert [c.metric for c in evals.corpora] == ["kjv_held_nelbo"]
+    assert evals.tasks == ("kjv_cloze",)
 
 
 def test_jobs_needs_local(tmp_path, capsys):

@@ -11,6 +11,7 @@ with the same seeds); every choice below is made only on such differences.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -233,6 +234,9 @@ def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | No
     runs = [(losses[s], accs[s]) for losses, accs in pairs for s in losses
             if s in accs and np.isfinite(losses[s]) and np.isfinite(accs[s])]
     curve = fit_sigmoid([r[0] for r in runs], [r[1] for r in runs], draws)
+    if not kept:
+        curve = dataclasses.replace(curve, reason=f"every point is within {LEAVE_OUT_FACTOR}x "
+                                    "of the most training FLOPs (held out): none to fit on")
     rows = []
     for p in held:
         mine = [(s, v, e) for s, v, e in p["samples"][accuracy] if np.isfinite(v)]
