@@ -305,6 +305,8 @@ def test_collect_evaluates_a_real_run_once_and_again_when_its_step_or_the_spec_c
     monkeypatch.setenv("E2D2_TASK_PACK", str(tmp_path / "pack"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = make_data_dir(tmp_path, documents=120)
     eval_section = {"corpora": {"kjv": {"data": str(data), "max_sequences": 4, "draws": 1}},
                     "tasks": ["kjv_cloze"], "task_args": {"mc_draws": 1, "limit": 8}}
@@ -317,8 +319,8 @@ def test_collect_evaluates_a_real_run_once_and_again_when_its_step_or_the_spec_c
     run_benchmark(point.run_dir)
     commands = []
     real_run = evals._run
-    monkeypatch.setattr(evals, "_run", lambda command, env=None: (
-        commands.append(command[0]), real_run(command, env))[1])
+    monkeypatch.setattr(evals, "_run", lambda command: (commands.append(command[0]),
+                                                         real_run(command))[1])
 
     def collect(**changes):
         spec = yaml.safe_load(path.read_text())

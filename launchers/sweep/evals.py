@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -83,10 +82,10 @@ def check_data(evals: EvalSpec) -> None:
                                 "eval.corpora in the spec (paths are relative to the cwd)")
 
 
-def _run(command: list[str], env: dict | None = None) -> tuple[bool, str]:
-    """(ok, stdout or the last error line)."""
+def _run(command: list[str]) -> tuple[bool, str]:
+    """(ok, stdout or the last error line) of ``e2d2 COMMAND``."""
     done = subprocess.run([sys.executable, "-m", "launchers.cli", *command], text=True,
-                          capture_output=True, env=env)
+                          capture_output=True)
     if done.returncode == 0:
         return True, done.stdout
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -115,7 +114,7 @@ def _eval_corpus(run_dir: Path, evals: EvalSpec, corpus: Corpus) -> tuple[dict |
 def _eval_tasks(run_dir: Path, evals: EvalSpec, tasks: list[str]
                 ) -> tuple[dict[str, dict] | None, str]:
     args = dict(evals.task_args)
-    model_args = f"pretrained={run_dir},ema={str(evals.ema).lower()}"
+    model_args = f"pretrained={run_dir}" + (",ema=true" if evals.ema else "")
     if "mc_draws" in args:
         model_args += f",mc_draws={args['mc_draws']}"
     tmp = run_dir / ".sweep_lm_eval"
@@ -126,7 +125,7 @@ def _eval_tasks(run_dir: Path, evals: EvalSpec, tasks: list[str]
         if key in args:
             command += [f"--{key}", str(args[key])]
     try:
-        ok, out = _run(command, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+        ok, out = _run(command)
         if not ok:
             return None, out
         found = sorted(tmp.rglob("results_*.json"))
