@@ -279,7 +279,7 @@ def test_eval_metrics_from_the_cache_land_in_the_tables_and_any_metric_is_the_re
     assert all(r["loss_metric"] == "valid_nelbo" and r["note"] for r in two_step)
     report = (out / "report.md").read_text()
     assert "The response is **1 - kjv_cloze_acc (error)**" in report
-    assert "## Two-step prediction" in report
+    assert "## Two-step prediction" in report and "two_step_kjv_cloze_acc.png" in report
 
     assert main(["sweep", "collect", str(spec.path), "--draws", "100",
                  "--metric", "held_nelbo"]) == 0

@@ -127,7 +127,7 @@ def _ladder(rng, flat: bool = False, seeds: int = 4) -> list[dict]:
     return points
 
 
-def test_two_step_chain_recovers_a_known_sigmoid_and_covers_the_held_out_accuracy():
+def test_two_step_chain_recovers_a_known_sigmoid_and_covers_the_held_out_accuracy(tmp_path):
     """12 synthetic ladders: step 1 (the joint fit without the largest point) chained with
     step 2 (the sigmoid over the other runs) predicts the largest point's accuracy; the 95%
     intervals of the sigmoid's parameters and of the prediction cover the truth in most."""
@@ -149,6 +149,10 @@ def test_two_step_chain_recovers_a_known_sigmoid_and_covers_the_held_out_accurac
             lo, hi = curve.ci(name)
             params[name].append(lo <= value <= hi)
     assert np.mean(covered) >= 0.75, covered
+    from launchers.sweep.plots import two_step_plot
+
+    assert two_step_plot(tmp_path, points, "loss", "acc", curve, [row]) == "two_step_acc.png"
+    assert (tmp_path / "two_step_acc.png").read_bytes()[:4] == b"\x89PNG"
     assert all(np.mean(c) >= 0.75 for c in params.values()), params
 
 

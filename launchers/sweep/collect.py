@@ -323,6 +323,8 @@ def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> 
         write_text_atomic(out / name, text)
     label = response_label(response)
     images = plots.write_all(out, points, fits, analysis.FIT_AXES, label)
+    images += [plots.two_step_plot(out, base, loss.name, name, curve, rows)
+               for name, curve, rows in two_step]
     write_report(spec, out, points, runs, missing, fits, reduced, validation, optimal, best,
                  baselines, images, label=label, failures=failures, two_step=two_step,
                  loss=loss.name)

@@ -12,7 +12,8 @@ names (an accuracy as its error ``1 - acc``: lower is better on every figure).
 * ``pareto_sampling_flops``: the response against the analytic sampling FLOPs per generated token,
   the frontier (points no other beats beyond noise) of each budget joined;
 * ``pareto_tokens_per_s``: the response against measured sampling tokens/s, with its spread (±1 SD
-  over runs and repeats) as x error bars; no frontier is drawn on a noisy measurement.
+  over runs and repeats) as x error bars; no frontier is drawn on a noisy measurement;
+* ``two_step_<accuracy>``: step 2 of the two-step prediction (``two_step_plot``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from launchers.sweep.analysis import ScalingFit, Z, pareto
+from launchers.sweep.fit import Fit
 
 NELBO = "validation NELBO (nats/token)"
 ERRORBARS = f"error bars ±{Z:g} SE (paired by seed where every seed ran)"
@@ -204,6 +206,45 @@ def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, ste
     ax.set_title(f"{ERRORBARS}; squares: baselines\n{note}", fontsize=9)
     _legend_below(ax)
     return _save(fig, out, stem)
+
+
+def two_step_plot(out: Path, points: Sequence[dict], loss: str, accuracy: str, curve: Fit,
+                  rows: Sequence[dict]) -> str:
+    """Step 2 of the two-step prediction: every run's accuracy against its loss (the fitted
+    points' runs as circles, the held-out ones' as squares), the sigmoid with its 95% band if
+    it is identified, and each held-out point's chained prediction (at the predicted loss,
+    with its interval)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    held = {r["point"] for r in rows}
+    xs = []
+    for mine, marker, label in ((False, "o", "fitted runs"), (True, "s", "held-out runs")):
+        pairs = [(dict((s, v) for s, v, _ in p["samples"][loss]), s, v)
+                 for p in points if p["baseline"] is None and (p["point"] in held) == mine
+                 for s, v, _ in p["samples"][accuracy]]
+        x, y = zip(*[(losses[s], v) for losses, s, v in pairs if s in losses], strict=True) \
+            if pairs else ((), ())
+        xs += x
+        ax.plot(x, y, marker, color="C1" if mine else "C0", ms=4, label=label, alpha=0.8)
+    if curve.identified and xs:
+        grid = np.linspace(min(xs), max(xs), 200)
+        ax.plot(grid, curve.predict(grid), color="C0", lw=1.2)
+        lo, hi = np.percentile(curve.predict_draws(grid), [2.5, 97.5], axis=0)
+        ax.fill_between(grid, lo, hi, color="C0", alpha=0.2, lw=0)
+    chained = [r for r in rows if "predicted" in r]
+    if chained:
+        ax.errorbar([r["predicted_loss"] for r in chained], [r["predicted"] for r in chained],
+                    yerr=[[r["predicted"] - r["predicted_ci_low"] for r in chained],
+                          [r["predicted_ci_high"] - r["predicted"] for r in chained]],
+                    fmt="D", color="C3", capsize=3, label="chained prediction, 95%")
+    verdict = "identified: fit and 95% band" if curve.identified else \
+        f"not identified: {curve.reason}"
+    ax.set_xlabel(f"{loss} (per run)")
+    ax.set_ylabel(accuracy)
+    ax.set_title(f"step 2: {accuracy} = b + a / (1 + exp(k ({loss} - L0)))\n{verdict}",
+                 fontsize=8)
+    _legend_below(ax)
+    return _save(fig, out, f"two_step_{accuracy}")
 
 
 def write_all(out: Path, points: list[dict], fits: list[ScalingFit],
