@@ -213,7 +213,7 @@ def compute_optimal(points: Sequence[dict], joint: Fit, budgets: Sequence[float]
     return rows
 
 
-def _pm_interval(values: np.ndarray) -> tuple[float, float]:
+def _interval95(values: np.ndarray) -> tuple[float, float]:
     lo, hi = np.percentile(values, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -234,7 +234,7 @@ def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | No
     runs = [(losses[s], accs[s]) for losses, accs in pairs for s in losses
             if s in accs and np.isfinite(losses[s]) and np.isfinite(accs[s])]
     curve = fit_sigmoid([r[0] for r in runs], [r[1] for r in runs], draws)
-    if not kept:
+    if not kept:  # name the reason rather than "0 runs"
         curve = dataclasses.replace(curve, reason=f"every point is within {LEAVE_OUT_FACTOR}x "
                                     "of the most training FLOPs (held out): none to fit on")
     rows = []
@@ -244,8 +244,11 @@ def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | No
         if not mine or not losses:
             continue
         values = [v for _, v, _ in mine]
-        se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 \
-            else float(np.mean([e for _, _, e in mine]))
+        # every run answers the same items: their sampling error (the task's own standard
+        # error) is common to the seeds and adds to the seeds' spread
+        spread = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0
+        items = [e for _, _, e in mine if np.isfinite(e)]
+        se = float(np.hypot(spread, np.mean(items) if items else 0.0))
         row = {"point": p["point"], "metric": accuracy, "loss_metric": loss,
                "measured_loss": float(np.mean(losses)), "measured": float(np.mean(values)),
                "measured_se": se}
@@ -255,7 +258,7 @@ def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | No
             continue
         at_loss = curve.predict_draws([row["measured_loss"]])[:, 0]
         row |= {"step2_predicted": float(curve.predict([row["measured_loss"]])[0])}
-        row["step2_ci_low"], row["step2_ci_high"] = _pm_interval(at_loss)
+        row["step2_ci_low"], row["step2_ci_high"] = _interval95(at_loss)
         if reduced is None or not reduced.identified:
             why = "no points left" if reduced is None else reduced.reason
             row["note"] = f"step 1 (the joint fit without these points) not identified: {why}"
@@ -265,7 +268,7 @@ def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | No
         predicted_loss = float(reduced.predict(x)[0])
         n = min(len(reduced.draws), len(curve.draws))
         chained = sigmoid(curve.draws[:n], reduced.predict_draws(x)[:n])[:, 0]
-        lo, hi = _pm_interval(chained)
+        lo, hi = _interval95(chained)
         predicted = float(curve.predict([predicted_loss])[0])
         error = predicted - row["measured"]
         total = float(np.hypot(se, np.std(chained, ddof=1)))
