@@ -20,6 +20,7 @@ import numpy as np
 from launchers.sweep.fit import Fit, fit, fit_sigmoid, sigmoid
 
 Z = 2.0  # about a 95% two-sided test of a difference
+NELBO = "validation NELBO (nats/token)"  # the default response's label
 # single-axis fits: x -> its label; each is fitted per value of the axes it does not vary with
 FIT_AXES = {"decoder_layers": "decoder layers", "non_embedding_params": "non-embedding parameters",
             "train_flops": "training FLOPs"}

@@ -339,5 +339,5 @@ def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> 
 
 def response_label(metric: Metric) -> str:
     if metric is VALID_NELBO:
-        return plots.NELBO
+        return analysis.NELBO
     return f"1 - {metric.name} (error)" if metric.higher_is_better else metric.name

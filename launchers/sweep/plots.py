@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from launchers.sweep.analysis import ScalingFit, Z, pareto
+from launchers.sweep.analysis import NELBO, ScalingFit, Z, pareto
 from launchers.sweep.fit import Fit
 
-NELBO = "validation NELBO (nats/token)"
 ERRORBARS = f"error bars ±{Z:g} SE (paired by seed where every seed ran)"
 
 

@@ -195,7 +195,7 @@ def _two_step(two_step, loss: str) -> list[str]:
 def _points_table(points: Sequence[dict], columns: Sequence[str], label: str) -> str:
     """The points' table; its ``valid_nelbo`` columns named ``response`` when they hold
     another metric (``collect.response_points``)."""
-    if "NELBO" in label and label.startswith("validation"):
+    if label == analysis.NELBO:
         return markdown(points, columns)
     names = [c.replace("valid_nelbo", "response") for c in columns]
     return (f"response: {label}\n\n"
@@ -205,7 +205,7 @@ def _points_table(points: Sequence[dict], columns: Sequence[str], label: str) ->
 
 def write_report(spec, out: Path, points: Sequence[dict], runs: Sequence[dict],
                  missing: Sequence[str], fits, reduced: Fit | None, validation, optimal, best,
-                 baselines, images: Sequence[str], label: str = "validation NELBO",
+                 baselines, images: Sequence[str], label: str = analysis.NELBO,
                  failures: Sequence[str] = (), two_step: Sequence = (),
                  loss: str = "valid_nelbo") -> None:
     columns = ("point", "variant", "decoder_layers", "runs", "train_flops", "valid_nelbo",
