@@ -288,6 +288,9 @@ def test_eval_metrics_from_the_cache_land_in_the_tables_and_any_metric_is_the_re
     assert depth["identified"] and depth["E_ci_low"] < 3.0 < depth["E_ci_high"]
     assert main(["sweep", "collect", str(spec.path), "--metric", "kjv_cloze_ac"]) == 2
     assert "--metric kjv_cloze_ac: not a metric of this sweep" in capsys.readouterr().err
+    (spec.points[0].run_dir / CACHE_FILE).unlink()  # would be evaluated: refused before that
+    assert main(["sweep", "collect", str(spec.path), "--metric", "held"]) == 2
+    assert "choose valid_nelbo, a corpus's ['held_nelbo'] or a task's" in capsys.readouterr().err
 
 
 @pytest.mark.slow

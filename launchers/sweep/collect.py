@@ -264,9 +264,21 @@ def choose_metric(name: str, metrics: Sequence[Metric]) -> Metric:
     return known[name]
 
 
+def check_metric_name(spec: SweepSpec, name: str) -> None:
+    """Refuse a ``--metric`` no evaluation of the spec can give, before evaluating: a task's
+    metrics are known only from lm-eval's results (``choose_metric`` checks them after)."""
+    corpora = [c.metric for c in spec.evals.corpora]
+    if name not in (VALID_NELBO.name, *corpora) and not any(
+            name.startswith(f"{task}_") for task in spec.evals.tasks):
+        raise UserError(f"--metric {name}: not a metric of this sweep; choose valid_nelbo, a "
+                        f"corpus's {corpora or '<corpus>_nelbo'} or a task's <task>_<metric> "
+                        f"(tasks: {list(spec.evals.tasks)}) from the spec's eval section")
+
+
 def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> str:
     """Write the results (module docstring); return a one-line summary."""
     out = spec.results_dir
+    check_metric_name(spec, metric)
     runs, missing = run_rows(spec)
     if not runs:
         return f"sweep {spec.name}: no finished run yet; not done: {', '.join(missing)}"
