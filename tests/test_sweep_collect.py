@@ -233,3 +233,127 @@ def test_points_run_with_the_same_seeds_are_compared_paired():
     add_paired_se(unpaired)
     assert all(np.isnan(p["valid_nelbo_paired_se"]) for p in unpaired)
     assert analysis.best_depth(unpaired)[0]["verdict"] == "tie"
+
+
+def test_eval_metrics_from_the_cache_land_in_the_tables_and_any_metric_is_the_response(
+        tmp_path, capsys):
+    """Results a previous collect stored per run (``sweep_eval.json``, keyed by step and
+    settings) are read, not recomputed; each metric lands in runs.csv and points.csv with its
+    standard errors; ``--metric`` makes an accuracy the response, higher being better."""
+    from launchers.sweep.evals import CACHE_FILE, corpus_key, task_key
+
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"text": "a"}\n')
+    spec = load_spec(write_spec(tmp_path, grid={"decoder_layers": DEPTHS}, seeds=3,
+                                eval={"corpora": {"held": {"data": str(held)}},
+                                      "tasks": ["kjv_cloze"], "task_args": {"limit": 50}}))
+    rng = np.random.default_rng(0)
+    for point in spec.points:
+        d = point.values["decoder_layers"]
+        finish_point(point, E + A * d ** -ALPHA, tokens_per_s=1000.0 / d, flops=1e12 * (4 + d),
+                     params=10000 * (4 + d))
+        cache = {
+            corpus_key(spec.evals, spec.evals.corpora[0], 3): {"metrics": {"held_nelbo": {
+                "value": 3.0 + A * d ** -ALPHA + rng.normal(0, 0.005), "se": 0.05,
+                "higher_is_better": False}}},
+            task_key(spec.evals, "kjv_cloze", 3): {"metrics": {"kjv_cloze_acc": {
+                "value": 0.3 + 0.06 * d + rng.normal(0, 0.01), "se": 0.02,
+                "higher_is_better": True}}}}
+        (point.run_dir / CACHE_FILE).write_text(json.dumps(cache))
+    assert main(["sweep", "collect", str(spec.path), "--draws", "100",
+                 "--metric", "kjv_cloze_acc"]) == 0
+    assert "0 evaluation(s) run" in capsys.readouterr().out  # all from the cache
+    out = spec.results_dir
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert all(float(r["kjv_cloze_acc_eval_se"]) == 0.02 for r in runs)
+    points = {p["point"]: p for p in csv.DictReader((out / "points.csv").open())}
+    dec8 = points["dec8"]
+    mine = [float(r["kjv_cloze_acc"]) for r in runs if r["point"] == "dec8"]
+    assert float(dec8["kjv_cloze_acc"]) == pytest.approx(np.mean(mine))  # an accuracy, as is
+    assert 0 < float(dec8["kjv_cloze_acc_se"]) < 0.02 and float(dec8["held_nelbo_se"]) > 0
+    [best] = list(csv.DictReader((out / "best_depth.csv").open()))
+    assert (best["verdict"], best["best_decoder_layers"]) == ("winner", "8")  # highest acc
+    assert float(best["lowest_response"]) == pytest.approx(1 - float(dec8["kjv_cloze_acc"]))
+    two_step = list(csv.DictReader((out / "two_step.csv").open()))
+    assert [r["point"] for r in two_step] == ["dec6", "dec8"]  # the largest FLOPs, held out
+    assert all(r["loss_metric"] == "valid_nelbo" and r["note"] for r in two_step)
+    report = (out / "report.md").read_text()
+    assert "The response is **1 - kjv_cloze_acc (error)**" in report
+    assert "## Two-step prediction" in report and "two_step_kjv_cloze_acc.png" in report
+
+    assert main(["sweep", "collect", str(spec.path), "--draws", "100",
+                 "--metric", "held_nelbo"]) == 0
+    fits = json.loads((out / "fits.json").read_text())
+    depth = next(f for f in fits if f["x"] == "decoder_layers")
+    assert depth["identified"] and depth["E_ci_low"] < 3.0 < depth["E_ci_high"]
+    assert main(["sweep", "collect", str(spec.path), "--metric", "kjv_cloze_ac"]) == 2
+    assert "--metric kjv_cloze_ac: not a metric of this sweep" in capsys.readouterr().err
+    (spec.points[0].run_dir / CACHE_FILE).unlink()  # would be evaluated: refused before that
+    assert main(["sweep", "collect", str(spec.path), "--metric", "held"]) == 2
+    assert "choose valid_nelbo, a corpus's ['held_nelbo'] or a task's" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_collect_evaluates_a_real_run_once_and_again_when_its_step_or_the_spec_changes(
+        tmp_path, monkeypatch, capsys):
+    """A real tiny run: collect runs `e2d2 eval` on a corpus and `e2d2 lm-eval` on a task,
+    stores them; a second collect runs nothing; a changed corpus setting re-runs that corpus
+    only; a run trained further (a later step) and a damaged store re-run both; a corpus
+    whose evaluation fails is reported, its metric NaN."""
+    from pretrain_helpers import make_data_dir, run_pretrain
+
+    from launchers.sweep import evals
+    from launchers.sweep.bench import run_benchmark
+
+    monkeypatch.setenv("E2D2_TASK_PACK", str(tmp_path / "pack"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = make_data_dir(tmp_path, documents=120)
+    eval_section = {"corpora": {"kjv": {"data": str(data), "max_sequences": 4, "draws": 1}},
+                    "tasks": ["kjv_cloze"], "task_args": {"mc_draws": 1, "limit": 8}}
+    path = write_spec(tmp_path, grid={"decoder_layers": [1]},
+                      overrides=["train.steps=2"], eval=eval_section)
+    [point] = load_spec(path).points
+    save_run_config(point.config, tmp_path / "run.yaml")
+    done = run_pretrain(tmp_path / "run.yaml")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_benchmark(point.run_dir)
+    commands = []
+    real_run = evals._run
+    monkeypatch.setattr(evals, "_run", lambda command: (commands.append(command[0]),
+                                                         real_run(command))[1])
+
+    def collect(**changes):
+        spec = yaml.safe_load(path.read_text())
+        spec["eval"]["corpora"]["kjv"] |= changes
+        path.write_text(yaml.safe_dump(spec))
+        commands.clear()
+        assert main(["sweep", "collect", str(path), "--draws", "20"]) == 0
+        row, = csv.DictReader((tmp_path / "out" / "results" / "runs.csv").open())
+        return row, list(commands)
+
+    row, ran = collect()
+    assert ran == ["eval", "lm-eval"]
+    assert float(row["kjv_nelbo"]) > 0 and float(row["kjv_nelbo_eval_se"]) > 0
+    assert 0 <= float(row["kjv_cloze_acc"]) <= 1 and float(row["kjv_cloze_acc_eval_se"]) > 0
+    again, ran = collect()
+    assert ran == [] and again["kjv_nelbo"] == row["kjv_nelbo"]  # from the store
+    _, ran = collect(max_sequences=3)
+    assert ran == ["eval"]  # the changed corpus only; the task is unchanged
+    summary = json.loads((point.run_dir / "summary.json").read_text())
+    (point.run_dir / "summary.json").write_text(json.dumps(summary | {"step": 3}))
+    _, ran = collect()  # "trained further": another step
+    assert ran == ["eval", "lm-eval"]
+    (point.run_dir / evals.CACHE_FILE).write_text('{"corpus:kjv')  # torn
+    _, ran = collect()
+    assert ran == ["eval", "lm-eval"]
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("")  # no text at all: `e2d2 eval` refuses it
+    row, ran = collect(data=str(bad))
+    out = capsys.readouterr().out
+    assert ran == ["eval"] and row["kjv_nelbo"] == "nan"
+    assert "1 evaluation(s) FAILED" in out and "dec1-seed0: corpus kjv: e2d2 eval exit code" in out
+    assert "Evaluations that FAILED" in (tmp_path / "out" / "results" / "report.md").read_text()

@@ -130,6 +130,9 @@ def test_the_shipped_example_specs_are_valid():
     assert [p.values["decoder_layers"] for p in spec.points] == [1, 2, 4]
     kjv = load_spec(ROOT / "configs" / "sweeps" / "decoder-depth-kjv.yaml")
     assert kjv.seeds == 2 and len(kjv.points) == (6 + 1) * 3 * 2
+    evals = load_spec(ROOT / "configs" / "sweeps" / "decoder-depth-eval-tiny.yaml").evals
+    assert [c.metric for c in evals.corpora] == ["kjv_held_nelbo"]
+    assert evals.tasks == ("kjv_cloze",)
 
 
 def test_jobs_needs_local(tmp_path, capsys):
@@ -151,3 +154,41 @@ def test_the_spec_passes_sbatch_resources_and_the_config_environment_to_its_jobs
     assert "#SBATCH --mem=64G" in script
     assert "module load cuda" in script
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
+
+
+def test_the_eval_section_becomes_corpora_tasks_and_their_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # corpus data is relative to the cwd, as data.path
+    spec = load_spec(write_spec(tmp_path, eval={
+        "corpora": {"kjv-valid": {"data": "data/kjv", "draws": 2},
+                    "wiki": {"data": ["a.jsonl", "b.jsonl"], "convention": "document",
+                             "max_sequences": 64}},
+        "tasks": ["kjv_cloze"], "task_args": {"mc_draws": 4, "limit": 200, "num_fewshot": 0},
+        "overrides": ["parallel.pipeline_parallel=1"]}))
+    kjv, wiki = spec.evals.corpora
+    assert (kjv.metric, kjv.data, kjv.split, kjv.draws) == (
+        "kjv-valid_nelbo", (str(tmp_path / "data" / "kjv"),), "valid", 2)
+    assert wiki.data == (str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    assert (wiki.convention, wiki.max_sequences, wiki.draws) == ("document", 64, None)
+    assert spec.evals.tasks == ("kjv_cloze",)
+    assert dict(spec.evals.task_args) == {"mc_draws": 4, "limit": 200, "num_fewshot": 0}
+    assert spec.evals.overrides == ("parallel.pipeline_parallel=1",) and not spec.evals.ema
+    assert not load_spec(write_spec(tmp_path)).evals.corpora  # no eval section: nothing
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ({"corpus": {}}, "[eval]: unknown key(s) ['corpus']"),
+    ({"corpora": {"kjv": {"path": "x"}}}, "[eval.corpora.kjv]: expected a mapping with data"),
+    ({"corpora": {"kjv": {"data": "x", "drawz": 2}}}, "[eval.corpora.kjv]: unknown key(s) "
+                                                      "['drawz']"),
+    ({"corpora": {"kjv": {"data": "x", "split": "test"}}}, "split='test'; choose one of"),
+    ({"corpora": {"kjv": {"data": "x", "draws": 0}}}, "draws: 0 is not a positive integer"),
+    ({"corpora": {"a b": {"data": "x"}}}, "a corpus name is letters, digits"),
+    ({"tasks": "kjv_cloze,kjv_lastword"}, "[eval.tasks]: expected a list of lm-eval task"),
+    ({"task_args": {"mc_draw": 4}}, "[eval.task_args]: unknown key(s) ['mc_draw']"),
+    ({"task_args": {"limit": -1}}, "limit: -1 is not a positive integer"),
+    ({"ema": "yes"}, "ema='yes'; expected true or false"),
+])
+def test_a_bad_eval_section_is_one_clear_error(tmp_path, section, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_spec(write_spec(tmp_path, eval=section))
+    assert fragment in str(info.value)

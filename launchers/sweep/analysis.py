@@ -1,6 +1,6 @@
 """What a sweep's points say, with their noise: the best depth per budget (or the depths that
 tie), the Pareto frontiers, the scaling-law fits, their leave-largest-out validation and the
-compute-optimal decoder depth.
+compute-optimal decoder depth, and OLMo's two-step prediction of a task accuracy (``two_step``).
 
 A point is a dict (``collect.point_rows``) with its runs' NELBOs (``runs``), their mean
 ``valid_nelbo`` and its standard error ``valid_nelbo_se`` (and ``valid_nelbo_paired_se``
@@ -11,14 +11,16 @@ with the same seeds); every choice below is made only on such differences.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from launchers.sweep.fit import Fit, fit
+from launchers.sweep.fit import Fit, fit, fit_sigmoid, sigmoid
 
 Z = 2.0  # about a 95% two-sided test of a difference
+NELBO = "validation NELBO (nats/token)"  # the default response's label
 # single-axis fits: x -> its label; each is fitted per value of the axes it does not vary with
 FIT_AXES = {"decoder_layers": "decoder layers", "non_embedding_params": "non-embedding parameters",
             "train_flops": "training FLOPs"}
@@ -137,15 +139,21 @@ def fit_joint(points: Sequence[dict], draws: int) -> Fit:
                [p["runs"] for p in points], draws)
 
 
+def held_out(points: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """The E2D2 points within ``LEAVE_OUT_FACTOR`` of the most training FLOPs (the
+    leave-largest-out targets), and the others."""
+    e2d2 = [p for p in points if p["baseline"] is None]
+    top = max((p["train_flops"] for p in e2d2), default=0.0)
+    held = [p for p in e2d2 if p["train_flops"] * LEAVE_OUT_FACTOR > top]
+    return held, [p for p in e2d2 if p not in held]
+
+
 def validate(points: Sequence[dict], draws: int) -> tuple[Fit | None, list[dict]]:
     """Leave-largest-out: the joint fit without the points within ``LEAVE_OUT_FACTOR`` of
     the most training FLOPs, and its prediction of each of them against its measurement."""
-    e2d2 = [p for p in points if p["baseline"] is None]
-    if not e2d2:
+    held, kept = held_out(points)
+    if not held:
         return None, []
-    top = max(p["train_flops"] for p in e2d2)
-    held = [p for p in e2d2 if p["train_flops"] * LEAVE_OUT_FACTOR > top]
-    kept = [p for p in e2d2 if p not in held]
     reduced = fit_joint(kept, draws) if kept else None
     rows = []
     for p in held:
@@ -204,3 +212,69 @@ def compute_optimal(points: Sequence[dict], joint: Fit, budgets: Sequence[float]
                                "note": "at the edge of the sweep's depths: the optimum may lie "
                                        "beyond them" if edge else ""})
     return rows
+
+
+def _interval95(values: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | None,
+             draws: int) -> tuple[Fit, list[dict]]:
+    """OLMo's ladder prediction of ``accuracy`` at the leave-largest-out points (``held_out``)
+    from the others: step 1 the joint fit of ``loss`` without them (``reduced``, from
+    ``validate`` on ``loss``), step 2 ``fit_sigmoid`` of the accuracy against the loss over
+    the kept points' runs; chained, the accuracy at each held-out point's size and tokens,
+    each bootstrap draw of step 1 through one of step 2 (the two bootstraps are independent).
+    Also step 2 alone at the point's measured loss (what step 2's error is on its own).
+    ``points`` are ``collect.point_rows``' (their ``samples``); rows say "not identified"
+    (with the reason) where a step is."""
+    held, kept = held_out(points)
+    pairs = [(dict((s, v) for s, v, _ in p["samples"][loss]),
+              dict((s, v) for s, v, _ in p["samples"][accuracy])) for p in kept]
+    runs = [(losses[s], accs[s]) for losses, accs in pairs for s in losses
+            if s in accs and np.isfinite(losses[s]) and np.isfinite(accs[s])]
+    curve = fit_sigmoid([r[0] for r in runs], [r[1] for r in runs], draws)
+    if not kept:  # name the reason rather than "0 runs"
+        curve = dataclasses.replace(curve, reason=f"every point is within {LEAVE_OUT_FACTOR}x "
+                                    "of the most training FLOPs (held out): none to fit on")
+    rows = []
+    for p in held:
+        mine = [(s, v, e) for s, v, e in p["samples"][accuracy] if np.isfinite(v)]
+        losses = [v for _, v, _ in p["samples"][loss] if np.isfinite(v)]
+        if not mine or not losses:
+            continue
+        values = [v for _, v, _ in mine]
+        # every run answers the same items: their sampling error (the task's own standard
+        # error) is common to the seeds and adds to the seeds' spread
+        spread = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0
+        items = [e for _, _, e in mine if np.isfinite(e)]
+        se = float(np.hypot(spread, np.mean(items) if items else 0.0))
+        row = {"point": p["point"], "metric": accuracy, "loss_metric": loss,
+               "measured_loss": float(np.mean(losses)), "measured": float(np.mean(values)),
+               "measured_se": se}
+        if not curve.identified:
+            row["note"] = f"step 2 not identified: {curve.reason}"
+            rows.append(row)
+            continue
+        at_loss = curve.predict_draws([row["measured_loss"]])[:, 0]
+        row |= {"step2_predicted": float(curve.predict([row["measured_loss"]])[0])}
+        row["step2_ci_low"], row["step2_ci_high"] = _interval95(at_loss)
+        if reduced is None or not reduced.identified:
+            why = "no points left" if reduced is None else reduced.reason
+            row["note"] = f"step 1 (the joint fit without these points) not identified: {why}"
+            rows.append(row)
+            continue
+        x = [[p[a] for a in JOINT_AXES]]
+        predicted_loss = float(reduced.predict(x)[0])
+        n = min(len(reduced.draws), len(curve.draws))
+        chained = sigmoid(curve.draws[:n], reduced.predict_draws(x)[:n])[:, 0]
+        lo, hi = _interval95(chained)
+        predicted = float(curve.predict([predicted_loss])[0])
+        error = predicted - row["measured"]
+        total = float(np.hypot(se, np.std(chained, ddof=1)))
+        row |= {"predicted_loss": predicted_loss, "predicted": predicted,
+                "predicted_ci_low": lo, "predicted_ci_high": hi, "error": error,
+                "error_in_se": error / total if total > 0 else float("nan"), "note": ""}
+        rows.append(row)
+    return curve, rows

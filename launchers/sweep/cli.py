@@ -32,7 +32,7 @@ def _collect(args: argparse.Namespace) -> int:
     from launchers.sweep.collect import collect
     from launchers.sweep.spec import load_spec
 
-    print(collect(load_spec(args.spec), draws=args.draws))
+    print(collect(load_spec(args.spec), draws=args.draws, metric=args.metric))
     return 0
 
 
@@ -63,9 +63,13 @@ def register(subparsers) -> None:
     p.add_argument("spec")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("collect", help="tables, power-law fits, Pareto frontiers, plots")
+    p = sub.add_parser("collect", help="eval metrics, tables, power-law fits, Pareto frontiers, plots")
     p.add_argument("spec")
     p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples per fit")
+    p.add_argument("--metric", default="valid_nelbo",
+                   help="the response of the fits, comparisons and figures: valid_nelbo "
+                        "(default) or a metric of the spec's eval section (<corpus>_nelbo, "
+                        "<task>_<metric>; an accuracy as its error 1 - acc)")
     p.set_defaults(func=_collect)
 
     p = sub.add_parser("bench", help="the fixed sampling benchmark of one finished run")

@@ -5,7 +5,11 @@ are the reducible losses at the data's centre: in the units of ``x`` they would 
 exponents and their intervals would span decades for no reason):
 
 * ``single``: ``L = E + A (x / x0)^-alpha``;
-* ``joint`` (Chinchilla): ``L = E + A (N / N0)^-alpha + B (D / D0)^-beta``.
+* ``joint`` (Chinchilla): ``L = E + A (N / N0)^-alpha + B (D / D0)^-beta``;
+* ``sigmoid`` (step 2 of OLMo's ladder, Bhagia et al. 2024: task accuracy from a loss):
+  ``acc = b + a / (1 + exp(k (L - L0)))``, ``k > 0`` (accuracy rises as the loss falls, from
+  the floor ``b`` to ``b + a``; OLMo writes ``a / (1 + exp(-k (L - L0))) + b`` with ``k < 0``).
+  Fitted by ``fit_sigmoid`` (least squares over the runs, scipy's ``least_squares``).
 
 The fit minimises a Huber loss on log residuals ``log f(x) - log L`` with scipy's L-BFGS-B
 within the bounds of ``search_range``, from the best points of a grid of starts; ``E``, ``A``
@@ -43,7 +47,9 @@ CHUNK = 128  # problems per L-BFGS-B call: larger solves converge in fewer steps
 EXPONENT_RANGE = (0.01, 4.0)
 LEVEL = 0.95
 STARTS = 4  # L-BFGS-B runs per fit, from the best points of the grid of starts
-FORMS = {"single": ("E", "A", "alpha"), "joint": ("E", "A", "alpha", "B", "beta")}
+FORMS = {"single": ("E", "A", "alpha"), "joint": ("E", "A", "alpha", "B", "beta"),
+         "sigmoid": ("a", "L0", "k", "b")}
+Z = 2.0  # a slope within this many standard errors of 0 is no trend
 
 
 def search_range(form: str, y: np.ndarray) -> np.ndarray:
@@ -147,6 +153,8 @@ class Fit:
         return self._predict(self.draws, x)
 
     def _predict(self, values: np.ndarray, x) -> np.ndarray:
+        if self.form == "sigmoid":
+            return sigmoid(values, x)
         x = np.asarray(x, dtype=float).reshape(len(np.atleast_1d(x)), -1)
         out = values[:, :1] * np.ones(len(x))
         for k in range(x.shape[1]):
@@ -199,10 +207,10 @@ def huber_delta(runs: Sequence[Sequence[float]]) -> float:
     return HUBER_NOISE * se if se > 0 else HUBER_DELTA
 
 
-def _check(result: Fit) -> Fit:
-    """``result`` with its bootstrap judged: not identified if an interval has no spread or
-    spans more than a decade."""
-    for name in result.names:
+def _check(result: Fit, names: Sequence[str] | None = None) -> Fit:
+    """``result`` with its bootstrap judged: not identified if an interval (of ``names``,
+    default all) has no spread or spans more than a decade."""
+    for name in names or result.names:
         lo, hi = result.ci(name)
         if not hi > lo:
             why = f"no spread in the bootstrap of {name} (one run per point: set seeds >= 2)"
@@ -271,3 +279,62 @@ def fit(form: str, x, runs: Sequence[Sequence[float]], draws: int = 1000, seed: 
     """Fit ``form`` to points ``x [n]`` (single) or ``[n, 2]`` (joint) whose runs' losses are
     ``runs[i]``, bootstrap it with ``draws`` resamples and judge whether it is identified."""
     return fit_many(form, x, [runs], draws, seed)[0]
+
+
+def sigmoid(values: np.ndarray, loss) -> np.ndarray:
+    """``[R, m]``: ``b + a / (1 + exp(k (L - L0)))`` for parameter rows ``values [R, 4]``
+    (``a, L0, k, b``) at losses ``[m]``, or at each row's own losses (``[R, m]``)."""
+    a, l0, k, b = (values[:, i:i + 1] for i in range(4))
+    loss = np.asarray(loss, dtype=float)
+    loss = loss if loss.ndim == 2 else np.atleast_1d(loss)[None, :]
+    return b + a / (1 + np.exp(np.clip(k * (loss - l0), -500, 500)))
+
+
+def fit_sigmoid(loss, acc, draws: int = 1000, seed: int = 0) -> Fit:
+    """Fit ``sigmoid`` to runs' ``(loss, acc)`` pairs by least squares and bootstrap it by
+    resampling the runs (pairs, with replacement). Not identified (no numbers) with fewer
+    than 6 runs, when the accuracy does not fall with the loss beyond noise (the slope of a
+    straight line within ``Z`` standard errors of 0: accuracy near chance everywhere), when
+    ``a``, ``L0`` or ``k`` sits at a bound of the search (a floor ``b`` of 0 is a valid
+    floor), or when the 95% interval of ``a`` or ``k`` spans more than a decade."""
+    from scipy.optimize import least_squares
+    from scipy.stats import linregress
+
+    loss, acc = np.asarray(loss, dtype=float), np.asarray(acc, dtype=float)
+    names, n, empty = FORMS["sigmoid"], len(loss), np.zeros((0, 4))
+
+    def not_identified(why: str, params: dict | None = None) -> Fit:
+        return Fit("sigmoid", params or {}, (), n, empty, False, why)
+
+    if n < 6:
+        return not_identified(f"{n} runs for 4 parameters (needs >= 6)")
+    width = float(loss.max() - loss.min())
+    if width <= 0:
+        return not_identified("every run has the same loss")
+    trend = linregress(loss, acc)
+    if not trend.slope < -Z * trend.stderr:
+        return not_identified(f"the accuracy does not fall with the loss beyond noise (slope "
+                              f"{trend.slope:.3g} ± {trend.stderr:.2g} per nat: near chance "
+                              "everywhere?)")
+    lo = np.array([1e-4, loss.min() - 2 * width, 0.01 / width, 0.0])
+    hi = np.array([1.0, loss.max() + 2 * width, 100 / width, 1.0])
+
+    def solve(start: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return least_squares(lambda t: sigmoid(t[None], x)[0] - y, start, bounds=(lo, hi),
+                             method="trf", x_scale=hi - lo).x
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        starts = [np.array([acc.max() - acc.min(), c, s / width, acc.min()])
+                  for c in np.quantile(loss, [0.25, 0.5, 0.75]) for s in (1.0, 5.0, 20.0)]
+        fits = [solve(np.clip(t, lo, hi), loss, acc) for t in starts]
+        best = min(fits, key=lambda t: float(((sigmoid(t[None], loss)[0] - acc) ** 2).sum()))
+        params = dict(zip(names, best.tolist(), strict=True))
+        near = np.minimum(best - lo, hi - best) < 1e-3 * (hi - lo)
+        near[3] &= best[3] > 0.5  # b at 0: a floor of zero accuracy is a result
+        if near.any():
+            return not_identified(f"{', '.join(np.array(names)[near])} at a bound of the "
+                                  "search range", params)
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(0, n, (draws, n))
+        refits = np.stack([solve(best, loss[i], acc[i]) for i in picks])
+    return _check(Fit("sigmoid", params, (), n, refits, True), names=("a", "k"))

@@ -3,13 +3,17 @@ error bar (±2 standard errors, paired by seed where the point ran with every se
 error that the comparisons use), one colour per budget group, fitted curves with their 95% bootstrap band only for
 identified fits (a fit that is not identified is named in the legend, without a curve).
 
-* ``fit_<x>``: NELBO against each single-axis ``x``; baselines as dashed lines with their
+The response (y) is the validation NELBO, or the metric ``e2d2 sweep collect --metric``
+names (an accuracy as its error ``1 - acc``: lower is better on every figure).
+
+* ``fit_<x>``: the response against each single-axis ``x``; baselines as dashed lines with their
   ±2 SE band in their budget's colour;
-* ``fit_joint``: NELBO against training FLOPs per decoder depth, with the joint fit;
-* ``pareto_sampling_flops``: NELBO against the analytic sampling FLOPs per generated token,
+* ``fit_joint``: the response against training FLOPs per decoder depth, with the joint fit;
+* ``pareto_sampling_flops``: the response against the analytic sampling FLOPs per generated token,
   the frontier (points no other beats beyond noise) of each budget joined;
-* ``pareto_tokens_per_s``: NELBO against measured sampling tokens/s, with its spread (±1 SD
-  over runs and repeats) as x error bars; no frontier is drawn on a noisy measurement.
+* ``pareto_tokens_per_s``: the response against measured sampling tokens/s, with its spread (±1 SD
+  over runs and repeats) as x error bars; no frontier is drawn on a noisy measurement;
+* ``two_step_<accuracy>``: step 2 of the two-step prediction (``two_step_plot``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from launchers.sweep.analysis import ScalingFit, Z, pareto
+from launchers.sweep.analysis import NELBO, ScalingFit, Z, pareto
+from launchers.sweep.fit import Fit
 
 ERRORBARS = f"error bars ±{Z:g} SE (paired by seed where every seed ran)"
 
@@ -107,7 +112,7 @@ def _errorbar(ax, points: Sequence[dict], x_key: str, colour: str, label: str | 
 
 
 def fit_plot(out: Path, points: Sequence[dict], fits: Sequence[ScalingFit], x_key: str,
-             x_label: str) -> str:
+             x_label: str, response: str = NELBO) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colours = _colours(points)
@@ -135,14 +140,15 @@ def fit_plot(out: Path, points: Sequence[dict], fits: Sequence[ScalingFit], x_ke
                         "data"), ha="left", va="bottom", fontsize=7, color=colour)
     _log_axis(ax, xs, integer=x_key == "decoder_layers")
     ax.set_xlabel(x_label)
-    ax.set_ylabel("validation NELBO (nats/token)")
-    ax.set_title(f"NELBO = E + A·(x/x0)^-alpha over {x_label}\n"
+    ax.set_ylabel(response)
+    ax.set_title(f"{response} = E + A·(x/x0)^-alpha over {x_label}\n"
                  f"{ERRORBARS}; bands: 95% bootstrap (identified fits only)", fontsize=9)
     _legend_below(ax)
     return _save(fig, out, f"fit_{x_key}")
 
 
-def joint_plot(out: Path, points: Sequence[dict], joint: ScalingFit) -> str:
+def joint_plot(out: Path, points: Sequence[dict], joint: ScalingFit, response: str = NELBO
+               ) -> str:
     """NELBO against training FLOPs, one colour per decoder depth; the joint fit's curve of
     each depth over the tokens its points span, with its band, if it is identified."""
     plt = _pyplot()
@@ -165,7 +171,7 @@ def joint_plot(out: Path, points: Sequence[dict], joint: ScalingFit) -> str:
         f"not identified: {joint.fit.reason}"
     _log_axis(ax, [p["train_flops"] for p in members])
     ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation NELBO (nats/token)")
+    ax.set_ylabel(response)
     ax.set_title(f"joint fit E + A·(N/N0)^-alpha + B·(D/D0)^-beta ({joint.group})\n{verdict}; "
                  f"{ERRORBARS}", fontsize=8)
     _legend_below(ax)
@@ -173,7 +179,7 @@ def joint_plot(out: Path, points: Sequence[dict], joint: ScalingFit) -> str:
 
 
 def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, stem: str,
-                xerr: str | None = None, frontier: bool = True) -> str:
+                xerr: str | None = None, frontier: bool = True, response: str = NELBO) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colours = _colours(points)
@@ -193,7 +199,7 @@ def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, ste
                     color=colour, lw=1, alpha=0.7)
     _log_axis(ax, [p[x_key] for p in points])
     ax.set_xlabel(x_label)
-    ax.set_ylabel("validation NELBO (nats/token, lower is better)")
+    ax.set_ylabel(f"{response} (lower is better)")
     note = "lines: frontier (points no other beats beyond noise)" if frontier else \
         "x error bars: ±1 SD over runs and repeats"
     ax.set_title(f"{ERRORBARS}; squares: baselines\n{note}", fontsize=9)
@@ -201,22 +207,61 @@ def pareto_plot(out: Path, points: Sequence[dict], x_key: str, x_label: str, ste
     return _save(fig, out, stem)
 
 
+def two_step_plot(out: Path, points: Sequence[dict], loss: str, accuracy: str, curve: Fit,
+                  rows: Sequence[dict]) -> str:
+    """Step 2 of the two-step prediction: every run's accuracy against its loss (the fitted
+    points' runs as circles, the held-out ones' as squares), the sigmoid with its 95% band if
+    it is identified, and each held-out point's chained prediction (at the predicted loss,
+    with its interval)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    held = {r["point"] for r in rows}
+    xs = []
+    for mine, marker, label in ((False, "o", "fitted runs"), (True, "s", "held-out runs")):
+        pairs = [(dict((s, v) for s, v, _ in p["samples"][loss]), s, v)
+                 for p in points if p["baseline"] is None and (p["point"] in held) == mine
+                 for s, v, _ in p["samples"][accuracy]]
+        x, y = zip(*[(losses[s], v) for losses, s, v in pairs if s in losses], strict=True) \
+            if pairs else ((), ())
+        xs += x
+        ax.plot(x, y, marker, color="C1" if mine else "C0", ms=4, label=label, alpha=0.8)
+    if curve.identified and xs:
+        grid = np.linspace(min(xs), max(xs), 200)
+        ax.plot(grid, curve.predict(grid), color="C0", lw=1.2)
+        lo, hi = np.percentile(curve.predict_draws(grid), [2.5, 97.5], axis=0)
+        ax.fill_between(grid, lo, hi, color="C0", alpha=0.2, lw=0)
+    chained = [r for r in rows if "predicted" in r]
+    if chained:
+        ax.errorbar([r["predicted_loss"] for r in chained], [r["predicted"] for r in chained],
+                    yerr=[[r["predicted"] - r["predicted_ci_low"] for r in chained],
+                          [r["predicted_ci_high"] - r["predicted"] for r in chained]],
+                    fmt="D", color="C3", capsize=3, label="chained prediction, 95%")
+    verdict = "identified: fit and 95% band" if curve.identified else \
+        f"not identified: {curve.reason}"
+    ax.set_xlabel(f"{loss} (per run)")
+    ax.set_ylabel(accuracy)
+    ax.set_title(f"step 2: {accuracy} = b + a / (1 + exp(k ({loss} - L0)))\n{verdict}",
+                 fontsize=8)
+    _legend_below(ax)
+    return _save(fig, out, f"two_step_{accuracy}")
+
+
 def write_all(out: Path, points: list[dict], fits: list[ScalingFit],
-              fit_axes: dict[str, str]) -> list[str]:
+              fit_axes: dict[str, str], response: str = NELBO) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     images = []
     for x, label in fit_axes.items():
         group = [f for f in fits if f.x == x]
         if group:
-            images.append(fit_plot(out, points, group, x, label))
+            images.append(fit_plot(out, points, group, x, label, response))
     joint = [f for f in fits if f.x == "joint"]
     if len(joint) == 1:
-        images.append(joint_plot(out, points, joint[0]))
+        images.append(joint_plot(out, points, joint[0], response))
     images.append(pareto_plot(out, points, "sampling_flops_per_token",
                               "sampling FLOPs per generated token (analytic; lower is better)",
-                              "pareto_sampling_flops"))
+                              "pareto_sampling_flops", response=response))
     images.append(pareto_plot(out, points, "sampling_tokens_per_s",
                               "measured sampling tokens/s (higher is better)",
                               "pareto_tokens_per_s", xerr="sampling_tokens_per_s_sd",
-                              frontier=False))
+                              frontier=False, response=response))
     return images

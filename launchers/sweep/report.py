@@ -75,12 +75,13 @@ def _seed_offsets(points: Sequence[dict]) -> list[str]:
             "valid_nelbo_paired_se), while the fits' bootstrap counts the offset in full."]
 
 
-def _findings(points, fits, reduced, validation, optimal, best, baselines) -> list[str]:
+def _findings(points, fits, reduced, validation, optimal, best, baselines, label
+              ) -> list[str]:
     z = f"{analysis.Z:g}"
-    lines = [f"Two numbers differ *beyond noise* when they differ by more than {z} standard "
+    lines = [f"The response is **{label}** (lower is better). Two numbers differ *beyond noise* when they differ by more than {z} standard "
              "errors of their difference; everything else is a tie. Points run with the same "
              "seeds are compared paired (a seed shifts every point alike, see **Seeds**), "
-             "others from their own standard errors. NELBO values are ± one standard error of "
+             "others from their own standard errors. Values are ± one standard error of "
              "the mean over seeds; differences ± their standard error.", ""]
     by_name = {p["point"]: p for p in points}
     for row in best:
@@ -157,9 +158,56 @@ def _findings(points, fits, reduced, validation, optimal, best, baselines) -> li
     return lines
 
 
+def _two_step(two_step, loss: str) -> list[str]:
+    """OLMo's two-step prediction, per accuracy metric (``analysis.two_step``)."""
+    lines = ["## Two-step prediction (loss, then task accuracy)\n",
+             f"As OLMo's ladder: step 1, the joint fit of {loss} without the largest points "
+             "(the leave-largest-out fit above, on that loss); step 2, task accuracy as a "
+             "sigmoid of the loss, acc = b + a / (1 + exp(k (L - L0))), fitted over the other "
+             "points' runs; chained, the accuracy predicted at each held-out point, with a 95% "
+             "bootstrap interval (each step-1 draw through one step-2 draw). *Step 2 alone*: "
+             "the sigmoid at the point's measured loss.\n"]
+    for name, curve, rows in two_step:
+        if curve.identified:
+            parts = ", ".join(f"{k} {curve.params[k]:.3g} [{lo:.3g}, {hi:.3g}]"
+                              for k in FORMS["sigmoid"] for lo, hi in [curve.ci(k)])
+            lines.append(f"* **{name}**: step 2 identified over {curve.n} runs: {parts}.")
+        else:
+            lines.append(f"* **{name}**: step 2 **not identified** ({curve.reason}): no "
+                         "prediction.")
+        for row in rows:
+            text = f"  * {row['point']}: measured {_pm(row['measured'], row['measured_se'])}"
+            if "step2_predicted" in row:
+                text += (f"; step 2 alone {row['step2_predicted']:.4f} "
+                         f"[{row['step2_ci_low']:.4f}, {row['step2_ci_high']:.4f}]")
+            if "predicted" in row:
+                verdict = "within" if abs(row["error_in_se"]) <= analysis.Z else "beyond"
+                text += (f"; chained (loss {row['predicted_loss']:.4f}) {row['predicted']:.4f} "
+                         f"[{row['predicted_ci_low']:.4f}, {row['predicted_ci_high']:.4f}]: "
+                         f"error {row['error']:+.4f} = {row['error_in_se']:+.2f} SE ({verdict} "
+                         "noise)")
+            elif curve.identified:
+                text += f"; chained: **not identified** ({row['note']})"
+            lines.append(text + ".")
+    return lines
+
+
+def _points_table(points: Sequence[dict], columns: Sequence[str], label: str) -> str:
+    """The points' table; its ``valid_nelbo`` columns named ``response`` when they hold
+    another metric (``collect.response_points``)."""
+    if label == analysis.NELBO:
+        return markdown(points, columns)
+    names = [c.replace("valid_nelbo", "response") for c in columns]
+    return (f"response: {label}\n\n"
+            + markdown([{n: p.get(c) for n, c in zip(names, columns, strict=True)}
+                        for p in points], names))
+
+
 def write_report(spec, out: Path, points: Sequence[dict], runs: Sequence[dict],
                  missing: Sequence[str], fits, reduced: Fit | None, validation, optimal, best,
-                 baselines, images: Sequence[str]) -> None:
+                 baselines, images: Sequence[str], label: str = analysis.NELBO,
+                 failures: Sequence[str] = (), two_step: Sequence = (),
+                 loss: str = "valid_nelbo") -> None:
     columns = ("point", "variant", "decoder_layers", "runs", "train_flops", "valid_nelbo",
                "valid_nelbo_se", "valid_nelbo_eval_se", "sampling_flops_per_token",
                "sampling_tokens_per_s", "sampling_tokens_per_s_sd")
@@ -168,12 +216,16 @@ def write_report(spec, out: Path, points: Sequence[dict], runs: Sequence[dict],
               f"({spec.seeds} seed(s) per point), {len(points)} points.\n"]
     if missing:
         report.append("**Not finished (left out)**: " + ", ".join(missing) + "\n")
+    if failures:
+        report.append("**Evaluations that FAILED** (their metrics are missing for these runs; "
+                      "the next collect tries again):\n\n" + "\n".join(f"* {f}" for f in failures)
+                      + "\n")
     report += ["## What is significant\n",
                "\n".join(_findings(points, fits, reduced, validation, optimal, best,
-                                   baselines)) + "\n",
-               "## Points\n", markdown(points, columns),
-               "## Fits\n", "Single axis: NELBO = E + A·(x/x0)^-alpha per budget, never pooled; "
-               "joint: NELBO = E + A·(N/N0)^-alpha + B·(D/D0)^-beta over non-embedding "
+                                   baselines, label)) + "\n",
+               "## Points\n", _points_table(points, columns, label),
+               "## Fits\n", "Single axis: response = E + A·(x/x0)^-alpha per budget, never pooled; "
+               "joint: response = E + A·(N/N0)^-alpha + B·(D/D0)^-beta over non-embedding "
                "parameters N and training tokens D. x0, N0, D0: the geometric means of the data "
                "(fits.csv). Huber loss on log residuals, L-BFGS-B from a grid of starts; "
                "intervals: bootstrap over the runs within each point.\n", fit_table(fits),
@@ -181,5 +233,7 @@ def write_report(spec, out: Path, points: Sequence[dict], runs: Sequence[dict],
                markdown(best, list(best[0]) if best else ["group"])]
     if baselines:
         report += ["## Baselines\n", markdown(baselines, list(baselines[0]))]
+    if two_step:
+        report += ["\n".join(_two_step(two_step, loss)) + "\n"]
     report += ["## Figures\n", *[f"![{Path(p).stem}]({p})\n" for p in images]]
     write_text_atomic(out / "report.md", "\n".join(report))

@@ -20,6 +20,18 @@ A spec is a YAML file::
     sampling_tokens: 1.0e12             # optional: tokens the model will generate over its
                                         #   life (compute-optimal depth with sampling cost)
     output: runs/sweeps/dec-depth       # default: runs/sweeps/<name> (relative to the cwd)
+    eval:                               # optional: metrics beyond the run's own NELBO,
+      corpora:                          #   computed by `e2d2 sweep collect` per finished run
+        kjv-valid: {data: data/kjv}     #   `e2d2 eval` -> <corpus>_nelbo (data relative to
+        owt: {data: [a.jsonl, b.jsonl], #   the cwd, as data.path; split, convention, draws,
+              convention: document,     #   max_sequences as `e2d2 eval`'s options)
+              max_sequences: 256}
+      tasks: [kjv_cloze]                # `e2d2 lm-eval` tasks -> <task>_<metric> (acc, ...)
+      task_args: {mc_draws: 4, limit: 200}  # mc_draws, limit, num_fewshot, batch_size,
+                                        #   include_path (lm-eval's options)
+      ema: false                        # evaluate the EMA weights (both kinds)
+      overrides: [parallel.pipeline_parallel=1]  # `e2d2 eval`'s section.key=value (layout)
+      nproc_per_node: 1                 # `e2d2 eval`'s ranks per run
     slurm:                              # per point job (`e2d2 submit`'s options)
       nodes: 1
       gpus_per_node: 8
@@ -28,7 +40,9 @@ A spec is a YAML file::
 
 Everything is checked when the spec is loaded: an unknown key is named, an empty grid is
 refused, and each point is validated as a full run config (and its layout on the job's
-world size); an invalid point is named with its config error. Each grid point runs
+world size); an invalid point is named with its config error. The ``eval`` section is
+checked too (unknown keys named; a corpus needs ``data``); its data paths are read by
+``collect``, which names a missing one before it evaluates anything. Each grid point runs
 ``seeds`` times: run ``i`` (grid order, then seed) is grid point ``<point>`` with seed ``k``
 and trains in ``OUTPUT/points/<point>-seed<k>``.
 """
@@ -36,6 +50,7 @@ and trains in ``OUTPUT/points/<point>-seed<k>``.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +74,42 @@ AXES: dict[str, tuple[str, str]] = {
 }
 BUDGET_AXES = ("train_tokens", "train_flops")  # axes that set train.steps
 SPEC_KEYS = ("name", "base", "overrides", "grid", "seeds", "baselines", "sampling_tokens",
-             "output", "slurm")
+             "output", "slurm", "eval")
 SLURM_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "time", "partition",
               "account", "mem", "exclusive", "setup", "array")
+
+EVAL_KEYS = ("corpora", "tasks", "task_args", "ema", "overrides", "nproc_per_node")
+CORPUS_KEYS = ("data", "split", "convention", "draws", "max_sequences")
+TASK_ARGS = ("mc_draws", "limit", "num_fewshot", "batch_size", "include_path")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """One held-out corpus of the ``eval`` section: ``e2d2 eval``'s options."""
+
+    name: str  # its metric is "<name>_nelbo"
+    data: tuple[str, ...]  # absolute paths
+    split: str = "valid"
+    convention: str = "packed"
+    draws: int | None = None  # default: the run's train.eval_draws
+    max_sequences: int | None = None
+
+    @property
+    def metric(self) -> str:
+        return f"{self.name}_nelbo"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The spec's ``eval`` section (module docstring); empty when the spec has none."""
+
+    corpora: tuple[Corpus, ...] = ()
+    tasks: tuple[str, ...] = ()
+    task_args: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs of TASK_ARGS
+    ema: bool = False
+    overrides: tuple[str, ...] = ()
+    nproc_per_node: int = 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +141,7 @@ class SweepSpec:
     points: tuple[Point, ...]  # every run
     seeds: int = 1
     sampling_tokens: float = 0.0
+    evals: EvalSpec = EvalSpec()
 
     @property
     def results_dir(self) -> Path:
@@ -204,6 +253,68 @@ def _baselines(where: str, raw: Any) -> dict[str, list[str]]:
     return {str(name): list(v) for name, v in raw.items()}
 
 
+def _corpus(where: str, name: Any, raw: Any) -> Corpus:
+    where = f"{where} [eval.corpora.{name}]"
+    if not _NAME.match(str(name)):
+        raise ConfigError(f"{where}: a corpus name is letters, digits, '_', '.' or '-' (it "
+                          "names the metric <name>_nelbo)")
+    if not isinstance(raw, Mapping) or "data" not in raw:
+        raise ConfigError(f"{where}: expected a mapping with data: PATH (or a list of paths), "
+                          "e.g. {data: data/kjv, split: valid}")
+    _unknown(where, raw, CORPUS_KEYS)
+    data = raw["data"] if isinstance(raw["data"], list) else [raw["data"]]
+    if not data or not all(isinstance(d, str) and d for d in data):
+        raise ConfigError(f"{where}: data is a path or a list of paths, got {raw['data']!r}")
+    choices = {"split": ("valid", "train"), "convention": ("packed", "document")}
+    for key, valid in choices.items():
+        if raw.get(key, valid[0]) not in valid:
+            raise ConfigError(f"{where}: {key}={raw[key]!r}; choose one of {list(valid)}")
+    counts = {key: None if raw.get(key) is None else _int_value(f"{where} {key}", raw[key])
+              for key in ("draws", "max_sequences")}
+    return Corpus(str(name), tuple(str(Path(d).resolve()) for d in data),
+                  raw.get("split", "valid"), raw.get("convention", "packed"), **counts)
+
+
+def _eval_spec(where: str, raw: Any) -> EvalSpec:
+    if raw is None:
+        return EvalSpec()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} [eval]: expected a mapping with keys {list(EVAL_KEYS)}")
+    _unknown(f"{where} [eval]", raw, EVAL_KEYS)
+    corpora = raw.get("corpora") or {}
+    if not isinstance(corpora, Mapping):
+        raise ConfigError(f"{where} [eval.corpora]: expected name: {{data: PATH, ...}}")
+    tasks = raw.get("tasks") or []
+    tasks = [tasks] if isinstance(tasks, str) else tasks
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and _NAME.match(t)
+                                              for t in tasks):
+        raise ConfigError(f"{where} [eval.tasks]: expected a list of lm-eval task names, e.g. "
+                          "[kjv_cloze]")
+    task_args = raw.get("task_args") or {}
+    if not isinstance(task_args, Mapping):
+        raise ConfigError(f"{where} [eval.task_args]: expected a mapping, e.g. "
+                          "{mc_draws: 4, limit: 200}")
+    _unknown(f"{where} [eval.task_args]", task_args, TASK_ARGS)
+    args = {}
+    for key, value in task_args.items():
+        if key == "include_path":
+            args[key] = str(Path(str(value)).resolve())
+        elif key == "num_fewshot" and value == 0:  # the one count that may be 0
+            args[key] = 0
+        else:
+            args[key] = _int_value(f"{where} [eval.task_args] {key}", value)
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{where} [eval.overrides]: expected a list of section.key=value "
+                          "strings for `e2d2 eval` (e.g. - parallel.pipeline_parallel=1)")
+    if not isinstance(raw.get("ema", False), bool):
+        raise ConfigError(f"{where} [eval]: ema={raw['ema']!r}; expected true or false")
+    metrics = [_corpus(where, name, c) for name, c in corpora.items()]
+    return EvalSpec(tuple(metrics), tuple(dict.fromkeys(tasks)), tuple(sorted(args.items())),
+                    raw.get("ema", False), tuple(overrides),
+                    _int_value(f"{where} [eval] nproc_per_node", raw.get("nproc_per_node", 1)))
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read, expand and validate a sweep spec (see the module docstring)."""
     path = Path(path).resolve()
@@ -257,5 +368,6 @@ def load_spec(path: str | Path) -> SweepSpec:
             except ConfigError as exc:
                 raise ConfigError(f"{label} is invalid: {exc}") from None
             points.append(Point(len(points), run_name, point_name, k, values, config, baseline))
+    evals = _eval_spec(where, raw.get("eval"))
     return SweepSpec(path, name, base_path, output, resources, array, grid, tuple(points),
-                     seeds, sampling_tokens)
+                     seeds, sampling_tokens, evals)
