@@ -325,12 +325,12 @@ def test_collect_evaluates_a_real_run_once_and_again_when_its_step_or_the_spec_c
     monkeypatch.setattr(evals, "_run", lambda command: (commands.append(command[0]),
                                                          real_run(command))[1])
 
-    def collect(**changes):
+    def collect(failing: bool = False, **changes):
         spec = yaml.safe_load(path.read_text())
         spec["eval"]["corpora"]["kjv"] |= changes
         path.write_text(yaml.safe_dump(spec))
         commands.clear()
-        assert main(["sweep", "collect", str(path), "--draws", "20"]) == 0
+        assert main(["sweep", "collect", str(path), "--draws", "20"]) == (1 if failing else 0)
         row, = csv.DictReader((tmp_path / "out" / "results" / "runs.csv").open())
         return row, list(commands)
 
@@ -352,7 +352,7 @@ def test_collect_evaluates_a_real_run_once_and_again_when_its_step_or_the_spec_c
 
     bad = tmp_path / "bad.txt"
     bad.write_text("")  # no text at all: `e2d2 eval` refuses it
-    row, ran = collect(data=str(bad))
+    row, ran = collect(failing=True, data=str(bad))
     out = capsys.readouterr().out
     assert ran == ["eval"] and row["kjv_nelbo"] == "nan"
     assert "1 evaluation(s) FAILED" in out and "dec1-seed0: corpus kjv: e2d2 eval exit code" in out

@@ -156,6 +156,25 @@ def test_the_spec_passes_sbatch_resources_and_the_config_environment_to_its_jobs
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
 
 
+def test_the_collect_job_gets_what_its_evaluations_need(tmp_path):
+    import shlex
+
+    from launchers.sweep.submit import _collect_options
+
+    plain = _collect_options(load_spec(write_spec(tmp_path)), [])
+    assert "--time=01:00:00" in plain and not any(o.startswith("--gpus") for o in plain)
+    assert plain[-1].startswith("--wrap=") and "bash" not in plain[-1]
+    spec = load_spec(write_spec(tmp_path, eval={"tasks": ["kjv_cloze"], "nproc_per_node": 2},
+                                slurm={"gpus_per_node": 8, "time": "04:00:00",
+                                       "setup": "module load cuda"}))
+    options = _collect_options(spec, [])
+    assert "--time=04:00:00" in options and "--gpus-per-node=2" in options
+    bash, flag, script = shlex.split(options[-1].removeprefix("--wrap="))
+    assert (bash, flag) == ("bash", "-c")
+    *_, setup, collect = script.splitlines()
+    assert setup.startswith("module load cuda || {") and collect.endswith(f"collect {spec.path}")
+
+
 def test_the_eval_section_becomes_corpora_tasks_and_their_arguments(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # corpus data is relative to the cwd, as data.path
     spec = load_spec(write_spec(tmp_path, eval={

@@ -32,8 +32,9 @@ def _collect(args: argparse.Namespace) -> int:
     from launchers.sweep.collect import collect
     from launchers.sweep.spec import load_spec
 
-    print(collect(load_spec(args.spec), draws=args.draws, metric=args.metric))
-    return 0
+    summary, failures = collect(load_spec(args.spec), draws=args.draws, metric=args.metric)
+    print(summary)
+    return 1 if failures else 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -275,13 +275,15 @@ def check_metric_name(spec: SweepSpec, name: str) -> None:
                         f"(tasks: {list(spec.evals.tasks)}) from the spec's eval section")
 
 
-def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> str:
-    """Write the results (module docstring); return a one-line summary."""
+def collect(spec: SweepSpec, draws: int = 1000,
+            metric: str = "valid_nelbo") -> tuple[str, list[str]]:
+    """Write the results (module docstring); return a one-line summary and the evaluations
+    that failed (``e2d2 sweep collect`` then exits 1: a script sees it)."""
     out = spec.results_dir
     check_metric_name(spec, metric)
     runs, missing = run_rows(spec)
     if not runs:
-        return f"sweep {spec.name}: no finished run yet; not done: {', '.join(missing)}"
+        return f"sweep {spec.name}: no finished run yet; not done: {', '.join(missing)}", []
     metrics, failures, ran = evaluate_runs(spec, runs)
     response = choose_metric(metric, metrics)
     base = point_rows(runs, [m.name for m in metrics])
@@ -346,7 +348,7 @@ def collect(spec: SweepSpec, draws: int = 1000, metric: str = "valid_nelbo") -> 
     evaluated = f", {ran} evaluation(s) run" if metrics or failures else ""
     return (f"sweep {spec.name}: {len(runs)}/{len(spec.points)} runs, {len(points)} points, "
             f"response {label}, {identified}/{len(fits)} fits identified{evaluated}; report "
-            f"{out / 'report.md'}{failed}")
+            f"{out / 'report.md'}{failed}"), failures
 
 
 def response_label(metric: Metric) -> str:

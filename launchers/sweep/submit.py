@@ -24,6 +24,7 @@ from launchers.config import save_run_config
 from launchers.submit import (
     config_env,
     e2d2_command,
+    environment_setup,
     job_setup,
     render_pretrain,
     require_sbatch,
@@ -103,8 +104,15 @@ def _point_scripts(spec: SweepSpec, points: list[Point]) -> list[tuple[str, str 
 
 
 def _collect_options(spec: SweepSpec, wait_for: list[str]) -> list[str]:
-    options = [f"--job-name=sweep-{spec.name}-collect", "--ntasks=1", "--time=01:00:00",
+    """sbatch's options for the collect job. With an ``eval`` section it runs every run's
+    evaluations, so it gets the points' time limit and, on a GPU cluster, the GPUs of one
+    evaluation (``eval.nproc_per_node``); the points' ``setup`` prepares its shell too."""
+    evaluates = bool(spec.evals.corpora or spec.evals.tasks)
+    options = [f"--job-name=sweep-{spec.name}-collect", "--ntasks=1",
+               f"--time={spec.resources.time if evaluates else '01:00:00'}",
                f"--output={spec.output / 'logs' / '%x-%j.log'}"]
+    if evaluates and spec.resources.gpus_per_node:
+        options.append(f"--gpus-per-node={spec.evals.nproc_per_node}")
     if wait_for:
         options.append("--dependency=afterok:" + ":".join(sorted({j.split("_")[0]
                                                                   for j in wait_for})))
@@ -113,6 +121,9 @@ def _collect_options(spec: SweepSpec, wait_for: list[str]) -> list[str]:
     if spec.resources.account:
         options.append(f"--account={spec.resources.account}")
     collect = shlex.join([*e2d2_command(), "sweep", "collect", str(spec.path)])
+    setup = environment_setup(spec.resources, {})
+    if setup:  # `source` and the setup's own syntax are bash's; --wrap runs sh
+        collect = shlex.join(["bash", "-c", f"{setup}\n{collect}"])
     return [*options, f"--wrap={collect}"]
 
 
@@ -201,5 +212,5 @@ def submit_local(spec: SweepSpec, jobs: int = 1) -> list[str]:
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         messages += list(pool.map(run, points))
-    messages.append(collect(spec))
+    messages.append(collect(spec)[0])
     return messages
