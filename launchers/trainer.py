@@ -298,8 +298,10 @@ class _Trainer:
                                                                   cfg.train)
         self.params = [m.param for stage in self.stages for m in param_maps(stage)]
         # fp32 even for bf16 weights: a bf16 average would drop updates of (1 - decay) ~ 1e-4.
-        self.ema = ([p.detach().float() for p in self.params] if cfg.train.ema_decay > 0
-                    else None)
+        # A copy always: `.float()` of an fp32 parameter is the parameter itself, and an EMA
+        # aliasing the weights is just the weights.
+        self.ema = ([p.detach().to(torch.float32, copy=True) for p in self.params]
+                    if cfg.train.ema_decay > 0 else None)
 
     def _restore(self, candidates: list[Path]) -> TrainState:
         if not candidates:

@@ -12,7 +12,7 @@ from pathlib import Path
 from megatron.core.distributed import DistributedDataParallel
 
 from e2d2.config import ModelConfig
-from megatron_ext.checkpoint import load_init
+from megatron_ext.checkpoint import load, load_init
 from megatron_ext.layout import ParallelConfig
 from megatron_ext.mapping import initialize_at_seed
 from megatron_ext.model import ParallelDiffusionLM, build_chunks
@@ -26,18 +26,27 @@ def build_engine(
     seed: int = 0,
     init: str | Path | None = None,
     init_strict: bool = True,
+    trained: tuple[str | Path, str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[ParallelDiffusionLM], list[DistributedDataParallel]]:
     """``(stages, chunks)`` of this rank: the unwrapped stages (the handles for the name
     mapping and checkpoints) and the same parameters wrapped for training.
 
     The weights are the checkpoint ``init``'s (`megatron_ext.checkpoint.load_init`: one that
-    holds every weight of this model and nothing else, unless ``init_strict`` is False), else
-    the reference model's at ``seed``, drawn shard by shard so that only this rank's shards
-    are ever in memory. ``log`` gets one line saying where they came from. Call inside
+    holds every weight of this model and nothing else, unless ``init_strict`` is False), or a
+    trained checkpoint's, ``trained = (directory, prefix)``: its model (``MODEL_PREFIX``) or
+    EMA (``EMA_PREFIX``) tensors as they are, nothing drawn first (an evaluation); else the
+    reference model's at ``seed``, drawn shard by shard so that only this rank's shards are
+    ever in memory. ``log`` gets one line saying where they came from. Call inside
     ``megatron_layout(parallel)``."""
+    if init is not None and trained is not None:
+        raise ValueError("build_engine takes init or trained weights, not both")
     stages = build_chunks(cfg, parallel)
-    if init is not None:
+    if trained is not None:
+        directory, prefix = trained
+        load(stages, str(directory), prefix)
+        source = f"the {prefix.rstrip('.')} tensors of {directory}"
+    elif init is not None:
         source = load_init(stages, cfg, init, strict=init_strict, seed=seed).describe(seed)
     else:
         for stage in stages:

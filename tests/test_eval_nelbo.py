@@ -137,6 +137,31 @@ def test_eval_on_the_runs_own_validation_data_reproduces_its_last_evaluation(run
     assert written[-1] == result
 
 
+@pytest.mark.slow
+def test_ema_evaluation_reproduces_the_runs_last_evaluation_of_its_ema(run, tmp_path):
+    # A run that keeps an EMA evaluates with it; `e2d2 eval --ema` reads only the checkpoint's
+    # EMA tensors (nothing drawn first) and must give the same number.
+    _, data, _ = run
+    config = write_config(tmp_path / "ema.yaml", run={"dir": str(tmp_path / "run")},
+                          data={"path": str(data)},
+                          train={"steps": 2, "eval_draws": 1, "ema_decay": 0.5})
+    done = run_pretrain(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")
+            if '"nelbo"' in line][-1]
+    cmd = [sys.executable, "-m", "launchers.cli", "eval", str(tmp_path / "run"), "--data",
+           str(data), "--max-sequences", str(last["eval_sequences"]), "--json"]
+    ema = subprocess.run([*cmd, "--ema"], capture_output=True, text=True, timeout=300)
+    assert ema.returncode == 0, ema.stderr[-3000:]
+    assert json.loads(ema.stdout.splitlines()[-1])["nelbo"] == pytest.approx(last["nelbo"], abs=1e-6)
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert abs(json.loads(plain.stdout.splitlines()[-1])["nelbo"] - last["nelbo"]) > 1e-4
+    # the run without an EMA: one clear error
+    none = subprocess.run([*cmd[:4], str(run[0]), *cmd[5:], "--ema"], capture_output=True,
+                          text=True, timeout=300)
+    assert none.returncode == 2 and "the run kept no EMA" in none.stderr, none.stderr[-2000:]
+
+
 def test_bad_input_is_one_clear_error(tmp_path):
     from launchers.cli import main
 

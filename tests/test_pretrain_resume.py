@@ -62,9 +62,11 @@ LAYOUTS = {
     # The fp32 main weights (and moments) of megatron's mixed-precision optimizer and of the
     # distributed optimizer round-trip: bf16 weights alone would not repeat the run.
     "single-bf16": (1, ["train.precision=bf16"]),
+    # An EMA (fp32, apart from the weights): the final evaluation reads it.
+    "single-ema": (1, ["train.ema_decay=0.5"]),
     "dp2-distopt-bf16": (2, ["parallel.use_distributed_optimizer=true", "train.precision=bf16"]),
 }
-KILLED = ["single", "tp2", "pp2", "single-bf16", "dp2-distopt-bf16"]
+KILLED = ["single-ema", "tp2", "pp2", "single-bf16", "dp2-distopt-bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,12 @@ def test_resume_after_kill_9_repeats_the_losses_bitwise(layout, setup, straight,
     assert sorted(losses) == list(range(1, STEPS + 1))  # records after the checkpoint replaced
     for step in range(resumed_from + 1, STEPS + 1):
         assert losses[step] == reference[step], (step, losses[step], reference[step])
+    # the final evaluation: the weights, or the EMA where one is kept, resumed exactly
+    assert _final_nelbo(run_dir) == _final_nelbo(straight(layout))
+
+
+def _final_nelbo(run_dir: Path) -> float:
+    return [r["nelbo"] for r in records(run_dir) if "nelbo" in r][-1]
 
 
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(setup, straight, tmp_path):

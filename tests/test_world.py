@@ -90,22 +90,20 @@ def test_inconsistent_variables_are_one_clear_error(env, fragment):
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
-def test_a_world_of_one_leaves_the_environment_as_it_found_it(monkeypatch):
+def test_a_world_of_one_leaves_the_environment_as_it_found_it():
     # A process that starts a world of one in-process (e2d2 sample, eval, a test) and later
-    # launches srun or mpirun must not hand its children a torchrun world of one.
-    import torch
-
-    from launchers.world import init_world, world_of_one
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    before = dict(os.environ)
-    init_world(world_of_one("local"))
-    try:
-        assert torch.distributed.get_world_size() == 1
-        assert dict(os.environ) == before
-    finally:
-        torch.distributed.destroy_process_group()
+    # launches srun or mpirun must not hand its children a torchrun world of one. A fresh
+    # interpreter: this test process may hold a world already.
+    code = ("import os, torch; before = dict(os.environ); "
+            "from launchers.world import init_world, world_of_one; "
+            "init_world(world_of_one('local')); assert torch.distributed.get_world_size() == 1; "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

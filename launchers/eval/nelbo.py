@@ -148,8 +148,7 @@ def _evaluate(args, found, cfg, tokenizer) -> dict | None:
                      block_size=cfg.model.diffusion_block_size, convention=args.convention,
                      split=args.split, seed=cfg.run.seed, cache_dir=cache).head(args.max_sequences)
     with megatron_layout(parallel, seed=cfg.run.seed, get_embedding_ranks=plan.get_embedding_ranks):
-        stages, chunks = build_engine(cfg.model, parallel, seed=cfg.run.seed)
-        engine_checkpoint.load(stages, found.directory, prefix)  # as a resume loads its model
+        stages, chunks = build_engine(cfg.model, parallel, trained=(found.directory, prefix))
         micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // parallel.data_parallel)
         nats = engine_nats(chunks, objective, rows, draws, cfg.run.seed, micro,
                            stages[0].stream_length(), progress=rank == 0 and sys.stderr.isatty())
