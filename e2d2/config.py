@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from e2d2.errors import ConfigError, require
+from e2d2.noise import get_schedule
 from e2d2.variants import PLANS, VariantPlan
 
 Variant = Literal["e2d2", "e2d2_shared_kv", "bd3lm", "mdlm", "ar"]
@@ -175,8 +176,6 @@ class DiffusionConfig:
         require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         require(self.loss_weighting in LOSS_WEIGHTINGS,
                  f"unknown loss_weighting {self.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
-        from e2d2.noise import get_schedule
-
         get_schedule(self.schedule, **self.schedule_kwargs)  # validates the kwargs now
 
 

@@ -80,11 +80,17 @@ class _ParallelSectionRules:
         return dataclasses.replace(parallel, encoder_pipeline_stages=k)
 
 
+def is_first_rank() -> bool:
+    """Whether this process is its launcher's first rank (torchrun's ``RANK``, srun's
+    ``SLURM_PROCID``; a lone process is), read before any rendezvous: start-up notes that every
+    rank would print alike are printed by it alone."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def _note(message: str) -> None:
-    """A start-up note, printed once (by the first rank) rather than by every rank."""
     import sys
 
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if is_first_rank():
         print(f"note: {message}", file=sys.stderr)
 
 

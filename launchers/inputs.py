@@ -5,7 +5,6 @@ directories, their tokenizer, and the tokenizer's fit to the model (`e2d2 pretra
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from data_tools.tokenizer import E2D2Tokenizer, load_tokenizer
 from data_tools.verify import verify_directory
 from e2d2.config import ModelConfig
 from e2d2.errors import UserError
-from launchers.config import RunConfig
+from launchers.config import RunConfig, is_first_rank
 
 
 def _check_directory(path: Path) -> None:
@@ -50,7 +49,7 @@ def load_run_tokenizer(cfg: RunConfig) -> E2D2Tokenizer:
     check_vocabulary(tokenizer, cfg.model, str(paths[0]))
     for path in paths:  # the cheap verification: sizes, counts, the recorded largest id
         verified = verify_directory(path, cfg.model.vocab_size, cfg.model.mask_token_id)
-        if os.environ.get("RANK", "0") == "0":
+        if is_first_rank():
             for note in verified.notes:
                 print(f"e2d2 pretrain: note: {note}", file=sys.stderr)
     return tokenizer
