@@ -51,7 +51,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     from torch.distributed import TCPStore
 
     if STOP.code():  # signalled while the launcher itself started
-        print(f"e2d2 pretrain: {describe(STOP.code())} before the ranks started; exiting with "
+        print(f"e2d2 {argv[0]}: {describe(STOP.code())} before the ranks started; exiting with "
               f"code {STOP.code()}", file=sys.stderr)
         return STOP.code()
     # Alive until every rank has exited: the ranks' process groups live on it.

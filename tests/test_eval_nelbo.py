@@ -123,6 +123,18 @@ def test_every_layout_gives_the_single_process_number(layouts, layout, conventio
 
 
 @pytest.mark.slow
+def test_the_local_launcher_gives_the_single_process_number(run, layouts):
+    # `e2d2 eval --nproc-per-node 2`: the launcher's ranks (DP2) through the command line
+    run_dir, data, _ = run
+    done = subprocess.run([sys.executable, "-m", "launchers.cli", "eval", str(run_dir), "--data",
+                           str(data), "--draws", "2", "--json", "--nproc-per-node", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["nelbo"] == pytest.approx(layouts["single", "packed"]["nelbo"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_eval_on_the_runs_own_validation_data_reproduces_its_last_evaluation(run):
     run_dir, data, _ = run
     last = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"nelbo"' in line][-1]

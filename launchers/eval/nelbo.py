@@ -82,7 +82,7 @@ def _command(args: argparse.Namespace) -> int:
             if value is not None:
                 argv += [flag, str(value)]
         argv += ["--ema"] * args.ema + ["--json"] * args.json
-        return launch_local(args.nproc_per_node, argv, preempted_code=75)
+        return launch_local(args.nproc_per_node, argv)
     return evaluate(args, *setup)
 
 
