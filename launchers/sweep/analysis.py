@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from launchers.sweep.fit import Fit, fit, fit_sigmoid, sigmoid
+from launchers.sweep.fit import Fit, Z, fit, fit_sigmoid, sigmoid
 
-Z = 2.0  # about a 95% two-sided test of a difference
 NELBO = "validation NELBO (nats/token)"  # the default response's label
 # single-axis fits: x -> its label; each is fitted per value of the axes it does not vary with
 FIT_AXES = {"decoder_layers": "decoder layers", "non_embedding_params": "non-embedding parameters",

@@ -48,7 +48,7 @@ from launchers.sweep import analysis, plots
 from launchers.sweep.bench import NEW_BLOCKS, PROMPT_BLOCKS, RESULT_FILE
 from launchers.sweep.evals import VALID_NELBO, Metric, evaluate_runs
 from launchers.sweep.fit import FORMS
-from launchers.sweep.report import markdown, write_report
+from launchers.sweep.report import markdown, response_named, write_report
 from launchers.sweep.spec import AXES, BUDGET_AXES, Point, SweepSpec
 from launchers.sweep.status import SUMMARY_FILE, sweep_status
 
@@ -140,8 +140,7 @@ def point_rows(runs: Sequence[dict], metrics: Sequence[str] = ()) -> list[dict]:
                        "flops_axis": _label(values, [a for a in AXES if a not in BUDGET_AXES]),
                        "joint": _label(values, [a for a in others if a not in BUDGET_AXES])},
         })
-    _set_response(points, [[(s, v, e) for s, v, e in p["samples"]["valid_nelbo"]]
-                           for p in points])
+    _set_response(points, [p["samples"]["valid_nelbo"] for p in points])
     return points
 
 
@@ -157,7 +156,7 @@ def response_points(points: Sequence[dict], metric: Metric) -> list[dict]:
     kept = [(dict(p), mine) for p, mine in zip(points, samples, strict=True) if mine]
     if metric.higher_is_better:
         values = [v for _, mine in kept for _, v, _ in mine]
-        if values and not 0 <= min(values) <= max(values) <= 1:
+        if values and not _fractions(values):
             raise UserError(f"--metric {metric.name} is higher-is-better and not within "
                             "[0, 1]: it has no lower-is-better form (1 - value) to fit; "
                             "choose a loss or an accuracy")
@@ -241,11 +240,9 @@ def _fit_rows(fits: Sequence[analysis.ScalingFit]) -> list[dict]:
             for f in fits]
 
 
-def _named(rows: Sequence[dict], response: Metric) -> str:
-    """A table of the comparisons, whose ``valid_nelbo`` columns are named ``response`` when
-    they hold another metric."""
-    if response is not VALID_NELBO:
-        rows = [{k.replace("valid_nelbo", "response"): v for k, v in r.items()} for r in rows]
+def _named(rows: Sequence[dict], label: str) -> str:
+    """A table of the comparisons (``report.response_named``)."""
+    rows = response_named(rows, label)
     return _csv(rows, list(rows[0]) if rows else ["group"])
 
 
@@ -253,7 +250,13 @@ def is_accuracy(metric: Metric, runs: Sequence[dict]) -> bool:
     """Higher is better and every run's value is within [0, 1]: step 2 of the two-step
     prediction applies."""
     values = [r[metric.name] for r in runs if np.isfinite(r[metric.name])]
-    return metric.higher_is_better and bool(values) and 0 <= min(values) <= max(values) <= 1
+    return metric.higher_is_better and bool(values) and _fractions(values)
+
+
+def _fractions(values: Sequence[float]) -> bool:
+    """Whether every value lies in [0, 1]: a higher-is-better metric so bounded is an
+    accuracy, analysed as its error ``1 - value``."""
+    return 0 <= min(values) <= max(values) <= 1
 
 
 def choose_metric(name: str, metrics: Sequence[Metric]) -> Metric:
@@ -286,6 +289,7 @@ def collect(spec: SweepSpec, draws: int = 1000,
         return f"sweep {spec.name}: no finished run yet; not done: {', '.join(missing)}", []
     metrics, failures, ran = evaluate_runs(spec, runs)
     response = choose_metric(metric, metrics)
+    label = response_label(response)
     base = point_rows(runs, [m.name for m in metrics])
     extra = metric_columns(base, metrics)
     points = response_points(base, response)
@@ -320,8 +324,8 @@ def collect(spec: SweepSpec, draws: int = 1000,
         "points.md": markdown(base, [*POINT_COLUMNS, *extra]),
         "fits.csv": _csv(fit_rows, fit_columns),
         "fits.json": json.dumps(fit_rows, indent=2) + "\n",
-        "best_depth.csv": _named(best, response),
-        "baselines.csv": _named(baselines, response),
+        "best_depth.csv": _named(best, label),
+        "baselines.csv": _named(baselines, label),
         "validation.csv": _csv(validation, ["point", "train_flops", "measured", "measured_se",
                                             "predicted", "predicted_ci_low",
                                             "predicted_ci_high", "error", "error_in_se"]),
@@ -335,7 +339,6 @@ def collect(spec: SweepSpec, draws: int = 1000,
         files["two_step_fits.json"] = json.dumps(step2, indent=2) + "\n"
     for name, text in files.items():
         write_text_atomic(out / name, text)
-    label = response_label(response)
     images = plots.write_all(out, points, fits, analysis.FIT_AXES, label)
     images += [plots.two_step_plot(out, base, loss.name, name, curve, rows)
                for name, curve, rows in two_step]

@@ -3,10 +3,11 @@ corpus and one ``e2d2 lm-eval`` per run for the tasks, as subprocesses (a failur
 run; the commands are the ones a user runs).
 
 Each result is stored in ``RUN/sweep_eval.json`` under a key of the run's checkpoint step and
-the evaluation's settings (the corpus's options, or the task and ``task_args``; ``ema`` and
-``overrides`` for both): a second collect reads it, a run trained further or a changed
-``eval`` section evaluates again. ``nproc_per_node`` is not in the key: every layout gives the
-same number (docs/eval.md).
+the evaluation's settings (the corpus's options, ``ema`` and ``overrides``; or the task,
+``task_args`` and ``ema``: lm-eval reads the model on one process, so ``overrides`` and
+``nproc_per_node`` apply to the corpora only): a second collect reads it, a run trained
+further or a changed ``eval`` section evaluates again. ``nproc_per_node`` is not in the key:
+every layout gives the same number (docs/eval.md).
 
 Metrics (one column each in the run and point tables, with ``<metric>_eval_se``, the
 evaluation's own standard error):
@@ -28,12 +29,11 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from e2d2.errors import UserError
-from launchers.submit import write_text_atomic
+from launchers.submit import e2d2_command, write_text_atomic
 from launchers.sweep.spec import Corpus, EvalSpec, SweepSpec
 
 CACHE_FILE = "sweep_eval.json"
@@ -73,6 +73,10 @@ def read_cache(run_dir: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
+def _write_cache(run_dir: Path, cache: dict) -> None:
+    write_text_atomic(run_dir / CACHE_FILE, json.dumps(cache, indent=1) + "\n")
+
+
 def check_data(evals: EvalSpec) -> None:
     """Every corpus's data exists (before any evaluation starts)."""
     for corpus in evals.corpora:
@@ -84,8 +88,7 @@ def check_data(evals: EvalSpec) -> None:
 
 def _run(command: list[str]) -> tuple[bool, str]:
     """(ok, stdout or the last error line) of ``e2d2 COMMAND``."""
-    done = subprocess.run([sys.executable, "-m", "launchers.cli", *command], text=True,
-                          capture_output=True)
+    done = subprocess.run([*e2d2_command(), *command], text=True, capture_output=True)
     if done.returncode == 0:
         return True, done.stdout
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -185,9 +188,10 @@ def evaluate_runs(spec: SweepSpec, rows: list[dict]) -> tuple[list[Metric], list
                     failures.append(f"{row['run']}: corpus {corpus.name}: e2d2 eval {error}")
                     continue
                 cache[key] = result
-                write_text_atomic(run_dir / CACHE_FILE, json.dumps(cache, indent=1) + "\n")
+                _write_cache(run_dir, cache)
             results |= cache[key]["metrics"]
-        missing = [t for t in evals.tasks if task_key(evals, t, step) not in cache]
+        keys = {task: task_key(evals, task, step) for task in evals.tasks}
+        missing = [task for task, key in keys.items() if key not in cache]
         if missing:
             ran += 1
             found, error = _eval_tasks(run_dir, evals, missing)
@@ -195,11 +199,11 @@ def evaluate_runs(spec: SweepSpec, rows: list[dict]) -> tuple[list[Metric], list
                 failures.append(f"{row['run']}: tasks {', '.join(missing)}: e2d2 lm-eval {error}")
             else:
                 for task, result in found.items():
-                    cache[task_key(evals, task, step)] = result
-                write_text_atomic(run_dir / CACHE_FILE, json.dumps(cache, indent=1) + "\n")
-        for task in evals.tasks:
-            if task_key(evals, task, step) in cache:
-                results |= cache[task_key(evals, task, step)]["metrics"]
+                    cache[keys[task]] = result
+                _write_cache(run_dir, cache)
+        for key in keys.values():
+            if key in cache:
+                results |= cache[key]["metrics"]
         for name, result in results.items():
             metrics.setdefault(name, Metric(name, result["higher_is_better"]))
             row[name], row[f"{name}_eval_se"] = result["value"], result["se"]

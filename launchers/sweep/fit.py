@@ -49,7 +49,7 @@ LEVEL = 0.95
 STARTS = 4  # L-BFGS-B runs per fit, from the best points of the grid of starts
 FORMS = {"single": ("E", "A", "alpha"), "joint": ("E", "A", "alpha", "B", "beta"),
          "sigmoid": ("a", "L0", "k", "b")}
-Z = 2.0  # a slope within this many standard errors of 0 is no trend
+Z = 2.0  # standard errors of about a 95% two-sided test (a difference, a slope against 0)
 
 
 def search_range(form: str, y: np.ndarray) -> np.ndarray:

@@ -192,15 +192,23 @@ def _two_step(two_step, loss: str) -> list[str]:
     return lines
 
 
+def _renamed(key: str) -> str:
+    return key.replace("valid_nelbo", "response")
+
+
+def response_named(rows: Sequence[dict], label: str) -> list[dict]:
+    """``rows`` of the comparisons or points, their ``valid_nelbo`` keys named ``response``
+    when the response (``label``) is another metric (``collect.response_points``)."""
+    if label == analysis.NELBO:
+        return list(rows)
+    return [{_renamed(k): v for k, v in r.items()} for r in rows]
+
+
 def _points_table(points: Sequence[dict], columns: Sequence[str], label: str) -> str:
-    """The points' table; its ``valid_nelbo`` columns named ``response`` when they hold
-    another metric (``collect.response_points``)."""
     if label == analysis.NELBO:
         return markdown(points, columns)
-    names = [c.replace("valid_nelbo", "response") for c in columns]
-    return (f"response: {label}\n\n"
-            + markdown([{n: p.get(c) for n, c in zip(names, columns, strict=True)}
-                        for p in points], names))
+    rows = response_named([{c: p.get(c) for c in columns} for p in points], label)
+    return f"response: {label}\n\n" + markdown(rows, [_renamed(c) for c in columns])
 
 
 def write_report(spec, out: Path, points: Sequence[dict], runs: Sequence[dict],

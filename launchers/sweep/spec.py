@@ -164,10 +164,11 @@ def _number(value: Any) -> float | None:
     return None if isinstance(value, bool) or not isinstance(value, int | float) else value
 
 
-def _int_value(where: str, value: Any) -> int:
+def _int_value(where: str, value: Any, minimum: int = 1) -> int:
     number = _number(value)
-    if number is None or number != int(number) or number < 1:
-        raise ConfigError(f"{where}: {value!r} is not a positive integer")
+    if number is None or number != int(number) or number < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{where}: {value!r} is not {kind}")
     return int(number)
 
 
@@ -299,10 +300,9 @@ def _eval_spec(where: str, raw: Any) -> EvalSpec:
     for key, value in task_args.items():
         if key == "include_path":
             args[key] = str(Path(str(value)).resolve())
-        elif key == "num_fewshot" and value == 0:  # the one count that may be 0
-            args[key] = 0
-        else:
-            args[key] = _int_value(f"{where} [eval.task_args] {key}", value)
+        else:  # counts; num_fewshot may be 0
+            args[key] = _int_value(f"{where} [eval.task_args] {key}", value,
+                                   minimum=0 if key == "num_fewshot" else 1)
     overrides = raw.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{where} [eval.overrides]: expected a list of section.key=value "
