@@ -34,10 +34,11 @@ from e2d2.diffusion import DiffusionObjective, elbo_weight, stratified_times, to
 class ScoredRows:
     """Per-row results. ``nats [n, draws]``: each draw's NLL estimate of the scored tokens
     (AR: one exact column); ``greedy [n]``: whether every scored token is the argmax of its
-    prediction with all scored tokens masked (AR: teacher-forced next-token argmax)."""
+    prediction with all scored tokens masked (AR: teacher-forced next-token argmax); None
+    when not asked for (a diffusion model's costs a second forward)."""
 
     nats: torch.Tensor
-    greedy: torch.Tensor
+    greedy: torch.Tensor | None
 
     @property
     def loglikelihood(self) -> torch.Tensor:
@@ -70,7 +71,7 @@ def block_times(draws: int, n_blocks: int, generator: torch.Generator, eps: floa
 @torch.no_grad()
 def score_rows(model, objective: DiffusionObjective, x0: torch.Tensor, context_mask: torch.Tensor,
                attention_mask: torch.Tensor, draws: int,
-               generators: Sequence[torch.Generator]) -> ScoredRows:
+               generators: Sequence[torch.Generator], greedy: bool = True) -> ScoredRows:
     """NLL estimates of the scored tokens (real, not context) of each right-padded row ``x0 [n, L]`` (CPU
     tensors; the model may be elsewhere), with ``draws`` Monte-Carlo draws from
     ``generators[i]`` for row ``i`` (module docstring)."""
@@ -106,9 +107,10 @@ def score_rows(model, objective: DiffusionObjective, x0: torch.Tensor, context_m
     X, A, C = (rep(t).to(device) for t in (x0, attention_mask, context_mask))
     nll = token_nll(model(X, xt, A, C), X, cfg.mask_token_id)
     nats = (nll.double() * weight * masked).sum(-1).view(n, draws)
+    if not greedy:
+        return ScoredRows(nats.cpu(), None)
     # is_greedy: every scored token masked at once (each block given the clean blocks before it)
     all_masked = torch.where(counted, torch.full_like(x0, cfg.mask_token_id), x0)
     logits = model(*(t.to(device) for t in (x0, all_masked, attention_mask, context_mask))).float()
     logits[..., cfg.mask_token_id] = float("-inf")
-    greedy = ((logits.argmax(-1).cpu() == x0) | ~counted).all(-1)
-    return ScoredRows(nats.cpu(), greedy)
+    return ScoredRows(nats.cpu(), ((logits.argmax(-1).cpu() == x0) | ~counted).all(-1))

@@ -90,7 +90,7 @@ def _gpt_samples(prefix: str, tokenizer, seq_length: int, block_size: int, seed:
 
     config = DataConfig((prefix,), (prefix,), seq_length=seq_length, block_size=block_size,
                         seed=seed, cache_dir=str(cache_dir))
-    _, valid = build_gpt_datasets(config, tokenizer)
+    _, valid = build_gpt_datasets(config, tokenizer, splits=("valid",))
     if len(valid) == 0:
         return torch.zeros(0, seq_length, dtype=torch.long)
     return torch.stack([torch.as_tensor(valid[i]["tokens"]).long() for i in range(len(valid))])

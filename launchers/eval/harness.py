@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from e2d2.errors import UserError
+from e2d2.likelihood import request_generator
 
 try:
     from lm_eval.api.model import LM
@@ -106,12 +107,6 @@ def load_pretrained(path: str, ema: bool = False):
             run.sampler)
 
 
-def _request_seed(seed: int, *parts) -> torch.Generator:
-    from e2d2.likelihood import request_generator
-
-    return request_generator(seed, *parts)
-
-
 class E2D2Harness(LM):
     """lm-eval's ``LM`` over an e2d2 model (module docstring)."""
 
@@ -162,8 +157,9 @@ class E2D2Harness(LM):
             rows.append((prompt + tokens[a:b], len(prompt)))
         return rows
 
-    def _score(self, rows: list[tuple[list[int], int]], generators) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-likelihood estimate, is_greedy) of each ``(ids, prompt length)`` row."""
+    def _score(self, rows: list[tuple[list[int], int]], generators,
+               greedy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-likelihood estimate, is_greedy or None) of each ``(ids, prompt length)`` row."""
         from e2d2.likelihood import score_rows
 
         S = self.cfg.diffusion_block_size
@@ -175,7 +171,8 @@ class E2D2Harness(LM):
             x0[i, :len(ids)] = torch.tensor(ids)
             real[i, :len(ids)] = True
             context[i, :prompt] = True
-        scored = score_rows(self.model, self.objective, x0, context, real, self.mc_draws, generators)
+        scored = score_rows(self.model, self.objective, x0, context, real, self.mc_draws,
+                            generators, greedy)
         return scored.loglikelihood, scored.greedy
 
     def _batched(self, items: list, score) -> list:
@@ -194,7 +191,7 @@ class E2D2Harness(LM):
             for index, req in enumerate(batch):
                 pieces = self._rows(*self._encode_pair(*req.args))
                 rows += pieces
-                gens += [_request_seed(self.seed, "loglikelihood", *req.args, k) for k in range(len(pieces))]
+                gens += [request_generator(self.seed, "loglikelihood", *req.args, k) for k in range(len(pieces))]
                 owner += [index] * len(pieces)
             values, greedy = self._score(rows, gens)
             results = [[0.0, True] for _ in batch]
@@ -215,11 +212,11 @@ class E2D2Harness(LM):
         windows, owner = [], []
         for index, req in enumerate(requests):
             for k, (ids, length) in enumerate(document_windows(self.tokenizer.encode(req.args[0]), L, eod, pad)):
-                windows.append(((ids[:length], 1), _request_seed(self.seed, "rolling", req.args[0], k)))
+                windows.append(((ids[:length], 1), request_generator(self.seed, "rolling", req.args[0], k)))
                 owner.append(index)
 
         def score(batch):
-            values, _ = self._score([row for row, _ in batch], [g for _, g in batch])
+            values, _ = self._score([row for row, _ in batch], [g for _, g in batch], greedy=False)
             return values.tolist()
 
         per_window = self._batched(windows, score)
@@ -254,7 +251,7 @@ class E2D2Harness(LM):
                 group = [i for i, (_, c) in enumerate(out) if c == cfg]
                 keep = max(1, self.cfg.seq_length - cfg.max_new_tokens)
                 prompts = [([self.tokenizer.eod] + self.tokenizer.encode(out[i][0]))[-keep:] for i in group]
-                seeds = [_request_seed(self.seed, "generate", out[i][0]).initial_seed() for i in group]
+                seeds = [request_generator(self.seed, "generate", out[i][0]).initial_seed() for i in group]
                 ids = sample_prompts(self.model, prompts, cfg, seeds=seeds, decode=self.tokenizer.decode)
                 texts += list(zip(group, [self._cut(self.tokenizer.decode(x), cfg.stop_strings)
                                           for x in ids], strict=True))

@@ -156,7 +156,7 @@ def _evaluate(args, found, cfg, tokenizer) -> dict | None:
     if rank != 0:
         return None
     result = token_weighted_nelbo(nats, tokens, exact=exact)
-    counted = int(tokens[tokens > 0].sum())
+    counted = int(tokens.sum())
     step = engine_checkpoint.read_common(found.directory).get("state", {}).get("step")
     return {"nelbo": result.nelbo, "ppl": result.perplexity,
             "nelbo_std_error": result.sequence_std_error, "nelbo_mc_std_error": result.std_error,

@@ -20,10 +20,10 @@ import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
 from data_tools.corpus import iter_documents
+from launchers.hf.staging import staged_directory
 
 HELD_OUT_EVERY = 20  # paragraph i is held out when i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
 VERSION = 1  # bump when the items change: a pack of another version is rebuilt
@@ -112,17 +112,11 @@ def task_pack(directory: str | Path | None = None) -> Path:
     stamp = root / "VERSION"
     if stamp.is_file() and stamp.read_text().strip() == str(VERSION):
         return root
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for task, items in _items().items():
-        with open(tmp / f"{task}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(item) + "\n" for item in items)
-        # The YAML names the final path, where the data will be after the rename.
-        (tmp / f"{task}.yaml").write_text(_yaml(task, root / f"{task}.jsonl"))
-    stamp_tmp = tmp / "VERSION"
-    stamp_tmp.write_text(f"{VERSION}\n")
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    with staged_directory(root, overwrite=True) as tmp:
+        for task, items in _items().items():
+            with open(tmp / f"{task}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(item) + "\n" for item in items)
+            # The YAML names the final path, where the data will be after the rename.
+            (tmp / f"{task}.yaml").write_text(_yaml(task, root / f"{task}.jsonl"))
+        (tmp / "VERSION").write_text(f"{VERSION}\n")
     return root
