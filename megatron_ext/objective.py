@@ -69,9 +69,11 @@ TRAIN_NOISE, EVAL_NOISE, STEP_TIMES = 0, 1, 2  # ``keys`` namespaces of sample_g
 
 def noised_samples(objective: DiffusionObjective, x0: torch.Tensor, sample_ids: list[int],
                    seed: int, train: bool = True, draw: int = 0, step: int | None = None,
-                   global_batch: int | None = None) -> Batch:
+                   global_batch: int | None = None, attention_mask: torch.Tensor | None = None,
+                   context_mask: torch.Tensor | None = None) -> Batch:
     """Noise each row of ``x0 [n, L]`` with its own generator, keyed by its global sample index
-    (``sample_ids``, the dataset index) and, for evaluation, the Monte-Carlo ``draw``.
+    (``sample_ids``, the dataset index) and, for evaluation, the Monte-Carlo ``draw``;
+    ``attention_mask`` / ``context_mask [n, L]``: padding and prompts (`e2d2 eval`'s rows).
 
     Per-row generators make the global batch's noise independent of the data-parallel split,
     so a resumed or re-laid-out run sees the very noise it would have seen. ``step``: the
@@ -98,11 +100,16 @@ def noised_samples(objective: DiffusionObjective, x0: torch.Tensor, sample_ids: 
         times = stratified_times(u, first[:, None] + torch.arange(n_blocks), global_batch * n_blocks,
                                  objective.sampling_eps)
     namespace = (TRAIN_NOISE,) if train else (EVAL_NOISE, draw)
-    rows = [noised_batch(objective, x0[i : i + 1], train=train, step=step,
+    rows = [noised_batch(objective, x0[i : i + 1], _row(attention_mask, i), _row(context_mask, i),
+                         train=train, step=step,
                          generator=sample_generator(seed, *namespace, sample_id),
                          times=None if times is None else times[i : i + 1])
             for i, sample_id in enumerate(sample_ids)]
     return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+
+
+def _row(mask: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if mask is None else mask[i : i + 1]
 
 
 def micro_batches(batch: Batch, micro_batch_size: int) -> list[Batch]:

@@ -171,19 +171,14 @@ def engine_nats(chunks, objective, rows, draws: int, seed: int, micro_batch: int
                 seq_length: int, progress: bool = False) -> torch.Tensor:
     """``[n, draws]`` NELBO of every row in nats (AR: exact NLL), on every rank: each
     data-parallel rank runs micro-batches of ``micro_batch`` rows through megatron's schedule
-    (``forward_only``); row ``i`` of draw ``d`` is noised by ``sample_generator(seed,
-    EVAL_NOISE, d, i)``, as ``e2d2 pretrain`` noises its validation sample ``i``."""
+    (``forward_only``); row ``i`` of draw ``d`` is noised as ``e2d2 pretrain`` noises its
+    validation sample ``i`` (`megatron_ext.objective.noised_samples`)."""
     import torch
     from megatron.core import parallel_state
     from tqdm.auto import tqdm
 
     from megatron_ext.groups import collective_device
-    from megatron_ext.objective import (
-        EVAL_NOISE,
-        make_forward_step,
-        noised_batch,
-        sample_generator,
-    )
+    from megatron_ext.objective import make_forward_step, noised_samples
     from megatron_ext.training import forward_only, last_stage_sum
 
     n = len(rows)
@@ -204,12 +199,10 @@ def engine_nats(chunks, objective, rows, draws: int, seed: int, micro_batch: int
         for r in range(rounds):
             first = r * per_round + dp_rank * micro_batch
             mine = [i if i < n else -1 for i in range(first, first + micro_batch)]
-            pieces = [noised_batch(objective, rows.x0[max(i, 0)][None],
-                                   rows.attention_mask[max(i, 0)][None],
-                                   rows.context_mask[max(i, 0)][None], train=False,
-                                   generator=sample_generator(seed, EVAL_NOISE, d, max(i, 0)))
-                      for i in mine]
-            batches.append({k: torch.cat([p[k] for p in pieces]) for k in pieces[0]})
+            idx = [max(i, 0) for i in mine]
+            batches.append(noised_samples(objective, rows.x0[idx], idx, seed, train=False, draw=d,
+                                          attention_mask=rows.attention_mask[idx],
+                                          context_mask=rows.context_mask[idx]))
             ids.append(mine)
         outputs = forward_only(chunks, forward, batches, seq_length=seq_length,
                                micro_batch_size=micro_batch)
