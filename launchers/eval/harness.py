@@ -68,7 +68,7 @@ def run_lm_eval(argv: list[str]) -> int:
 def load_pretrained(path: str, ema: bool = False):
     """``(model, objective, tokenizer, sampler)`` from a run, an iteration directory or an
     ``e2d2 export-hf`` directory."""
-    from e2d2.config import DiffusionConfig, ModelConfig
+    from e2d2.config import DiffusionConfig
     from e2d2.diffusion import DiffusionObjective
 
     directory = Path(path)
@@ -77,11 +77,11 @@ def load_pretrained(path: str, ema: bool = False):
         from safetensors.torch import load_file
 
         from data_tools.tokenizer import load_tokenizer
+        from e2d2.config import SamplerConfig
         from e2d2.model import DiffusionLM
-        from e2d2.sampling import SamplerConfig
+        from launchers.hf.import_hf import exported_model_config
 
-        hf = json.loads(config_json.read_text())
-        cfg = ModelConfig(**{f.name: hf[f.name] for f in dataclasses.fields(ModelConfig) if f.name in hf})
+        cfg = exported_model_config(json.loads(config_json.read_text()), str(config_json), None)
         model = DiffusionLM(cfg)
         state = {}
         for shard in sorted(directory.glob("*.safetensors")):
