@@ -61,8 +61,19 @@ def file_sha256(path: str | Path) -> str:
 def split_record(prefix: str | Path, dtype) -> dict:
     """What ``e2d2 data preprocess``/``merge`` record of a written split beyond its counts:
     the files' sha256 and the largest token id."""
-    return {"bin_sha256": file_sha256(f"{prefix}.bin"), "idx_sha256": file_sha256(f"{prefix}.idx"),
-            "max_id": scan_ids(f"{prefix}.bin", dtype)}
+    bin_sha256, max_id = _sha256_and_max_id(f"{prefix}.bin", dtype)
+    return {"bin_sha256": bin_sha256, "idx_sha256": file_sha256(f"{prefix}.idx"), "max_id": max_id}
+
+
+def _sha256_and_max_id(path: str | Path, dtype) -> tuple[str, int]:
+    """One read of a ``.bin`` (a corpus's worth of bytes): its sha256 and its largest token
+    id (-1 when empty)."""
+    digest, largest = hashlib.sha256(), -1
+    with open(path, "rb") as f:
+        while chunk := f.read(_SCAN_TOKENS * np.dtype(dtype).itemsize):
+            digest.update(chunk)
+            largest = max(largest, int(np.frombuffer(chunk, dtype=dtype).max()))
+    return digest.hexdigest(), largest
 
 
 def _read_index(prefix: Path):
