@@ -44,9 +44,8 @@ class DataError(UserError):
 
 @dataclass
 class Verified:
-    """What a verification found: per prefix its counts; ``notes``: what it could not check."""
+    """What a verification could not check (``notes``)."""
 
-    counts: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -168,7 +167,6 @@ def verify_split(prefix: Path, manifest: dict | None, id_bound: int | None,
     dtype, lengths, n_documents = _check_index(prefix)
     counts = {"documents": n_documents, "tokens": int(lengths.sum(dtype=np.int64)),
               "dtype": np.dtype(dtype).name}
-    result.counts[str(prefix)] = counts
     if manifest is None:
         result.notes.append(f"{prefix}: no manifest.json beside it: only its .idx and .bin are "
                             "checked against each other")

@@ -46,6 +46,12 @@ def how_to_continue(code: int) -> str:
     return "run the same command to continue"
 
 
+def _stop_code(preempted: bool, interrupted: bool) -> int:
+    if preempted:  # a preemption wins: the job must be requeued
+        return PREEMPTED_EXIT_CODE
+    return INTERRUPTED_EXIT_CODE if interrupted else 0
+
+
 class StopRequests:
     """The stop signals this process received; ``requested()`` tells every rank."""
 
@@ -91,9 +97,7 @@ class StopRequests:
 
     def code(self) -> int:
         """This process's stop code: 0 when no stop signal came."""
-        if self.preempted:  # a preemption wins: the job must be requeued
-            return PREEMPTED_EXIT_CODE
-        return INTERRUPTED_EXIT_CODE if self.interrupted else 0
+        return _stop_code(self.preempted, self.interrupted)
 
     def requested(self) -> int:
         """Collective: the stop code of the world (preempted if any rank was, else interrupted
@@ -105,10 +109,7 @@ class StopRequests:
         flags = torch.tensor([float(self.preempted), float(self.interrupted)],
                              device=collective_device())
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        preempted, interrupted = (bool(f) for f in flags.tolist())
-        if preempted:
-            return PREEMPTED_EXIT_CODE
-        return INTERRUPTED_EXIT_CODE if interrupted else 0
+        return _stop_code(*(bool(f) for f in flags.tolist()))
 
     def wait(self, timeout_s: float) -> None:
         """Collective: block until some rank is signalled (fault injection's ``hold@STEP`` and
