@@ -132,8 +132,7 @@ def load(chunks: list[torch.nn.Module], directory: str, prefix: str = MODEL_PREF
     """Collective over all ranks: fill this rank's model chunks from a checkpoint of any layout
     (``prefix``: its model weights, or ``EMA_PREFIX`` for its EMA)."""
     _check_shapes(chunks, directory)
-    if prefix != MODEL_PREFIX and not any(
-            k.startswith(prefix) for k in dist_checkpointing.load_tensors_metadata(str(directory))):
+    if prefix != MODEL_PREFIX and not any(k.startswith(prefix) for k in _metadata(directory)):
         raise CheckpointError(f"{directory} has no {prefix}* tensors: the run kept no EMA")
     loaded = dist_checkpointing.load(sharded_state_dict(chunks, prefix), str(directory))
     _copy_into_params(chunks, loaded, prefix)
@@ -367,10 +366,7 @@ def read_model_state(directory: str | Path, prefix: str = MODEL_PREFIX,
     """Full reference tensors ``{name: tensor}`` (``prefix`` stripped) from a checkpoint of any
     layout, on one process (a gloo world of one, or rank 0 of any world with ``names`` split
     into calls to bound memory). Nothing is unpickled but the checkpoint's own metadata."""
-    try:
-        saved = dist_checkpointing.load_tensors_metadata(str(directory))
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{directory} is not a readable checkpoint: {exc}") from None
+    saved = _metadata(directory)
     keys = [k for k in saved if k.startswith(prefix)]
     if names is not None:
         keys = [prefix + n for n in names]
