@@ -43,6 +43,19 @@ def chunk_positions(seq_length: int, size: int, rank: int) -> torch.Tensor:
 
 
 @functools.cache
+def _positions_on(seq_length: int, size: int, rank: int, device: torch.device) -> torch.Tensor:
+    """`chunk_positions` on ``device``, made once: every micro-batch slices with them."""
+    return chunk_positions(seq_length, size, rank).to(device)
+
+
+@functools.cache
+def _position_order(seq_length: int, size: int, device: torch.device) -> torch.Tensor:
+    """The permutation that puts the all-gathered ranks' positions back in sequence order."""
+    order = torch.cat([chunk_positions(seq_length, size, r) for r in range(size)])
+    return torch.argsort(order).to(device)
+
+
+@functools.cache
 def _indices(seq_length: int, size: int, rank: int, query_streams: int, key_streams: int):
     """(query rows, key columns) of the full mask for this rank: its own positions in each
     query stream, and every rank's positions in each key stream in the all-gathered order
@@ -71,7 +84,7 @@ class ContextSplit:
 
     def positions(self, seq_length: int, device: torch.device) -> torch.Tensor:
         """This rank's positions ``[L / C]`` of a stream."""
-        return chunk_positions(seq_length, self.size, self.rank).to(device)
+        return _positions_on(seq_length, self.size, self.rank, torch.device(device))
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, L, ...]`` -> this rank's ``[batch, L / C, ...]``."""
@@ -84,9 +97,7 @@ class ContextSplit:
         gathered = gather_from_sequence_parallel_region(
             values.t().contiguous(), tensor_parallel_output_grad=False,
             group=parallel_state.get_context_parallel_group()).t()
-        L = gathered.shape[1]
-        order = torch.cat([chunk_positions(L, self.size, r) for r in range(self.size)])
-        return gathered[:, torch.argsort(order).to(values.device)]
+        return gathered[:, _position_order(gathered.shape[1], self.size, values.device)]
 
     def mask(self, spec: AttentionMask, seq_length: int, block_size: int, device: torch.device,
              batch_size: int, context: torch.Tensor | None, padding: torch.Tensor | None):
