@@ -218,6 +218,13 @@ def _interval95(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def run_pairs(point: dict, loss: str, accuracy: str) -> list[tuple[float, float]]:
+    """``(loss, accuracy)`` of each of ``point``'s runs that has both (paired by seed)."""
+    accs = {s: v for s, v, _ in point["samples"][accuracy]}
+    return [(v, accs[s]) for s, v, _ in point["samples"][loss]
+            if s in accs and np.isfinite(v) and np.isfinite(accs[s])]
+
+
 def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | None,
              draws: int) -> tuple[Fit, list[dict]]:
     """OLMo's ladder prediction of ``accuracy`` at the leave-largest-out points (``held_out``)
@@ -229,10 +236,7 @@ def two_step(points: Sequence[dict], loss: str, accuracy: str, reduced: Fit | No
     ``points`` are ``collect.point_rows``' (their ``samples``); rows say "not identified"
     (with the reason) where a step is."""
     held, kept = held_out(points)
-    pairs = [(dict((s, v) for s, v, _ in p["samples"][loss]),
-              dict((s, v) for s, v, _ in p["samples"][accuracy])) for p in kept]
-    runs = [(losses[s], accs[s]) for losses, accs in pairs for s in losses
-            if s in accs and np.isfinite(losses[s]) and np.isfinite(accs[s])]
+    runs = [pair for p in kept for pair in run_pairs(p, loss, accuracy)]
     curve = fit_sigmoid([r[0] for r in runs], [r[1] for r in runs], draws)
     if not kept:  # name the reason rather than "0 runs"
         curve = dataclasses.replace(curve, reason=f"every point is within {LEAVE_OUT_FACTOR}x "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launchers.sweep.analysis import NELBO, ScalingFit, Z, pareto
+from launchers.sweep.analysis import NELBO, ScalingFit, Z, held_out, pareto, run_pairs
 from launchers.sweep.fit import Fit
 
 ERRORBARS = f"error bars ±{Z:g} SE (paired by seed where every seed ran)"
@@ -215,16 +215,14 @@ def two_step_plot(out: Path, points: Sequence[dict], loss: str, accuracy: str, c
     with its interval)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    held = {r["point"] for r in rows}
+    held, kept = held_out(points)
     xs = []
-    for mine, marker, label in ((False, "o", "fitted runs"), (True, "s", "held-out runs")):
-        pairs = [(dict((s, v) for s, v, _ in p["samples"][loss]), s, v)
-                 for p in points if p["baseline"] is None and (p["point"] in held) == mine
-                 for s, v, _ in p["samples"][accuracy]]
-        x, y = zip(*[(losses[s], v) for losses, s, v in pairs if s in losses], strict=True) \
-            if pairs else ((), ())
+    for group, marker, color, label in ((kept, "o", "C0", "fitted runs"),
+                                        (held, "s", "C1", "held-out runs")):
+        pairs = [pair for p in group for pair in run_pairs(p, loss, accuracy)]
+        x, y = zip(*pairs, strict=True) if pairs else ((), ())
         xs += x
-        ax.plot(x, y, marker, color="C1" if mine else "C0", ms=4, label=label, alpha=0.8)
+        ax.plot(x, y, marker, color=color, ms=4, label=label, alpha=0.8)
     if curve.identified and xs:
         grid = np.linspace(min(xs), max(xs), 200)
         ax.plot(grid, curve.predict(grid), color="C0", lw=1.2)
