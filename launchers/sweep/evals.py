@@ -169,7 +169,7 @@ def evaluate_runs(spec: SweepSpec, rows: list[dict]) -> tuple[list[Metric], list
     computing what the cache lacks. Returns the metrics, the failures (one line each) and
     how many evaluations ran."""
     evals = spec.evals
-    if not (evals.corpora or evals.tasks) or not rows:
+    if not evals.enabled or not rows:
         return [], [], 0
     check_data(evals)
     # a corpus's metric is known before it runs: a column even where every run failed

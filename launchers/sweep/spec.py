@@ -111,6 +111,11 @@ class EvalSpec:
     overrides: tuple[str, ...] = ()
     nproc_per_node: int = 1
 
+    @property
+    def enabled(self) -> bool:
+        """Whether there is anything to evaluate."""
+        return bool(self.corpora or self.tasks)
+
 
 @dataclass(frozen=True)
 class Point:
@@ -342,6 +347,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     seeds = _int_value(f"{where}: seeds", raw.get("seeds", 1))
     sampling_tokens = _sampling_tokens(where, raw.get("sampling_tokens", 0))
     baselines = _baselines(where, raw.get("baselines"))
+    evals = _eval_spec(where, raw.get("eval"))  # before the points' (slower) validation
     slurm = dict(raw.get("slurm") or {})
     _unknown(f"{where} [slurm]", slurm, SLURM_KEYS)
     array = bool(slurm.pop("array", True))
@@ -368,6 +374,5 @@ def load_spec(path: str | Path) -> SweepSpec:
             except ConfigError as exc:
                 raise ConfigError(f"{label} is invalid: {exc}") from None
             points.append(Point(len(points), run_name, point_name, k, values, config, baseline))
-    evals = _eval_spec(where, raw.get("eval"))
     return SweepSpec(path, name, base_path, output, resources, array, grid, tuple(points),
                      seeds, sampling_tokens, evals)

@@ -107,11 +107,10 @@ def _collect_options(spec: SweepSpec, wait_for: list[str]) -> list[str]:
     """sbatch's options for the collect job. With an ``eval`` section it runs every run's
     evaluations, so it gets the points' time limit and, on a GPU cluster, the GPUs of one
     evaluation (``eval.nproc_per_node``); the points' ``setup`` prepares its shell too."""
-    evaluates = bool(spec.evals.corpora or spec.evals.tasks)
     options = [f"--job-name=sweep-{spec.name}-collect", "--ntasks=1",
-               f"--time={spec.resources.time if evaluates else '01:00:00'}",
+               f"--time={spec.resources.time if spec.evals.enabled else '01:00:00'}",
                f"--output={spec.output / 'logs' / '%x-%j.log'}"]
-    if evaluates and spec.resources.gpus_per_node:
+    if spec.evals.enabled and spec.resources.gpus_per_node:
         options.append(f"--gpus-per-node={spec.evals.nproc_per_node}")
     if wait_for:
         options.append("--dependency=afterok:" + ":".join(sorted({j.split("_")[0]
