@@ -62,11 +62,13 @@ CONFIG_NAME = "config.yaml"
 
 @dataclass(frozen=True)
 class TrainedCheckpoint:
-    """One iteration directory, its run directory (None for a lone checkpoint), its config."""
+    """One iteration directory, its run directory (None for a lone checkpoint), its config
+    and the file it was read from."""
 
     directory: Path
     run_dir: Path | None
     config: RunConfig
+    config_path: Path
 
 
 def locate(path: str | Path) -> TrainedCheckpoint:
@@ -80,6 +82,6 @@ def locate(path: str | Path) -> TrainedCheckpoint:
     run_dir = parent if directory.parent.name == "checkpoints" else None
     for candidate in (directory / CONFIG_NAME, None if run_dir is None else run_dir / CONFIG_NAME):
         if candidate is not None and candidate.is_file():
-            return TrainedCheckpoint(directory, run_dir, load_run_config(candidate))
+            return TrainedCheckpoint(directory, run_dir, load_run_config(candidate), candidate)
     raise UserError(f"{directory} has no {CONFIG_NAME} (and no run directory with one): the "
                     "model configuration is needed to read it")

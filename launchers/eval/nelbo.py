@@ -93,8 +93,7 @@ def _setup(args):
     from launchers.sample import run_tokenizer
 
     found = locate(args.checkpoint)
-    cfg = load_run_config(found.directory / "config.yaml" if (found.directory / "config.yaml").is_file()
-                          else found.run_dir / "config.yaml", args.overrides)
+    cfg = load_run_config(found.config_path, args.overrides)
     diffs = identity_differences(found.config, cfg)
     if diffs:
         raise UserError(f"overrides change the model ({'; '.join(diffs)}); an evaluation reads "
