@@ -114,10 +114,7 @@ def _check_same_inputs(first: list, prefix: Path, inputs: list) -> None:
 
 
 def valid_count(split: dict, documents: int) -> int:
-    """How many documents are held out for validation."""
-    if documents == 0:
-        raise UserError("the input has no documents (every record was empty or skipped): "
-                        "check --input and --text-key")
+    """How many documents are held out for validation (of ``documents`` > 0)."""
     if "valid_docs" in split:
         n_valid = split["valid_docs"]
     else:
@@ -163,11 +160,6 @@ def document_keys(shards, seed: int) -> np.ndarray:
 def valid_mask(split: dict, keys: np.ndarray) -> np.ndarray:
     """``[documents]`` bool: the ``valid_count`` documents of smallest key (ties: the earlier
     document) are held out."""
-    if "valid_inputs" in split:  # all of the inputs train; the validation set is separate
-        if len(keys) == 0:
-            raise UserError("the input has no documents (every record was empty or "
-                            "skipped): check --input and --text-key")
-        return np.zeros(len(keys), dtype=bool)
     n_valid = valid_count(split, len(keys))
     order = np.lexsort((np.arange(len(keys)), keys))
     mask = np.zeros(len(keys), dtype=bool)
@@ -271,12 +263,15 @@ def merge(
         raise UserError(f"{shards_dir}/tokenizer is not the tokenizer the shards were made with")
     split = first["split"]
     documents = sum(record["documents"] for _, record in shards)
-    if "valid_inputs" in split:
+    if documents == 0:
+        raise UserError("the input has no documents (every record was empty or skipped): "
+                        "check --input and --text-key")
+    if "valid_inputs" in split:  # all of the inputs train; the validation set is separate
         valid_shards = read_shards(shards_dir / VALID_SHARDS)
         held = sum(record["documents"] for _, record in valid_shards)
         if held == 0:
             raise UserError(f"--valid-input {' '.join(split['valid_inputs'])} has no documents")
-        groups = [(shards, valid_mask(split, np.zeros(documents, dtype=np.uint64))),
+        groups = [(shards, np.zeros(documents, dtype=bool)),
                   (valid_shards, np.ones(held, dtype=bool))]
     else:
         valid_count(split, documents)  # a bad split fails before the hashing pass
